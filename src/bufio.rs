@@ -1,0 +1,140 @@
+//! [`LazyBufTcp`]: the upstream socket as rustls sees it.
+//!
+//! rustls asks for at most 4 KiB per `read_tls` call, so a 16 KiB TLS record would cost four
+//! `read` syscalls. This wrapper reads up to [`READ_CHUNK`] bytes per syscall into a buffer that
+//! exists only while it holds unread bytes: an idle connection carries no buffer at all, which
+//! keeps memory per idle connection low. Writes pass straight through (rustls already gathers
+//! records into one vectored write).
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+/// Bytes asked of the kernel per read: four full TLS records.
+pub const READ_CHUNK: usize = 64 * 1024;
+
+#[derive(Debug)]
+pub struct LazyBufTcp {
+    tcp: TcpStream,
+    /// Bytes read from the socket and not yet handed to rustls; `None` when drained.
+    buf: Option<Vec<u8>>,
+    /// How much of `buf` has been handed out.
+    pos: usize,
+}
+
+impl LazyBufTcp {
+    pub fn new(tcp: TcpStream) -> Self {
+        LazyBufTcp {
+            tcp,
+            buf: None,
+            pos: 0,
+        }
+    }
+
+    pub fn get_ref(&self) -> &TcpStream {
+        &self.tcp
+    }
+
+    /// Copy buffered bytes into `out`, freeing the buffer once it is drained.
+    fn drain_into(&mut self, out: &mut ReadBuf<'_>) -> bool {
+        let Some(buf) = &self.buf else { return false };
+        let n = out.remaining().min(buf.len() - self.pos);
+        out.put_slice(&buf[self.pos..self.pos + n]);
+        self.pos += n;
+        if self.pos == buf.len() {
+            self.buf = None;
+            self.pos = 0;
+        }
+        true
+    }
+}
+
+impl AsyncRead for LazyBufTcp {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.drain_into(out) {
+            return Poll::Ready(Ok(()));
+        }
+        loop {
+            ready!(this.tcp.poll_read_ready(cx))?;
+            let mut buf = Vec::with_capacity(READ_CHUNK);
+            match this.tcp.try_read_buf(&mut buf) {
+                // End of stream: leave `out` untouched.
+                Ok(0) => return Poll::Ready(Ok(())),
+                Ok(_) => {
+                    this.buf = Some(buf);
+                    this.pos = 0;
+                    this.drain_into(out);
+                    return Poll::Ready(Ok(()));
+                }
+                // Readiness was stale; poll_read_ready registers for the next wake-up.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+}
+
+impl AsyncWrite for LazyBufTcp {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, b: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().tcp).poll_write(cx, b)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().tcp).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().tcp).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn small_reads_see_every_byte_and_eof() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let data: Vec<u8> = (0..200_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let sent = data.clone();
+        let writer = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            s.write_all(&sent).await.unwrap();
+        });
+        let mut r = LazyBufTcp::new(TcpStream::connect(addr).await.unwrap());
+        let mut got = Vec::new();
+        let mut chunk = [0u8; 1000];
+        loop {
+            let n = r.read(&mut chunk).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&chunk[..n]);
+        }
+        writer.await.unwrap();
+        assert_eq!(got, data);
+        assert!(r.buf.is_none(), "a drained reader holds no buffer");
+    }
+}

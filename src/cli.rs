@@ -1,0 +1,193 @@
+//! Command-line surface: clap derive structs, env fallbacks and help text. No logic lives here;
+//! `config` turns these raw values into a validated [`crate::config::Config`].
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Plaintext-to-mTLS sidecar: apps speak plain TCP on localhost, mtls-sidecar presents their
+/// client certificate to the upstream and verifies it.
+#[derive(Debug, Parser)]
+#[command(name = "mtls-sidecar", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Proxy traffic: each plaintext connection is forwarded over mutual TLS
+    Run(Box<RunArgs>),
+    /// Write a throwaway CA, an upstream server certificate and a client certificate
+    DevPki(DevPkiArgs),
+    /// Run a built-in mTLS upstream and the proxy in front of it, so curl works at once
+    Demo(DemoArgs),
+}
+
+/// Options of `run`. Every option can also be set by `MTLS_SIDECAR_<FLAG>`; the flag wins.
+#[derive(Debug, Clone, Args)]
+pub struct RunArgs {
+    /// Plaintext listener, HOST:PORT (loopback unless --allow-non-loopback)
+    #[arg(
+        long,
+        env = "MTLS_SIDECAR_LISTEN",
+        default_value = "127.0.0.1:8080",
+        value_name = "ADDR"
+    )]
+    pub listen: String,
+
+    /// Allow a listen address other than loopback: anyone who can reach it borrows this identity
+    #[arg(long, env = "MTLS_SIDECAR_ALLOW_NON_LOOPBACK")]
+    pub allow_non_loopback: bool,
+
+    /// Where traffic goes over mTLS, HOST:PORT; resolved at every dial
+    #[arg(long, env = "MTLS_SIDECAR_UPSTREAM", value_name = "HOST:PORT")]
+    pub upstream: String,
+
+    /// SNI and the name the upstream certificate must match [default: the host of --upstream]
+    #[arg(long, env = "MTLS_SIDECAR_SERVER_NAME", value_name = "NAME")]
+    pub server_name: Option<String>,
+
+    /// Client certificate chain, PEM, leaf first
+    #[arg(long, env = "MTLS_SIDECAR_CERT", value_name = "FILE")]
+    pub cert: PathBuf,
+
+    /// Private key, PEM: PKCS#8, PKCS#1 or SEC1
+    #[arg(long, env = "MTLS_SIDECAR_KEY", value_name = "FILE")]
+    pub key: PathBuf,
+
+    /// PEM bundle the upstream's chain must lead to [default: system trust store, honours
+    /// SSL_CERT_FILE]
+    #[arg(long, env = "MTLS_SIDECAR_CA", value_name = "FILE")]
+    pub ca: Option<PathBuf>,
+
+    /// ALPN protocol offered upstream; repeatable (env: comma-separated)
+    #[arg(
+        long = "alpn",
+        env = "MTLS_SIDECAR_ALPN",
+        value_name = "PROTO",
+        value_delimiter = ','
+    )]
+    pub alpn: Vec<String>,
+
+    /// Lowest TLS version offered
+    #[arg(long, env = "MTLS_SIDECAR_TLS_MIN", value_enum, default_value = "1.2")]
+    pub tls_min: TlsMin,
+
+    /// TCP connect plus TLS handshake to the upstream
+    #[arg(
+        long,
+        env = "MTLS_SIDECAR_CONNECT_TIMEOUT",
+        default_value = "10s",
+        value_name = "DUR"
+    )]
+    pub connect_timeout: String,
+
+    /// Close a connection with no traffic either way for this long; 0 = never
+    #[arg(
+        long,
+        env = "MTLS_SIDECAR_IDLE_TIMEOUT",
+        default_value = "0",
+        value_name = "DUR"
+    )]
+    pub idle_timeout: String,
+
+    /// Concurrent plaintext connections; beyond it new ones wait in the backlog
+    #[arg(
+        long,
+        env = "MTLS_SIDECAR_MAX_CONNECTIONS",
+        default_value_t = 10_000,
+        value_name = "N"
+    )]
+    pub max_connections: usize,
+
+    /// On SIGTERM, keep accepting this long before draining
+    #[arg(
+        long,
+        env = "MTLS_SIDECAR_SHUTDOWN_DELAY",
+        default_value = "0s",
+        value_name = "DUR"
+    )]
+    pub shutdown_delay: String,
+
+    /// After the delay, how long in-flight connections may finish before they are cut
+    #[arg(
+        long,
+        env = "MTLS_SIDECAR_DRAIN_TIMEOUT",
+        default_value = "25s",
+        value_name = "DUR"
+    )]
+    pub drain_timeout: String,
+
+    #[command(flatten)]
+    pub log: LogArgs,
+}
+
+/// Logging options shared by every long-running command.
+#[derive(Debug, Clone, Args)]
+pub struct LogArgs {
+    /// Log format, to stderr
+    #[arg(
+        long,
+        env = "MTLS_SIDECAR_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
+    pub log_format: LogFormat,
+
+    /// error, warn, info, debug, trace; RUST_LOG directives also work
+    #[arg(
+        long,
+        env = "MTLS_SIDECAR_LOG_LEVEL",
+        default_value = "info",
+        value_name = "LEVEL"
+    )]
+    pub log_level: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum TlsMin {
+    #[value(name = "1.2")]
+    V12,
+    #[value(name = "1.3")]
+    V13,
+}
+
+#[derive(Debug, Args)]
+pub struct DevPkiArgs {
+    /// Folder to write ca.pem, server.pem, server-key.pem, client.pem, client-key.pem into
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Plaintext listener of the demo proxy
+    #[arg(
+        long,
+        env = "MTLS_SIDECAR_LISTEN",
+        default_value = "127.0.0.1:8080",
+        value_name = "ADDR"
+    )]
+    pub listen: String,
+
+    #[command(flatten)]
+    pub log: LogArgs,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,284 @@
+//! The typed, validated configuration. Raw CLI values (and, later, the TOML file) are turned
+//! into [`Config`] here and nowhere else, so the rest of the program never sees an unchecked
+//! string. The program is modelled as a list of routes from the start: flags make one route
+//! named `default`.
+
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use rustls::pki_types::ServerName;
+
+use crate::cli::{RunArgs, TlsMin};
+
+/// Everything `run` needs, validated.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// One entry per listener; flags make exactly one, named `default`.
+    pub routes: Vec<Route>,
+    /// How long to keep accepting after SIGTERM (for apps that still call out while stopping).
+    pub shutdown_delay: Duration,
+    /// How long in-flight connections may run after the listeners close.
+    pub drain_timeout: Duration,
+}
+
+/// One plaintext listener and the upstream it forwards to.
+#[derive(Debug, Clone)]
+pub struct Route {
+    /// Label in logs (and later metrics); unique.
+    pub name: String,
+    /// Where to accept plaintext; already checked against the loopback rule.
+    pub listen: SocketAddr,
+    /// Upstream `HOST:PORT` as the user wrote it; resolved at every dial.
+    pub upstream: Upstream,
+    /// SNI and verification name; an IP address sends no SNI and is matched against IP SANs.
+    pub server_name: ServerName<'static>,
+    /// Client identity and upstream trust, loaded by `tls::load`.
+    pub tls: TlsFiles,
+    /// ALPN protocols offered upstream (tcp mode).
+    pub alpn: Vec<Vec<u8>>,
+    /// Lowest TLS version offered.
+    pub tls_min: TlsMin,
+    /// Bound on resolve + TCP connect + TLS handshake.
+    pub connect_timeout: Duration,
+    /// Close a connection silent both ways for this long; `None` = never.
+    pub idle_timeout: Option<Duration>,
+    /// Concurrent plaintext connections; extra ones wait in the kernel backlog.
+    pub max_connections: usize,
+}
+
+/// Files that make a route's TLS client configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// `None` = the system trust store (honours `SSL_CERT_FILE`).
+    pub ca: Option<PathBuf>,
+}
+
+/// An upstream address kept as a name so DNS changes are followed at every dial.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upstream {
+    pub host: String,
+    pub port: u16,
+}
+
+impl std::fmt::Display for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid {flag} {value:?}: {reason}")]
+    Invalid {
+        flag: &'static str,
+        value: String,
+        reason: String,
+    },
+    #[error(
+        "refusing to listen on {addr} (route {route}): it is not a loopback address, and anyone \
+         who can reach it borrows this client identity; pass --allow-non-loopback if that is meant"
+    )]
+    NonLoopback { addr: String, route: String },
+}
+
+fn invalid(flag: &'static str, value: &str, reason: impl Into<String>) -> Error {
+    Error::Invalid {
+        flag,
+        value: value.to_string(),
+        reason: reason.into(),
+    }
+}
+
+/// Parse a duration written like `500ms`, `10s`, `5m`; a bare `0` means zero.
+pub fn parse_duration(flag: &'static str, value: &str) -> Result<Duration, Error> {
+    let v = value.trim();
+    if v == "0" {
+        return Ok(Duration::ZERO);
+    }
+    humantime::parse_duration(v)
+        .map_err(|e| invalid(flag, value, format!("{e} (write e.g. 500ms, 10s, 5m)")))
+}
+
+/// Split `HOST:PORT` or `[V6]:PORT`.
+fn split_host_port(flag: &'static str, value: &str) -> Result<(String, u16), Error> {
+    let (host, port) = value
+        .rsplit_once(':')
+        .ok_or_else(|| invalid(flag, value, "expected HOST:PORT"))?;
+    let bracketed = host.strip_prefix('[').and_then(|h| h.strip_suffix(']'));
+    let host = bracketed.unwrap_or(host);
+    if host.is_empty() {
+        return Err(invalid(flag, value, "the host is empty"));
+    }
+    if host.contains(':') && (bracketed.is_none() || host.parse::<IpAddr>().is_err()) {
+        return Err(invalid(
+            flag,
+            value,
+            "an IPv6 address must be written in brackets, [::1]:PORT",
+        ));
+    }
+    let port = port
+        .parse::<u16>()
+        .map_err(|_| invalid(flag, value, "the port must be a number from 0 to 65535"))?;
+    Ok((host.to_string(), port))
+}
+
+/// Resolve a listen address and apply the loopback rule (`localhost` counts as loopback).
+pub fn parse_listen(
+    value: &str,
+    allow_non_loopback: bool,
+    route: &str,
+) -> Result<SocketAddr, Error> {
+    if value.starts_with("unix:") || value.starts_with("systemd:") {
+        return Err(invalid(
+            "--listen",
+            value,
+            "unix: and systemd: listeners are not supported yet",
+        ));
+    }
+    let (host, port) = split_host_port("--listen", value)?;
+    let addrs: Vec<SocketAddr> = match host.parse::<IpAddr>() {
+        Ok(ip) => vec![SocketAddr::new(ip, port)],
+        Err(_) => (host.as_str(), port)
+            .to_socket_addrs()
+            .map_err(|e| invalid("--listen", value, format!("cannot resolve {host}: {e}")))?
+            .collect(),
+    };
+    // Prefer IPv4 so `localhost:PORT` binds where most clients dial first.
+    let addr = addrs
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or_else(|| addrs.first())
+        .copied()
+        .ok_or_else(|| invalid("--listen", value, format!("{host} resolved to no address")))?;
+    if !allow_non_loopback && !addrs.iter().all(|a| a.ip().is_loopback()) {
+        return Err(Error::NonLoopback {
+            addr: value.to_string(),
+            route: route.to_string(),
+        });
+    }
+    Ok(addr)
+}
+
+pub fn parse_upstream(value: &str) -> Result<Upstream, Error> {
+    let (host, port) = split_host_port("--upstream", value)?;
+    if port == 0 {
+        return Err(invalid("--upstream", value, "port 0 cannot be dialled"));
+    }
+    Ok(Upstream { host, port })
+}
+
+pub fn parse_server_name(flag: &'static str, value: &str) -> Result<ServerName<'static>, Error> {
+    ServerName::try_from(value.to_string())
+        .map_err(|_| invalid(flag, value, "not a valid DNS name or IP address"))
+}
+
+impl Config {
+    /// Build the one-route configuration that flags describe.
+    pub fn from_run_args(args: &RunArgs) -> Result<Self, Error> {
+        let name = "default".to_string();
+        let listen = parse_listen(&args.listen, args.allow_non_loopback, &name)?;
+        let upstream = parse_upstream(&args.upstream)?;
+        let server_name = match &args.server_name {
+            Some(n) => parse_server_name("--server-name", n)?,
+            None => parse_server_name("--upstream", &upstream.host)?,
+        };
+        let idle = parse_duration("--idle-timeout", &args.idle_timeout)?;
+        let connect_timeout = parse_duration("--connect-timeout", &args.connect_timeout)?;
+        if connect_timeout.is_zero() {
+            return Err(invalid(
+                "--connect-timeout",
+                &args.connect_timeout,
+                "must be above 0",
+            ));
+        }
+        if args.max_connections == 0 {
+            return Err(invalid("--max-connections", "0", "must be at least 1"));
+        }
+        let mut alpn = Vec::new();
+        for p in &args.alpn {
+            if p.is_empty() || p.len() > 255 {
+                return Err(invalid("--alpn", p, "must be 1 to 255 bytes"));
+            }
+            alpn.push(p.as_bytes().to_vec());
+        }
+        let route = Route {
+            name,
+            listen,
+            upstream,
+            server_name,
+            tls: TlsFiles {
+                cert: args.cert.clone(),
+                key: args.key.clone(),
+                ca: args.ca.clone(),
+            },
+            alpn,
+            tls_min: args.tls_min,
+            connect_timeout,
+            idle_timeout: (!idle.is_zero()).then_some(idle),
+            max_connections: args.max_connections,
+        };
+        Ok(Config {
+            routes: vec![route],
+            shutdown_delay: parse_duration("--shutdown-delay", &args.shutdown_delay)?,
+            drain_timeout: parse_duration("--drain-timeout", &args.drain_timeout)?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("x", "0").unwrap(), Duration::ZERO);
+        assert_eq!(
+            parse_duration("x", "500ms").unwrap(),
+            Duration::from_millis(500)
+        );
+        assert_eq!(parse_duration("x", "5m").unwrap(), Duration::from_secs(300));
+        assert!(parse_duration("x", "ten").is_err());
+    }
+
+    #[test]
+    fn listen_loopback_rule() {
+        assert!(parse_listen("127.0.0.1:0", false, "r").is_ok());
+        assert!(parse_listen("[::1]:0", false, "r").is_ok());
+        assert!(
+            parse_listen("localhost:0", false, "r")
+                .unwrap()
+                .ip()
+                .is_loopback()
+        );
+        let err = parse_listen("0.0.0.0:80", false, "r")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--allow-non-loopback"), "{err}");
+        assert!(parse_listen("0.0.0.0:80", true, "r").is_ok());
+        assert!(parse_listen("127.0.0.1", false, "r").is_err());
+        assert!(parse_listen("unix:/tmp/x", false, "r").is_err());
+    }
+
+    #[test]
+    fn upstream_forms() {
+        let u = parse_upstream("api.example.com:443").unwrap();
+        assert_eq!((u.host.as_str(), u.port), ("api.example.com", 443));
+        let u = parse_upstream("[::1]:8443").unwrap();
+        assert_eq!(u.host, "::1");
+        assert_eq!(u.to_string(), "[::1]:8443");
+        assert!(parse_upstream("::1:8443").is_err());
+        assert!(parse_upstream("host").is_err());
+        assert!(parse_upstream("host:0").is_err());
+        assert!(matches!(
+            parse_server_name("--upstream", "10.0.0.1").unwrap(),
+            ServerName::IpAddress(_)
+        ));
+    }
+}

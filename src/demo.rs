@@ -1,0 +1,160 @@
+//! `demo`: a fresh dev PKI in a temp folder, a built-in mTLS HTTP upstream on a free loopback
+//! port that insists on a client certificate, and the proxy in front of it, so that
+//! `curl http://127.0.0.1:8080/` shows the whole path working with no certificates of one's own.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use http_body_util::Full;
+use hyper::body::Bytes;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use rustls::ServerConfig;
+use rustls::server::WebPkiClientVerifier;
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tracing::debug;
+
+use crate::app::App;
+use crate::cli::{DemoArgs, TlsMin};
+use crate::config::{self, Config, Route, TlsFiles, Upstream};
+use crate::pki::DevPki;
+use crate::tls::identity::{CertInfo, provider};
+use crate::tls::load;
+
+/// Build the upstream's TLS config: the dev server certificate, client certificates required
+/// and verified against the dev CA.
+fn upstream_tls(dir: &std::path::Path) -> anyhow::Result<ServerConfig> {
+    let provider = provider();
+    let roots = load::ca_bundle(&dir.join("ca.pem"))?;
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .build()
+        .context("client verifier")?;
+    let chain = load::certificates("--cert", &dir.join("server.pem"))?;
+    let key = load::private_key(&dir.join("server-key.pem"))?;
+    let mut cfg = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)?;
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(cfg)
+}
+
+/// Serve HTTP/1.1 over mTLS; each response says which client certificate was verified.
+async fn serve_upstream(listener: TcpListener, tls: Arc<ServerConfig>) {
+    let acceptor = TlsAcceptor::from(tls);
+    loop {
+        let Ok((tcp, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let acceptor = acceptor.clone();
+        tokio::spawn(async move {
+            let tls = match acceptor.accept(tcp).await {
+                Ok(t) => t,
+                Err(e) => {
+                    debug!(error = %e, "demo upstream: handshake refused");
+                    return;
+                }
+            };
+            let (_, conn) = tls.get_ref();
+            let client = conn
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .and_then(CertInfo::parse)
+                .map(|i| {
+                    format!(
+                        "{} (serial {}, issued by {})",
+                        i.subject, i.serial, i.issuer
+                    )
+                })
+                .unwrap_or_else(|| "none".into());
+            let version = conn
+                .protocol_version()
+                .map(|v| format!("{v:?}"))
+                .unwrap_or_default();
+            let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                let body = format!(
+                    "hello from the mtls-sidecar demo upstream\n\
+                     verified client certificate: {client}\n\
+                     tls: {version}\n\
+                     request: {} {}\n",
+                    req.method(),
+                    req.uri()
+                );
+                async move { Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(body)))) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(tls), service)
+                .await;
+        });
+    }
+}
+
+pub async fn run(
+    args: DemoArgs,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> anyhow::Result<()> {
+    let dir = tempfile::Builder::new()
+        .prefix("mtls-sidecar-demo-")
+        .tempdir()?;
+    DevPki::generate()
+        .context("generating the demo PKI")?
+        .write(dir.path())
+        .context("writing the demo PKI")?;
+
+    let up_listener = TcpListener::bind("127.0.0.1:0").await?;
+    let up_addr = up_listener.local_addr()?;
+    tokio::spawn(serve_upstream(
+        up_listener,
+        Arc::new(upstream_tls(dir.path())?),
+    ));
+
+    let route = Route {
+        name: "default".into(),
+        listen: config::parse_listen(&args.listen, false, "default")?,
+        upstream: Upstream {
+            host: "127.0.0.1".into(),
+            port: up_addr.port(),
+        },
+        server_name: config::parse_server_name("--server-name", "localhost")?,
+        tls: TlsFiles {
+            cert: dir.path().join("client.pem"),
+            key: dir.path().join("client-key.pem"),
+            ca: Some(dir.path().join("ca.pem")),
+        },
+        alpn: vec![],
+        tls_min: TlsMin::V12,
+        connect_timeout: Duration::from_secs(5),
+        idle_timeout: None,
+        max_connections: 10_000,
+    };
+    let app = App::bind(Config {
+        routes: vec![route],
+        shutdown_delay: Duration::ZERO,
+        drain_timeout: Duration::from_secs(5),
+    })
+    .await?;
+    let listen = app
+        .bound()
+        .first()
+        .map(|(_, a)| *a)
+        .context("the demo proxy has no listener")?;
+    println!(
+        "mtls-sidecar demo\n\
+         \n  upstream  https://127.0.0.1:{up} (mTLS: refuses clients without a certificate from the dev CA)\
+         \n  proxy     http://{listen} (plaintext in, presents {d}/client.pem upstream)\
+         \n  dev PKI   {d} (removed on exit)\n\
+         \ntry:\
+         \n  curl http://{listen}/\
+         \n  curl --cacert {d}/ca.pem https://localhost:{up}/   # refused: no client certificate\n\
+         \nCtrl-C stops the demo.",
+        up = up_addr.port(),
+        d = dir.path().display(),
+    );
+    app.run(shutdown).await;
+    drop(dir);
+    Ok(())
+}

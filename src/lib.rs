@@ -1,0 +1,31 @@
+//! mtls-sidecar: listens in plaintext on localhost and forwards each connection over mutual TLS,
+//! presenting the app's client certificate and verifying the upstream.
+//!
+//! # Layout
+//!
+//! - `cli`: clap structs: flags, env fallbacks, help text; no logic
+//! - `config`: the typed, validated [`config::Config`] (a list of routes) built from the flags
+//! - `app`: load identities, bind listeners, serve, drain; exit-code-2 startup errors
+//! - `signal`: SIGTERM/SIGINT to a shutdown token; a second signal exits at once
+//! - `tls::load`: PEM chain, key and CA loading with errors that name the file
+//! - `tls::identity`: the route's whole rustls client config, published behind an `ArcSwap`
+//! - `upstream`: resolve, connect each address in turn, handshake; failure classification
+//! - `bufio`: upstream socket reads in 64 KiB syscalls with a buffer only while data waits
+//! - `proxy`: accept loop, connection limit, access-log line per connection
+//! - `proxy::tcp`: byte-stream relay with half-close both ways and the idle timeout
+//! - `pki`: `dev-pki`, a throwaway CA, server and client certificate (rcgen)
+//! - `demo`: a built-in mTLS upstream with the proxy in front of it
+//! - `telemetry`: tracing-subscriber set-up, text or JSON
+#![forbid(unsafe_code)]
+
+pub mod app;
+pub mod bufio;
+pub mod cli;
+pub mod config;
+pub mod demo;
+pub mod pki;
+pub mod proxy;
+pub mod signal;
+pub mod telemetry;
+pub mod tls;
+pub mod upstream;

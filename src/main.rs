@@ -1,0 +1,115 @@
+//! Entry point: parse arguments, set up logging, run, and map errors to exit codes
+//! (0 clean shutdown, 1 failure at run time, 2 bad usage or material at startup).
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use mtls_sidecar::app::{App, StartupError};
+use mtls_sidecar::cli::{Cli, Command};
+use mtls_sidecar::config::Config;
+use mtls_sidecar::{demo, pki, signal, telemetry};
+
+/// Exit codes of the program, as the interface defines them.
+#[derive(Debug, Clone, Copy)]
+enum Exit {
+    Ok = 0,
+    Runtime = 1,
+    Startup = 2,
+}
+
+impl From<Exit> for ExitCode {
+    fn from(e: Exit) -> Self {
+        ExitCode::from(e as u8)
+    }
+}
+
+fn fail(code: Exit, msg: impl std::fmt::Display) -> ExitCode {
+    eprintln!("mtls-sidecar: error: {msg}");
+    code.into()
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return fail(Exit::Runtime, format!("cannot start the runtime: {e}")),
+    };
+    match cli.command {
+        Command::Run(args) => {
+            if let Err(e) = telemetry::init(&args.log) {
+                return fail(Exit::Startup, e);
+            }
+            let config = match Config::from_run_args(&args) {
+                Ok(c) => c,
+                Err(e) => return fail(Exit::Startup, e),
+            };
+            rt.block_on(async {
+                let shutdown = match signal::shutdown_on_signals() {
+                    Ok(s) => s,
+                    Err(e) => {
+                        return fail(
+                            Exit::Runtime,
+                            format!("cannot install signal handlers: {e}"),
+                        );
+                    }
+                };
+                match App::bind(config).await {
+                    Ok(app) => {
+                        app.run(shutdown).await;
+                        Exit::Ok.into()
+                    }
+                    Err(e) => fail(Exit::Startup, e),
+                }
+            })
+        }
+        Command::DevPki(args) => {
+            let written = pki::DevPki::generate()
+                .map_err(|e| e.to_string())
+                .and_then(|p| {
+                    p.write(&args.out)
+                        .map_err(|e| format!("cannot write to {}: {e}", args.out.display()))
+                });
+            match written {
+                Ok(()) => {
+                    println!("wrote a throwaway dev PKI to {}:", args.out.display());
+                    for f in pki::FILES {
+                        println!("  {}", args.out.join(f).display());
+                    }
+                    println!(
+                        "server.pem is valid for localhost, 127.0.0.1 and ::1; client.pem is the \
+                         client identity; ca.pem signed both"
+                    );
+                    Exit::Ok.into()
+                }
+                Err(e) => fail(Exit::Startup, e),
+            }
+        }
+        Command::Demo(args) => {
+            if let Err(e) = telemetry::init(&args.log) {
+                return fail(Exit::Startup, e);
+            }
+            rt.block_on(async {
+                let shutdown = match signal::shutdown_on_signals() {
+                    Ok(s) => s,
+                    Err(e) => {
+                        return fail(
+                            Exit::Runtime,
+                            format!("cannot install signal handlers: {e}"),
+                        );
+                    }
+                };
+                match demo::run(args, shutdown).await {
+                    Ok(()) => Exit::Ok.into(),
+                    Err(e) if e.downcast_ref::<StartupError>().is_some() => fail(Exit::Startup, e),
+                    Err(e) if e.downcast_ref::<mtls_sidecar::config::Error>().is_some() => {
+                        fail(Exit::Startup, e)
+                    }
+                    Err(e) => fail(Exit::Runtime, format!("{e:#}")),
+                }
+            })
+        }
+    }
+}

@@ -1,0 +1,176 @@
+//! Accepting plaintext connections: the per-route accept loop, the connection limit, and the
+//! one access-log line per connection (written from `Drop`, so no path can forget it).
+
+pub mod tcp;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use crate::config::Route;
+use crate::tls::identity::Identity;
+use crate::upstream::{self, Class, Failure};
+
+/// Everything a connection of one route needs, shared by all of them.
+#[derive(Debug)]
+pub struct RouteCtx {
+    pub route: Route,
+    pub identity: Identity,
+    /// `server_name` rendered once for messages.
+    pub server_name: String,
+    /// `upstream` rendered once for the access log.
+    pub upstream: String,
+}
+
+impl RouteCtx {
+    pub fn new(route: Route, identity: Identity) -> Self {
+        RouteCtx {
+            server_name: upstream::server_name_str(&route),
+            upstream: route.upstream.to_string(),
+            route,
+            identity,
+        }
+    }
+}
+
+/// Stop signals a connection and an accept loop watch.
+#[derive(Debug, Clone)]
+pub struct Lifecycle {
+    /// Cancelled when listeners must close (after `--shutdown-delay`).
+    pub stop_accepting: CancellationToken,
+    /// Cancelled when `--drain-timeout` ran out: cut what is still open.
+    pub cut: CancellationToken,
+    /// Tracks every connection task so shutdown can wait for them.
+    pub tracker: TaskTracker,
+}
+
+/// Accept until told to stop, at most `--max-connections` at a time: extra connections stay in
+/// the kernel's backlog until a slot frees. The listener is dropped on return, so new
+/// connections are refused from then on.
+pub async fn serve(ctx: Arc<RouteCtx>, listener: TcpListener, life: Lifecycle) {
+    let slots = Arc::new(Semaphore::new(ctx.route.max_connections));
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        let permit = tokio::select! {
+            p = slots.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break, // never closed; a closed semaphore would mean shutdown
+            },
+            _ = life.stop_accepting.cancelled() => break,
+        };
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = life.stop_accepting.cancelled() => break,
+        };
+        match accepted {
+            Ok((app, peer)) => {
+                backoff = Duration::from_millis(5);
+                let ctx = ctx.clone();
+                let cut = life.cut.clone();
+                life.tracker.spawn(async move {
+                    handle(&ctx, app, peer, cut).await;
+                    drop(permit);
+                });
+            }
+            Err(e) => {
+                // Usually out of file descriptors: back off instead of spinning, and keep going.
+                warn!(route = %ctx.route.name, error = %e, "accept failed");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = life.stop_accepting.cancelled() => break,
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+        }
+    }
+}
+
+/// The access-log record of one connection; logs itself when dropped.
+struct AccessLog<'a> {
+    ctx: &'a RouteCtx,
+    peer: SocketAddr,
+    started: Instant,
+    counters: tcp::Counters,
+    failure: Option<Failure>,
+}
+
+impl Drop for AccessLog<'_> {
+    fn drop(&mut self) {
+        let c = &self.counters;
+        let duration_ms = self.started.elapsed().as_millis() as u64;
+        let route = &self.ctx.route.name;
+        let upstream = &self.ctx.upstream;
+        match &self.failure {
+            None => info!(
+                route = %route, peer = %self.peer, upstream = %upstream,
+                bytes_to_upstream = c.to_upstream, bytes_from_upstream = c.from_upstream,
+                duration_ms, outcome = %"ok", "connection"
+            ),
+            Some(f) if !f.class.is_fault() => info!(
+                route = %route, peer = %self.peer, upstream = %upstream,
+                bytes_to_upstream = c.to_upstream, bytes_from_upstream = c.from_upstream,
+                duration_ms, outcome = %f.class.outcome(), reason = %f.class.reason(),
+                error = %f.message, "connection"
+            ),
+            Some(f) => warn!(
+                route = %route, peer = %self.peer, upstream = %upstream,
+                bytes_to_upstream = c.to_upstream, bytes_from_upstream = c.from_upstream,
+                duration_ms, outcome = %f.class.outcome(), reason = %f.class.reason(),
+                error = %f.message, "connection"
+            ),
+        }
+    }
+}
+
+/// Abort the app's connection with a reset rather than a FIN, so a mid-stream failure upstream
+/// is not mistaken by the app for a clean end of data.
+fn reset(app: &TcpStream) {
+    let _ = socket2::SockRef::from(app).set_linger(Some(Duration::ZERO));
+}
+
+async fn handle(ctx: &RouteCtx, mut app: TcpStream, peer: SocketAddr, cut: CancellationToken) {
+    let mut log = AccessLog {
+        ctx,
+        peer,
+        started: Instant::now(),
+        counters: tcp::Counters::default(),
+        failure: None,
+    };
+    let _ = app.set_nodelay(true);
+    let config = ctx.identity.current();
+    let connected = tokio::select! {
+        c = upstream::connect(&ctx.route, config) => c,
+        _ = cut.cancelled() => Err(Failure::new(Class::Drain, "cut at shutdown before the upstream answered")),
+    };
+    let mut up = match connected {
+        Ok(c) => c.stream,
+        Err(f) => {
+            // Nothing was sent to the app; dropping it closes the connection at once.
+            log.failure = Some(f);
+            return;
+        }
+    };
+    let relay = tcp::Relay::new(
+        &mut app,
+        &mut up,
+        &mut log.counters,
+        &ctx.server_name,
+        ctx.route.idle_timeout,
+    );
+    let result = tokio::select! {
+        r = relay => r,
+        _ = cut.cancelled() => Err(Failure::new(Class::Drain, "cut: still open when --drain-timeout ran out")),
+    };
+    if let Err(f) = result {
+        if f.class.is_fault() || f.class == Class::Drain {
+            reset(&app);
+        }
+        log.failure = Some(f);
+    }
+}

@@ -1,0 +1,180 @@
+//! A route's TLS client configuration: the client identity, upstream trust and protocol
+//! settings, built whole and published behind an [`ArcSwap`] so a later reload can replace it
+//! in one step (a resumed TLS 1.3 session keeps the identity it was made with, so a reload must
+//! bring a fresh config and with it a fresh session cache).
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwap;
+use rustls::client::danger::ServerCertVerifier;
+use rustls::client::{ResolvesClientCert, WebPkiServerVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::CertificateDer;
+use rustls::sign::CertifiedKey;
+use rustls::{ClientConfig, SignatureScheme};
+
+use super::load;
+use crate::cli::TlsMin;
+use crate::config::Route;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Load(#[from] load::Error),
+    #[error("cannot build the TLS client configuration: {0}")]
+    Build(String),
+}
+
+/// What an operator wants to know about a loaded client certificate.
+#[derive(Debug, Clone)]
+pub struct CertInfo {
+    pub subject: String,
+    pub issuer: String,
+    /// Lowercase hex without separators.
+    pub serial: String,
+    /// Unix seconds.
+    pub not_before: i64,
+    /// Unix seconds.
+    pub not_after: i64,
+}
+
+impl CertInfo {
+    pub fn parse(der: &CertificateDer<'_>) -> Option<Self> {
+        let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+        Some(CertInfo {
+            subject: cert.subject().to_string(),
+            issuer: cert.issuer().to_string(),
+            serial: cert
+                .raw_serial()
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect(),
+            not_before: cert.validity().not_before.timestamp(),
+            not_after: cert.validity().not_after.timestamp(),
+        })
+    }
+
+    /// `Err` with a description when `now` is outside the validity period.
+    pub fn check_validity(&self, now: i64) -> Result<(), String> {
+        if now > self.not_after {
+            Err(format!("expired at {}", rfc3339(self.not_after)))
+        } else if now < self.not_before {
+            Err(format!("not valid before {}", rfc3339(self.not_before)))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// RFC 3339 in UTC for a Unix timestamp.
+pub fn rfc3339(unix: i64) -> String {
+    let t = UNIX_EPOCH + std::time::Duration::from_secs(unix.max(0) as u64);
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+pub fn now_unix() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// Always presents the one loaded identity. A resolver of our own (rather than
+/// `with_client_auth_cert`) is where the CA names the upstream asks for become visible.
+#[derive(Debug)]
+struct FixedIdentity(Arc<CertifiedKey>);
+
+impl ResolvesClientCert for FixedIdentity {
+    fn resolve(&self, _hints: &[&[u8]], _schemes: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+/// A fully built client configuration and what it was built from.
+#[derive(Debug)]
+pub struct Loaded {
+    pub config: Arc<ClientConfig>,
+    pub leaf: CertInfo,
+}
+
+/// The crypto provider every TLS object of the program uses.
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+/// Read every file of a route, check the key belongs to the certificate, and build a complete
+/// client configuration. Nothing is published here: the caller decides.
+pub fn build(route: &Route) -> Result<Loaded, Error> {
+    let files = &route.tls;
+    let chain = load::certificates("--cert", &files.cert)?;
+    let key = load::private_key(&files.key)?;
+    let roots = match &files.ca {
+        Some(ca) => load::ca_bundle(ca)?,
+        None => load::system_roots()?,
+    };
+    let leaf = CertInfo::parse(&chain[0]).ok_or_else(|| {
+        Error::Build(format!(
+            "--cert {}: the leaf cannot be parsed",
+            files.cert.display()
+        ))
+    })?;
+
+    let provider = provider();
+    let certified = CertifiedKey::from_der(chain, key, &provider).map_err(|e| match e {
+        rustls::Error::InconsistentKeys(_) => Error::Load(load::Error::KeyMismatch {
+            cert: files.cert.clone(),
+            key: files.key.clone(),
+        }),
+        other => Error::Load(load::Error::BadKey {
+            path: files.key.clone(),
+            detail: other.to_string(),
+        }),
+    })?;
+
+    let verifier: Arc<dyn ServerCertVerifier> =
+        WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+            .build()
+            .map_err(|e| Error::Build(e.to_string()))?;
+
+    let versions: &[&rustls::SupportedProtocolVersion] = match route.tls_min {
+        TlsMin::V12 => &[&rustls::version::TLS13, &rustls::version::TLS12],
+        TlsMin::V13 => &[&rustls::version::TLS13],
+    };
+    let mut config = ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(versions)
+        .map_err(|e| Error::Build(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_client_cert_resolver(Arc::new(FixedIdentity(Arc::new(certified))));
+    config.alpn_protocols = route.alpn.clone();
+    // Resumption (tickets and TLS 1.2 session IDs) is on by default: repeat connections to the
+    // upstream skip the full handshake where it allows.
+    Ok(Loaded {
+        config: Arc::new(config),
+        leaf,
+    })
+}
+
+/// The identity in force for a route. Connections take a snapshot with [`Identity::current`]
+/// and keep it for their lifetime; publishing a new one never touches open connections.
+#[derive(Debug)]
+pub struct Identity {
+    current: ArcSwap<ClientConfig>,
+}
+
+impl Identity {
+    pub fn new(loaded: &Loaded) -> Self {
+        Identity {
+            current: ArcSwap::new(loaded.config.clone()),
+        }
+    }
+
+    pub fn current(&self) -> Arc<ClientConfig> {
+        self.current.load_full()
+    }
+}

@@ -1,0 +1,4 @@
+//! TLS material: loading from disk and building the client configuration.
+
+pub mod identity;
+pub mod load;

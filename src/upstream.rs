@@ -1,0 +1,281 @@
+//! Reaching the upstream: resolve (at every dial), connect to each address in turn, TLS
+//! handshake, all under `--connect-timeout`; and the classification of every way that can fail,
+//! in words an operator understands.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rustls::{AlertDescription, CertificateError, ClientConfig};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+
+use crate::bufio::LazyBufTcp;
+use crate::config::Route;
+
+/// The upstream TLS stream a connection relays into.
+pub type Upstream = TlsStream<LazyBufTcp>;
+
+/// Why a connection failed, as a stable class. `reason()` is the access-log `reason` field and
+/// `outcome()` the coarser metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Class {
+    Dns,
+    Refused,
+    Unreachable,
+    Timeout,
+    UnknownIssuer,
+    NameMismatch,
+    Expired,
+    NotYetValid,
+    ClientCertRejected,
+    Protocol,
+    /// The upstream reset or aborted the connection after the handshake.
+    Reset,
+    /// Anything else on the wire, on either side.
+    Io,
+    /// No traffic either way for `--idle-timeout`: a policy close, not a fault.
+    Idle,
+    /// Still running when `--drain-timeout` ran out at shutdown.
+    Drain,
+}
+
+impl Class {
+    pub fn reason(self) -> &'static str {
+        match self {
+            Class::Dns => "dns",
+            Class::Refused => "refused",
+            Class::Unreachable => "unreachable",
+            Class::Timeout => "timeout",
+            Class::UnknownIssuer => "unknown_issuer",
+            Class::NameMismatch => "name_mismatch",
+            Class::Expired => "expired",
+            Class::NotYetValid => "not_yet_valid",
+            Class::ClientCertRejected => "client_cert_rejected",
+            Class::Protocol => "protocol",
+            Class::Reset => "reset",
+            Class::Io => "io",
+            Class::Idle => "idle_timeout",
+            Class::Drain => "drain_timeout",
+        }
+    }
+
+    /// The `outcome` label: `ok`, `connect_error`, `tls_error`, `timeout` or `error`.
+    pub fn outcome(self) -> &'static str {
+        match self {
+            Class::Dns | Class::Refused | Class::Unreachable => "connect_error",
+            Class::Timeout => "timeout",
+            Class::UnknownIssuer
+            | Class::NameMismatch
+            | Class::Expired
+            | Class::NotYetValid
+            | Class::ClientCertRejected
+            | Class::Protocol => "tls_error",
+            Class::Idle => "ok",
+            Class::Reset | Class::Io | Class::Drain => "error",
+        }
+    }
+
+    /// Policy closes are not failures and are not logged as warnings.
+    pub fn is_fault(self) -> bool {
+        !matches!(self, Class::Idle | Class::Drain)
+    }
+}
+
+/// A classified failure with an operator-readable explanation.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{message}")]
+pub struct Failure {
+    pub class: Class,
+    pub message: String,
+}
+
+impl Failure {
+    pub fn new(class: Class, message: impl Into<String>) -> Self {
+        Failure {
+            class,
+            message: message.into(),
+        }
+    }
+}
+
+/// Classify a TLS error, during the handshake or after it (in TLS 1.3 the upstream's verdict on
+/// our certificate arrives after our side considers the handshake done).
+pub fn classify_tls(e: &rustls::Error, server_name: &str) -> Failure {
+    use rustls::Error as E;
+    match e {
+        E::InvalidCertificate(ce) => match ce {
+            CertificateError::UnknownIssuer | CertificateError::BadSignature => Failure::new(
+                Class::UnknownIssuer,
+                "the upstream certificate is not trusted: its chain does not lead to a CA in \
+                 --ca (unknown issuer)",
+            ),
+            CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. } => {
+                Failure::new(
+                    Class::NameMismatch,
+                    format!(
+                        "the upstream certificate is not valid for {server_name:?} (name \
+                         mismatch): set --server-name to a name in its SANs"
+                    ),
+                )
+            }
+            CertificateError::Expired | CertificateError::ExpiredContext { .. } => Failure::new(
+                Class::Expired,
+                format!("the upstream certificate has expired ({ce:?})"),
+            ),
+            CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
+                Failure::new(
+                    Class::NotYetValid,
+                    format!("the upstream certificate is not valid yet ({ce:?})"),
+                )
+            }
+            other => Failure::new(
+                Class::Protocol,
+                format!("the upstream certificate was refused: {other:?}"),
+            ),
+        },
+        E::AlertReceived(alert) => match alert {
+            AlertDescription::BadCertificate
+            | AlertDescription::UnsupportedCertificate
+            | AlertDescription::CertificateRevoked
+            | AlertDescription::CertificateExpired
+            | AlertDescription::CertificateUnknown
+            | AlertDescription::UnknownCA
+            | AlertDescription::AccessDenied
+            | AlertDescription::CertificateRequired => Failure::new(
+                Class::ClientCertRejected,
+                format!(
+                    "the upstream rejected our client certificate (alert {alert:?}): check that \
+                     it trusts the CA that issued --cert and that the certificate is valid"
+                ),
+            ),
+            other => Failure::new(
+                Class::Protocol,
+                format!("the upstream ended the handshake with alert {other:?}"),
+            ),
+        },
+        other => Failure::new(Class::Protocol, format!("TLS protocol error: {other}")),
+    }
+}
+
+/// Classify an I/O error on the upstream side, looking through to a rustls error inside.
+pub fn classify_io(e: &io::Error, server_name: &str) -> Failure {
+    if let Some(tls) = e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    {
+        return classify_tls(tls, server_name);
+    }
+    match e.kind() {
+        io::ErrorKind::ConnectionRefused => {
+            Failure::new(Class::Refused, "the upstream refused the connection")
+        }
+        io::ErrorKind::HostUnreachable | io::ErrorKind::NetworkUnreachable => Failure::new(
+            Class::Unreachable,
+            format!("the upstream is unreachable: {e}"),
+        ),
+        io::ErrorKind::ConnectionReset
+        | io::ErrorKind::ConnectionAborted
+        | io::ErrorKind::BrokenPipe => Failure::new(
+            Class::Reset,
+            format!("the upstream reset the connection: {e}"),
+        ),
+        _ => Failure::new(Class::Io, format!("upstream i/o error: {e}")),
+    }
+}
+
+/// Display form of a server name for messages.
+pub fn server_name_str(route: &Route) -> String {
+    match &route.server_name {
+        rustls::pki_types::ServerName::DnsName(d) => d.as_ref().to_string(),
+        rustls::pki_types::ServerName::IpAddress(ip) => std::net::IpAddr::from(*ip).to_string(),
+        other => format!("{other:?}"),
+    }
+}
+
+/// An established upstream connection.
+pub struct Connected {
+    pub stream: Upstream,
+    pub addr: SocketAddr,
+    pub handshake: Duration,
+}
+
+/// Resolve, connect (each address in turn) and handshake, all within `--connect-timeout`.
+pub async fn connect(route: &Route, config: Arc<ClientConfig>) -> Result<Connected, Failure> {
+    let limit = route.connect_timeout;
+    let mut phase = "resolve";
+    let attempt = async {
+        let host = route.upstream.host.as_str();
+        let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, route.upstream.port))
+            .await
+            .map_err(|e| {
+                Failure::new(
+                    Class::Dns,
+                    format!("cannot resolve upstream host {host}: {e}"),
+                )
+            })?
+            .collect();
+        if addrs.is_empty() {
+            return Err(Failure::new(
+                Class::Dns,
+                format!("upstream host {host} resolved to no address"),
+            ));
+        }
+        phase = "connect";
+        let mut last = None;
+        let mut tcp = None;
+        for addr in addrs {
+            match TcpStream::connect(addr).await {
+                Ok(s) => {
+                    tcp = Some((s, addr));
+                    break;
+                }
+                Err(e) => last = Some((e, addr)),
+            }
+        }
+        let (tcp, addr) = match (tcp, last) {
+            (Some(t), _) => t,
+            (None, Some((e, addr))) => {
+                let mut f = classify_io(&e, "");
+                f.message = format!("{} ({addr})", f.message);
+                return Err(f);
+            }
+            (None, None) => unreachable!("at least one address was tried"),
+        };
+        // Small writes (interactive protocols) must not wait for Nagle.
+        let _ = tcp.set_nodelay(true);
+        phase = "tls handshake";
+        let started = Instant::now();
+        let stream = TlsConnector::from(config)
+            .connect(route.server_name.clone(), LazyBufTcp::new(tcp))
+            .await
+            .map_err(|e| {
+                let mut f = classify_io(&e, &server_name_str(route));
+                if f.class == Class::Reset || f.class == Class::Io {
+                    f = Failure::new(
+                        Class::Protocol,
+                        format!("the upstream closed the connection during the TLS handshake: {e}"),
+                    );
+                }
+                f.message = format!("{} ({addr})", f.message);
+                f
+            })?;
+        Ok(Connected {
+            stream,
+            addr,
+            handshake: started.elapsed(),
+        })
+    };
+    match tokio::time::timeout(limit, attempt).await {
+        Ok(r) => r,
+        Err(_) => Err(Failure::new(
+            Class::Timeout,
+            format!(
+                "no TLS session with the upstream within --connect-timeout {} (stuck in {phase})",
+                humantime::format_duration(limit)
+            ),
+        )),
+    }
+}
