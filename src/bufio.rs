@@ -10,11 +10,37 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
 
+/// Run `read` (a non-blocking read of at most `cap` bytes from `tcp`) so that a short read
+/// clears tokio's readiness: a TCP read that returns less than asked has emptied the receive
+/// queue, so the next wait goes to epoll instead of a `read` that would only say EAGAIN. This
+/// is what tokio's own `poll_read` does; it saves a syscall per burst. Data arriving meanwhile
+/// raises a new edge, which tokio's readiness tick keeps from being lost.
+pub fn read_clearing(
+    tcp: &TcpStream,
+    cap: usize,
+    read: impl FnOnce() -> io::Result<usize>,
+) -> io::Result<usize> {
+    let mut got = None;
+    let r = tcp.try_io(Interest::READABLE, || {
+        let n = read()?;
+        got = Some(n);
+        if n > 0 && n < cap {
+            Err(io::ErrorKind::WouldBlock.into())
+        } else {
+            Ok(n)
+        }
+    });
+    match got {
+        Some(n) => Ok(n),
+        None => r,
+    }
+}
+
 /// Bytes asked of the kernel per read: four full TLS records.
-pub const READ_CHUNK: usize = 64 * 1024;
+pub const READ_CHUNK: usize = 256 * 1024;
 
 #[derive(Debug)]
 pub struct LazyBufTcp {
@@ -65,7 +91,8 @@ impl AsyncRead for LazyBufTcp {
         loop {
             ready!(this.tcp.poll_read_ready(cx))?;
             let mut buf = Vec::with_capacity(READ_CHUNK);
-            match this.tcp.try_read_buf(&mut buf) {
+            let tcp = &this.tcp;
+            match read_clearing(tcp, READ_CHUNK, || tcp.try_read_buf(&mut buf)) {
                 // End of stream: leave `out` untouched.
                 Ok(0) => return Poll::Ready(Ok(())),
                 Ok(_) => {

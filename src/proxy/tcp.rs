@@ -1,24 +1,34 @@
 //! Byte-stream mode: copy both ways between the app's plaintext socket and the upstream TLS
 //! stream, with half-close in both directions.
 //!
-//! Memory matters here (one relay per connection, thousands idle): the app-to-upstream buffer
-//! exists only while the app is sending, and upstream-to-app data is written straight out of
-//! rustls' plaintext buffer (`poll_fill_buf`), so an idle relay holds no buffer of its own.
+//! Memory matters here (one relay per connection, thousands idle), and so do syscalls. Both
+//! directions copy through one 64 KiB scratch buffer per worker thread, used only inside a
+//! single `poll` (never across an await), so an idle relay holds no buffer at all. Only bytes
+//! that the receiving side could not take at once are kept per connection, in `pending`.
+//! Before reading a side, the relay waits until the other side can take data, so back-pressure
+//! stays in the kernel and in rustls instead of in our memory.
 
+use std::cell::RefCell;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use tokio::io::{AsyncBufRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
+use crate::bufio::read_clearing;
 use crate::upstream::{Class, Failure, Upstream, classify_io};
 
-/// Bytes read from the app per syscall.
-const APP_READ_CHUNK: usize = 64 * 1024;
+/// Bytes moved per read: four full TLS records.
+const CHUNK: usize = 256 * 1024;
+
+thread_local! {
+    /// The per-worker scratch buffer (see the module doc).
+    static SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0u8; CHUNK].into_boxed_slice());
+}
 
 /// Application bytes moved, for the access log.
 #[derive(Debug, Default, Clone, Copy)]
@@ -45,24 +55,14 @@ fn fail(side: Side, e: io::Error, server_name: &str) -> Failure {
     }
 }
 
-/// App -> upstream direction.
+/// One direction's state.
 #[derive(Default)]
-struct Up {
-    /// Bytes read from the app and not yet accepted by rustls; `None` while the app is quiet.
-    buf: Option<Vec<u8>>,
-    pos: usize,
-    /// The app sent FIN.
+struct Dir {
+    /// Bytes read from the source that the sink has not taken yet; usually `None`.
+    pending: Option<(Vec<u8>, usize)>,
+    /// The source ended (FIN from the app, close_notify or FIN from the upstream).
     eof: bool,
-    /// close_notify + FIN sent upstream.
-    done: bool,
-}
-
-/// Upstream -> app direction.
-#[derive(Default)]
-struct Down {
-    /// The upstream sent close_notify (or FIN).
-    eof: bool,
-    /// FIN sent to the app.
+    /// The end was passed on to the sink.
     done: bool,
 }
 
@@ -72,8 +72,8 @@ pub struct Relay<'a> {
     upstream: &'a mut Upstream,
     counters: &'a mut Counters,
     server_name: &'a str,
-    up: Up,
-    down: Down,
+    up: Dir,
+    down: Dir,
     /// `--idle-timeout`: the timer and its length; `None` when disabled.
     idle: Option<(Pin<Box<Sleep>>, Duration)>,
     last_activity: Instant,
@@ -93,96 +93,142 @@ impl<'a> Relay<'a> {
             upstream,
             counters,
             server_name,
-            up: Up::default(),
-            down: Down::default(),
+            up: Dir::default(),
+            down: Dir::default(),
             idle: idle_timeout.map(|d| (Box::pin(tokio::time::sleep_until(now + d)), d)),
             last_activity: now,
         }
     }
 
-    /// Move app bytes upstream until the app would block; `Ready` once the direction ended.
+    /// App -> upstream until the app would block; `Ready(Ok)` once this direction ended.
     fn poll_up(&mut self, cx: &mut Context<'_>, moved: &mut bool) -> Poll<Result<(), Failure>> {
-        let up = &mut self.up;
         let sn = self.server_name;
+        let upstream = &mut *self.upstream;
         loop {
-            if let Some(buf) = &up.buf
-                && up.pos < buf.len()
-            {
-                let n = ready!(Pin::new(&mut *self.upstream).poll_write(cx, &buf[up.pos..]))
-                    .map_err(|e| fail(Side::Upstream, e, sn))?;
-                if n == 0 {
-                    return Poll::Ready(Err(Failure::new(
-                        Class::Io,
-                        "the upstream stopped accepting data",
-                    )));
+            if let Some((buf, pos)) = &mut self.up.pending {
+                while *pos < buf.len() {
+                    let n = ready!(Pin::new(&mut *upstream).poll_write(cx, &buf[*pos..]))
+                        .map_err(|e| fail(Side::Upstream, e, sn))?;
+                    if n == 0 {
+                        return Poll::Ready(Err(Failure::new(
+                            Class::Io,
+                            "the upstream stopped accepting data",
+                        )));
+                    }
+                    *pos += n;
+                    self.counters.to_upstream += n as u64;
+                    *moved = true;
                 }
-                up.pos += n;
-                self.counters.to_upstream += n as u64;
-                *moved = true;
-                continue;
+                self.up.pending = None;
             }
-            if up.eof {
-                // close_notify, flush, then FIN.
-                ready!(Pin::new(&mut *self.upstream).poll_shutdown(cx))
+            if self.up.eof {
+                // close_notify, flush, then FIN; the other direction goes on.
+                ready!(Pin::new(&mut *upstream).poll_shutdown(cx))
                     .map_err(|e| fail(Side::Upstream, e, sn))?;
-                up.done = true;
+                self.up.done = true;
                 return Poll::Ready(Ok(()));
             }
-            match self.app.poll_read_ready(cx) {
-                Poll::Ready(r) => r.map_err(|e| fail(Side::App, e, sn))?,
-                Poll::Pending => {
-                    // The app is quiet: free the buffer and push out what rustls holds.
-                    up.buf = None;
-                    ready!(Pin::new(&mut *self.upstream).poll_flush(cx))
-                        .map_err(|e| fail(Side::Upstream, e, sn))?;
-                    return Poll::Pending;
+            // Records rustls could not send yet go out before more is read from the app.
+            ready!(Pin::new(&mut *upstream).poll_flush(cx))
+                .map_err(|e| fail(Side::Upstream, e, sn))?;
+            ready!(self.app.poll_read_ready(cx)).map_err(|e| fail(Side::App, e, sn))?;
+            let app = &*self.app;
+            let before = self.counters.to_upstream;
+            let step = SCRATCH.with_borrow_mut(|scratch| -> Result<Option<Vec<u8>>, Failure> {
+                let n = match read_clearing(app, scratch.len(), || app.try_read(scratch)) {
+                    Ok(0) => return Ok(None),
+                    Ok(n) => n,
+                    // Stale readiness: poll_read_ready now registers for the next edge.
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Some(Vec::new())),
+                    Err(e) => return Err(fail(Side::App, e, sn)),
+                };
+                let taken = match Pin::new(&mut *upstream).poll_write(cx, &scratch[..n]) {
+                    Poll::Ready(Ok(m)) => m,
+                    Poll::Ready(Err(e)) => return Err(fail(Side::Upstream, e, sn)),
+                    Poll::Pending => 0,
+                };
+                self.counters.to_upstream += taken as u64;
+                Ok(Some(scratch[taken..n].to_vec()))
+            });
+            match step {
+                Err(f) => return Poll::Ready(Err(f)),
+                Ok(None) => self.up.eof = true,
+                Ok(Some(rest)) => {
+                    *moved |= self.counters.to_upstream != before;
+                    if !rest.is_empty() {
+                        self.up.pending = Some((rest, 0));
+                    }
                 }
-            }
-            let buf = up
-                .buf
-                .get_or_insert_with(|| Vec::with_capacity(APP_READ_CHUNK));
-            buf.clear();
-            up.pos = 0;
-            match self.app.try_read_buf(buf) {
-                Ok(0) => up.eof = true,
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Poll::Ready(Err(fail(Side::App, e, sn))),
             }
         }
     }
 
-    /// Move upstream plaintext to the app straight from rustls' buffer.
+    /// Upstream -> app until the upstream would block; `Ready(Ok)` once this direction ended.
     fn poll_down(&mut self, cx: &mut Context<'_>, moved: &mut bool) -> Poll<Result<(), Failure>> {
         let sn = self.server_name;
+        let app = &mut *self.app;
         loop {
+            if let Some((buf, pos)) = &mut self.down.pending {
+                while *pos < buf.len() {
+                    let n = ready!(Pin::new(&mut *app).poll_write(cx, &buf[*pos..]))
+                        .map_err(|e| fail(Side::App, e, sn))?;
+                    if n == 0 {
+                        return Poll::Ready(Err(Failure::new(
+                            Class::Io,
+                            "the app stopped accepting data",
+                        )));
+                    }
+                    *pos += n;
+                    self.counters.from_upstream += n as u64;
+                    *moved = true;
+                }
+                self.down.pending = None;
+            }
             if self.down.eof {
-                ready!(Pin::new(&mut *self.app).poll_shutdown(cx))
+                ready!(Pin::new(&mut *app).poll_shutdown(cx))
                     .map_err(|e| fail(Side::App, e, sn))?;
                 self.down.done = true;
                 return Poll::Ready(Ok(()));
             }
-            let data = match ready!(Pin::new(&mut *self.upstream).poll_fill_buf(cx)) {
-                Ok(d) => d,
-                // FIN without close_notify: many servers do this; pass it on as a FIN.
-                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => &[][..],
-                Err(e) => return Poll::Ready(Err(fail(Side::Upstream, e, sn))),
-            };
-            if data.is_empty() {
-                self.down.eof = true;
-                continue;
+            // Only decrypt what the app can take now; the rest waits in the kernel.
+            ready!(app.poll_write_ready(cx)).map_err(|e| fail(Side::App, e, sn))?;
+            let upstream = &mut *self.upstream;
+            let step =
+                SCRATCH.with_borrow_mut(|scratch| -> Poll<Result<Option<Vec<u8>>, Failure>> {
+                    let mut rb = ReadBuf::new(scratch);
+                    match Pin::new(&mut *upstream).poll_read(cx, &mut rb) {
+                        Poll::Pending => return Poll::Pending,
+                        // FIN without close_notify: many servers do this; pass it on as a FIN.
+                        Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                            return Poll::Ready(Ok(None));
+                        }
+                        Poll::Ready(Err(e)) => {
+                            return Poll::Ready(Err(fail(Side::Upstream, e, sn)));
+                        }
+                        Poll::Ready(Ok(())) => {}
+                    }
+                    let data = rb.filled();
+                    if data.is_empty() {
+                        return Poll::Ready(Ok(None));
+                    }
+                    let taken = match app.try_write(data) {
+                        Ok(m) => m,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+                        Err(e) => return Poll::Ready(Err(fail(Side::App, e, sn))),
+                    };
+                    self.counters.from_upstream += taken as u64;
+                    Poll::Ready(Ok(Some(data[taken..].to_vec())))
+                });
+            match ready!(step) {
+                Err(f) => return Poll::Ready(Err(f)),
+                Ok(None) => self.down.eof = true,
+                Ok(Some(rest)) => {
+                    *moved = true;
+                    if !rest.is_empty() {
+                        self.down.pending = Some((rest, 0));
+                    }
+                }
             }
-            let n = ready!(Pin::new(&mut *self.app).poll_write(cx, data))
-                .map_err(|e| fail(Side::App, e, sn))?;
-            if n == 0 {
-                return Poll::Ready(Err(Failure::new(
-                    Class::Io,
-                    "the app stopped accepting data",
-                )));
-            }
-            Pin::new(&mut *self.upstream).consume(n);
-            self.counters.from_upstream += n as u64;
-            *moved = true;
         }
     }
 }
