@@ -78,9 +78,10 @@ impl Class {
         }
     }
 
-    /// Policy closes are not failures and are not logged as warnings.
+    /// The idle timeout is a policy close, not a failure, and is not logged as a warning. A
+    /// connection cut at the end of the drain is: its app saw it end abruptly.
     pub fn is_fault(self) -> bool {
-        !matches!(self, Class::Idle | Class::Drain)
+        self != Class::Idle
     }
 }
 

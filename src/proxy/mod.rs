@@ -168,7 +168,7 @@ async fn handle(ctx: &RouteCtx, mut app: TcpStream, peer: SocketAddr, cut: Cance
         _ = cut.cancelled() => Err(Failure::new(Class::Drain, "cut: still open when --drain-timeout ran out")),
     };
     if let Err(f) = result {
-        if f.class.is_fault() || f.class == Class::Drain {
+        if f.class.is_fault() {
             reset(&app);
         }
         log.failure = Some(f);

@@ -1,0 +1,117 @@
+//! Helpers shared by every test module.
+
+pub mod net;
+pub mod pki;
+pub mod proc;
+pub mod upstream;
+
+use std::fmt::Display;
+use std::sync::Once;
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+
+pub use net::*;
+pub use pki::Pki;
+pub use proc::{Cmd, Sidecar};
+pub use upstream::{Behavior, Silent, Upstream};
+
+/// Upper bound for anything that should happen "soon". Only reached when something is broken, so
+/// it is generous: a debug build on a loaded 2-core machine is slow.
+pub const WAIT: Duration = Duration::from_secs(15);
+
+/// Installs the aws-lc-rs provider for the in-process peers, once per test process.
+pub fn init_crypto() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        // Err only means another provider was installed first, which is fine for a test peer.
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    });
+}
+
+pub fn sha256(data: &[u8]) -> [u8; 32] {
+    Sha256::digest(data).into()
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Deterministic pseudo-random bytes (xorshift64*), so that a shifted or repeated block in the
+/// proxy cannot go unnoticed the way it could with a repeating pattern.
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        out.extend_from_slice(&x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// The value of `key=value` (or `key="value"`) in a text log line.
+pub fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    let pat = format!("{key}=");
+    let mut from = 0;
+    while let Some(found) = line[from..].find(&pat) {
+        let at = from + found;
+        let boundary = at == 0 || matches!(line.as_bytes()[at - 1], b' ' | b'{' | b',' | b'\t');
+        if boundary {
+            let rest = &line[at + pat.len()..];
+            if let Some(quoted) = rest.strip_prefix('"') {
+                return quoted.find('"').map(|end| &quoted[..end]);
+            }
+            let end = rest
+                .find(|c: char| c.is_whitespace() || c == '}' || c == ',')
+                .unwrap_or(rest.len());
+            return Some(&rest[..end]);
+        }
+        from = at + pat.len();
+    }
+    None
+}
+
+/// A numeric field of a log line; panics with the line when it is missing or not a number.
+pub fn num_field(line: &str, key: &str) -> u64 {
+    field(line, key)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no numeric {key}= in log line: {line}"))
+}
+
+/// Whether a stderr line is the one-per-connection access log line.
+pub fn is_conn_line(line: &str) -> bool {
+    line.contains("connection") && field(line, "outcome").is_some()
+}
+
+/// `mtls-sidecar run` on 127.0.0.1:0 towards `upstream` with the test client identity and CA.
+pub fn run_cmd(pki: &Pki, upstream: impl Display) -> Cmd {
+    Cmd::new()
+        .args(["run", "--listen", "127.0.0.1:0", "--upstream"])
+        .arg(upstream.to_string())
+        .arg("--cert")
+        .arg(&pki.client.cert)
+        .arg("--key")
+        .arg(&pki.client.key)
+        .arg("--ca")
+        .arg(&pki.ca.pem)
+}
+
+#[test]
+fn field_parses_plain_and_quoted_values() {
+    let line = "2026-11-23T10:00:00Z  WARN conn{peer=1.2.3.4:5}: mtls_sidecar: connection \
+                route=default upstream=localhost:1 outcome=tls_error reason=unknown_issuer \
+                error=\"invalid peer certificate: UnknownIssuer\" duration_ms=3";
+    assert_eq!(field(line, "outcome"), Some("tls_error"));
+    assert_eq!(field(line, "reason"), Some("unknown_issuer"));
+    assert_eq!(field(line, "peer"), Some("1.2.3.4:5"));
+    assert_eq!(
+        field(line, "error"),
+        Some("invalid peer certificate: UnknownIssuer")
+    );
+    assert_eq!(num_field(line, "duration_ms"), 3);
+    assert_eq!(field(line, "missing"), None);
+    assert!(is_conn_line(line));
+}

@@ -1,0 +1,315 @@
+//! Running the real binary: a command builder, and a handle that collects stderr lines in the
+//! background, finds the bound address, sends signals, and kills the process when dropped.
+
+use std::ffi::{OsStr, OsString};
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use super::{WAIT, field, is_conn_line};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_mtls-sidecar");
+
+/// Arguments and environment for one run of the binary.
+#[derive(Clone, Default)]
+pub struct Cmd {
+    args: Vec<OsString>,
+    envs: Vec<(OsString, OsString)>,
+}
+
+impl Cmd {
+    pub fn new() -> Cmd {
+        Cmd::default()
+    }
+
+    pub fn arg(mut self, arg: impl AsRef<OsStr>) -> Cmd {
+        self.args.push(arg.as_ref().to_owned());
+        self
+    }
+
+    pub fn args<I: IntoIterator<Item = S>, S: AsRef<OsStr>>(mut self, args: I) -> Cmd {
+        self.args
+            .extend(args.into_iter().map(|a| a.as_ref().to_owned()));
+        self
+    }
+
+    pub fn env(mut self, key: impl AsRef<OsStr>, value: impl AsRef<OsStr>) -> Cmd {
+        self.envs
+            .push((key.as_ref().to_owned(), value.as_ref().to_owned()));
+        self
+    }
+
+    fn display(&self) -> String {
+        let mut s = String::new();
+        for (k, v) in &self.envs {
+            s.push_str(&format!("{}={} ", k.to_string_lossy(), v.to_string_lossy()));
+        }
+        s.push_str(BIN);
+        for a in &self.args {
+            s.push(' ');
+            s.push_str(&a.to_string_lossy());
+        }
+        s
+    }
+
+    /// Starts the process and returns at once.
+    pub fn spawn(&self) -> Sidecar {
+        let mut command = Command::new(BIN);
+        command
+            .args(&self.args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        // A variable set in the developer's shell must not change what a test means.
+        for (key, _) in std::env::vars_os() {
+            let k = key.to_string_lossy();
+            // NO_COLOR too: "no ANSI colours" must hold without it.
+            let trust = k == "SSL_CERT_FILE" || k == "SSL_CERT_DIR" || k == "NO_COLOR";
+            if k.starts_with("MTLS_SIDECAR_") || k == "RUST_LOG" || k == "NOTIFY_SOCKET" || trust {
+                command.env_remove(&key);
+            }
+        }
+        for (k, v) in &self.envs {
+            command.env(k, v);
+        }
+        let mut child = command
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", self.display()));
+        let log = Arc::new(Log::default());
+        let stderr = child.stderr.take().expect("piped stderr");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let err_log = Arc::clone(&log);
+        std::thread::spawn(move || err_log.collect(stderr, true));
+        let out_log = Arc::clone(&log);
+        std::thread::spawn(move || out_log.collect(stdout, false));
+        Sidecar {
+            pid: child.id(),
+            child,
+            cmdline: self.display(),
+            log,
+            addr: None,
+            status: None,
+        }
+    }
+
+    /// Starts the process and waits for its `listening route=default addr=` line.
+    pub fn start(&self) -> Sidecar {
+        let mut sidecar = self.spawn();
+        let line = sidecar.wait_for_line("the listening line", WAIT, |l| {
+            l.contains("listening") && l.contains("route=default") && field(l, "addr").is_some()
+        });
+        let addr = field(&line, "addr").expect("addr field");
+        let addr: SocketAddr = addr
+            .parse()
+            .unwrap_or_else(|e| sidecar.fail(&format!("addr={addr} is no socket address: {e}")));
+        sidecar.addr = Some(addr);
+        sidecar
+    }
+
+    /// Runs the process to completion (it must exit within `timeout`): (exit code, stderr).
+    pub fn run_to_exit(&self, timeout: Duration) -> (Option<i32>, String) {
+        let mut sidecar = self.spawn();
+        let status = sidecar.wait_exit(timeout);
+        sidecar.wait_output_closed();
+        (status.code(), sidecar.stderr())
+    }
+}
+
+#[derive(Default)]
+struct Lines {
+    /// stderr lines, in order
+    err: Vec<String>,
+    /// stdout lines, kept apart: nothing the tests rely on is printed there
+    out: Vec<String>,
+    /// how many of the two pipes reached end of file
+    closed: usize,
+}
+
+#[derive(Default)]
+struct Log {
+    lines: Mutex<Lines>,
+    changed: Condvar,
+}
+
+impl Log {
+    fn collect(&self, pipe: impl std::io::Read, is_stderr: bool) {
+        let reader = BufReader::new(pipe);
+        for line in reader.split(b'\n') {
+            let Ok(line) = line else { break };
+            let line = String::from_utf8_lossy(&line).trim_end().to_string();
+            let mut lines = self.lines.lock().unwrap();
+            if is_stderr {
+                lines.err.push(line);
+            } else {
+                lines.out.push(line);
+            }
+            self.changed.notify_all();
+        }
+        self.lines.lock().unwrap().closed += 1;
+        self.changed.notify_all();
+    }
+}
+
+/// A running `mtls-sidecar`. Dropping it kills the process; if the test is panicking, the command
+/// line and everything the process printed are shown.
+pub struct Sidecar {
+    child: Child,
+    pid: u32,
+    cmdline: String,
+    log: Arc<Log>,
+    addr: Option<SocketAddr>,
+    status: Option<ExitStatus>,
+}
+
+impl Sidecar {
+    /// The plaintext listener's bound address (from the `listening` line).
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+            .unwrap_or_else(|| self.fail("addr() called on a sidecar that was not start()ed"))
+    }
+
+    pub fn stderr_lines(&self) -> Vec<String> {
+        self.log.lines.lock().unwrap().err.clone()
+    }
+
+    pub fn stderr(&self) -> String {
+        self.stderr_lines().join("\n")
+    }
+
+    fn dump(&self) -> String {
+        let lines = self.log.lines.lock().unwrap();
+        format!(
+            "\n=== command ===\n{}\n=== stderr ({} lines) ===\n{}\n=== stdout ===\n{}\n===============\n",
+            self.cmdline,
+            lines.err.len(),
+            lines.err.join("\n"),
+            lines.out.join("\n"),
+        )
+    }
+
+    /// Panics with `msg`, the command line and the output so far.
+    pub fn fail(&self, msg: &str) -> ! {
+        panic!("{msg}{}", self.dump())
+    }
+
+    /// Waits for the first stderr line matching `pred`; fails after `timeout`, or as soon as the
+    /// process has exited and closed its output without printing one.
+    pub fn wait_for_line(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&str) -> bool,
+    ) -> String {
+        self.wait_for_lines(what, 1, timeout, pred).remove(0)
+    }
+
+    /// Waits until `n` stderr lines match `pred` and returns them all (possibly more than `n`).
+    pub fn wait_for_lines(
+        &mut self,
+        what: &str,
+        n: usize,
+        timeout: Duration,
+        pred: impl Fn(&str) -> bool,
+    ) -> Vec<String> {
+        let deadline = Instant::now() + timeout;
+        let mut lines = self.log.lines.lock().unwrap();
+        loop {
+            let found: Vec<String> = lines.err.iter().filter(|l| pred(l)).cloned().collect();
+            if found.len() >= n {
+                return found;
+            }
+            let now = Instant::now();
+            if lines.closed == 2 || now >= deadline {
+                let why = if lines.closed == 2 {
+                    "the process closed its output"
+                } else {
+                    "timed out"
+                };
+                drop(lines);
+                self.fail(&format!(
+                    "waiting for {n} x {what} (after {timeout:?}): {why}, found {}",
+                    found.len()
+                ));
+            }
+            lines = self
+                .log
+                .changed
+                .wait_timeout(lines, deadline - now)
+                .unwrap()
+                .0;
+        }
+    }
+
+    /// Waits until at least `n` connection lines were logged.
+    pub fn wait_conn_lines(&mut self, n: usize) -> Vec<String> {
+        self.wait_for_lines("connection log line", n, WAIT, is_conn_line)
+    }
+
+    /// Sends a signal by name (`TERM`, `INT`, ...) with kill(1).
+    pub fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .arg("-s")
+            .arg(sig)
+            .arg(self.pid.to_string())
+            .status()
+            .unwrap_or_else(|e| self.fail(&format!("cannot run kill: {e}")));
+        if !status.success() {
+            self.fail(&format!("kill -s {sig} {} failed: {status}", self.pid));
+        }
+    }
+
+    /// The exit status if the process has exited, without waiting.
+    pub fn try_exit(&mut self) -> Option<ExitStatus> {
+        if self.status.is_none() {
+            self.status = self.child.try_wait().expect("try_wait");
+        }
+        self.status
+    }
+
+    /// Waits for the process to exit; fails if it is still running after `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.try_exit() {
+                return status;
+            }
+            if Instant::now() >= deadline {
+                self.fail(&format!("process still running after {timeout:?}"));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// After exit: waits (bounded) until the reader threads saw end of file on both pipes.
+    pub fn wait_output_closed(&self) {
+        let deadline = Instant::now() + WAIT;
+        let mut lines = self.log.lines.lock().unwrap();
+        while lines.closed < 2 {
+            let now = Instant::now();
+            if now >= deadline {
+                drop(lines);
+                self.fail("output pipes still open after exit");
+            }
+            lines = self
+                .log
+                .changed
+                .wait_timeout(lines, deadline - now)
+                .unwrap()
+                .0;
+        }
+    }
+}
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        if self.try_exit().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!("{}", self.dump());
+        }
+    }
+}
