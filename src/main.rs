@@ -28,6 +28,23 @@ fn fail(code: Exit, msg: impl std::fmt::Display) -> ExitCode {
     code.into()
 }
 
+/// Run a long-lived command on the runtime with SIGTERM/SIGINT wired to its shutdown token.
+fn with_signals<F, Fut>(rt: &tokio::runtime::Runtime, body: F) -> ExitCode
+where
+    F: FnOnce(tokio_util::sync::CancellationToken) -> Fut,
+    Fut: std::future::Future<Output = ExitCode>,
+{
+    rt.block_on(async {
+        match signal::shutdown_on_signals() {
+            Ok(shutdown) => body(shutdown).await,
+            Err(e) => fail(
+                Exit::Runtime,
+                format!("cannot install signal handlers: {e}"),
+            ),
+        }
+    })
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let rt = match tokio::runtime::Builder::new_multi_thread()
@@ -46,16 +63,7 @@ fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(e) => return fail(Exit::Startup, e),
             };
-            rt.block_on(async {
-                let shutdown = match signal::shutdown_on_signals() {
-                    Ok(s) => s,
-                    Err(e) => {
-                        return fail(
-                            Exit::Runtime,
-                            format!("cannot install signal handlers: {e}"),
-                        );
-                    }
-                };
+            with_signals(&rt, |shutdown| async move {
                 match App::bind(config).await {
                     Ok(app) => {
                         app.run(shutdown).await;
@@ -91,20 +99,13 @@ fn main() -> ExitCode {
             if let Err(e) = telemetry::init(&args.log) {
                 return fail(Exit::Startup, e);
             }
-            rt.block_on(async {
-                let shutdown = match signal::shutdown_on_signals() {
-                    Ok(s) => s,
-                    Err(e) => {
-                        return fail(
-                            Exit::Runtime,
-                            format!("cannot install signal handlers: {e}"),
-                        );
-                    }
-                };
+            with_signals(&rt, |shutdown| async move {
                 match demo::run(args, shutdown).await {
                     Ok(()) => Exit::Ok.into(),
-                    Err(e) if e.downcast_ref::<StartupError>().is_some() => fail(Exit::Startup, e),
-                    Err(e) if e.downcast_ref::<mtls_sidecar::config::Error>().is_some() => {
+                    Err(e)
+                        if e.downcast_ref::<StartupError>().is_some()
+                            || e.downcast_ref::<mtls_sidecar::config::Error>().is_some() =>
+                    {
                         fail(Exit::Startup, e)
                     }
                     Err(e) => fail(Exit::Runtime, format!("{e:#}")),

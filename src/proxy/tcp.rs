@@ -66,6 +66,31 @@ struct Dir {
     done: bool,
 }
 
+impl Dir {
+    /// Write out what the sink could not take earlier; `Ready(Ok)` once nothing is pending.
+    fn poll_pending<W: AsyncWrite + Unpin>(
+        &mut self,
+        cx: &mut Context<'_>,
+        sink: &mut W,
+        counter: &mut u64,
+        moved: &mut bool,
+    ) -> Poll<io::Result<()>> {
+        if let Some((buf, pos)) = &mut self.pending {
+            while *pos < buf.len() {
+                let n = ready!(Pin::new(&mut *sink).poll_write(cx, &buf[*pos..]))?;
+                if n == 0 {
+                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                }
+                *pos += n;
+                *counter += n as u64;
+                *moved = true;
+            }
+            self.pending = None;
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
 /// The relay future: resolves when both directions have ended, or with the first error.
 pub struct Relay<'a> {
     app: &'a mut TcpStream,
@@ -105,22 +130,11 @@ impl<'a> Relay<'a> {
         let sn = self.server_name;
         let upstream = &mut *self.upstream;
         loop {
-            if let Some((buf, pos)) = &mut self.up.pending {
-                while *pos < buf.len() {
-                    let n = ready!(Pin::new(&mut *upstream).poll_write(cx, &buf[*pos..]))
-                        .map_err(|e| fail(Side::Upstream, e, sn))?;
-                    if n == 0 {
-                        return Poll::Ready(Err(Failure::new(
-                            Class::Io,
-                            "the upstream stopped accepting data",
-                        )));
-                    }
-                    *pos += n;
-                    self.counters.to_upstream += n as u64;
-                    *moved = true;
-                }
-                self.up.pending = None;
-            }
+            ready!(
+                self.up
+                    .poll_pending(cx, upstream, &mut self.counters.to_upstream, moved)
+            )
+            .map_err(|e| fail(Side::Upstream, e, sn))?;
             if self.up.eof {
                 // close_notify, flush, then FIN; the other direction goes on.
                 ready!(Pin::new(&mut *upstream).poll_shutdown(cx))
@@ -168,22 +182,11 @@ impl<'a> Relay<'a> {
         let sn = self.server_name;
         let app = &mut *self.app;
         loop {
-            if let Some((buf, pos)) = &mut self.down.pending {
-                while *pos < buf.len() {
-                    let n = ready!(Pin::new(&mut *app).poll_write(cx, &buf[*pos..]))
-                        .map_err(|e| fail(Side::App, e, sn))?;
-                    if n == 0 {
-                        return Poll::Ready(Err(Failure::new(
-                            Class::Io,
-                            "the app stopped accepting data",
-                        )));
-                    }
-                    *pos += n;
-                    self.counters.from_upstream += n as u64;
-                    *moved = true;
-                }
-                self.down.pending = None;
-            }
+            ready!(
+                self.down
+                    .poll_pending(cx, &mut *app, &mut self.counters.from_upstream, moved)
+            )
+            .map_err(|e| fail(Side::App, e, sn))?;
             if self.down.eof {
                 ready!(Pin::new(&mut *app).poll_shutdown(cx))
                     .map_err(|e| fail(Side::App, e, sn))?;
