@@ -6,13 +6,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 
 use crate::config::Config;
 use crate::proxy::{self, Lifecycle, RouteCtx};
 use crate::tls::identity::{self, Identity};
+use crate::tls::reload::{Reloader, Stats};
 
 /// A startup failure: bad material or an address that cannot be bound. Exit code 2.
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +38,10 @@ pub enum StartupError {
 pub struct App {
     config: Config,
     routes: Vec<(Arc<RouteCtx>, TcpListener)>,
+    /// One reload loop per route, started by `run`.
+    reloaders: Vec<Reloader>,
+    /// Reload outcomes of every route.
+    pub reload_stats: Arc<Stats>,
 }
 
 impl App {
@@ -53,17 +59,11 @@ impl App {
                 serial = %leaf.serial, not_after = %identity::rfc3339(leaf.not_after),
                 "client identity loaded"
             );
-            if let Err(why) = leaf.check_validity(identity::now_unix()) {
-                // Still start: a rotation may bring a valid certificate.
-                error!(
-                    route = %route.name, file = %route.tls.cert.display(), problem = %why,
-                    "client certificate is outside its validity period (expired or not yet \
-                     valid); the upstream will likely refuse it"
-                );
-            }
             loaded.push(l);
         }
+        let reload_stats = Arc::new(Stats::default());
         let mut routes = Vec::with_capacity(config.routes.len());
+        let mut reloaders = Vec::with_capacity(config.routes.len());
         for (route, l) in config.routes.iter().zip(loaded) {
             let listener =
                 TcpListener::bind(route.listen)
@@ -73,10 +73,22 @@ impl App {
                         route: route.name.clone(),
                         source,
                     })?;
-            let ctx = RouteCtx::new(route.clone(), Identity::new(&l));
+            let identity = Arc::new(Identity::new(&l));
+            reloaders.push(Reloader::new(
+                route.clone(),
+                identity.clone(),
+                reload_stats.clone(),
+                &l,
+            ));
+            let ctx = RouteCtx::new(route.clone(), identity);
             routes.push((Arc::new(ctx), listener));
         }
-        Ok(App { config, routes })
+        Ok(App {
+            config,
+            routes,
+            reloaders,
+            reload_stats,
+        })
     }
 
     /// The real bound addresses, by route name (port 0 becomes the chosen port).
@@ -89,7 +101,12 @@ impl App {
 
     /// Serve until `shutdown` is cancelled, then: keep accepting for `--shutdown-delay`, close
     /// the listeners, give in-flight connections `--drain-timeout`, and cut the rest.
-    pub async fn run(self, shutdown: CancellationToken) {
+    pub async fn run(self, shutdown: CancellationToken, hup: watch::Receiver<u64>) {
+        let stop_reloading = CancellationToken::new();
+        for r in self.reloaders {
+            tokio::spawn(r.run(hup.clone(), stop_reloading.clone()));
+        }
+        let _stop_reloading = stop_reloading.drop_guard();
         let life = Lifecycle {
             stop_accepting: CancellationToken::new(),
             cut: CancellationToken::new(),

@@ -49,17 +49,83 @@ pub struct RunArgs {
     pub server_name: Option<String>,
 
     /// Client certificate chain, PEM, leaf first
-    #[arg(long, env = "MTLS_SIDECAR_CERT", value_name = "FILE")]
-    pub cert: PathBuf,
+    #[arg(
+        long,
+        env = "MTLS_SIDECAR_CERT",
+        value_name = "FILE",
+        required_unless_present = "pkcs12",
+        conflicts_with = "pkcs12"
+    )]
+    pub cert: Option<PathBuf>,
 
-    /// Private key, PEM: PKCS#8, PKCS#1 or SEC1
-    #[arg(long, env = "MTLS_SIDECAR_KEY", value_name = "FILE")]
-    pub key: PathBuf,
+    /// Private key, PEM: PKCS#8, PKCS#1 or SEC1; encrypted PKCS#8 with --key-password-file
+    #[arg(
+        long,
+        env = "MTLS_SIDECAR_KEY",
+        value_name = "FILE",
+        required_unless_present = "pkcs12",
+        conflicts_with = "pkcs12"
+    )]
+    pub key: Option<PathBuf>,
+
+    /// File holding the password of an encrypted PKCS#8 --key (one trailing newline ignored)
+    #[arg(long, env = "MTLS_SIDECAR_KEY_PASSWORD_FILE", value_name = "FILE")]
+    pub key_password_file: Option<PathBuf>,
+
+    /// Client identity as PKCS#12 (key and chain), instead of --cert/--key
+    #[arg(long, env = "MTLS_SIDECAR_PKCS12", value_name = "FILE")]
+    pub pkcs12: Option<PathBuf>,
+
+    /// File holding the password of --pkcs12 (one trailing newline ignored)
+    #[arg(
+        long,
+        env = "MTLS_SIDECAR_PKCS12_PASSWORD_FILE",
+        value_name = "FILE",
+        requires = "pkcs12"
+    )]
+    pub pkcs12_password_file: Option<PathBuf>,
 
     /// PEM bundle the upstream's chain must lead to [default: system trust store, honours
     /// SSL_CERT_FILE]
     #[arg(long, env = "MTLS_SIDECAR_CA", value_name = "FILE")]
     pub ca: Option<PathBuf>,
+
+    /// Certificate revocation list(s), PEM, applied to the upstream chain; repeatable
+    #[arg(
+        long = "crl",
+        env = "MTLS_SIDECAR_CRL",
+        value_name = "FILE",
+        value_delimiter = ','
+    )]
+    pub crl: Vec<PathBuf>,
+
+    /// Also require one of these URI SANs (e.g. a SPIFFE ID) on the upstream leaf; repeatable
+    #[arg(
+        long = "verify-uri-san",
+        env = "MTLS_SIDECAR_VERIFY_URI_SAN",
+        value_name = "URI",
+        value_delimiter = ','
+    )]
+    pub verify_uri_san: Vec<String>,
+
+    /// Also require the upstream leaf's SubjectPublicKeyInfo SHA-256 (base64) to be one of
+    /// these; repeatable
+    #[arg(
+        long = "pin-sha256",
+        env = "MTLS_SIDECAR_PIN_SHA256",
+        value_name = "BASE64",
+        value_delimiter = ','
+    )]
+    pub pin_sha256: Vec<String>,
+
+    /// How often certificate, key, CA and CRL files are checked for change; 0 = only on SIGHUP
+    #[arg(
+        long,
+        env = "MTLS_SIDECAR_RELOAD_INTERVAL",
+        default_value = "5s",
+        value_name = "DUR"
+    )]
+    pub reload_interval: String,
 
     /// ALPN protocol offered upstream; repeatable (env: comma-separated)
     #[arg(

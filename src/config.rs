@@ -35,6 +35,10 @@ pub struct Route {
     pub server_name: ServerName<'static>,
     /// Client identity and upstream trust, loaded by `tls::load`.
     pub tls: TlsFiles,
+    /// Checks on the upstream leaf on top of chain and name verification.
+    pub checks: Checks,
+    /// How often the TLS files are compared for change; `None` = only on SIGHUP.
+    pub reload_interval: Option<Duration>,
     /// ALPN protocols offered upstream (tcp mode).
     pub alpn: Vec<Vec<u8>>,
     /// Lowest TLS version offered.
@@ -50,10 +54,44 @@ pub struct Route {
 /// Files that make a route's TLS client configuration.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct TlsFiles {
-    pub cert: PathBuf,
-    pub key: PathBuf,
+    pub identity: IdentitySource,
     /// `None` = the system trust store (honours `SSL_CERT_FILE`).
     pub ca: Option<PathBuf>,
+    /// CRLs applied to the upstream chain.
+    pub crls: Vec<PathBuf>,
+}
+
+/// Where the client certificate and key come from.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum IdentitySource {
+    Pem {
+        cert: PathBuf,
+        key: PathBuf,
+        key_password: Option<PathBuf>,
+    },
+    Pkcs12 {
+        file: PathBuf,
+        password: Option<PathBuf>,
+    },
+}
+
+impl IdentitySource {
+    /// The file an operator knows the identity by (for logs).
+    pub fn main_file(&self) -> &std::path::Path {
+        match self {
+            IdentitySource::Pem { cert, .. } => cert,
+            IdentitySource::Pkcs12 { file, .. } => file,
+        }
+    }
+}
+
+/// Extra requirements on the upstream leaf, never instead of chain and name verification.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Checks {
+    /// The leaf must carry one of these URI SANs (when not empty).
+    pub uri_sans: Vec<String>,
+    /// SHA-256 of the leaf's SubjectPublicKeyInfo must be one of these (when not empty).
+    pub pins: Vec<[u8; 32]>,
 }
 
 /// An upstream address kept as a name so DNS changes are followed at every dial.
@@ -179,6 +217,21 @@ pub fn parse_server_name(flag: &'static str, value: &str) -> Result<ServerName<'
         .map_err(|_| invalid(flag, value, "not a valid DNS name or IP address"))
 }
 
+/// A `--pin-sha256` value: standard base64 of 32 bytes.
+pub fn parse_pin(value: &str) -> Result<[u8; 32], Error> {
+    use base64::Engine as _;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(value.trim())
+        .map_err(|e| invalid("--pin-sha256", value, format!("not base64: {e}")))?;
+    bytes.try_into().map_err(|b: Vec<u8>| {
+        invalid(
+            "--pin-sha256",
+            value,
+            format!("a SHA-256 is 32 bytes, this is {}", b.len()),
+        )
+    })
+}
+
 impl Config {
     /// Build the one-route configuration that flags describe.
     pub fn from_run_args(args: &RunArgs) -> Result<Self, Error> {
@@ -208,16 +261,53 @@ impl Config {
             }
             alpn.push(p.as_bytes().to_vec());
         }
+        let identity = match (&args.pkcs12, &args.cert, &args.key) {
+            (Some(file), _, _) => IdentitySource::Pkcs12 {
+                file: file.clone(),
+                password: args.pkcs12_password_file.clone(),
+            },
+            (None, Some(cert), Some(key)) => IdentitySource::Pem {
+                cert: cert.clone(),
+                key: key.clone(),
+                key_password: args.key_password_file.clone(),
+            },
+            _ => {
+                return Err(invalid(
+                    "--cert",
+                    "",
+                    "--cert and --key (or --pkcs12) are required",
+                ));
+            }
+        };
+        let mut pins = Vec::new();
+        for p in &args.pin_sha256 {
+            pins.push(parse_pin(p)?);
+        }
+        for u in &args.verify_uri_san {
+            if !u.contains(':') {
+                return Err(invalid(
+                    "--verify-uri-san",
+                    u,
+                    "expected a URI such as spiffe://domain/path",
+                ));
+            }
+        }
+        let reload = parse_duration("--reload-interval", &args.reload_interval)?;
         let route = Route {
             name,
             listen,
             upstream,
             server_name,
             tls: TlsFiles {
-                cert: args.cert.clone(),
-                key: args.key.clone(),
+                identity,
                 ca: args.ca.clone(),
+                crls: args.crl.clone(),
             },
+            checks: Checks {
+                uri_sans: args.verify_uri_san.clone(),
+                pins,
+            },
+            reload_interval: (!reload.is_zero()).then_some(reload),
             alpn,
             tls_min: args.tls_min,
             connect_timeout,
@@ -264,6 +354,21 @@ mod tests {
         assert!(parse_listen("0.0.0.0:80", true, "r").is_ok());
         assert!(parse_listen("127.0.0.1", false, "r").is_err());
         assert!(parse_listen("unix:/tmp/x", false, "r").is_err());
+    }
+
+    #[test]
+    fn pins() {
+        assert_eq!(
+            parse_pin("AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=").unwrap(),
+            [0u8; 32]
+        );
+        assert!(
+            parse_pin("AAAA")
+                .unwrap_err()
+                .to_string()
+                .contains("32 bytes")
+        );
+        assert!(parse_pin("!!").is_err());
     }
 
     #[test]

@@ -19,7 +19,7 @@ use tracing::debug;
 
 use crate::app::App;
 use crate::cli::{DemoArgs, TlsMin};
-use crate::config::{self, Config, Route, TlsFiles, Upstream};
+use crate::config::{self, Checks, Config, IdentitySource, Route, TlsFiles, Upstream};
 use crate::pki::DevPki;
 use crate::tls::identity::{CertInfo, provider};
 use crate::tls::load;
@@ -28,12 +28,13 @@ use crate::tls::load;
 /// and verified against the dev CA.
 fn upstream_tls(dir: &std::path::Path) -> anyhow::Result<ServerConfig> {
     let provider = provider();
-    let roots = load::ca_bundle(&dir.join("ca.pem"))?;
+    let read = |flag, name: &str| load::FileBytes::read(flag, &dir.join(name));
+    let roots = load::ca_bundle(&read("--ca", "ca.pem")?)?;
     let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
         .build()
         .context("client verifier")?;
-    let chain = load::certificates("--cert", &dir.join("server.pem"))?;
-    let key = load::private_key(&dir.join("server-key.pem"))?;
+    let chain = load::certificates(&read("--cert", "server.pem")?)?;
+    let key = load::private_key(&read("--key", "server-key.pem")?, None)?;
     let mut cfg = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .with_client_cert_verifier(verifier)
@@ -96,6 +97,7 @@ async fn serve_upstream(listener: TcpListener, tls: Arc<ServerConfig>) {
 pub async fn run(
     args: DemoArgs,
     shutdown: tokio_util::sync::CancellationToken,
+    hup: tokio::sync::watch::Receiver<u64>,
 ) -> anyhow::Result<()> {
     let dir = tempfile::Builder::new()
         .prefix("mtls-sidecar-demo-")
@@ -121,10 +123,16 @@ pub async fn run(
         },
         server_name: config::parse_server_name("--server-name", "localhost")?,
         tls: TlsFiles {
-            cert: dir.path().join("client.pem"),
-            key: dir.path().join("client-key.pem"),
+            identity: IdentitySource::Pem {
+                cert: dir.path().join("client.pem"),
+                key: dir.path().join("client-key.pem"),
+                key_password: None,
+            },
             ca: Some(dir.path().join("ca.pem")),
+            crls: vec![],
         },
+        checks: Checks::default(),
+        reload_interval: Some(Duration::from_secs(5)),
         alpn: vec![],
         tls_min: TlsMin::V12,
         connect_timeout: Duration::from_secs(5),
@@ -154,7 +162,7 @@ pub async fn run(
         up = up_addr.port(),
         d = dir.path().display(),
     );
-    app.run(shutdown).await;
+    app.run(shutdown, hup).await;
     drop(dir);
     Ok(())
 }

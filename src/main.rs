@@ -28,16 +28,17 @@ fn fail(code: Exit, msg: impl std::fmt::Display) -> ExitCode {
     code.into()
 }
 
-/// Run a long-lived command on the runtime with SIGTERM/SIGINT wired to its shutdown token.
+/// Run a long-lived command on the runtime with SIGTERM/SIGINT wired to its shutdown token and
+/// SIGHUP to its reload channel.
 fn with_signals<F, Fut>(rt: &tokio::runtime::Runtime, body: F) -> ExitCode
 where
-    F: FnOnce(tokio_util::sync::CancellationToken) -> Fut,
+    F: FnOnce(tokio_util::sync::CancellationToken, tokio::sync::watch::Receiver<u64>) -> Fut,
     Fut: std::future::Future<Output = ExitCode>,
 {
     rt.block_on(async {
-        match signal::shutdown_on_signals() {
-            Ok(shutdown) => body(shutdown).await,
-            Err(e) => fail(
+        match (signal::shutdown_on_signals(), signal::reload_on_sighup()) {
+            (Ok(shutdown), Ok(hup)) => body(shutdown, hup).await,
+            (Err(e), _) | (_, Err(e)) => fail(
                 Exit::Runtime,
                 format!("cannot install signal handlers: {e}"),
             ),
@@ -63,10 +64,10 @@ fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(e) => return fail(Exit::Startup, e),
             };
-            with_signals(&rt, |shutdown| async move {
+            with_signals(&rt, |shutdown, hup| async move {
                 match App::bind(config).await {
                     Ok(app) => {
-                        app.run(shutdown).await;
+                        app.run(shutdown, hup).await;
                         Exit::Ok.into()
                     }
                     Err(e) => fail(Exit::Startup, e),
@@ -99,8 +100,8 @@ fn main() -> ExitCode {
             if let Err(e) = telemetry::init(&args.log) {
                 return fail(Exit::Startup, e);
             }
-            with_signals(&rt, |shutdown| async move {
-                match demo::run(args, shutdown).await {
+            with_signals(&rt, |shutdown, hup| async move {
+                match demo::run(args, shutdown, hup).await {
                     Ok(()) => Exit::Ok.into(),
                     Err(e)
                         if e.downcast_ref::<StartupError>().is_some()

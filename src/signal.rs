@@ -1,7 +1,8 @@
 //! Process signals: SIGTERM or SIGINT begins a graceful shutdown; a second one exits at once
-//! with code 1 (an operator who signals twice wants out now).
+//! with code 1 (an operator who signals twice wants out now). SIGHUP reloads certificate files.
 
 use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -26,4 +27,17 @@ pub fn shutdown_on_signals() -> std::io::Result<CancellationToken> {
         std::process::exit(1);
     });
     Ok(token)
+}
+
+/// SIGHUP: the returned receiver ticks once per signal (bursts may coalesce into one tick).
+pub fn reload_on_sighup() -> std::io::Result<watch::Receiver<u64>> {
+    let mut hup = signal(SignalKind::hangup())?;
+    let (tx, rx) = watch::channel(0u64);
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            info!("SIGHUP: reloading certificates now");
+            tx.send_modify(|n| *n += 1);
+        }
+    });
+    Ok(rx)
 }

@@ -14,6 +14,7 @@ use tokio_rustls::client::TlsStream;
 
 use crate::bufio::LazyBufTcp;
 use crate::config::Route;
+use crate::tls::verify::CheckError;
 
 /// The upstream TLS stream a connection relays into.
 pub type Upstream = TlsStream<LazyBufTcp>;
@@ -31,6 +32,12 @@ pub enum Class {
     Expired,
     NotYetValid,
     ClientCertRejected,
+    /// A `--crl` lists the upstream certificate (or one of its CAs).
+    Revoked,
+    /// `--verify-uri-san` found none of the required URI SANs.
+    UriSanMismatch,
+    /// `--pin-sha256` matched no pin.
+    PinMismatch,
     Protocol,
     /// The upstream reset or aborted the connection after the handshake.
     Reset,
@@ -54,6 +61,9 @@ impl Class {
             Class::Expired => "expired",
             Class::NotYetValid => "not_yet_valid",
             Class::ClientCertRejected => "client_cert_rejected",
+            Class::Revoked => "revoked",
+            Class::UriSanMismatch => "uri_san_mismatch",
+            Class::PinMismatch => "pin_mismatch",
             Class::Protocol => "protocol",
             Class::Reset => "reset",
             Class::Io => "io",
@@ -72,6 +82,9 @@ impl Class {
             | Class::Expired
             | Class::NotYetValid
             | Class::ClientCertRejected
+            | Class::Revoked
+            | Class::UriSanMismatch
+            | Class::PinMismatch
             | Class::Protocol => "tls_error",
             Class::Idle => "ok",
             Class::Reset | Class::Io | Class::Drain => "error",
@@ -131,6 +144,24 @@ pub fn classify_tls(e: &rustls::Error, server_name: &str) -> Failure {
                     Class::NotYetValid,
                     format!("the upstream certificate is not valid yet ({ce:?})"),
                 )
+            }
+            CertificateError::Revoked => Failure::new(
+                Class::Revoked,
+                "the upstream certificate is revoked: a --crl lists it (or one of its CAs)",
+            ),
+            CertificateError::Other(rustls::OtherError(inner)) => {
+                match inner.downcast_ref::<CheckError>() {
+                    Some(c @ CheckError::UriSan { .. }) => {
+                        Failure::new(Class::UriSanMismatch, c.to_string())
+                    }
+                    Some(c @ CheckError::Pin { .. }) => {
+                        Failure::new(Class::PinMismatch, c.to_string())
+                    }
+                    _ => Failure::new(
+                        Class::Protocol,
+                        format!("the upstream certificate was refused: {inner}"),
+                    ),
+                }
             }
             other => Failure::new(
                 Class::Protocol,

@@ -21,7 +21,7 @@ use crate::upstream::{self, Class, Failure};
 #[derive(Debug)]
 pub struct RouteCtx {
     pub route: Route,
-    pub identity: Identity,
+    pub identity: Arc<Identity>,
     /// `server_name` rendered once for messages.
     pub server_name: String,
     /// `upstream` rendered once for the access log.
@@ -29,7 +29,7 @@ pub struct RouteCtx {
 }
 
 impl RouteCtx {
-    pub fn new(route: Route, identity: Identity) -> Self {
+    pub fn new(route: Route, identity: Arc<Identity>) -> Self {
         RouteCtx {
             server_name: upstream::server_name_str(&route),
             upstream: route.upstream.to_string(),

@@ -15,8 +15,9 @@ use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, SignatureScheme};
 
 use super::load;
+use super::verify::UpstreamVerifier;
 use crate::cli::TlsMin;
-use crate::config::Route;
+use crate::config::{IdentitySource, Route};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -95,13 +96,6 @@ impl ResolvesClientCert for FixedIdentity {
     }
 }
 
-/// A fully built client configuration and what it was built from.
-#[derive(Debug)]
-pub struct Loaded {
-    pub config: Arc<ClientConfig>,
-    pub leaf: CertInfo,
-}
-
 /// The crypto provider every TLS object of the program uses: aws-lc-rs with its default
 /// suites and key exchange (X25519MLKEM768 first), but AES-128-GCM offered before AES-256-GCM,
 /// as browsers and Go's crypto/tls do. AES-128 is not a weak choice, and it decrypts about 15%
@@ -122,39 +116,67 @@ pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(p)
 }
 
-/// Read every file of a route, check the key belongs to the certificate, and build a complete
-/// client configuration. Nothing is published here: the caller decides.
+/// A fully built client configuration and what it was built from.
+#[derive(Debug)]
+pub struct Loaded {
+    pub config: Arc<ClientConfig>,
+    pub leaf: CertInfo,
+    /// Digest of every file's content, to tell a later change from none.
+    pub digest: [u8; 32],
+}
+
+/// Read every file of a route and build a complete client configuration from that one
+/// snapshot. Nothing is published here: the caller decides.
 pub fn build(route: &Route) -> Result<Loaded, Error> {
-    let files = &route.tls;
-    let chain = load::certificates("--cert", &files.cert)?;
-    let key = load::private_key(&files.key)?;
-    let roots = match &files.ca {
+    let material = load::Material::read(&route.tls)?;
+    build_from(route, &material)
+}
+
+/// Parse a snapshot, check the key belongs to the certificate, and build the whole client
+/// configuration (verifier with CRLs and extra checks, protocol versions, ALPN, a fresh
+/// session cache).
+pub fn build_from(route: &Route, material: &load::Material) -> Result<Loaded, Error> {
+    let (chain, key) = material.identity()?;
+    let roots = match &material.ca {
         Some(ca) => load::ca_bundle(ca)?,
         None => load::system_roots()?,
     };
+    let mut crls = Vec::new();
+    for f in &material.crls {
+        crls.extend(load::crls(f)?);
+    }
+    let main_file = route.tls.identity.main_file();
     let leaf = CertInfo::parse(&chain[0]).ok_or_else(|| {
         Error::Build(format!(
-            "--cert {}: the leaf cannot be parsed",
-            files.cert.display()
+            "{}: the leaf certificate cannot be parsed",
+            main_file.display()
         ))
     })?;
 
     let provider = provider();
-    let certified = CertifiedKey::from_der(chain, key, &provider).map_err(|e| match e {
-        rustls::Error::InconsistentKeys(_) => Error::Load(load::Error::KeyMismatch {
-            cert: files.cert.clone(),
-            key: files.key.clone(),
-        }),
-        other => Error::Load(load::Error::BadKey {
-            path: files.key.clone(),
-            detail: other.to_string(),
-        }),
+    let certified = CertifiedKey::from_der(chain, key, &provider).map_err(|e| {
+        let (cert, key) = match &route.tls.identity {
+            IdentitySource::Pem { cert, key, .. } => (cert.clone(), key.clone()),
+            IdentitySource::Pkcs12 { file, .. } => (file.clone(), file.clone()),
+        };
+        match e {
+            rustls::Error::InconsistentKeys(_) => {
+                Error::Load(load::Error::KeyMismatch { cert, key })
+            }
+            other => Error::Load(load::Error::BadKey {
+                flag: "--key",
+                path: key,
+                detail: other.to_string(),
+            }),
+        }
     })?;
 
+    let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .with_crls(crls)
+        .build()
+        .map_err(|e| Error::Build(format!("upstream verifier: {e}")))?;
     let verifier: Arc<dyn ServerCertVerifier> =
-        WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-            .build()
-            .map_err(|e| Error::Build(e.to_string()))?;
+        Arc::new(UpstreamVerifier::new(webpki, route.checks.clone()));
 
     let versions: &[&rustls::SupportedProtocolVersion] = match route.tls_min {
         TlsMin::V12 => &[&rustls::version::TLS13, &rustls::version::TLS12],
@@ -168,10 +190,12 @@ pub fn build(route: &Route) -> Result<Loaded, Error> {
         .with_client_cert_resolver(Arc::new(FixedIdentity(Arc::new(certified))));
     config.alpn_protocols = route.alpn.clone();
     // Resumption (tickets and TLS 1.2 session IDs) is on by default: repeat connections to the
-    // upstream skip the full handshake where it allows.
+    // upstream skip the full handshake where it allows. Each build has its own session cache,
+    // so a new identity never rides on a ticket made with the old one.
     Ok(Loaded {
         config: Arc::new(config),
         leaf,
+        digest: material.digest(),
     })
 }
 
@@ -180,17 +204,30 @@ pub fn build(route: &Route) -> Result<Loaded, Error> {
 #[derive(Debug)]
 pub struct Identity {
     current: ArcSwap<ClientConfig>,
+    leaf: ArcSwap<CertInfo>,
 }
 
 impl Identity {
     pub fn new(loaded: &Loaded) -> Self {
         Identity {
             current: ArcSwap::new(loaded.config.clone()),
+            leaf: ArcSwap::from_pointee(loaded.leaf.clone()),
         }
     }
 
     pub fn current(&self) -> Arc<ClientConfig> {
         self.current.load_full()
+    }
+
+    /// The leaf certificate of the identity in force.
+    pub fn leaf(&self) -> Arc<CertInfo> {
+        self.leaf.load_full()
+    }
+
+    /// Make `loaded` the identity for every new connection, in one step.
+    pub fn publish(&self, loaded: &Loaded) {
+        self.leaf.store(Arc::new(loaded.leaf.clone()));
+        self.current.store(loaded.config.clone());
     }
 }
 

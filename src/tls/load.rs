@@ -1,11 +1,20 @@
-//! Reading certificate material from disk: PEM chains, private keys, CA bundles. Every error
-//! names the flag and the file, and says what is wrong in words an operator can act on.
+//! Reading certificate material: every file a route's TLS configuration is built from is read
+//! once into a [`Material`] snapshot, which is then parsed (PEM chains, PKCS#8 / PKCS#1 / SEC1
+//! and encrypted PKCS#8 keys, PKCS#12, CA bundles, CRLs). Building from one snapshot keeps a
+//! reload consistent, and the snapshot's digest tells whether anything changed, by content.
+//! Every error names the flag and the file, and says what is wrong in words an operator can act
+//! on. Passwords never appear in errors or logs.
 
 use std::path::{Path, PathBuf};
 
 use rustls::RootCertStore;
 use rustls::pki_types::pem::{self, PemObject};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::{
+    CertificateDer, CertificateRevocationListDer, PrivateKeyDer, PrivatePkcs8KeyDer,
+};
+use sha2::{Digest, Sha256};
+
+use crate::config::{IdentitySource, TlsFiles};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -22,16 +31,23 @@ pub enum Error {
     NoCertificate { flag: &'static str, path: PathBuf },
     #[error(
         "--key {} holds no private key (expected PEM \"BEGIN PRIVATE KEY\" (PKCS#8), \"BEGIN RSA \
-         PRIVATE KEY\" (PKCS#1) or \"BEGIN EC PRIVATE KEY\" (SEC1))",
+         PRIVATE KEY\" (PKCS#1), \"BEGIN EC PRIVATE KEY\" (SEC1) or \"BEGIN ENCRYPTED PRIVATE \
+         KEY\")",
         path.display()
     )]
     NoKey { path: PathBuf },
+    #[error("--key {} is an encrypted PKCS#8 key: pass --key-password-file", path.display())]
+    EncryptedKeyNeedsPassword { path: PathBuf },
     #[error(
-        "--key {} is an encrypted PKCS#8 key; encrypted keys are not supported yet, decrypt it \
-         with `openssl pkcs8 -in KEY -out PLAIN.key`",
-        path.display()
+        "wrong password for {flag} {} (from {password_flag} {}): it does not decrypt",
+        path.display(), password_path.display()
     )]
-    EncryptedKey { path: PathBuf },
+    WrongPassword {
+        flag: &'static str,
+        path: PathBuf,
+        password_flag: &'static str,
+        password_path: PathBuf,
+    },
     #[error("{flag} {} is not valid PEM: {detail}", path.display())]
     BadPem {
         flag: &'static str,
@@ -45,8 +61,14 @@ pub enum Error {
         index: usize,
         detail: String,
     },
-    #[error("--key {} cannot be used: {detail}", path.display())]
-    BadKey { path: PathBuf, detail: String },
+    #[error("{flag} {} cannot be used: {detail}", path.display())]
+    BadKey {
+        flag: &'static str,
+        path: PathBuf,
+        detail: String,
+    },
+    #[error("--pkcs12 {}: {detail}", path.display())]
+    BadPkcs12 { path: PathBuf, detail: String },
     #[error(
         "--key {} does not belong to the certificate in --cert {} (their public keys differ)",
         key.display(), cert.display()
@@ -58,47 +80,183 @@ pub enum Error {
         index: usize,
         detail: String,
     },
+    #[error("--crl {} holds no PEM CRL (expected a \"-----BEGIN X509 CRL-----\" block)", path.display())]
+    NoCrl { path: PathBuf },
+    #[error("--crl {} cannot be used: {detail}", path.display())]
+    BadCrl { path: PathBuf, detail: String },
     #[error("no --ca given and the system trust store has no certificates{hint}; pass --ca FILE")]
     NoSystemRoots { hint: String },
 }
 
-/// Read a file whole, mapping the error to one that names the flag and path.
-fn read(flag: &'static str, path: &Path) -> Result<Vec<u8>, Error> {
-    std::fs::read(path).map_err(|source| Error::Read {
-        flag,
-        path: path.to_path_buf(),
-        source,
-    })
-}
-
-fn pem_error(flag: &'static str, path: &Path, e: pem::Error) -> Error {
-    Error::BadPem {
-        flag,
-        path: path.to_path_buf(),
-        detail: e.to_string(),
+impl Error {
+    /// A mismatch between certificate and key can be a writer between its two steps.
+    pub fn is_key_mismatch(&self) -> bool {
+        matches!(self, Error::KeyMismatch { .. })
     }
 }
 
-/// Load every certificate of a PEM file, in order. An empty result is an error.
-pub fn certificates(
-    flag: &'static str,
-    path: &Path,
-) -> Result<Vec<CertificateDer<'static>>, Error> {
-    let bytes = read(flag, path)?;
-    let certs = CertificateDer::pem_slice_iter(&bytes)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| pem_error(flag, path, e))?;
-    if certs.is_empty() {
-        return Err(Error::NoCertificate {
+/// One file's bytes with the flag and path it came from, for error messages.
+#[derive(Clone)]
+pub struct FileBytes {
+    pub flag: &'static str,
+    pub path: PathBuf,
+    pub bytes: Vec<u8>,
+}
+
+impl std::fmt::Debug for FileBytes {
+    // Never print the bytes: they may be a key or a password.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "FileBytes({} {}, {} bytes)",
+            self.flag,
+            self.path.display(),
+            self.bytes.len()
+        )
+    }
+}
+
+impl FileBytes {
+    pub fn read(flag: &'static str, path: &Path) -> Result<Self, Error> {
+        let bytes = std::fs::read(path).map_err(|source| Error::Read {
             flag,
             path: path.to_path_buf(),
+            source,
+        })?;
+        Ok(FileBytes {
+            flag,
+            path: path.to_path_buf(),
+            bytes,
+        })
+    }
+
+    /// A password file holds the password alone; one trailing newline is ignored.
+    fn password(&self) -> &[u8] {
+        let b = self.bytes.strip_suffix(b"\n").unwrap_or(&self.bytes);
+        b.strip_suffix(b"\r").unwrap_or(b)
+    }
+
+    fn pem_error(&self, e: pem::Error) -> Error {
+        Error::BadPem {
+            flag: self.flag,
+            path: self.path.clone(),
+            detail: e.to_string(),
+        }
+    }
+}
+
+/// Where the client identity comes from, as read.
+#[derive(Debug, Clone)]
+pub enum IdentityBytes {
+    Pem {
+        cert: FileBytes,
+        key: FileBytes,
+        password: Option<FileBytes>,
+    },
+    Pkcs12 {
+        file: FileBytes,
+        password: Option<FileBytes>,
+    },
+}
+
+/// Every file of a route's TLS configuration, read at one moment.
+#[derive(Debug, Clone)]
+pub struct Material {
+    pub identity: IdentityBytes,
+    pub ca: Option<FileBytes>,
+    pub crls: Vec<FileBytes>,
+}
+
+impl Material {
+    /// Read every file; the first unreadable one is the error.
+    pub fn read(files: &TlsFiles) -> Result<Self, Error> {
+        let opt =
+            |flag, p: &Option<PathBuf>| p.as_deref().map(|p| FileBytes::read(flag, p)).transpose();
+        let identity = match &files.identity {
+            IdentitySource::Pem {
+                cert,
+                key,
+                key_password,
+            } => IdentityBytes::Pem {
+                cert: FileBytes::read("--cert", cert)?,
+                key: FileBytes::read("--key", key)?,
+                password: opt("--key-password-file", key_password)?,
+            },
+            IdentitySource::Pkcs12 { file, password } => IdentityBytes::Pkcs12 {
+                file: FileBytes::read("--pkcs12", file)?,
+                password: opt("--pkcs12-password-file", password)?,
+            },
+        };
+        Ok(Material {
+            identity,
+            ca: opt("--ca", &files.ca)?,
+            crls: files
+                .crls
+                .iter()
+                .map(|p| FileBytes::read("--crl", p))
+                .collect::<Result<_, _>>()?,
+        })
+    }
+
+    /// SHA-256 over every file's path and content: equal digests mean nothing changed.
+    pub fn digest(&self) -> [u8; 32] {
+        let mut h = Sha256::new();
+        let mut add = |f: &FileBytes| {
+            h.update(f.path.as_os_str().as_encoded_bytes());
+            h.update((f.bytes.len() as u64).to_le_bytes());
+            h.update(&f.bytes);
+        };
+        match &self.identity {
+            IdentityBytes::Pem {
+                cert,
+                key,
+                password,
+            } => {
+                add(cert);
+                add(key);
+                password.iter().for_each(&mut add);
+            }
+            IdentityBytes::Pkcs12 { file, password } => {
+                add(file);
+                password.iter().for_each(&mut add);
+            }
+        }
+        self.ca.iter().for_each(&mut add);
+        self.crls.iter().for_each(&mut add);
+        h.finalize().into()
+    }
+
+    /// The client certificate chain (leaf first) and its private key.
+    pub fn identity(
+        &self,
+    ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), Error> {
+        match &self.identity {
+            IdentityBytes::Pem {
+                cert,
+                key,
+                password,
+            } => Ok((certificates(cert)?, private_key(key, password.as_ref())?)),
+            IdentityBytes::Pkcs12 { file, password } => pkcs12(file, password.as_ref()),
+        }
+    }
+}
+
+/// Every certificate of a PEM file, in order. An empty result is an error.
+pub fn certificates(f: &FileBytes) -> Result<Vec<CertificateDer<'static>>, Error> {
+    let certs = CertificateDer::pem_slice_iter(&f.bytes)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| f.pem_error(e))?;
+    if certs.is_empty() {
+        return Err(Error::NoCertificate {
+            flag: f.flag,
+            path: f.path.clone(),
         });
     }
     for (i, c) in certs.iter().enumerate() {
         if let Err(e) = x509_parser::parse_x509_certificate(c) {
             return Err(Error::BadCertificate {
-                flag,
-                path: path.to_path_buf(),
+                flag: f.flag,
+                path: f.path.clone(),
                 index: i + 1,
                 detail: e.to_string(),
             });
@@ -107,41 +265,143 @@ pub fn certificates(
     Ok(certs)
 }
 
-/// Load the first private key of a PEM file: PKCS#8, PKCS#1 or SEC1.
-pub fn private_key(path: &Path) -> Result<PrivateKeyDer<'static>, Error> {
-    let bytes = read("--key", path)?;
-    match PrivateKeyDer::from_pem_slice(&bytes) {
+/// The first private key of a PEM file: PKCS#8, PKCS#1, SEC1, or encrypted PKCS#8 with a
+/// password.
+pub fn private_key(
+    f: &FileBytes,
+    password: Option<&FileBytes>,
+) -> Result<PrivateKeyDer<'static>, Error> {
+    match PrivateKeyDer::from_pem_slice(&f.bytes) {
         Ok(k) => Ok(k),
         Err(pem::Error::NoItemsFound) => {
-            if bytes
-                .windows(27)
-                .any(|w| w == b"BEGIN ENCRYPTED PRIVATE KEY")
-            {
-                Err(Error::EncryptedKey {
-                    path: path.to_path_buf(),
-                })
-            } else {
-                Err(Error::NoKey {
-                    path: path.to_path_buf(),
-                })
-            }
+            let Some(encrypted) = encrypted_pkcs8(f)? else {
+                return Err(Error::NoKey {
+                    path: f.path.clone(),
+                });
+            };
+            let Some(pw) = password else {
+                return Err(Error::EncryptedKeyNeedsPassword {
+                    path: f.path.clone(),
+                });
+            };
+            let info =
+                pkcs8::EncryptedPrivateKeyInfo::try_from(encrypted.as_slice()).map_err(|e| {
+                    Error::BadKey {
+                        flag: f.flag,
+                        path: f.path.clone(),
+                        detail: format!("not an encrypted PKCS#8 structure: {e}"),
+                    }
+                })?;
+            let plain = info
+                .decrypt(pw.password())
+                .map_err(|_| Error::WrongPassword {
+                    flag: f.flag,
+                    path: f.path.clone(),
+                    password_flag: pw.flag,
+                    password_path: pw.path.clone(),
+                })?;
+            Ok(PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
+                plain.as_bytes().to_vec(),
+            )))
         }
-        Err(e) => Err(pem_error("--key", path, e)),
+        Err(e) => Err(f.pem_error(e)),
     }
 }
 
-/// Load a CA bundle into a root store; every certificate in it must be usable.
-pub fn ca_bundle(path: &Path) -> Result<RootCertStore, Error> {
-    let certs = certificates("--ca", path)?;
+/// The DER of an `ENCRYPTED PRIVATE KEY` PEM block, if the file holds one.
+fn encrypted_pkcs8(f: &FileBytes) -> Result<Option<Vec<u8>>, Error> {
+    const BEGIN: &str = "-----BEGIN ENCRYPTED PRIVATE KEY-----";
+    const END: &str = "-----END ENCRYPTED PRIVATE KEY-----";
+    let text = String::from_utf8_lossy(&f.bytes);
+    let Some(start) = text.find(BEGIN) else {
+        return Ok(None);
+    };
+    let Some(len) = text[start..].find(END) else {
+        return Err(f.pem_error(pem::Error::MissingSectionEnd {
+            end_marker: END.as_bytes().to_vec(),
+        }));
+    };
+    let block = &text[start..start + len + END.len()];
+    let (_, doc) = pkcs8::SecretDocument::from_pem(block).map_err(|e| Error::BadPem {
+        flag: f.flag,
+        path: f.path.clone(),
+        detail: e.to_string(),
+    })?;
+    Ok(Some(doc.as_bytes().to_vec()))
+}
+
+/// The key and chain of a PKCS#12 file.
+pub fn pkcs12(
+    f: &FileBytes,
+    password: Option<&FileBytes>,
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), Error> {
+    let pw = password.map(|p| String::from_utf8_lossy(p.password()).into_owned());
+    let store = p12_keystore::KeyStore::from_pkcs12(
+        &f.bytes,
+        pw.as_deref().unwrap_or(""),
+        p12_keystore::Pkcs12ImportPolicy::default(),
+    )
+    .map_err(|e| match (e, password) {
+        (p12_keystore::error::Error::MacError(_), Some(p)) => Error::WrongPassword {
+            flag: "--pkcs12",
+            path: f.path.clone(),
+            password_flag: p.flag,
+            password_path: p.path.clone(),
+        },
+        (p12_keystore::error::Error::MacError(_), None) => Error::BadPkcs12 {
+            path: f.path.clone(),
+            detail: "it is password-protected: pass --pkcs12-password-file".into(),
+        },
+        (other, _) => Error::BadPkcs12 {
+            path: f.path.clone(),
+            detail: format!("not a usable PKCS#12 file: {other}"),
+        },
+    })?;
+    let Some((_, chain)) = store.private_key_chain() else {
+        return Err(Error::BadPkcs12 {
+            path: f.path.clone(),
+            detail: "holds no private key with its certificate".into(),
+        });
+    };
+    let certs: Vec<CertificateDer<'static>> = chain
+        .certs()
+        .iter()
+        .map(|c| CertificateDer::from(c.as_der().to_vec()))
+        .collect();
+    if certs.is_empty() {
+        return Err(Error::BadPkcs12 {
+            path: f.path.clone(),
+            detail: "its private key has no certificate".into(),
+        });
+    }
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(chain.key().as_der().to_vec()));
+    Ok((certs, key))
+}
+
+/// A CA bundle as a root store; every certificate in it must be usable.
+pub fn ca_bundle(f: &FileBytes) -> Result<RootCertStore, Error> {
     let mut roots = RootCertStore::empty();
-    for (i, c) in certs.into_iter().enumerate() {
+    for (i, c) in certificates(f)?.into_iter().enumerate() {
         roots.add(c).map_err(|e| Error::BadCa {
-            path: path.to_path_buf(),
+            path: f.path.clone(),
             index: i + 1,
             detail: e.to_string(),
         })?;
     }
     Ok(roots)
+}
+
+/// Every CRL of a PEM file; at least one.
+pub fn crls(f: &FileBytes) -> Result<Vec<CertificateRevocationListDer<'static>>, Error> {
+    let crls = CertificateRevocationListDer::pem_slice_iter(&f.bytes)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| f.pem_error(e))?;
+    if crls.is_empty() {
+        return Err(Error::NoCrl {
+            path: f.path.clone(),
+        });
+    }
+    Ok(crls)
 }
 
 /// The system trust store; honours `SSL_CERT_FILE` and `SSL_CERT_DIR`.
@@ -163,60 +423,88 @@ pub fn system_roots() -> Result<RootCertStore, Error> {
 mod tests {
     use super::*;
 
-    fn write(dir: &Path, name: &str, body: &[u8]) -> PathBuf {
-        let p = dir.join(name);
-        std::fs::write(&p, body).unwrap();
-        p
+    fn file(flag: &'static str, name: &str, body: &[u8]) -> FileBytes {
+        FileBytes {
+            flag,
+            path: PathBuf::from(name),
+            bytes: body.to_vec(),
+        }
     }
 
     #[test]
     fn errors_name_the_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let missing = dir.path().join("nope.pem");
-        let e = certificates("--cert", &missing).unwrap_err().to_string();
+        let e = FileBytes::read("--cert", Path::new("/nonexistent/nope.pem"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("--cert") && e.contains("nope.pem"), "{e}");
 
-        let garbage = write(dir.path(), "garbage.pem", b"\x00\x01 not pem at all");
-        let e = certificates("--cert", &garbage).unwrap_err().to_string();
+        let garbage = file("--cert", "garbage.pem", b"\x00\x01 not pem at all");
+        let e = certificates(&garbage).unwrap_err().to_string();
         assert!(
             e.contains("garbage.pem") && e.contains("no PEM certificate"),
             "{e}"
         );
-        let e = private_key(&garbage).unwrap_err().to_string();
+        let garbage = file("--key", "garbage.pem", b"\x00\x01 not pem at all");
+        let e = private_key(&garbage, None).unwrap_err().to_string();
         assert!(
             e.contains("garbage.pem") && e.contains("no private key"),
             "{e}"
         );
 
-        let bad = write(
-            dir.path(),
+        let bad = file(
+            "--ca",
             "bad.pem",
             b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
         );
-        let e = certificates("--ca", &bad).unwrap_err().to_string();
+        let e = certificates(&bad).unwrap_err().to_string();
         assert!(
             e.contains("bad.pem") && e.contains("cannot be parsed"),
             "{e}"
         );
 
-        let enc = write(
-            dir.path(),
+        let enc = file(
+            "--key",
             "enc.key",
             b"-----BEGIN ENCRYPTED PRIVATE KEY-----\nAAAA\n-----END ENCRYPTED PRIVATE KEY-----\n",
         );
-        let e = private_key(&enc).unwrap_err().to_string();
-        assert!(e.contains("encrypted"), "{e}");
+        let e = private_key(&enc, None).unwrap_err().to_string();
+        assert!(e.contains("--key-password-file"), "{e}");
+    }
+
+    #[test]
+    fn password_file_drops_one_trailing_newline() {
+        assert_eq!(file("p", "p", b"secret\n").password(), b"secret");
+        assert_eq!(file("p", "p", b"secret\r\n").password(), b"secret");
+        assert_eq!(file("p", "p", b"secret\n\n").password(), b"secret\n");
+        assert_eq!(file("p", "p", b"secret").password(), b"secret");
+    }
+
+    #[test]
+    fn digest_follows_content() {
+        let m = |body: &[u8]| Material {
+            identity: IdentityBytes::Pkcs12 {
+                file: file("--pkcs12", "id.p12", body),
+                password: None,
+            },
+            ca: None,
+            crls: vec![],
+        };
+        assert_eq!(m(b"one").digest(), m(b"one").digest());
+        assert_ne!(m(b"one").digest(), m(b"two").digest());
+        assert!(!format!("{:?}", m(b"secret-bytes")).contains("secret"));
     }
 
     #[test]
     fn loads_generated_material() {
-        let dir = tempfile::tempdir().unwrap();
         let pki = crate::pki::DevPki::generate().unwrap();
-        pki.write(dir.path()).unwrap();
-        let chain = certificates("--cert", &dir.path().join("client.pem")).unwrap();
+        let chain = certificates(&file("--cert", "client.pem", pki.client.as_bytes())).unwrap();
         assert_eq!(chain.len(), 1);
-        private_key(&dir.path().join("client-key.pem")).unwrap();
-        let roots = ca_bundle(&dir.path().join("ca.pem")).unwrap();
+        private_key(
+            &file("--key", "client-key.pem", pki.client_key.as_bytes()),
+            None,
+        )
+        .unwrap();
+        let roots = ca_bundle(&file("--ca", "ca.pem", pki.ca.as_bytes())).unwrap();
         assert_eq!(roots.len(), 1);
     }
 }

@@ -1,4 +1,7 @@
-//! TLS material: loading from disk and building the client configuration.
+//! TLS material: loading from disk, building the client configuration, upstream checks and
+//! reloading.
 
 pub mod identity;
 pub mod load;
+pub mod reload;
+pub mod verify;

@@ -1,0 +1,240 @@
+//! Rotation without restarts. Every `--reload-interval` (and at once on SIGHUP) each route's
+//! files are read and compared with what is in force BY CONTENT: Kubernetes updates a Secret by
+//! swapping the `..data` symlink of the mounted folder, so a watcher keyed on file names or
+//! inotify events on the files themselves never fires; reading through the paths sees both that
+//! swap and an atomic rename.
+//!
+//! A reload is all or nothing (as linkerd's credential store does it): read every file, parse,
+//! check the key belongs to the certificate and the certificate's validity period, build a
+//! complete new client configuration (with a fresh session cache), and only then publish it.
+//! On any failure the old identity stays, one warn line names the file and the problem, and the
+//! failure is counted in [`Stats`]. All of this runs on the blocking pool, off the connection
+//! path: connections only ever load the published `Arc`.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use super::identity::{self, Identity, Loaded, now_unix, rfc3339};
+use super::load::Material;
+use crate::config::Route;
+
+/// How far ahead an expiring client certificate is warned about.
+const EXPIRY_WARNING: Duration = Duration::from_secs(7 * 24 * 3600);
+/// How often the expiry warning (or error) repeats.
+const EXPIRY_REPEAT: Duration = Duration::from_secs(24 * 3600);
+/// Without periodic reloads, how often the expiry is still looked at.
+const EXPIRY_CHECK: Duration = Duration::from_secs(3600);
+
+/// Reload outcomes, in one place (the metrics and `/status` read them later).
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub successes: AtomicU64,
+    pub failures: AtomicU64,
+    pub last: Mutex<Option<LastReload>>,
+}
+
+/// The most recent reload attempt that did something.
+#[derive(Debug, Clone)]
+pub struct LastReload {
+    pub at: SystemTime,
+    /// `None` on success; the warn line's message on failure.
+    pub error: Option<String>,
+}
+
+impl Stats {
+    fn record(&self, error: Option<String>) {
+        let counter = if error.is_some() {
+            &self.failures
+        } else {
+            &self.successes
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut last) = self.last.lock() {
+            *last = Some(LastReload {
+                at: SystemTime::now(),
+                error,
+            });
+        }
+    }
+}
+
+/// What a poll found, before any judgement.
+enum Found {
+    Unreadable(String),
+    Read(Box<Material>, [u8; 32]),
+}
+
+/// The reload loop of one route's identity.
+pub struct Reloader {
+    route: Route,
+    identity: Arc<Identity>,
+    stats: Arc<Stats>,
+    /// Digest of the files in force.
+    in_force: [u8; 32],
+    /// Content (or read error) already reported as broken: not reported again until it changes.
+    reported: Option<Result<[u8; 32], String>>,
+    /// Content whose certificate and key did not match at the last poll: a writer may be
+    /// between its two steps. A second poll that sees the same content makes it a failure.
+    mismatch: Option<[u8; 32]>,
+    /// When the expiry warning was last logged, and for which serial.
+    expiry_logged: Option<(Instant, String)>,
+}
+
+impl Reloader {
+    pub fn new(route: Route, identity: Arc<Identity>, stats: Arc<Stats>, loaded: &Loaded) -> Self {
+        Reloader {
+            route,
+            identity,
+            stats,
+            in_force: loaded.digest,
+            reported: None,
+            mismatch: None,
+            expiry_logged: None,
+        }
+    }
+
+    /// Poll until `stop`; `hup` ticks on every SIGHUP.
+    pub async fn run(mut self, mut hup: watch::Receiver<u64>, stop: CancellationToken) {
+        let period = self.route.reload_interval.unwrap_or(EXPIRY_CHECK);
+        let mut hup_open = true;
+        self.check_expiry();
+        loop {
+            let forced = tokio::select! {
+                _ = tokio::time::sleep(period) => false,
+                r = hup.changed(), if hup_open => {
+                    hup_open = r.is_ok();
+                    hup_open
+                }
+                _ = stop.cancelled() => return,
+            };
+            if forced || self.route.reload_interval.is_some() {
+                self.poll(forced).await;
+            }
+            self.check_expiry();
+        }
+    }
+
+    async fn read(&self) -> Found {
+        let files = self.route.tls.clone();
+        let read = tokio::task::spawn_blocking(move || Material::read(&files)).await;
+        match read {
+            Ok(Ok(m)) => {
+                let digest = m.digest();
+                Found::Read(Box::new(m), digest)
+            }
+            Ok(Err(e)) => Found::Unreadable(e.to_string()),
+            Err(e) => Found::Unreadable(format!("reload task failed: {e}")),
+        }
+    }
+
+    /// One reload attempt. Unchanged content does nothing unless `forced` (SIGHUP).
+    pub async fn poll(&mut self, forced: bool) {
+        let (material, digest) = match self.read().await {
+            Found::Unreadable(msg) => {
+                let key = Err(msg.clone());
+                if forced || self.reported.as_ref() != Some(&key) {
+                    self.fail(msg);
+                    self.reported = Some(key);
+                }
+                return;
+            }
+            Found::Read(m, d) => (m, d),
+        };
+        let recheck = self.mismatch == Some(digest);
+        if !forced && !recheck && (digest == self.in_force || self.reported == Some(Ok(digest))) {
+            return;
+        }
+        let route = self.route.clone();
+        let built =
+            tokio::task::spawn_blocking(move || identity::build_from(&route, &material)).await;
+        let result = match built {
+            Ok(r) => r.map_err(|e| {
+                (
+                    e.to_string(),
+                    matches!(&e, identity::Error::Load(l) if l.is_key_mismatch()),
+                )
+            }),
+            Err(e) => Err((format!("reload task failed: {e}"), false)),
+        };
+        match result {
+            Ok(loaded) => {
+                if let Err(why) = loaded.leaf.check_validity(now_unix()) {
+                    self.mismatch = None;
+                    self.fail(format!(
+                        "{}: the new certificate is {why}; keeping the current one",
+                        self.route.tls.identity.main_file().display()
+                    ));
+                    self.reported = Some(Ok(digest));
+                    return;
+                }
+                self.identity.publish(&loaded);
+                self.in_force = digest;
+                self.reported = None;
+                self.mismatch = None;
+                self.stats.record(None);
+                let leaf = &loaded.leaf;
+                info!(
+                    route = %self.route.name, subject = %leaf.subject, serial = %leaf.serial,
+                    not_after = %rfc3339(leaf.not_after), "identity reloaded"
+                );
+            }
+            // The first sighting of a mismatch may be a writer between its two steps: look
+            // again at the next poll before calling it a failure.
+            Err((msg, true)) if !forced && !recheck && self.route.reload_interval.is_some() => {
+                debug!(
+                    route = %self.route.name, error = %msg,
+                    "certificate and key do not match yet; checking again at the next poll"
+                );
+                self.mismatch = Some(digest);
+            }
+            Err((msg, _)) => {
+                self.mismatch = None;
+                self.fail(msg);
+                self.reported = Some(Ok(digest));
+            }
+        }
+    }
+
+    fn fail(&self, msg: String) {
+        warn!(route = %self.route.name, error = %msg, "identity reload failed; keeping the current identity");
+        self.stats.record(Some(msg));
+    }
+
+    /// Warn (daily) when the certificate in force expires within 7 days; error once expired or
+    /// not yet valid.
+    fn check_expiry(&mut self) {
+        let leaf = self.identity.leaf();
+        let now = now_unix();
+        let left = leaf.not_after - now;
+        let problem = leaf.check_validity(now).is_err();
+        if !problem && left > EXPIRY_WARNING.as_secs() as i64 {
+            return;
+        }
+        if let Some((at, serial)) = &self.expiry_logged
+            && *serial == leaf.serial
+            && at.elapsed() < EXPIRY_REPEAT
+        {
+            return;
+        }
+        self.expiry_logged = Some((Instant::now(), leaf.serial.clone()));
+        let file = self.route.tls.identity.main_file().display().to_string();
+        if let Err(why) = leaf.check_validity(now) {
+            error!(
+                route = %self.route.name, file = %file, subject = %leaf.subject, problem = %why,
+                "client certificate is outside its validity period (expired or not yet valid); \
+                 the upstream will likely refuse it"
+            );
+        } else {
+            warn!(
+                route = %self.route.name, file = %file, subject = %leaf.subject,
+                not_after = %rfc3339(leaf.not_after), hours_left = left / 3600,
+                "client certificate expires soon"
+            );
+        }
+    }
+}
