@@ -274,16 +274,17 @@ pub fn private_key(
     match PrivateKeyDer::from_pem_slice(&f.bytes) {
         Ok(k) => Ok(k),
         Err(pem::Error::NoItemsFound) => {
-            let Some(encrypted) = encrypted_pkcs8(f)? else {
+            if !f.bytes.windows(27).any(|w| w == b"BEGIN ENCRYPTED PRIVATE KEY") {
                 return Err(Error::NoKey {
                     path: f.path.clone(),
                 });
-            };
+            }
             let Some(pw) = password else {
                 return Err(Error::EncryptedKeyNeedsPassword {
                     path: f.path.clone(),
                 });
             };
+            let encrypted = encrypted_pkcs8(f)?;
             let info =
                 pkcs8::EncryptedPrivateKeyInfo::try_from(encrypted.as_slice()).map_err(|e| {
                     Error::BadKey {
@@ -308,13 +309,15 @@ pub fn private_key(
     }
 }
 
-/// The DER of an `ENCRYPTED PRIVATE KEY` PEM block, if the file holds one.
-fn encrypted_pkcs8(f: &FileBytes) -> Result<Option<Vec<u8>>, Error> {
+/// The DER of the file's `ENCRYPTED PRIVATE KEY` PEM block.
+fn encrypted_pkcs8(f: &FileBytes) -> Result<Vec<u8>, Error> {
     const BEGIN: &str = "-----BEGIN ENCRYPTED PRIVATE KEY-----";
     const END: &str = "-----END ENCRYPTED PRIVATE KEY-----";
     let text = String::from_utf8_lossy(&f.bytes);
     let Some(start) = text.find(BEGIN) else {
-        return Ok(None);
+        return Err(Error::NoKey {
+            path: f.path.clone(),
+        });
     };
     let Some(len) = text[start..].find(END) else {
         return Err(f.pem_error(pem::Error::MissingSectionEnd {
@@ -327,7 +330,7 @@ fn encrypted_pkcs8(f: &FileBytes) -> Result<Option<Vec<u8>>, Error> {
         path: f.path.clone(),
         detail: e.to_string(),
     })?;
-    Ok(Some(doc.as_bytes().to_vec()))
+    Ok(doc.as_bytes().to_vec())
 }
 
 /// The key and chain of a PKCS#12 file.
