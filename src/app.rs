@@ -55,7 +55,7 @@ impl App {
             })?;
             let leaf = &l.leaf;
             info!(
-                route = %route.name, subject = %leaf.subject, issuer = %leaf.issuer,
+                route = %route.name, subject = ?leaf.subject, issuer = ?leaf.issuer,
                 serial = %leaf.serial, not_after = %identity::rfc3339(leaf.not_after),
                 "client identity loaded"
             );

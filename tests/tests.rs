@@ -9,11 +9,18 @@
 //! - `startup`: startup errors (exit 2), key formats, environment variables, `dev-pki`, `demo`
 //! - `lifecycle`: signals, draining, `--max-connections`, `--idle-timeout`
 //! - `interop`: nginx and `openssl s_server` as the upstream
+//! - `rotation`: reloading identity and CA files (rename, `..data` swap, SIGHUP), broken
+//!   rotations, two-step writers, rotation under load, expiry warnings
+//! - `formats`: encrypted PKCS#8 keys and PKCS#12 identities with password files
+//! - `checks`: `--crl`, `--verify-uri-san` and `--pin-sha256` on top of chain and name checks
 
 mod support;
 
+mod checks;
+mod formats;
 mod interop;
 mod lifecycle;
 mod refusal;
+mod rotation;
 mod startup;
 mod tcp;

@@ -116,13 +116,13 @@ impl Drop for AccessLog<'_> {
                 route = %route, peer = %self.peer, upstream = %upstream,
                 bytes_to_upstream = c.to_upstream, bytes_from_upstream = c.from_upstream,
                 duration_ms, outcome = %f.class.outcome(), reason = %f.class.reason(),
-                error = %f.message, "connection"
+                error = ?f.message, "connection"
             ),
             Some(f) => warn!(
                 route = %route, peer = %self.peer, upstream = %upstream,
                 bytes_to_upstream = c.to_upstream, bytes_from_upstream = c.from_upstream,
                 duration_ms, outcome = %f.class.outcome(), reason = %f.class.reason(),
-                error = %f.message, "connection"
+                error = ?f.message, "connection"
             ),
         }
     }

@@ -145,6 +145,7 @@ pub fn build_from(route: &Route, material: &load::Material) -> Result<Loaded, Er
     for f in &material.crls {
         crls.extend(load::crls(f)?);
     }
+    let crls = load::newest_crl_per_issuer(crls);
     let main_file = route.tls.identity.main_file();
     let leaf = CertInfo::parse(&chain[0]).ok_or_else(|| {
         Error::Build(format!(

@@ -274,7 +274,11 @@ pub fn private_key(
     match PrivateKeyDer::from_pem_slice(&f.bytes) {
         Ok(k) => Ok(k),
         Err(pem::Error::NoItemsFound) => {
-            if !f.bytes.windows(27).any(|w| w == b"BEGIN ENCRYPTED PRIVATE KEY") {
+            if !f
+                .bytes
+                .windows(27)
+                .any(|w| w == b"BEGIN ENCRYPTED PRIVATE KEY")
+            {
                 return Err(Error::NoKey {
                     path: f.path.clone(),
                 });
@@ -405,6 +409,44 @@ pub fn crls(f: &FileBytes) -> Result<Vec<CertificateRevocationListDer<'static>>,
         });
     }
     Ok(crls)
+}
+
+/// Keep one CRL per issuer, the newest (highest CRL number, else latest thisUpdate). webpki
+/// consults only the first CRL it finds for an issuer, so an older CRL listed first would hide
+/// a newer one's revocations; a CRL of the same issuer supersedes the earlier ones anyway.
+pub fn newest_crl_per_issuer(
+    crls: Vec<CertificateRevocationListDer<'static>>,
+) -> Vec<CertificateRevocationListDer<'static>> {
+    type Rank = (Option<Vec<u8>>, i64);
+    let mut best: Vec<(Vec<u8>, Rank, CertificateRevocationListDer<'static>)> = Vec::new();
+    for der in crls {
+        let Ok((_, crl)) = x509_parser::parse_x509_crl(&der) else {
+            // Unparsable here: let webpki judge it.
+            best.push((Vec::new(), (None, i64::MIN), der));
+            continue;
+        };
+        let issuer = crl.issuer().as_raw().to_vec();
+        // Left-pad the number so byte order is numeric order.
+        let number = crl.crl_number().map(|n| {
+            let b = n.to_bytes_be();
+            let mut v = vec![0u8; 32usize.saturating_sub(b.len())];
+            v.extend(b);
+            v
+        });
+        let rank: Rank = (number, crl.last_update().timestamp());
+        match best
+            .iter_mut()
+            .find(|(i, _, _)| !i.is_empty() && *i == issuer)
+        {
+            Some(entry) if rank > entry.1 => {
+                entry.1 = rank;
+                entry.2 = der;
+            }
+            Some(_) => {}
+            None => best.push((issuer, rank, der)),
+        }
+    }
+    best.into_iter().map(|(_, _, der)| der).collect()
 }
 
 /// The system trust store; honours `SSL_CERT_FILE` and `SSL_CERT_DIR`.

@@ -179,7 +179,7 @@ impl Reloader {
                 self.stats.record(None);
                 let leaf = &loaded.leaf;
                 info!(
-                    route = %self.route.name, subject = %leaf.subject, serial = %leaf.serial,
+                    route = %self.route.name, subject = ?leaf.subject, serial = %leaf.serial,
                     not_after = %rfc3339(leaf.not_after), "identity reloaded"
                 );
             }
@@ -187,7 +187,7 @@ impl Reloader {
             // again at the next poll before calling it a failure.
             Err((msg, true)) if !forced && !recheck && self.route.reload_interval.is_some() => {
                 debug!(
-                    route = %self.route.name, error = %msg,
+                    route = %self.route.name, error = ?msg,
                     "certificate and key do not match yet; checking again at the next poll"
                 );
                 self.mismatch = Some(digest);
@@ -201,7 +201,7 @@ impl Reloader {
     }
 
     fn fail(&self, msg: String) {
-        warn!(route = %self.route.name, error = %msg, "identity reload failed; keeping the current identity");
+        warn!(route = %self.route.name, error = ?msg, "identity reload failed; keeping the current identity");
         self.stats.record(Some(msg));
     }
 
@@ -225,13 +225,13 @@ impl Reloader {
         let file = self.route.tls.identity.main_file().display().to_string();
         if let Err(why) = leaf.check_validity(now) {
             error!(
-                route = %self.route.name, file = %file, subject = %leaf.subject, problem = %why,
+                route = %self.route.name, file = %file, subject = ?leaf.subject, problem = ?why,
                 "client certificate is outside its validity period (expired or not yet valid); \
                  the upstream will likely refuse it"
             );
         } else {
             warn!(
-                route = %self.route.name, file = %file, subject = %leaf.subject,
+                route = %self.route.name, file = %file, subject = ?leaf.subject,
                 not_after = %rfc3339(leaf.not_after), hours_left = left / 3600,
                 "client certificate expires soon"
             );

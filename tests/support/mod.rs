@@ -1,8 +1,10 @@
 //! Helpers shared by every test module.
 
+pub mod files;
 pub mod net;
 pub mod pki;
 pub mod proc;
+pub mod refused;
 pub mod upstream;
 
 use std::fmt::Display;
@@ -37,6 +39,28 @@ pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// Standard base64 with padding (RFC 4648 section 4), as `--pin-sha256` takes it.
+pub fn base64(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
 /// Deterministic pseudo-random bytes (xorshift64*), so that a shifted or repeated block in the
 /// proxy cannot go unnoticed the way it could with a repeating pattern.
 pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
@@ -62,7 +86,16 @@ pub fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
         if boundary {
             let rest = &line[at + pat.len()..];
             if let Some(quoted) = rest.strip_prefix('"') {
-                return quoted.find('"').map(|end| &quoted[..end]);
+                // The closing quote is the first one not escaped by a backslash.
+                let mut escaped = false;
+                for (i, c) in quoted.char_indices() {
+                    match c {
+                        '\\' if !escaped => escaped = true,
+                        '"' if !escaped => return Some(&quoted[..i]),
+                        _ => escaped = false,
+                    }
+                }
+                return None;
             }
             let end = rest
                 .find(|c: char| c.is_whitespace() || c == '}' || c == ',')
@@ -100,6 +133,23 @@ pub fn run_cmd(pki: &Pki, upstream: impl Display) -> Cmd {
 }
 
 #[test]
+fn base64_matches_rfc4648_vectors() {
+    let vectors = [
+        ("", ""),
+        ("f", "Zg=="),
+        ("fo", "Zm8="),
+        ("foo", "Zm9v"),
+        ("foob", "Zm9vYg=="),
+        ("fooba", "Zm9vYmE="),
+        ("foobar", "Zm9vYmFy"),
+    ];
+    for (plain, encoded) in vectors {
+        assert_eq!(base64(plain.as_bytes()), encoded, "base64({plain:?})");
+    }
+    assert_eq!(base64(&[0xfb, 0xff]), "+/8=");
+}
+
+#[test]
 fn field_parses_plain_and_quoted_values() {
     let line = "2026-11-23T10:00:00Z  WARN conn{peer=1.2.3.4:5}: mtls_sidecar: connection \
                 route=default upstream=localhost:1 outcome=tls_error reason=unknown_issuer \
@@ -112,6 +162,12 @@ fn field_parses_plain_and_quoted_values() {
         Some("invalid peer certificate: UnknownIssuer")
     );
     assert_eq!(num_field(line, "duration_ms"), 3);
+    let escaped = r#"WARN x error="--cert a.pem (expected a \"BEGIN\" block)" route=default"#;
+    assert_eq!(
+        field(escaped, "error"),
+        Some(r#"--cert a.pem (expected a \"BEGIN\" block)"#)
+    );
+    assert_eq!(field(escaped, "route"), Some("default"));
     assert_eq!(field(line, "missing"), None);
     assert!(is_conn_line(line));
 }

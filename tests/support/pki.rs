@@ -6,12 +6,17 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use rcgen::string::Ia5String;
 use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DistinguishedName, DnType,
-    ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, date_time_ymd,
+    BasicConstraints, CertificateParams, CertificateRevocationListParams, CertifiedIssuer,
+    DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, KeyIdMethod, KeyPair,
+    KeyUsagePurpose, RevocationReason, RevokedCertParams, SanType, SerialNumber, date_time_ymd,
 };
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use tempfile::TempDir;
+use time::{Duration as TimeDuration, OffsetDateTime};
 
 /// Common name of the good client certificate.
 pub const CLIENT_CN: &str = "test-client";
@@ -291,4 +296,176 @@ pub fn common_name(der: &[u8]) -> Option<String> {
     let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
     let cn = cert.subject().iter_common_name().next()?;
     cn.as_str().ok().map(str::to_owned)
+}
+
+/// What a made-to-order leaf looks like; see [`Pki::leaf`].
+#[derive(Clone, Copy)]
+pub struct LeafSpec<'a> {
+    pub cn: &'a str,
+    /// DNS names and IP addresses (as rcgen's `CertificateParams::new` reads them)
+    pub names: &'a [&'a str],
+    /// URI SANs, e.g. SPIFFE IDs
+    pub uris: &'a [&'a str],
+    /// clientAuth when true, serverAuth otherwise
+    pub client: bool,
+    /// (not_before, not_after); `None`: from a day ago to a year from now
+    pub validity: Option<(OffsetDateTime, OffsetDateTime)>,
+}
+
+impl LeafSpec<'_> {
+    /// A client certificate `CN=cn` valid from a day ago to a year from now.
+    pub fn client(cn: &str) -> LeafSpec<'_> {
+        LeafSpec {
+            cn,
+            names: &[],
+            uris: &[],
+            client: true,
+            validity: None,
+        }
+    }
+
+    /// A server certificate for `localhost` and 127.0.0.1.
+    pub fn server() -> LeafSpec<'static> {
+        LeafSpec {
+            cn: "localhost",
+            names: &["localhost", "127.0.0.1"],
+            uris: &[],
+            client: false,
+            validity: None,
+        }
+    }
+}
+
+/// A fresh positive serial number of 16 bytes whose first byte is 0x10..=0x7f, so that its
+/// hex form has no leading zero and no sign byte to argue about.
+fn fresh_serial() -> Vec<u8> {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    let seed = nanos
+        ^ (u64::from(std::process::id()) << 32)
+        ^ COUNTER
+            .fetch_add(1, Ordering::SeqCst)
+            .wrapping_mul(0x9E37_79B9);
+    let mut serial = super::pattern(seed, 16);
+    serial[0] = 0x10 + serial[0] % 0x70;
+    serial
+}
+
+impl Pki {
+    /// A CA of its own (with CrlSign), written to `NAME.pem`.
+    pub fn new_ca(&self, name: &str, cn: &str) -> Ca {
+        make_ca(self.dir.path(), name, cn)
+    }
+
+    /// A leaf signed by `ca` with a fresh serial, written to `NAME.pem` and `NAME-key.pem`.
+    pub fn leaf(&self, ca: &Ca, name: &str, spec: LeafSpec<'_>) -> Identity {
+        let names: Vec<String> = spec.names.iter().map(|s| s.to_string()).collect();
+        let mut params = CertificateParams::new(names).expect("leaf params");
+        for uri in spec.uris {
+            let uri = Ia5String::try_from(*uri).expect("URI SAN is IA5");
+            params.subject_alt_names.push(SanType::URI(uri));
+        }
+        params.distinguished_name = DistinguishedName::new();
+        params.distinguished_name.push(DnType::CommonName, spec.cn);
+        params.extended_key_usages = vec![if spec.client {
+            ExtendedKeyUsagePurpose::ClientAuth
+        } else {
+            ExtendedKeyUsagePurpose::ServerAuth
+        }];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.use_authority_key_identifier_extension = true;
+        params.serial_number = Some(SerialNumber::from(fresh_serial()));
+        let now = OffsetDateTime::now_utc()
+            .replace_nanosecond(0)
+            .expect("0 ns");
+        let (not_before, not_after) = spec
+            .validity
+            .unwrap_or((now - TimeDuration::days(1), now + TimeDuration::days(365)));
+        params.not_before = not_before;
+        params.not_after = not_after;
+        let key = KeyPair::generate().expect("generate leaf key");
+        let cert = params.signed_by(&key, &ca.issuer).expect("sign leaf");
+        let cert_path = self.path(&format!("{name}.pem"));
+        let key_path = self.path(&format!("{name}-key.pem"));
+        std::fs::write(&cert_path, cert.pem()).expect("write leaf");
+        std::fs::write(&key_path, key.serialize_pem()).expect("write key");
+        Identity {
+            cert: cert_path,
+            key: key_path,
+            der: cert.der().clone(),
+            pkcs8: key.serialize_der(),
+        }
+    }
+}
+
+impl Ca {
+    /// A PEM CRL signed by this CA that revokes `revoked` (by serial), written to `path`.
+    pub fn crl(&self, path: &Path, revoked: &[&CertificateDer<'_>]) -> PathBuf {
+        static NUMBER: AtomicU64 = AtomicU64::new(1);
+        let now = OffsetDateTime::now_utc()
+            .replace_nanosecond(0)
+            .expect("0 ns");
+        let revoked_certs = revoked
+            .iter()
+            .map(|der| RevokedCertParams {
+                serial_number: SerialNumber::from_slice(&raw_serial(der)),
+                revocation_time: now - TimeDuration::hours(1),
+                reason_code: Some(RevocationReason::KeyCompromise),
+                invalidity_date: None,
+            })
+            .collect();
+        let params = CertificateRevocationListParams {
+            this_update: now - TimeDuration::hours(1),
+            next_update: now + TimeDuration::days(7),
+            crl_number: SerialNumber::from(NUMBER.fetch_add(1, Ordering::SeqCst)),
+            issuing_distribution_point: None,
+            revoked_certs,
+            key_identifier_method: KeyIdMethod::Sha256,
+        };
+        let crl = params.signed_by(&self.issuer).expect("sign CRL");
+        std::fs::write(path, crl.pem().expect("CRL PEM")).expect("write CRL");
+        path.to_owned()
+    }
+}
+
+impl Identity {
+    /// The serial number as the proxy logs it: lowercase hex without separators.
+    pub fn serial_hex(&self) -> String {
+        super::hex(&raw_serial(&self.der))
+    }
+
+    /// Base64 of SHA-256 over the SubjectPublicKeyInfo DER: what `--pin-sha256` takes.
+    pub fn spki_pin(&self) -> String {
+        spki_pin(&self.der)
+    }
+
+    /// not_after, as Unix seconds.
+    pub fn not_after_unix(&self) -> i64 {
+        let (_, cert) = x509_parser::parse_x509_certificate(&self.der).expect("parse cert");
+        cert.validity().not_after.timestamp()
+    }
+}
+
+impl Ca {
+    pub fn spki_pin(&self) -> String {
+        spki_pin(&self.der)
+    }
+}
+
+fn raw_serial(der: &[u8]) -> Vec<u8> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).expect("parse cert");
+    cert.raw_serial().to_vec()
+}
+
+fn spki_pin(der: &[u8]) -> String {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).expect("parse cert");
+    super::base64(&super::sha256(cert.tbs_certificate.subject_pki.raw))
+}
+
+/// The serial of a DER certificate as lowercase hex (e.g. what an upstream saw).
+pub fn serial_of(der: &[u8]) -> String {
+    super::hex(&raw_serial(der))
 }

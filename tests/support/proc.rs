@@ -108,6 +108,30 @@ impl Cmd {
         sidecar
     }
 
+    /// Runs the process, which must exit with code 2 (bad usage, config or material) without
+    /// ever listening; returns its stderr.
+    pub fn startup_error(&self) -> String {
+        let mut sidecar = self.spawn();
+        let deadline = Instant::now() + WAIT;
+        let status = loop {
+            if let Some(status) = sidecar.try_exit() {
+                break status;
+            }
+            if sidecar.count_lines(|l| l.contains("listening")) > 0 {
+                sidecar.fail("it started listening instead of refusing to start");
+            }
+            if Instant::now() >= deadline {
+                sidecar.fail("still running: expected a startup error");
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        sidecar.wait_output_closed();
+        if status.code() != Some(2) {
+            sidecar.fail(&format!("exit status {status}, expected code 2"));
+        }
+        sidecar.stderr()
+    }
+
     /// Runs the process to completion (it must exit within `timeout`): (exit code, stderr).
     pub fn run_to_exit(&self, timeout: Duration) -> (Option<i32>, String) {
         let mut sidecar = self.spawn();
@@ -240,6 +264,18 @@ impl Sidecar {
                 .unwrap()
                 .0;
         }
+    }
+
+    /// How many stderr lines so far match `pred`.
+    pub fn count_lines(&self, pred: impl Fn(&str) -> bool) -> usize {
+        self.log
+            .lines
+            .lock()
+            .unwrap()
+            .err
+            .iter()
+            .filter(|l| pred(l))
+            .count()
     }
 
     /// Waits until at least `n` connection lines were logged.
