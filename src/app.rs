@@ -1,17 +1,21 @@
-//! Wiring: load every identity, bind every listener (both fatal at startup, exit 2), serve
-//! until shutdown, then drain with a deadline.
+//! Wiring: load every identity, bind every listener and the admin listener (all fatal at
+//! startup, exit 2), serve until shutdown, then drain with a deadline.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
+use crate::admin::{self, AdminState};
 use crate::config::Config;
+use crate::listen::{self, Listener, SystemdFds};
+use crate::metrics::Metrics;
+use crate::notify;
 use crate::proxy::{self, Lifecycle, RouteCtx};
 use crate::tls::identity::{self, Identity};
 use crate::tls::reload::{Reloader, Stats};
@@ -26,20 +30,24 @@ pub enum StartupError {
         route: String,
         source: identity::Error,
     },
-    #[error("cannot listen on {addr} (route {route}): {source}")]
+    #[error("route {route}: {source}")]
     Bind {
-        addr: SocketAddr,
         route: String,
-        source: std::io::Error,
+        source: listen::Error,
     },
+    #[error("admin listener: {0}")]
+    Admin(listen::Error),
 }
 
 /// A bound, loaded program, ready to serve.
 pub struct App {
     config: Config,
-    routes: Vec<(Arc<RouteCtx>, TcpListener)>,
+    routes: Vec<(Arc<RouteCtx>, Listener)>,
     /// One reload loop per route, started by `run`.
     reloaders: Vec<Reloader>,
+    /// The admin listener, bound but not yet served.
+    admin: Option<std::net::TcpListener>,
+    metrics: Arc<Metrics>,
     /// Reload outcomes of every route.
     pub reload_stats: Arc<Stats>,
 }
@@ -61,46 +69,79 @@ impl App {
             );
             loaded.push(l);
         }
-        let reload_stats = Arc::new(Stats::default());
+        let metrics = Arc::new(Metrics::new());
+        let (ok, failed) = metrics.reload_counters();
+        let reload_stats = Arc::new(Stats::new(ok, failed));
+        let mut systemd = SystemdFds::from_env();
         let mut routes = Vec::with_capacity(config.routes.len());
         let mut reloaders = Vec::with_capacity(config.routes.len());
         for (route, l) in config.routes.iter().zip(loaded) {
-            let listener =
-                TcpListener::bind(route.listen)
-                    .await
-                    .map_err(|source| StartupError::Bind {
-                        addr: route.listen,
-                        route: route.name.clone(),
-                        source,
-                    })?;
+            let listener = Listener::bind(&route.listen, route.listen_mode, &mut systemd)
+                .await
+                .map_err(|source| StartupError::Bind {
+                    route: route.name.clone(),
+                    source,
+                })?;
             let identity = Arc::new(Identity::new(&l));
+            let route_metrics = metrics.route(&route.name);
+            route_metrics.client_expiry.set(l.leaf.not_after);
             reloaders.push(Reloader::new(
                 route.clone(),
                 identity.clone(),
                 reload_stats.clone(),
+                route_metrics.client_expiry.clone(),
                 &l,
             ));
-            let ctx = RouteCtx::new(route.clone(), identity);
+            let ctx = RouteCtx::new(route.clone(), identity, route_metrics, listener.describe());
             routes.push((Arc::new(ctx), listener));
         }
+        let admin = match &config.admin {
+            None => None,
+            Some(a) => {
+                let l = Listener::bind(&a.listen, 0o600, &mut systemd)
+                    .await
+                    .map_err(StartupError::Admin)?;
+                let tcp = l.into_tcp().ok_or_else(|| {
+                    StartupError::Admin(listen::Error::Bind {
+                        addr: a.listen.to_string(),
+                        source: std::io::Error::other("the admin listener must be a TCP socket"),
+                    })
+                })?;
+                let std = tcp.into_std().map_err(|source| {
+                    StartupError::Admin(listen::Error::Bind {
+                        addr: a.listen.to_string(),
+                        source,
+                    })
+                })?;
+                Some(std)
+            }
+        };
         Ok(App {
             config,
             routes,
             reloaders,
+            admin,
+            metrics,
             reload_stats,
         })
     }
 
-    /// The real bound addresses, by route name (port 0 becomes the chosen port).
+    /// The real bound TCP addresses, by route name (port 0 becomes the chosen port).
     pub fn bound(&self) -> Vec<(String, SocketAddr)> {
         self.routes
             .iter()
-            .filter_map(|(ctx, l)| Some((ctx.route.name.clone(), l.local_addr().ok()?)))
+            .filter_map(|(ctx, l)| Some((ctx.route.name.clone(), l.tcp_addr()?)))
             .collect()
     }
 
-    /// Serve until `shutdown` is cancelled, then: keep accepting for `--shutdown-delay`, close
-    /// the listeners, give in-flight connections `--drain-timeout`, and cut the rest.
+    /// The admin listener's bound address.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    /// Serve until `shutdown` is cancelled (a signal, or `POST /shutdown`), then: keep accepting
+    /// for `--shutdown-delay`, close the listeners, give in-flight connections
+    /// `--drain-timeout`, and cut the rest. `hup` ticks on SIGHUP.
     pub async fn run(self, shutdown: CancellationToken, hup: watch::Receiver<u64>) {
         let stop_reloading = CancellationToken::new();
         for r in self.reloaders {
@@ -112,15 +153,30 @@ impl App {
             cut: CancellationToken::new(),
             tracker: TaskTracker::new(),
         };
+        let state = Arc::new(AdminState::new(
+            self.routes.iter().map(|(ctx, _)| ctx.clone()).collect(),
+            self.metrics.clone(),
+            self.reload_stats.clone(),
+            shutdown.clone(),
+            self.config.admin.as_ref().is_some_and(|a| a.allow_shutdown),
+        ));
+        if let Some(l) = self.admin {
+            if let Ok(addr) = l.local_addr() {
+                info!(addr = %addr, "admin listening");
+            }
+            admin::spawn(l, state.clone());
+        }
         let mut accept_loops = Vec::new();
         for (ctx, listener) in self.routes {
-            if let Ok(addr) = listener.local_addr() {
-                info!(route = %ctx.route.name, addr = %addr, upstream = %ctx.upstream, "listening");
-            }
+            info!(route = %ctx.route.name, addr = %ctx.listen, upstream = %ctx.upstream, "listening");
             accept_loops.push(tokio::spawn(proxy::serve(ctx, listener, life.clone())));
         }
+        notify::ready();
+        let _watchdog = notify::spawn_watchdog();
 
         shutdown.cancelled().await;
+        state.shutting_down.store(true, Ordering::SeqCst);
+        notify::stopping();
         let delay = self.config.shutdown_delay;
         if !delay.is_zero() {
             info!(delay = %humantime::format_duration(delay), "shutdown: still accepting during --shutdown-delay");

@@ -11,7 +11,40 @@ use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
-use tokio::net::TcpStream;
+use tokio::net::{TcpStream, UnixStream};
+
+/// The readiness-based operations the relay needs from the app's socket, TCP or unix.
+pub trait AppStream: AsyncWrite + Unpin + Send {
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+    fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+    fn try_read(&self, buf: &mut [u8]) -> io::Result<usize>;
+    fn try_write(&self, buf: &[u8]) -> io::Result<usize>;
+    fn try_io_read(&self, f: &mut dyn FnMut() -> io::Result<usize>) -> io::Result<usize>;
+}
+
+macro_rules! app_stream {
+    ($t:ty) => {
+        impl AppStream for $t {
+            fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+                <$t>::poll_read_ready(self, cx)
+            }
+            fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+                <$t>::poll_write_ready(self, cx)
+            }
+            fn try_read(&self, buf: &mut [u8]) -> io::Result<usize> {
+                <$t>::try_read(self, buf)
+            }
+            fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
+                <$t>::try_write(self, buf)
+            }
+            fn try_io_read(&self, f: &mut dyn FnMut() -> io::Result<usize>) -> io::Result<usize> {
+                <$t>::try_io(self, Interest::READABLE, f)
+            }
+        }
+    };
+}
+app_stream!(TcpStream);
+app_stream!(UnixStream);
 
 /// Run `read` (a non-blocking read of at most `cap` bytes from `tcp`) so that a short read
 /// clears tokio's readiness: a TCP read that returns less than asked has emptied the receive
@@ -19,13 +52,14 @@ use tokio::net::TcpStream;
 /// is what tokio's own `poll_read` does; it saves a syscall per burst. Data arriving meanwhile
 /// raises a new edge, which tokio's readiness tick keeps from being lost.
 pub fn read_clearing(
-    tcp: &TcpStream,
+    sock: &impl AppStream,
     cap: usize,
     read: impl FnOnce() -> io::Result<usize>,
 ) -> io::Result<usize> {
     let mut got = None;
-    let r = tcp.try_io(Interest::READABLE, || {
-        let n = read()?;
+    let mut read = Some(read);
+    let r = sock.try_io_read(&mut || {
+        let n = (read.take().ok_or(io::ErrorKind::WouldBlock)?)()?;
         got = Some(n);
         if n > 0 && n < cap {
             Err(io::ErrorKind::WouldBlock.into())

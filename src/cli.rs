@@ -22,12 +22,15 @@ pub enum Command {
     DevPki(DevPkiArgs),
     /// Run a built-in mTLS upstream and the proxy in front of it, so curl works at once
     Demo(DemoArgs),
+    /// Block until an admin listener's /readyz answers 200 (exit 0), or the timeout passes (exit 1)
+    Wait(WaitArgs),
 }
 
 /// Options of `run`. Every option can also be set by `MTLS_SIDECAR_<FLAG>`; the flag wins.
 #[derive(Debug, Clone, Args)]
 pub struct RunArgs {
-    /// Plaintext listener, HOST:PORT (loopback unless --allow-non-loopback)
+    /// Plaintext listener: HOST:PORT (loopback unless --allow-non-loopback), unix:PATH or
+    /// systemd:NAME (socket activation)
     #[arg(
         long,
         env = "MTLS_SIDECAR_LISTEN",
@@ -35,6 +38,24 @@ pub struct RunArgs {
         value_name = "ADDR"
     )]
     pub listen: String,
+
+    /// Permissions of a unix: listener's socket file, octal
+    #[arg(
+        long,
+        env = "MTLS_SIDECAR_LISTEN_MODE",
+        default_value = "0600",
+        value_name = "OCTAL"
+    )]
+    pub listen_mode: String,
+
+    /// Accept unix: connections only from these local users (SO_PEERCRED); repeatable
+    #[arg(
+        long = "allow-uid",
+        env = "MTLS_SIDECAR_ALLOW_UID",
+        value_name = "UID",
+        value_delimiter = ','
+    )]
+    pub allow_uid: Vec<u32>,
 
     /// Allow a listen address other than loopback: anyone who can reach it borrows this identity
     #[arg(long, env = "MTLS_SIDECAR_ALLOW_NON_LOOPBACK")]
@@ -185,8 +206,28 @@ pub struct RunArgs {
     )]
     pub drain_timeout: String,
 
+    /// Admin listener for /healthz, /readyz, /metrics, /status: HOST:PORT or systemd:NAME
+    #[arg(long, env = "MTLS_SIDECAR_ADMIN", value_name = "ADDR")]
+    pub admin: Option<String>,
+
+    /// Enable POST /shutdown on the admin listener (lets a Job's main container stop the sidecar)
+    #[arg(long, env = "MTLS_SIDECAR_ADMIN_ALLOW_SHUTDOWN")]
+    pub admin_allow_shutdown: bool,
+
     #[command(flatten)]
     pub log: LogArgs,
+}
+
+/// Options of `wait`.
+#[derive(Debug, Args)]
+pub struct WaitArgs {
+    /// The admin listener to poll, HOST:PORT
+    #[arg(long, env = "MTLS_SIDECAR_ADMIN", value_name = "ADDR")]
+    pub admin: String,
+
+    /// Give up after this long (exit 1)
+    #[arg(long, default_value = "30s", value_name = "DUR")]
+    pub timeout: String,
 }
 
 /// Logging options shared by every long-running command.

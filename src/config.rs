@@ -20,6 +20,37 @@ pub struct Config {
     pub shutdown_delay: Duration,
     /// How long in-flight connections may run after the listeners close.
     pub drain_timeout: Duration,
+    /// The admin listener (`/healthz`, `/readyz`, `/metrics`, `/status`), if any.
+    pub admin: Option<Admin>,
+}
+
+/// The admin listener's settings.
+#[derive(Debug, Clone)]
+pub struct Admin {
+    /// Any address (it lends no identity), or a systemd socket.
+    pub listen: ListenAddr,
+    /// Whether `POST /shutdown` may begin a graceful shutdown.
+    pub allow_shutdown: bool,
+}
+
+/// Where a listener comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenAddr {
+    Tcp(SocketAddr),
+    /// A unix socket file created (and removed) by us.
+    Unix(PathBuf),
+    /// A socket passed by systemd, by its `FileDescriptorName`.
+    Systemd(String),
+}
+
+impl std::fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ListenAddr::Tcp(a) => write!(f, "{a}"),
+            ListenAddr::Unix(p) => write!(f, "unix:{}", p.display()),
+            ListenAddr::Systemd(n) => write!(f, "systemd:{n}"),
+        }
+    }
 }
 
 /// One plaintext listener and the upstream it forwards to.
@@ -28,7 +59,11 @@ pub struct Route {
     /// Label in logs (and later metrics); unique.
     pub name: String,
     /// Where to accept plaintext; already checked against the loopback rule.
-    pub listen: SocketAddr,
+    pub listen: ListenAddr,
+    /// Permissions of a `unix:` listener's socket file.
+    pub listen_mode: u32,
+    /// Local users allowed on a `unix:` listener (SO_PEERCRED); empty = anyone who can open it.
+    pub allow_uids: Vec<u32>,
     /// Upstream `HOST:PORT` as the user wrote it; resolved at every dial.
     pub upstream: Upstream,
     /// SNI and verification name; an IP address sends no SNI and is matched against IP SANs.
@@ -167,25 +202,62 @@ fn split_host_port(flag: &'static str, value: &str) -> Result<(String, u16), Err
     Ok((host.to_string(), port))
 }
 
-/// Resolve a listen address and apply the loopback rule (`localhost` counts as loopback).
+/// Parse a listen address and apply the loopback rule (`localhost` counts as loopback;
+/// `unix:` and `systemd:` are local by nature).
 pub fn parse_listen(
     value: &str,
     allow_non_loopback: bool,
     route: &str,
-) -> Result<SocketAddr, Error> {
-    if value.starts_with("unix:") || value.starts_with("systemd:") {
+) -> Result<ListenAddr, Error> {
+    if let Some(path) = value.strip_prefix("unix:") {
+        if path.is_empty() {
+            return Err(invalid("--listen", value, "unix: needs a path"));
+        }
+        return Ok(ListenAddr::Unix(PathBuf::from(path)));
+    }
+    if let Some(name) = value.strip_prefix("systemd:") {
+        if name.is_empty() {
+            return Err(invalid(
+                "--listen",
+                value,
+                "systemd: needs the socket's FileDescriptorName",
+            ));
+        }
+        return Ok(ListenAddr::Systemd(name.to_string()));
+    }
+    let addr = resolve_host_port("--listen", value)?;
+    if !allow_non_loopback && !addr.1 {
+        return Err(Error::NonLoopback {
+            addr: value.to_string(),
+            route: route.to_string(),
+        });
+    }
+    Ok(ListenAddr::Tcp(addr.0))
+}
+
+/// The admin listener: any address, or `systemd:NAME`.
+pub fn parse_admin(value: &str) -> Result<ListenAddr, Error> {
+    if let Some(name) = value.strip_prefix("systemd:") {
+        return Ok(ListenAddr::Systemd(name.to_string()));
+    }
+    if value.starts_with("unix:") {
         return Err(invalid(
-            "--listen",
+            "--admin",
             value,
-            "unix: and systemd: listeners are not supported yet",
+            "the admin listener takes HOST:PORT or systemd:NAME",
         ));
     }
-    let (host, port) = split_host_port("--listen", value)?;
+    Ok(ListenAddr::Tcp(resolve_host_port("--admin", value)?.0))
+}
+
+/// Resolve `HOST:PORT` (IPv4 preferred) and say whether every address is loopback.
+fn resolve_host_port(flag: &'static str, value: &str) -> Result<(SocketAddr, bool), Error> {
+    let (host, port) = split_host_port(flag, value)?;
     let addrs: Vec<SocketAddr> = match host.parse::<IpAddr>() {
         Ok(ip) => vec![SocketAddr::new(ip, port)],
         Err(_) => (host.as_str(), port)
             .to_socket_addrs()
-            .map_err(|e| invalid("--listen", value, format!("cannot resolve {host}: {e}")))?
+            .map_err(|e| invalid(flag, value, format!("cannot resolve {host}: {e}")))?
             .collect(),
     };
     // Prefer IPv4 so `localhost:PORT` binds where most clients dial first.
@@ -194,14 +266,22 @@ pub fn parse_listen(
         .find(|a| a.is_ipv4())
         .or_else(|| addrs.first())
         .copied()
-        .ok_or_else(|| invalid("--listen", value, format!("{host} resolved to no address")))?;
-    if !allow_non_loopback && !addrs.iter().all(|a| a.ip().is_loopback()) {
-        return Err(Error::NonLoopback {
-            addr: value.to_string(),
-            route: route.to_string(),
-        });
-    }
-    Ok(addr)
+        .ok_or_else(|| invalid(flag, value, format!("{host} resolved to no address")))?;
+    Ok((addr, addrs.iter().all(|a| a.ip().is_loopback())))
+}
+
+/// An octal file mode such as `0600` or `660`.
+pub fn parse_mode(value: &str) -> Result<u32, Error> {
+    u32::from_str_radix(value.trim(), 8)
+        .ok()
+        .filter(|m| *m <= 0o777)
+        .ok_or_else(|| {
+            invalid(
+                "--listen-mode",
+                value,
+                "expected octal permissions such as 0600",
+            )
+        })
 }
 
 pub fn parse_upstream(value: &str) -> Result<Upstream, Error> {
@@ -293,9 +373,12 @@ impl Config {
             }
         }
         let reload = parse_duration("--reload-interval", &args.reload_interval)?;
+        let listen_mode = parse_mode(&args.listen_mode)?;
         let route = Route {
             name,
             listen,
+            listen_mode,
+            allow_uids: args.allow_uid.clone(),
             upstream,
             server_name,
             tls: TlsFiles {
@@ -318,6 +401,13 @@ impl Config {
             routes: vec![route],
             shutdown_delay: parse_duration("--shutdown-delay", &args.shutdown_delay)?,
             drain_timeout: parse_duration("--drain-timeout", &args.drain_timeout)?,
+            admin: match &args.admin {
+                Some(a) => Some(Admin {
+                    listen: parse_admin(a)?,
+                    allow_shutdown: args.admin_allow_shutdown,
+                }),
+                None => None,
+            },
         })
     }
 }
@@ -341,19 +431,28 @@ mod tests {
     fn listen_loopback_rule() {
         assert!(parse_listen("127.0.0.1:0", false, "r").is_ok());
         assert!(parse_listen("[::1]:0", false, "r").is_ok());
-        assert!(
-            parse_listen("localhost:0", false, "r")
-                .unwrap()
-                .ip()
-                .is_loopback()
-        );
+        assert!(matches!(
+            parse_listen("localhost:0", false, "r").unwrap(),
+            ListenAddr::Tcp(a) if a.ip().is_loopback()
+        ));
         let err = parse_listen("0.0.0.0:80", false, "r")
             .unwrap_err()
             .to_string();
         assert!(err.contains("--allow-non-loopback"), "{err}");
         assert!(parse_listen("0.0.0.0:80", true, "r").is_ok());
         assert!(parse_listen("127.0.0.1", false, "r").is_err());
-        assert!(parse_listen("unix:/tmp/x", false, "r").is_err());
+        assert_eq!(
+            parse_listen("unix:/tmp/x", false, "r").unwrap(),
+            ListenAddr::Unix("/tmp/x".into())
+        );
+        assert_eq!(
+            parse_listen("systemd:proxy", false, "r").unwrap(),
+            ListenAddr::Systemd("proxy".into())
+        );
+        assert!(parse_admin("0.0.0.0:9901").is_ok());
+        assert_eq!(parse_mode("0600").unwrap(), 0o600);
+        assert_eq!(parse_mode("660").unwrap(), 0o660);
+        assert!(parse_mode("0900").is_err());
     }
 
     #[test]

@@ -117,6 +117,8 @@ pub async fn run(
     let route = Route {
         name: "default".into(),
         listen: config::parse_listen(&args.listen, false, "default")?,
+        listen_mode: 0o600,
+        allow_uids: vec![],
         upstream: Upstream {
             host: "127.0.0.1".into(),
             port: up_addr.port(),
@@ -143,6 +145,7 @@ pub async fn run(
         routes: vec![route],
         shutdown_delay: Duration::ZERO,
         drain_timeout: Duration::from_secs(5),
+        admin: None,
     })
     .await?;
     let listen = app

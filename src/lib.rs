@@ -6,9 +6,16 @@
 //! - `cli`: clap structs: flags, env fallbacks, help text; no logic
 //! - `config`: the typed, validated [`config::Config`] (a list of routes) built from the flags
 //! - `app`: load identities, bind listeners, serve, drain; exit-code-2 startup errors
+//! - `admin`: `/healthz`, `/readyz`, `/metrics`, `/status`, `POST /shutdown`, on its own thread
+//! - `listen`: TCP, unix-socket (mode, stale file, peer uid) and systemd-passed listeners
+//! - `metrics`: prometheus-client families and per-route handles
+//! - `notify`: systemd READY / RELOADING / STOPPING / WATCHDOG
+//! - `wait`: the `wait` command, polling `/readyz`
 //! - `signal`: SIGTERM/SIGINT to a shutdown token; a second signal exits at once
 //! - `tls::load`: PEM chain, key and CA loading with errors that name the file
 //! - `tls::identity`: the route's whole rustls client config, published behind an `ArcSwap`
+//! - `tls::reload`: poll files by content and on SIGHUP; all-or-nothing reload; expiry warnings
+//! - `tls::verify`: CRL, URI SAN and SPKI pin checks on top of webpki's chain and name checks
 //! - `upstream`: resolve, connect each address in turn, handshake; failure classification
 //! - `bufio`: upstream socket reads in 64 KiB syscalls with a buffer only while data waits
 //! - `proxy`: accept loop, connection limit, access-log line per connection
@@ -18,14 +25,19 @@
 //! - `telemetry`: tracing-subscriber set-up, text or JSON
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod app;
 pub mod bufio;
 pub mod cli;
 pub mod config;
 pub mod demo;
+pub mod listen;
+pub mod metrics;
+pub mod notify;
 pub mod pki;
 pub mod proxy;
 pub mod signal;
 pub mod telemetry;
 pub mod tls;
 pub mod upstream;
+pub mod wait;

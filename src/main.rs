@@ -96,6 +96,21 @@ fn main() -> ExitCode {
                 Err(e) => fail(Exit::Startup, e),
             }
         }
+        Command::Wait(args) => {
+            let timeout = match mtls_sidecar::config::parse_duration("--timeout", &args.timeout) {
+                Ok(t) => t,
+                Err(e) => return fail(Exit::Startup, e),
+            };
+            if rt.block_on(mtls_sidecar::wait::until_ready(&args.admin, timeout)) {
+                Exit::Ok.into()
+            } else {
+                eprintln!(
+                    "mtls-sidecar: {} did not answer /readyz with 200 within {}",
+                    args.admin, args.timeout
+                );
+                Exit::Runtime.into()
+            }
+        }
         Command::Demo(args) => {
             if let Err(e) = telemetry::init(&args.log) {
                 return fail(Exit::Startup, e);

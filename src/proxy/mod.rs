@@ -3,17 +3,19 @@
 
 pub mod tcp;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
+use crate::bufio::AppStream;
 use crate::config::Route;
+use crate::listen::{Conn, Listener};
+use crate::metrics::RouteMetrics;
 use crate::tls::identity::Identity;
 use crate::upstream::{self, Class, Failure};
 
@@ -26,15 +28,26 @@ pub struct RouteCtx {
     pub server_name: String,
     /// `upstream` rendered once for the access log.
     pub upstream: String,
+    /// The route's metric handles.
+    pub metrics: RouteMetrics,
+    /// The bound address as shown in logs and `/status`.
+    pub listen: String,
 }
 
 impl RouteCtx {
-    pub fn new(route: Route, identity: Arc<Identity>) -> Self {
+    pub fn new(
+        route: Route,
+        identity: Arc<Identity>,
+        metrics: RouteMetrics,
+        listen: String,
+    ) -> Self {
         RouteCtx {
             server_name: upstream::server_name_str(&route),
             upstream: route.upstream.to_string(),
             route,
             identity,
+            metrics,
+            listen,
         }
     }
 }
@@ -53,7 +66,7 @@ pub struct Lifecycle {
 /// Accept until told to stop, at most `--max-connections` at a time: extra connections stay in
 /// the kernel's backlog until a slot frees. The listener is dropped on return, so new
 /// connections are refused from then on.
-pub async fn serve(ctx: Arc<RouteCtx>, listener: TcpListener, life: Lifecycle) {
+pub async fn serve(ctx: Arc<RouteCtx>, listener: Listener, life: Lifecycle) {
     let slots = Arc::new(Semaphore::new(ctx.route.max_connections));
     let mut backoff = Duration::from_millis(5);
     loop {
@@ -69,12 +82,22 @@ pub async fn serve(ctx: Arc<RouteCtx>, listener: TcpListener, life: Lifecycle) {
             _ = life.stop_accepting.cancelled() => break,
         };
         match accepted {
-            Ok((app, peer)) => {
+            Ok((conn, peer, uid)) => {
                 backoff = Duration::from_millis(5);
+                if let Some(uid) = uid
+                    && !ctx.route.allow_uids.is_empty()
+                    && !ctx.route.allow_uids.contains(&uid)
+                {
+                    warn!(route = %ctx.route.name, uid, "refused a unix connection: uid not in --allow-uid");
+                    continue;
+                }
                 let ctx = ctx.clone();
                 let cut = life.cut.clone();
                 life.tracker.spawn(async move {
-                    handle(&ctx, app, peer, cut).await;
+                    match conn {
+                        Conn::Tcp(s) => handle(&ctx, s, peer, cut).await,
+                        Conn::Unix(s) => handle(&ctx, s, peer, cut).await,
+                    }
                     drop(permit);
                 });
             }
@@ -94,7 +117,7 @@ pub async fn serve(ctx: Arc<RouteCtx>, listener: TcpListener, life: Lifecycle) {
 /// The access-log record of one connection; logs itself when dropped.
 struct AccessLog<'a> {
     ctx: &'a RouteCtx,
-    peer: SocketAddr,
+    peer: String,
     started: Instant,
     counters: tcp::Counters,
     failure: Option<Failure>,
@@ -102,6 +125,9 @@ struct AccessLog<'a> {
 
 impl Drop for AccessLog<'_> {
     fn drop(&mut self) {
+        let m = &self.ctx.metrics;
+        m.active.dec();
+        m.connection_finished(self.failure.as_ref().map(|f| f.class));
         let c = &self.counters;
         let duration_ms = self.started.elapsed().as_millis() as u64;
         let route = &self.ctx.route.name;
@@ -134,7 +160,29 @@ fn reset(app: &TcpStream) {
     let _ = socket2::SockRef::from(app).set_linger(Some(Duration::ZERO));
 }
 
-async fn handle(ctx: &RouteCtx, mut app: TcpStream, peer: SocketAddr, cut: CancellationToken) {
+/// What a connection needs from the app's socket beyond relaying.
+trait AppSocket: AppStream {
+    fn set_nodelay(&self);
+    /// End with a reset where the transport has one.
+    fn abort(&self);
+}
+
+impl AppSocket for TcpStream {
+    fn set_nodelay(&self) {
+        let _ = TcpStream::set_nodelay(self, true);
+    }
+    fn abort(&self) {
+        reset(self);
+    }
+}
+
+impl AppSocket for tokio::net::UnixStream {
+    fn set_nodelay(&self) {}
+    fn abort(&self) {}
+}
+
+async fn handle<A: AppSocket>(ctx: &RouteCtx, mut app: A, peer: String, cut: CancellationToken) {
+    ctx.metrics.active.inc();
     let mut log = AccessLog {
         ctx,
         peer,
@@ -142,14 +190,26 @@ async fn handle(ctx: &RouteCtx, mut app: TcpStream, peer: SocketAddr, cut: Cance
         counters: tcp::Counters::default(),
         failure: None,
     };
-    let _ = app.set_nodelay(true);
+    app.set_nodelay();
     let config = ctx.identity.current();
     let connected = tokio::select! {
         c = upstream::connect(&ctx.route, config) => c,
         _ = cut.cancelled() => Err(Failure::new(Class::Drain, "cut at shutdown before the upstream answered")),
     };
     let mut up = match connected {
-        Ok(c) => c.stream,
+        Ok(c) => {
+            ctx.metrics.handshake.observe(c.handshake.as_secs_f64());
+            if let Some(leaf) = c
+                .stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|p| p.first())
+            {
+                ctx.metrics.upstream_leaf(leaf);
+            }
+            c.stream
+        }
         Err(f) => {
             // Nothing was sent to the app; dropping it closes the connection at once.
             log.failure = Some(f);
@@ -160,6 +220,7 @@ async fn handle(ctx: &RouteCtx, mut app: TcpStream, peer: SocketAddr, cut: Cance
         &mut app,
         &mut up,
         &mut log.counters,
+        &ctx.metrics,
         &ctx.server_name,
         ctx.route.idle_timeout,
     );
@@ -169,7 +230,7 @@ async fn handle(ctx: &RouteCtx, mut app: TcpStream, peer: SocketAddr, cut: Cance
     };
     if let Err(f) = result {
         if f.class.is_fault() {
-            reset(&app);
+            app.abort();
         }
         log.failure = Some(f);
     }

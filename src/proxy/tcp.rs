@@ -16,10 +16,10 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
-use crate::bufio::read_clearing;
+use crate::bufio::{AppStream, read_clearing};
+use crate::metrics::RouteMetrics;
 use crate::upstream::{Class, Failure, Upstream, classify_io};
 
 /// Bytes moved per read: four full TLS records.
@@ -92,10 +92,12 @@ impl Dir {
 }
 
 /// The relay future: resolves when both directions have ended, or with the first error.
-pub struct Relay<'a> {
-    app: &'a mut TcpStream,
+pub struct Relay<'a, A: AppStream> {
+    app: &'a mut A,
     upstream: &'a mut Upstream,
     counters: &'a mut Counters,
+    /// The route's byte counters, brought up to date once per poll.
+    metrics: &'a RouteMetrics,
     server_name: &'a str,
     up: Dir,
     down: Dir,
@@ -104,11 +106,12 @@ pub struct Relay<'a> {
     last_activity: Instant,
 }
 
-impl<'a> Relay<'a> {
+impl<'a, A: AppStream> Relay<'a, A> {
     pub fn new(
-        app: &'a mut TcpStream,
+        app: &'a mut A,
         upstream: &'a mut Upstream,
         counters: &'a mut Counters,
+        metrics: &'a RouteMetrics,
         server_name: &'a str,
         idle_timeout: Option<Duration>,
     ) -> Self {
@@ -117,6 +120,7 @@ impl<'a> Relay<'a> {
             app,
             upstream,
             counters,
+            metrics,
             server_name,
             up: Dir::default(),
             down: Dir::default(),
@@ -236,11 +240,30 @@ impl<'a> Relay<'a> {
     }
 }
 
-impl Future for Relay<'_> {
+impl<A: AppStream> Future for Relay<'_, A> {
     type Output = Result<(), Failure>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.get_mut();
+        let before = *this.counters;
+        let r = this.poll_relay(cx);
+        let (to, from) = (
+            this.counters.to_upstream - before.to_upstream,
+            this.counters.from_upstream - before.from_upstream,
+        );
+        if to > 0 {
+            this.metrics.bytes_to_upstream.inc_by(to);
+        }
+        if from > 0 {
+            this.metrics.bytes_from_upstream.inc_by(from);
+        }
+        r
+    }
+}
+
+impl<A: AppStream> Relay<'_, A> {
+    fn poll_relay(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Failure>> {
+        let this = self;
         let mut moved = false;
         if !this.up.done
             && let Poll::Ready(Err(e)) = this.poll_up(cx, &mut moved)

@@ -13,6 +13,7 @@ use rustls::crypto::CryptoProvider;
 use rustls::pki_types::CertificateDer;
 use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, SignatureScheme};
+use sha2::Digest as _;
 
 use super::load;
 use super::verify::UpstreamVerifier;
@@ -38,6 +39,14 @@ pub struct CertInfo {
     pub not_before: i64,
     /// Unix seconds.
     pub not_after: i64,
+    /// Subject alternative names as `DNS:…`, `IP:…`, `URI:…`, `email:…`.
+    pub sans: Vec<String>,
+    /// SHA-256 of the DER, lowercase hex.
+    pub sha256_fingerprint: String,
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 impl CertInfo {
@@ -46,13 +55,11 @@ impl CertInfo {
         Some(CertInfo {
             subject: cert.subject().to_string(),
             issuer: cert.issuer().to_string(),
-            serial: cert
-                .raw_serial()
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect(),
+            serial: hex(cert.raw_serial()),
             not_before: cert.validity().not_before.timestamp(),
             not_after: cert.validity().not_after.timestamp(),
+            sans: sans(&cert),
+            sha256_fingerprint: hex(&sha2::Sha256::digest(der.as_ref())),
         })
     }
 
@@ -66,6 +73,34 @@ impl CertInfo {
             Ok(())
         }
     }
+}
+
+fn sans(cert: &x509_parser::certificate::X509Certificate<'_>) -> Vec<String> {
+    use x509_parser::extensions::GeneralName;
+    let Ok(Some(ext)) = cert.subject_alternative_name() else {
+        return Vec::new();
+    };
+    ext.value
+        .general_names
+        .iter()
+        .map(|n| match n {
+            GeneralName::DNSName(d) => format!("DNS:{d}"),
+            GeneralName::URI(u) => format!("URI:{u}"),
+            GeneralName::RFC822Name(e) => format!("email:{e}"),
+            GeneralName::IPAddress(b) => match b.len() {
+                4 => format!(
+                    "IP:{}",
+                    std::net::Ipv4Addr::from(<[u8; 4]>::try_from(*b).unwrap_or_default())
+                ),
+                16 => format!(
+                    "IP:{}",
+                    std::net::Ipv6Addr::from(<[u8; 16]>::try_from(*b).unwrap_or_default())
+                ),
+                _ => format!("IP:{}", hex(b)),
+            },
+            other => format!("{other}"),
+        })
+        .collect()
 }
 
 /// RFC 3339 in UTC for a Unix timestamp.

@@ -11,8 +11,10 @@
 //! failure is counted in [`Stats`]. All of this runs on the blocking pool, off the connection
 //! path: connections only ever load the published `Arc`.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
 use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::watch;
@@ -30,11 +32,12 @@ const EXPIRY_REPEAT: Duration = Duration::from_secs(24 * 3600);
 /// Without periodic reloads, how often the expiry is still looked at.
 const EXPIRY_CHECK: Duration = Duration::from_secs(3600);
 
-/// Reload outcomes, in one place (the metrics and `/status` read them later).
-#[derive(Debug, Default)]
+/// Reload outcomes, in one place: the counters are the `reloads_total` series, and `/status`
+/// shows the last one.
+#[derive(Debug)]
 pub struct Stats {
-    pub successes: AtomicU64,
-    pub failures: AtomicU64,
+    pub successes: Counter,
+    pub failures: Counter,
     pub last: Mutex<Option<LastReload>>,
 }
 
@@ -47,13 +50,21 @@ pub struct LastReload {
 }
 
 impl Stats {
+    pub fn new(successes: Counter, failures: Counter) -> Self {
+        Stats {
+            successes,
+            failures,
+            last: Mutex::new(None),
+        }
+    }
+
     fn record(&self, error: Option<String>) {
         let counter = if error.is_some() {
             &self.failures
         } else {
             &self.successes
         };
-        counter.fetch_add(1, Ordering::Relaxed);
+        counter.inc();
         if let Ok(mut last) = self.last.lock() {
             *last = Some(LastReload {
                 at: SystemTime::now(),
@@ -74,6 +85,8 @@ pub struct Reloader {
     route: Route,
     identity: Arc<Identity>,
     stats: Arc<Stats>,
+    /// `client_cert_expiry_timestamp_seconds` of the route.
+    expiry_gauge: Gauge,
     /// Digest of the files in force.
     in_force: [u8; 32],
     /// Content (or read error) already reported as broken: not reported again until it changes.
@@ -86,11 +99,18 @@ pub struct Reloader {
 }
 
 impl Reloader {
-    pub fn new(route: Route, identity: Arc<Identity>, stats: Arc<Stats>, loaded: &Loaded) -> Self {
+    pub fn new(
+        route: Route,
+        identity: Arc<Identity>,
+        stats: Arc<Stats>,
+        expiry_gauge: Gauge,
+        loaded: &Loaded,
+    ) -> Self {
         Reloader {
             route,
             identity,
             stats,
+            expiry_gauge,
             in_force: loaded.digest,
             reported: None,
             mismatch: None,
@@ -173,6 +193,7 @@ impl Reloader {
                     return;
                 }
                 self.identity.publish(&loaded);
+                self.expiry_gauge.set(loaded.leaf.not_after);
                 self.in_force = digest;
                 self.reported = None;
                 self.mismatch = None;

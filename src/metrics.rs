@@ -1,0 +1,279 @@
+//! Metric families (prometheus-client), all prefixed `mtls_sidecar_`. Each route resolves its
+//! label sets once, at startup, into [`RouteMetrics`]: on the connection path an update is an
+//! atomic add on a handle, with no lookup, lock or allocation.
+
+use std::sync::Mutex;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+use crate::upstream::Class;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabel {
+    route: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    route: String,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DirectionLabels {
+    route: String,
+    direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabel {
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CodeLabels {
+    route: String,
+    code: u16,
+}
+
+/// The `outcome` label values, in the order [`RouteMetrics::connections`] holds them.
+const OUTCOMES: [&str; 5] = ["ok", "connect_error", "tls_error", "timeout", "error"];
+
+const HTTP_HELP: &str = "HTTP requests answered (http mode), by status code";
+
+/// Handshake buckets: 1 ms to 10 s.
+const HANDSHAKE_BUCKETS: [f64; 14] = [
+    0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 7.5, 10.0,
+];
+
+fn handshake_histogram() -> Histogram {
+    Histogram::new(HANDSHAKE_BUCKETS)
+}
+
+/// Every family, and the registry that encodes them.
+pub struct Metrics {
+    registry: Registry,
+    connections: Family<OutcomeLabels, Counter>,
+    active: Family<RouteLabel, Gauge>,
+    bytes: Family<DirectionLabels, Counter>,
+    handshake: Family<RouteLabel, Histogram, fn() -> Histogram>,
+    client_expiry: Family<RouteLabel, Gauge>,
+    upstream_expiry: Family<RouteLabel, Gauge>,
+    reloads: Family<ResultLabel, Counter>,
+    // Registered now so the family is always listed; HTTP mode fills it.
+    #[allow(dead_code)]
+    http_requests: Family<CodeLabels, Counter>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+/// One route's metric handles.
+#[derive(Debug)]
+pub struct RouteMetrics {
+    /// `connections_total` by outcome, indexed like [`OUTCOMES`].
+    connections: [Counter; 5],
+    pub active: Gauge,
+    pub bytes_to_upstream: Counter,
+    pub bytes_from_upstream: Counter,
+    pub handshake: Histogram,
+    pub client_expiry: Gauge,
+    pub upstream_expiry: Gauge,
+    /// The upstream leaf whose expiry the gauge holds, so a repeat handshake with the same
+    /// certificate costs a comparison, not a parse.
+    last_upstream_leaf: Mutex<Vec<u8>>,
+}
+
+impl RouteMetrics {
+    pub fn connection_finished(&self, failure: Option<Class>) {
+        let outcome = failure.map_or("ok", Class::outcome);
+        let i = OUTCOMES.iter().position(|o| *o == outcome).unwrap_or(4);
+        self.connections[i].inc();
+    }
+
+    /// Record the upstream leaf of a successful handshake.
+    pub fn upstream_leaf(&self, der: &[u8]) {
+        let Ok(mut last) = self.last_upstream_leaf.lock() else {
+            return;
+        };
+        if *last == der {
+            return;
+        }
+        if let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) {
+            self.upstream_expiry
+                .set(cert.validity().not_after.timestamp());
+            last.clear();
+            last.extend_from_slice(der);
+        }
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("mtls_sidecar");
+        let connections = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "connections",
+            "Plaintext connections finished, by outcome",
+            connections.clone(),
+        );
+        let active = Family::<RouteLabel, Gauge>::default();
+        registry.register(
+            "active_connections",
+            "Plaintext connections open now",
+            active.clone(),
+        );
+        let bytes = Family::<DirectionLabels, Counter>::default();
+        registry.register(
+            "bytes",
+            "Application bytes relayed (not TLS record bytes)",
+            bytes.clone(),
+        );
+        let handshake = Family::<RouteLabel, Histogram, fn() -> Histogram>::new_with_constructor(
+            handshake_histogram as fn() -> Histogram,
+        );
+        registry.register(
+            "upstream_handshake_seconds",
+            "Time of the TLS handshake with the upstream",
+            handshake.clone(),
+        );
+        let client_expiry = Family::<RouteLabel, Gauge>::default();
+        registry.register(
+            "client_cert_expiry_timestamp_seconds",
+            "Not-after of the client certificate in use, Unix seconds",
+            client_expiry.clone(),
+        );
+        let upstream_expiry = Family::<RouteLabel, Gauge>::default();
+        registry.register(
+            "upstream_cert_expiry_timestamp_seconds",
+            "Not-after of the upstream leaf seen at the last successful handshake, Unix seconds",
+            upstream_expiry.clone(),
+        );
+        let reloads = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "reloads",
+            "Identity reload attempts, by result",
+            reloads.clone(),
+        );
+        let http_requests = Family::<CodeLabels, Counter>::default();
+        registry.register(
+            "http_requests",
+            HTTP_HELP,
+            http_requests.clone(),
+        );
+        // Both results are listed from the start, so an alert on failures sees a zero.
+        for result in ["success", "failure"] {
+            let _ = reloads.get_or_create(&ResultLabel { result });
+        }
+        Metrics {
+            registry,
+            connections,
+            active,
+            bytes,
+            handshake,
+            client_expiry,
+            upstream_expiry,
+            reloads,
+            http_requests,
+        }
+    }
+
+    /// Resolve a route's handles (creating its series, so they show as zero from the start).
+    pub fn route(&self, route: &str) -> RouteMetrics {
+        let r = RouteLabel {
+            route: route.to_string(),
+        };
+        let counter = |outcome| {
+            self.connections
+                .get_or_create(&OutcomeLabels {
+                    route: route.to_string(),
+                    outcome,
+                })
+                .clone()
+        };
+        let bytes = |direction| {
+            self.bytes
+                .get_or_create(&DirectionLabels {
+                    route: route.to_string(),
+                    direction,
+                })
+                .clone()
+        };
+        RouteMetrics {
+            connections: OUTCOMES.map(counter),
+            active: self.active.get_or_create(&r).clone(),
+            bytes_to_upstream: bytes("to_upstream"),
+            bytes_from_upstream: bytes("from_upstream"),
+            handshake: self.handshake.get_or_create(&r).clone(),
+            client_expiry: self.client_expiry.get_or_create(&r).clone(),
+            upstream_expiry: self.upstream_expiry.get_or_create(&r).clone(),
+            last_upstream_leaf: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// The `reloads_total` counters: (success, failure).
+    pub fn reload_counters(&self) -> (Counter, Counter) {
+        let get = |result| self.reloads.get_or_create(&ResultLabel { result }).clone();
+        (get("success"), get("failure"))
+    }
+
+    /// OpenMetrics text of every family.
+    pub fn encode(&self) -> String {
+        let mut out = String::with_capacity(4096);
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        // prometheus-client leaves out a family with no series yet; OpenMetrics allows an empty
+        // family, and listing it keeps the schema the same in tcp mode (no HTTP requests).
+        const HTTP: &str = "# TYPE mtls_sidecar_http_requests counter\n";
+        if !out.contains(HTTP)
+            && let Some(eof) = out.rfind("# EOF")
+        {
+            out.insert_str(
+                eof,
+                &format!("# HELP mtls_sidecar_http_requests {HTTP_HELP}.\n{HTTP}"),
+            );
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn families_and_moves() {
+        let m = Metrics::new();
+        let r = m.route("default");
+        r.connection_finished(None);
+        r.connection_finished(Some(Class::Refused));
+        r.bytes_to_upstream.inc_by(10);
+        r.handshake.observe(0.003);
+        let text = m.encode();
+        for want in [
+            "mtls_sidecar_connections_total{route=\"default\",outcome=\"ok\"} 1",
+            "mtls_sidecar_connections_total{route=\"default\",outcome=\"connect_error\"} 1",
+            "mtls_sidecar_bytes_total{route=\"default\",direction=\"to_upstream\"} 10",
+            "mtls_sidecar_upstream_handshake_seconds_count{route=\"default\"} 1",
+            "mtls_sidecar_reloads_total{result=\"failure\"} 0",
+            "# TYPE mtls_sidecar_http_requests counter",
+            "# TYPE mtls_sidecar_client_cert_expiry_timestamp_seconds gauge",
+        ] {
+            assert!(text.contains(want), "missing {want:?} in\n{text}");
+        }
+    }
+}
