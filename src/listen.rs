@@ -165,7 +165,7 @@ impl Listener {
                 let cred = s.peer_cred().ok();
                 let uid = cred.as_ref().map(|c| c.uid());
                 let peer = match cred {
-                    Some(c) => format!("uid={} pid={}", c.uid(), c.pid().map_or(-1, |p| p)),
+                    Some(c) => format!("unix,uid={},pid={}", c.uid(), c.pid().map_or(-1, |p| p)),
                     None => "unix".into(),
                 };
                 Ok((Conn::Unix(s), peer, uid))
