@@ -86,7 +86,9 @@ pub struct RouteMetrics {
     pub bytes_from_upstream: Counter,
     pub handshake: Histogram,
     pub client_expiry: Gauge,
-    pub upstream_expiry: Gauge,
+    /// The family and label of the upstream expiry: its series is created at the first
+    /// successful handshake, so no alert ever sees a 0 that means "not seen yet".
+    upstream_expiry: (Family<RouteLabel, Gauge>, RouteLabel),
     /// The upstream leaf whose expiry the gauge holds, so a repeat handshake with the same
     /// certificate costs a comparison, not a parse.
     last_upstream_leaf: Mutex<Vec<u8>>,
@@ -108,7 +110,9 @@ impl RouteMetrics {
             return;
         }
         if let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) {
-            self.upstream_expiry
+            let (family, label) = &self.upstream_expiry;
+            family
+                .get_or_create(label)
                 .set(cert.validity().not_after.timestamp());
             last.clear();
             last.extend_from_slice(der);
@@ -170,11 +174,7 @@ impl Metrics {
             reloads.clone(),
         );
         let http_requests = Family::<CodeLabels, Counter>::default();
-        registry.register(
-            "http_requests",
-            HTTP_HELP,
-            http_requests.clone(),
-        );
+        registry.register("http_requests", HTTP_HELP, http_requests.clone());
         // Both results are listed from the start, so an alert on failures sees a zero.
         for result in ["success", "failure"] {
             let _ = reloads.get_or_create(&ResultLabel { result });
@@ -220,7 +220,7 @@ impl Metrics {
             bytes_from_upstream: bytes("from_upstream"),
             handshake: self.handshake.get_or_create(&r).clone(),
             client_expiry: self.client_expiry.get_or_create(&r).clone(),
-            upstream_expiry: self.upstream_expiry.get_or_create(&r).clone(),
+            upstream_expiry: (self.upstream_expiry.clone(), r.clone()),
             last_upstream_leaf: Mutex::new(Vec::new()),
         }
     }

@@ -13,9 +13,13 @@
 //!   rotations, two-step writers, rotation under load, expiry warnings
 //! - `formats`: encrypted PKCS#8 keys and PKCS#12 identities with password files
 //! - `checks`: `--crl`, `--verify-uri-san` and `--pin-sha256` on top of chain and name checks
+//! - `admin`: `/healthz`, `/readyz`, `/metrics`, `/status`, `POST /shutdown` and `wait`
+//! - `systemd`: the notify protocol against a fake `NOTIFY_SOCKET`; socket activation
+//! - `unix`: `--listen unix:PATH`, `--listen-mode`, stale and live socket files, `--allow-uid`
 
 mod support;
 
+mod admin;
 mod checks;
 mod formats;
 mod interop;
@@ -23,4 +27,6 @@ mod lifecycle;
 mod refusal;
 mod rotation;
 mod startup;
+mod systemd;
 mod tcp;
+mod unix;

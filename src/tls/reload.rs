@@ -169,6 +169,20 @@ impl Reloader {
         if !forced && !recheck && (digest == self.in_force || self.reported == Some(Ok(digest))) {
             return;
         }
+        // systemd (Type=notify-reload) hears of every attempt, successful or not.
+        crate::notify::reloading();
+        self.attempt(material, digest, forced, recheck).await;
+        crate::notify::ready();
+    }
+
+    /// Build from `material` and publish it, or report why not.
+    async fn attempt(
+        &mut self,
+        material: Box<Material>,
+        digest: [u8; 32],
+        forced: bool,
+        recheck: bool,
+    ) {
         let route = self.route.clone();
         let built =
             tokio::task::spawn_blocking(move || identity::build_from(&route, &material)).await;

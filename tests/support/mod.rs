@@ -1,5 +1,6 @@
 //! Helpers shared by every test module.
 
+pub mod admin;
 pub mod files;
 pub mod net;
 pub mod pki;

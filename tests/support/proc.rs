@@ -4,6 +4,7 @@
 use std::ffi::{OsStr, OsString};
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -60,14 +61,73 @@ impl Cmd {
         command
             .args(&self.args)
             .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+            .stdout(Stdio::piped());
+        self.spawn_command(command, self.display())
+    }
+
+    /// Starts the process the way systemd starts a socket-activated service: `sockets` become
+    /// fds 3, 4, ... (at most two), with `LISTEN_FDS`, `LISTEN_FDNAMES` (the names given, joined
+    /// by `:`) and `LISTEN_PID` (the process's own pid) in its environment.
+    ///
+    /// Without `unsafe`: the sockets reach a `sh` wrapper as its stdin and stdout, the wrapper
+    /// moves them to 3 and 4 (stdout then goes to the stderr pipe, which is collected too) and
+    /// `exec`s the binary, so `$$` is the binary's pid.
+    pub fn spawn_activated(&self, sockets: Vec<(&str, OwnedFd)>) -> Sidecar {
+        assert!(
+            (1..=2).contains(&sockets.len()),
+            "spawn_activated passes one or two sockets"
+        );
+        let names: Vec<&str> = sockets.iter().map(|(n, _)| *n).collect();
+        let mut fds = sockets.into_iter().map(|(_, fd)| fd);
+        let mut script = String::from("exec 3<&0 0</dev/null");
+        let mut command = Command::new("sh");
+        command.stdin(Stdio::from(fds.next().expect("one socket")));
+        match fds.next() {
+            Some(second) => {
+                command.stdout(Stdio::from(second));
+                script.push_str(" 4>&1 1>&2");
+            }
+            None => {
+                command.stdout(Stdio::piped());
+            }
+        }
+        script.push_str("; LISTEN_PID=$$ exec \"$0\" \"$@\"");
+        command
+            .arg("-c")
+            .arg(&script)
+            .arg(BIN)
+            .args(&self.args)
+            .env("LISTEN_FDS", names.len().to_string())
+            .env("LISTEN_FDNAMES", names.join(":"));
+        let display = format!(
+            "LISTEN_FDS={} LISTEN_FDNAMES={} (sockets as fd 3..) {}",
+            names.len(),
+            names.join(":"),
+            self.display()
+        );
+        self.spawn_command(command, display)
+    }
+
+    /// `command` has its arguments and stdin/stdout; this sets stderr, the environment and the
+    /// log collectors.
+    fn spawn_command(&self, mut command: Command, cmdline: String) -> Sidecar {
+        command.stderr(Stdio::piped());
         // A variable set in the developer's shell must not change what a test means.
         for (key, _) in std::env::vars_os() {
             let k = key.to_string_lossy();
             // NO_COLOR too: "no ANSI colours" must hold without it.
             let trust = k == "SSL_CERT_FILE" || k == "SSL_CERT_DIR" || k == "NO_COLOR";
-            if k.starts_with("MTLS_SIDECAR_") || k == "RUST_LOG" || k == "NOTIFY_SOCKET" || trust {
+            // The service manager's variables, so that only a test that sets them means them.
+            let systemd = matches!(
+                &*k,
+                "NOTIFY_SOCKET"
+                    | "WATCHDOG_USEC"
+                    | "WATCHDOG_PID"
+                    | "LISTEN_FDS"
+                    | "LISTEN_PID"
+                    | "LISTEN_FDNAMES"
+            );
+            if k.starts_with("MTLS_SIDECAR_") || k == "RUST_LOG" || systemd || trust {
                 command.env_remove(&key);
             }
         }
@@ -76,18 +136,25 @@ impl Cmd {
         }
         let mut child = command
             .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", self.display()));
+            .unwrap_or_else(|e| panic!("cannot start {cmdline}: {e}"));
+        // Closes the parent's copies of any sockets handed to the child.
+        drop(command);
         let log = Arc::new(Log::default());
         let stderr = child.stderr.take().expect("piped stderr");
-        let stdout = child.stdout.take().expect("piped stdout");
         let err_log = Arc::clone(&log);
         std::thread::spawn(move || err_log.collect(stderr, true));
-        let out_log = Arc::clone(&log);
-        std::thread::spawn(move || out_log.collect(stdout, false));
+        match child.stdout.take() {
+            Some(stdout) => {
+                let out_log = Arc::clone(&log);
+                std::thread::spawn(move || out_log.collect(stdout, false));
+            }
+            // stdout was handed a socket and the wrapper sent it to stderr: nothing to read.
+            None => log.lines.lock().unwrap().closed += 1,
+        }
         Sidecar {
             pid: child.id(),
             child,
-            cmdline: self.display(),
+            cmdline,
             log,
             addr: None,
             status: None,
@@ -96,16 +163,7 @@ impl Cmd {
 
     /// Starts the process and waits for its `listening route=default addr=` line.
     pub fn start(&self) -> Sidecar {
-        let mut sidecar = self.spawn();
-        let line = sidecar.wait_for_line("the listening line", WAIT, |l| {
-            l.contains("listening") && l.contains("route=default") && field(l, "addr").is_some()
-        });
-        let addr = field(&line, "addr").expect("addr field");
-        let addr: SocketAddr = addr
-            .parse()
-            .unwrap_or_else(|e| sidecar.fail(&format!("addr={addr} is no socket address: {e}")));
-        sidecar.addr = Some(addr);
-        sidecar
+        self.spawn().listening()
     }
 
     /// Runs the process, which must exit with code 2 (bad usage, config or material) without
@@ -117,7 +175,8 @@ impl Cmd {
             if let Some(status) = sidecar.try_exit() {
                 break status;
             }
-            if sidecar.count_lines(|l| l.contains("listening")) > 0 {
+            // The listening log line, not an error message that says "listening".
+            if sidecar.count_lines(|l| l.contains("listening") && field(l, "addr").is_some()) > 0 {
                 sidecar.fail("it started listening instead of refusing to start");
             }
             if Instant::now() >= deadline {
@@ -188,6 +247,21 @@ pub struct Sidecar {
 }
 
 impl Sidecar {
+    /// Waits for the `listening route=default addr=` line of a spawned process and records the
+    /// address for [`Sidecar::addr`].
+    pub fn listening(self) -> Sidecar {
+        let mut sidecar = self;
+        let line = sidecar.wait_for_line("the listening line", WAIT, |l| {
+            l.contains("listening") && l.contains("route=default") && field(l, "addr").is_some()
+        });
+        let addr = field(&line, "addr").expect("addr field");
+        let addr: SocketAddr = addr
+            .parse()
+            .unwrap_or_else(|e| sidecar.fail(&format!("addr={addr} is no socket address: {e}")));
+        sidecar.addr = Some(addr);
+        sidecar
+    }
+
     /// The plaintext listener's bound address (from the `listening` line).
     pub fn addr(&self) -> SocketAddr {
         self.addr
