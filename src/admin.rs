@@ -79,7 +79,7 @@ impl AdminState {
                     "name": r.route.name,
                     "listen": r.listen,
                     "upstream": r.upstream,
-                    "mode": "tcp",
+                    "mode": match r.route.mode { crate::cli::Mode::Tcp => "tcp", crate::cli::Mode::Http => "http" },
                     "active_connections": r.metrics.active.get(),
                 })
             })

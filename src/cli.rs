@@ -161,6 +161,38 @@ pub struct RunArgs {
     #[arg(long, env = "MTLS_SIDECAR_TLS_MIN", value_enum, default_value = "1.2")]
     pub tls_min: TlsMin,
 
+    /// tcp: each plaintext connection becomes one TLS connection, bytes pass untouched. http:
+    /// HTTP/1.1 and h2c requests go over pooled upstream connections (h2 or http/1.1 by ALPN)
+    #[arg(long, env = "MTLS_SIDECAR_MODE", value_enum, default_value = "tcp")]
+    pub mode: Mode,
+
+    /// HTTP mode: how long an app connection may take to send a request's headers
+    #[arg(
+        long,
+        env = "MTLS_SIDECAR_HEADER_TIMEOUT",
+        default_value = "10s",
+        value_name = "DUR"
+    )]
+    pub header_timeout: String,
+
+    /// HTTP mode: close pooled upstream connections idle for this long
+    #[arg(
+        long,
+        env = "MTLS_SIDECAR_POOL_IDLE_TIMEOUT",
+        default_value = "90s",
+        value_name = "DUR"
+    )]
+    pub pool_idle_timeout: String,
+
+    /// HTTP mode: idle upstream connections kept per route
+    #[arg(
+        long,
+        env = "MTLS_SIDECAR_POOL_MAX_IDLE",
+        default_value_t = 64,
+        value_name = "N"
+    )]
+    pub pool_max_idle: usize,
+
     /// TCP connect plus TLS handshake to the upstream
     #[arg(
         long,
@@ -256,6 +288,12 @@ pub struct LogArgs {
 pub enum LogFormat {
     Text,
     Json,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Mode {
+    Tcp,
+    Http,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

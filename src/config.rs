@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use rustls::pki_types::ServerName;
 
-use crate::cli::{RunArgs, TlsMin};
+use crate::cli::{Mode, RunArgs, TlsMin};
 
 /// Everything `run` needs, validated.
 #[derive(Debug, Clone)]
@@ -74,8 +74,12 @@ pub struct Route {
     pub checks: Checks,
     /// How often the TLS files are compared for change; `None` = only on SIGHUP.
     pub reload_interval: Option<Duration>,
-    /// ALPN protocols offered upstream (tcp mode).
+    /// ALPN protocols offered upstream (tcp mode; http mode offers h2 and http/1.1).
     pub alpn: Vec<Vec<u8>>,
+    /// Byte stream or HTTP.
+    pub mode: Mode,
+    /// HTTP mode's bounds.
+    pub http: HttpSettings,
     /// Lowest TLS version offered.
     pub tls_min: TlsMin,
     /// Bound on resolve + TCP connect + TLS handshake.
@@ -84,6 +88,27 @@ pub struct Route {
     pub idle_timeout: Option<Duration>,
     /// Concurrent plaintext connections; extra ones wait in the kernel backlog.
     pub max_connections: usize,
+}
+
+/// Bounds of HTTP mode.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpSettings {
+    /// Time an app connection may take to send a request's headers.
+    pub header_timeout: Duration,
+    /// Pooled upstream connections idle this long are closed.
+    pub pool_idle_timeout: Duration,
+    /// Idle upstream connections kept.
+    pub pool_max_idle: usize,
+}
+
+impl Default for HttpSettings {
+    fn default() -> Self {
+        HttpSettings {
+            header_timeout: Duration::from_secs(10),
+            pool_idle_timeout: Duration::from_secs(90),
+            pool_max_idle: 64,
+        }
+    }
 }
 
 /// Files that make a route's TLS client configuration.
@@ -392,6 +417,12 @@ impl Config {
             },
             reload_interval: (!reload.is_zero()).then_some(reload),
             alpn,
+            mode: args.mode,
+            http: HttpSettings {
+                header_timeout: parse_duration("--header-timeout", &args.header_timeout)?,
+                pool_idle_timeout: parse_duration("--pool-idle-timeout", &args.pool_idle_timeout)?,
+                pool_max_idle: args.pool_max_idle,
+            },
             tls_min: args.tls_min,
             connect_timeout,
             idle_timeout: (!idle.is_zero()).then_some(idle),

@@ -136,6 +136,8 @@ pub async fn run(
         checks: Checks::default(),
         reload_interval: Some(Duration::from_secs(5)),
         alpn: vec![],
+        mode: crate::cli::Mode::Tcp,
+        http: crate::config::HttpSettings::default(),
         tls_min: TlsMin::V12,
         connect_timeout: Duration::from_secs(5),
         idle_timeout: None,

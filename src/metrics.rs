@@ -65,8 +65,6 @@ pub struct Metrics {
     client_expiry: Family<RouteLabel, Gauge>,
     upstream_expiry: Family<RouteLabel, Gauge>,
     reloads: Family<ResultLabel, Counter>,
-    // Registered now so the family is always listed; HTTP mode fills it.
-    #[allow(dead_code)]
     http_requests: Family<CodeLabels, Counter>,
 }
 
@@ -92,6 +90,8 @@ pub struct RouteMetrics {
     /// The upstream leaf whose expiry the gauge holds, so a repeat handshake with the same
     /// certificate costs a comparison, not a parse.
     last_upstream_leaf: Mutex<Vec<u8>>,
+    /// `http_requests_total` and the route's name for its `code` series.
+    http_requests: (Family<CodeLabels, Counter>, String),
 }
 
 impl RouteMetrics {
@@ -99,6 +99,17 @@ impl RouteMetrics {
         let outcome = failure.map_or("ok", Class::outcome);
         let i = OUTCOMES.iter().position(|o| *o == outcome).unwrap_or(4);
         self.connections[i].inc();
+    }
+
+    /// Count an HTTP answer (a read lock and a hash lookup; no I/O under it).
+    pub fn http_request(&self, code: u16) {
+        let (family, route) = &self.http_requests;
+        family
+            .get_or_create(&CodeLabels {
+                route: route.clone(),
+                code,
+            })
+            .inc();
     }
 
     /// Record the upstream leaf of a successful handshake.
@@ -222,6 +233,7 @@ impl Metrics {
             client_expiry: self.client_expiry.get_or_create(&r).clone(),
             upstream_expiry: (self.upstream_expiry.clone(), r.clone()),
             last_upstream_leaf: Mutex::new(Vec::new()),
+            http_requests: (self.http_requests.clone(), route.to_string()),
         }
     }
 

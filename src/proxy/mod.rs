@@ -1,6 +1,7 @@
 //! Accepting plaintext connections: the per-route accept loop, the connection limit, and the
 //! one access-log line per connection (written from `Drop`, so no path can forget it).
 
+pub mod http;
 pub mod tcp;
 
 use std::sync::Arc;
@@ -13,6 +14,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::bufio::AppStream;
+use crate::cli::Mode;
 use crate::config::Route;
 use crate::listen::{Conn, Listener};
 use crate::metrics::RouteMetrics;
@@ -68,6 +70,7 @@ pub struct Lifecycle {
 /// connections are refused from then on.
 pub async fn serve(ctx: Arc<RouteCtx>, listener: Listener, life: Lifecycle) {
     let slots = Arc::new(Semaphore::new(ctx.route.max_connections));
+    let http = (ctx.route.mode == Mode::Http).then(|| Arc::new(http::HttpRoute::new(ctx.clone())));
     let mut backoff = Duration::from_millis(5);
     loop {
         let permit = tokio::select! {
@@ -93,6 +96,21 @@ pub async fn serve(ctx: Arc<RouteCtx>, listener: Listener, life: Lifecycle) {
                 }
                 let ctx = ctx.clone();
                 let cut = life.cut.clone();
+                if let Some(route) = &http {
+                    let (route, stop) = (route.clone(), life.stop_accepting.clone());
+                    life.tracker.spawn(async move {
+                        let _open = HttpConnLog::new(&ctx, peer);
+                        match conn {
+                            Conn::Tcp(s) => {
+                                let _ = s.set_nodelay(true);
+                                http::serve_conn(route, s, stop, cut).await
+                            }
+                            Conn::Unix(s) => http::serve_conn(route, s, stop, cut).await,
+                        }
+                        drop(permit);
+                    });
+                    continue;
+                }
                 life.tracker.spawn(async move {
                     match conn {
                         Conn::Tcp(s) => handle(&ctx, s, peer, cut).await,
@@ -111,6 +129,36 @@ pub async fn serve(ctx: Arc<RouteCtx>, listener: Listener, life: Lifecycle) {
                 backoff = (backoff * 2).min(Duration::from_secs(1));
             }
         }
+    }
+}
+
+/// HTTP mode's record of one app connection (requests are counted in `http_requests_total`);
+/// logs itself when dropped.
+struct HttpConnLog<'a> {
+    ctx: &'a RouteCtx,
+    peer: String,
+    started: Instant,
+}
+
+impl<'a> HttpConnLog<'a> {
+    fn new(ctx: &'a RouteCtx, peer: String) -> Self {
+        ctx.metrics.active.inc();
+        HttpConnLog {
+            ctx,
+            peer,
+            started: Instant::now(),
+        }
+    }
+}
+
+impl Drop for HttpConnLog<'_> {
+    fn drop(&mut self) {
+        self.ctx.metrics.active.dec();
+        info!(
+            route = %self.ctx.route.name, peer = %self.peer, upstream = %self.ctx.upstream,
+            duration_ms = self.started.elapsed().as_millis() as u64, mode = "http",
+            "app connection closed"
+        );
     }
 }
 

@@ -17,7 +17,7 @@ use sha2::Digest as _;
 
 use super::load;
 use super::verify::UpstreamVerifier;
-use crate::cli::TlsMin;
+use crate::cli::{Mode, TlsMin};
 use crate::config::{IdentitySource, Route};
 
 #[derive(Debug, thiserror::Error)]
@@ -224,7 +224,11 @@ pub fn build_from(route: &Route, material: &load::Material) -> Result<Loaded, Er
         .dangerous()
         .with_custom_certificate_verifier(verifier)
         .with_client_cert_resolver(Arc::new(FixedIdentity(Arc::new(certified))));
-    config.alpn_protocols = route.alpn.clone();
+    config.alpn_protocols = match route.mode {
+        Mode::Tcp => route.alpn.clone(),
+        // The pool speaks whichever the upstream picks.
+        Mode::Http => vec![b"h2".to_vec(), b"http/1.1".to_vec()],
+    };
     // Resumption (tickets and TLS 1.2 session IDs) is on by default: repeat connections to the
     // upstream skip the full handshake where it allows. Each build has its own session cache,
     // so a new identity never rides on a ticket made with the old one.

@@ -1,0 +1,449 @@
+//! HTTP mode: the app speaks HTTP/1.1 or h2c (prior knowledge) to the listener; each request
+//! goes upstream over a pool of long-lived mTLS connections (hyper-util's pooled client), h2 or
+//! http/1.1 as the upstream picks by ALPN, so apps that open a connection per request no longer
+//! pay a handshake each.
+//!
+//! The pool belongs to one identity: when a reload publishes a new client configuration, the
+//! next request builds a new pool and the old one is dropped with its idle connections (busy
+//! ones finish their requests first).
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use arc_swap::ArcSwap;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Bytes, Incoming};
+use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::{Request, Response, StatusCode, Uri, Version};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::{Connected, Connection};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rustls::ClientConfig;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info};
+
+use super::RouteCtx;
+use crate::upstream::{self, Class, Failure};
+
+type Body = BoxBody<Bytes, hyper::Error>;
+
+/// Request headers larger than this get `431`.
+const MAX_HEADER_BYTES: usize = 64 * 1024;
+
+/// The route's HTTP side: the pool in force and what requests are rewritten with.
+pub struct HttpRoute {
+    ctx: Arc<RouteCtx>,
+    /// `Host` / `:authority` sent upstream: the server name, with `:PORT` unless 443.
+    authority: HeaderValue,
+    /// Base of every upstream URI, `https://AUTHORITY`.
+    base: String,
+    pool: ArcSwap<Pool>,
+}
+
+struct Pool {
+    /// The identity the pool's connections were made with.
+    config: Arc<ClientConfig>,
+    client: Client<Connector, Incoming>,
+}
+
+impl HttpRoute {
+    pub fn new(ctx: Arc<RouteCtx>) -> Self {
+        let port = ctx.route.upstream.port;
+        let name = &ctx.server_name;
+        let host = if name.contains(':') {
+            format!("[{name}]")
+        } else {
+            name.clone()
+        };
+        let authority = if port == 443 {
+            host
+        } else {
+            format!("{host}:{port}")
+        };
+        let config = ctx.identity.current();
+        let pool = Pool::new(&ctx, config);
+        HttpRoute {
+            authority: HeaderValue::from_str(&authority)
+                .unwrap_or(HeaderValue::from_static("localhost")),
+            base: format!("https://{authority}"),
+            pool: ArcSwap::from_pointee(pool),
+            ctx,
+        }
+    }
+
+    /// The pool for the identity in force, rebuilt after a reload.
+    fn client(&self) -> Client<Connector, Incoming> {
+        let config = self.ctx.identity.current();
+        let current = self.pool.load();
+        if Arc::ptr_eq(&current.config, &config) {
+            return current.client.clone();
+        }
+        let fresh = Arc::new(Pool::new(&self.ctx, config));
+        let client = fresh.client.clone();
+        debug!(route = %self.ctx.route.name, "new identity: new upstream pool; idle connections of the old one close");
+        self.pool.store(fresh);
+        client
+    }
+}
+
+impl Pool {
+    fn new(ctx: &Arc<RouteCtx>, config: Arc<ClientConfig>) -> Self {
+        let http = &ctx.route.http;
+        let client = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .pool_idle_timeout(http.pool_idle_timeout)
+            .pool_max_idle_per_host(http.pool_max_idle)
+            // A request on a pooled connection that closed before the request was written is
+            // sent again on a fresh one (the upstream never saw it).
+            .retry_canceled_requests(true)
+            .build(Connector {
+                ctx: ctx.clone(),
+                config: config.clone(),
+            });
+        Pool { config, client }
+    }
+}
+
+/// Dials the upstream for the pool: our resolve/connect/handshake, with one more try when the
+/// upstream refused the connection (the request has not been sent anywhere yet).
+#[derive(Clone)]
+struct Connector {
+    ctx: Arc<RouteCtx>,
+    config: Arc<ClientConfig>,
+}
+
+impl tower_service::Service<Uri> for Connector {
+    type Response = UpstreamIo;
+    type Error = Failure;
+    type Future = Pin<Box<dyn Future<Output = Result<UpstreamIo, Failure>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Failure>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _uri: Uri) -> Self::Future {
+        let ctx = self.ctx.clone();
+        let config = self.config.clone();
+        Box::pin(async move {
+            let mut attempt = upstream::connect(&ctx.route, config.clone()).await;
+            if matches!(&attempt, Err(f) if f.class == Class::Refused) {
+                attempt = upstream::connect(&ctx.route, config).await;
+            }
+            let m = &ctx.metrics;
+            match attempt {
+                Ok(c) => {
+                    m.handshake.observe(c.handshake.as_secs_f64());
+                    let conn = c.stream.get_ref().1;
+                    if let Some(leaf) = conn.peer_certificates().and_then(|p| p.first()) {
+                        m.upstream_leaf(leaf);
+                    }
+                    let h2 = conn.alpn_protocol() == Some(b"h2");
+                    m.connection_finished(None);
+                    Ok(UpstreamIo {
+                        io: TokioIo::new(c.stream),
+                        h2,
+                    })
+                }
+                Err(f) => {
+                    m.connection_finished(Some(f.class));
+                    Err(f)
+                }
+            }
+        })
+    }
+}
+
+/// A pooled upstream connection, telling the pool which protocol ALPN agreed.
+struct UpstreamIo {
+    io: TokioIo<upstream::Upstream>,
+    h2: bool,
+}
+
+impl Connection for UpstreamIo {
+    fn connected(&self) -> Connected {
+        let c = Connected::new();
+        if self.h2 { c.negotiated_h2() } else { c }
+    }
+}
+
+impl hyper::rt::Read for UpstreamIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl hyper::rt::Write for UpstreamIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+}
+
+/// Headers that describe one hop, never forwarded (RFC 9110 7.6.1), plus those the
+/// `Connection` header names.
+fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .filter(|n| !(keep_upgrade && n == header::UPGRADE))
+        .collect();
+    for n in named {
+        headers.remove(n);
+    }
+    let te_trailers = headers
+        .get(header::TE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+        });
+    for n in [
+        header::TE,
+        header::TRANSFER_ENCODING,
+        header::PROXY_AUTHORIZATION,
+        header::PROXY_AUTHENTICATE,
+        HeaderName::from_static("keep-alive"),
+        HeaderName::from_static("proxy-connection"),
+    ] {
+        headers.remove(n);
+    }
+    if !keep_upgrade {
+        headers.remove(header::CONNECTION);
+        headers.remove(header::UPGRADE);
+    }
+    if te_trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+}
+
+fn is_upgrade(req: &Request<Incoming>) -> bool {
+    req.version() == Version::HTTP_11
+        && req.headers().contains_key(header::UPGRADE)
+        && req
+            .headers()
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .any(|v| {
+                v.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+            })
+}
+
+/// The answer to the app when the upstream could not serve: 504 for a connect timeout, 502
+/// otherwise, with a one-line reason.
+fn failure_response(f: &Failure) -> Response<Body> {
+    let code = if f.class == Class::Timeout {
+        StatusCode::GATEWAY_TIMEOUT
+    } else {
+        StatusCode::BAD_GATEWAY
+    };
+    let body = format!("mtls-sidecar: {}: {}\n", f.class.reason(), f.message);
+    let mut r = Response::new(
+        Full::new(Bytes::from(body))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *r.status_mut() = code;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+/// Find our classified failure (from the connector) or an I/O cause in a client error.
+fn classify(e: &(dyn std::error::Error + 'static), server_name: &str) -> Failure {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(f) = err.downcast_ref::<Failure>() {
+            return f.clone();
+        }
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            return upstream::classify_io(io, server_name);
+        }
+        if let Some(h) = err.downcast_ref::<hyper::Error>()
+            && (h.is_incomplete_message() || h.is_canceled() || h.is_closed())
+        {
+            return Failure::new(
+                Class::Reset,
+                format!("the upstream closed the connection: {h}"),
+            );
+        }
+        cur = err.source();
+    }
+    Failure::new(Class::Protocol, format!("upstream HTTP error: {e}"))
+}
+
+impl HttpRoute {
+    /// Forward one request.
+    async fn forward(
+        self: Arc<Self>,
+        mut req: Request<Incoming>,
+    ) -> Result<Response<Body>, Infallible> {
+        if is_upgrade(&req) {
+            return Ok(self.upgrade(req).await);
+        }
+        let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+        let uri: Uri = match format!("{}{}", self.base, path).parse() {
+            Ok(u) => u,
+            Err(_) => {
+                return Ok(self.answer(failure_response(&Failure::new(
+                    Class::Protocol,
+                    "bad request target",
+                ))));
+            }
+        };
+        *req.uri_mut() = uri;
+        *req.version_mut() = Version::HTTP_11;
+        strip_hop_by_hop(req.headers_mut(), false);
+        req.headers_mut()
+            .insert(header::HOST, self.authority.clone());
+        let resp = match self.client().request(req).await {
+            Ok(r) => r,
+            Err(e) => {
+                return Ok(self.answer(failure_response(&classify(&e, &self.ctx.server_name))));
+            }
+        };
+        let (mut parts, body) = resp.into_parts();
+        strip_hop_by_hop(&mut parts.headers, false);
+        Ok(self.answer(Response::from_parts(parts, body.boxed())))
+    }
+
+    fn answer(&self, r: Response<Body>) -> Response<Body> {
+        self.ctx.metrics.http_request(r.status().as_u16());
+        r
+    }
+
+    /// HTTP/1.1 Upgrade: a dedicated http/1.1 upstream connection; after its 101, bytes flow
+    /// both ways between the two upgraded connections.
+    async fn upgrade(self: Arc<Self>, mut req: Request<Incoming>) -> Response<Body> {
+        let mut config = (*self.ctx.identity.current()).clone();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let conn = match upstream::connect(&self.ctx.route, Arc::new(config)).await {
+            Ok(c) => c,
+            Err(f) => return self.answer(failure_response(&f)),
+        };
+        let (mut sender, connection) =
+            match hyper::client::conn::http1::handshake(TokioIo::new(conn.stream)).await {
+                Ok(x) => x,
+                Err(e) => {
+                    return self.answer(failure_response(&classify(&e, &self.ctx.server_name)));
+                }
+            };
+        tokio::spawn(async move {
+            let _ = connection.with_upgrades().await;
+        });
+        let app_side = hyper::upgrade::on(&mut req);
+        let (mut parts, body) = req.into_parts();
+        let path = parts
+            .uri
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_string();
+        parts.uri = path.parse().unwrap_or_else(|_| Uri::from_static("/"));
+        strip_hop_by_hop(&mut parts.headers, true);
+        parts.headers.insert(header::HOST, self.authority.clone());
+        let mut resp = match sender.send_request(Request::from_parts(parts, body)).await {
+            Ok(r) => r,
+            Err(e) => return self.answer(failure_response(&classify(&e, &self.ctx.server_name))),
+        };
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+            let upstream_side = hyper::upgrade::on(&mut resp);
+            let route = self.ctx.route.name.clone();
+            tokio::spawn(async move {
+                if let (Ok(a), Ok(u)) = (app_side.await, upstream_side.await) {
+                    let (mut a, mut u) = (TokioIo::new(a), TokioIo::new(u));
+                    match tokio::io::copy_bidirectional(&mut a, &mut u).await {
+                        Ok((to, from)) => {
+                            debug!(route = %route, to, from, "upgraded connection closed")
+                        }
+                        Err(e) => debug!(route = %route, error = %e, "upgraded connection failed"),
+                    }
+                }
+            });
+        }
+        let (parts, body) = resp.into_parts();
+        self.answer(Response::from_parts(parts, body.boxed()))
+    }
+}
+
+/// Serve one app connection until it ends, shutting it down gracefully (h1 `Connection:
+/// close`, h2 GOAWAY) when `stop` fires and abandoning it when `cut` does.
+pub async fn serve_conn<I>(
+    route: Arc<HttpRoute>,
+    io: I,
+    stop: CancellationToken,
+    cut: CancellationToken,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let settings = &route.ctx.route.http;
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(settings.header_timeout)
+        .max_buf_size(MAX_HEADER_BYTES);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(MAX_HEADER_BYTES as u32);
+    let r = route.clone();
+    let service = hyper::service::service_fn(move |req| r.clone().forward(req));
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+    tokio::pin!(conn);
+    let done = tokio::select! {
+        r = conn.as_mut() => Some(r),
+        _ = stop.cancelled() => None,
+        _ = cut.cancelled() => return,
+    };
+    let result = match done {
+        Some(r) => r,
+        None => {
+            conn.as_mut().graceful_shutdown();
+            tokio::select! {
+                r = conn.as_mut() => r,
+                _ = cut.cancelled() => return,
+            }
+        }
+    };
+    if let Err(e) = result {
+        info!(route = %route.ctx.route.name, error = %e, "app connection ended with an error");
+    }
+}
