@@ -332,8 +332,9 @@ impl HttpRoute {
         *req.uri_mut() = uri;
         *req.version_mut() = Version::HTTP_11;
         strip_hop_by_hop(req.headers_mut(), false);
-        req.headers_mut()
-            .insert(header::HOST, self.authority.clone());
+        // The pool derives Host (http/1.1) or :authority (h2) from the URI; a Host header next
+        // to :authority is a duplicate that nginx refuses with 400.
+        req.headers_mut().remove(header::HOST);
         let resp = match self.client().request(req).await {
             Ok(r) => r,
             Err(e) => {
