@@ -16,12 +16,20 @@
 //! - `admin`: `/healthz`, `/readyz`, `/metrics`, `/status`, `POST /shutdown` and `wait`
 //! - `systemd`: the notify protocol against a fake `NOTIFY_SOCKET`; socket activation
 //! - `unix`: `--listen unix:PATH`, `--listen-mode`, stale and live socket files, `--allow-uid`
+//! - `http`: `--mode http`: Host rewrite, ALPN upstream, h2c from the app, bodies and streaming,
+//!   trailers, `Expect: 100-continue`, upgrades, hop-by-hop headers, the mode's flags
+//! - `http_pool`: the upstream pool (reuse, h2 multiplexing, stale retry, idle timeout and cap),
+//!   reloads, `http_requests_total`, draining, nginx as the upstream
+//! - `http_errors`: the proxy's own 502/504 answers and retries, 431, slow-header clients
 
 mod support;
 
 mod admin;
 mod checks;
 mod formats;
+mod http;
+mod http_errors;
+mod http_pool;
 mod interop;
 mod lifecycle;
 mod refusal;

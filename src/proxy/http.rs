@@ -16,12 +16,13 @@ use std::task::{Context, Poll};
 use arc_swap::ArcSwap;
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
-use hyper::body::{Bytes, Incoming};
+use hyper::body::{Bytes, Frame, Incoming};
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Request, Response, StatusCode, Uri, Version};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use prometheus_client::metrics::counter::Counter;
 use rustls::ClientConfig;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
@@ -30,6 +31,40 @@ use super::RouteCtx;
 use crate::upstream::{self, Class, Failure};
 
 type Body = BoxBody<Bytes, hyper::Error>;
+
+/// A body that adds the size of every data frame passing through to a counter
+/// (`bytes_total`): one atomic add per frame.
+struct Counted<B> {
+    inner: B,
+    counter: Counter,
+}
+
+impl<B: hyper::body::Body<Data = Bytes> + Unpin> hyper::body::Body for Counted<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &r
+            && let Some(data) = frame.data_ref()
+        {
+            this.counter.inc_by(data.len() as u64);
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
 
 /// Request headers larger than this get `431`.
 const MAX_HEADER_BYTES: usize = 64 * 1024;
@@ -47,7 +82,7 @@ pub struct HttpRoute {
 struct Pool {
     /// The identity the pool's connections were made with.
     config: Arc<ClientConfig>,
-    client: Client<Connector, Incoming>,
+    client: Client<Connector, Counted<Incoming>>,
 }
 
 impl HttpRoute {
@@ -75,8 +110,21 @@ impl HttpRoute {
         }
     }
 
+    /// Watch for reloads: at each new identity, replace the pool at once, so the idle
+    /// connections made with the old identity close without waiting for the next request.
+    pub fn watch_reloads(self: &Arc<Self>) {
+        let mut generations = self.ctx.identity.subscribe();
+        let route = Arc::downgrade(self);
+        tokio::spawn(async move {
+            while generations.changed().await.is_ok() {
+                let Some(route) = route.upgrade() else { return };
+                let _ = route.client();
+            }
+        });
+    }
+
     /// The pool for the identity in force, rebuilt after a reload.
-    fn client(&self) -> Client<Connector, Incoming> {
+    fn client(&self) -> Client<Connector, Counted<Incoming>> {
         let config = self.ctx.identity.current();
         let current = self.pool.load();
         if Arc::ptr_eq(&current.config, &config) {
@@ -335,6 +383,11 @@ impl HttpRoute {
         // The pool derives Host (http/1.1) or :authority (h2) from the URI; a Host header next
         // to :authority is a duplicate that nginx refuses with 400.
         req.headers_mut().remove(header::HOST);
+        let m = &self.ctx.metrics;
+        let req = req.map(|inner| Counted {
+            inner,
+            counter: m.bytes_to_upstream.clone(),
+        });
         let resp = match self.client().request(req).await {
             Ok(r) => r,
             Err(e) => {
@@ -343,6 +396,10 @@ impl HttpRoute {
         };
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers, false);
+        let body = Counted {
+            inner: body,
+            counter: m.bytes_from_upstream.clone(),
+        };
         Ok(self.answer(Response::from_parts(parts, body.boxed())))
     }
 
@@ -387,11 +444,15 @@ impl HttpRoute {
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
             let upstream_side = hyper::upgrade::on(&mut resp);
             let route = self.ctx.route.name.clone();
+            let ctx = self.ctx.clone();
             tokio::spawn(async move {
+                let m = &ctx.metrics;
                 if let (Ok(a), Ok(u)) = (app_side.await, upstream_side.await) {
                     let (mut a, mut u) = (TokioIo::new(a), TokioIo::new(u));
                     match tokio::io::copy_bidirectional(&mut a, &mut u).await {
                         Ok((to, from)) => {
+                            m.bytes_to_upstream.inc_by(to);
+                            m.bytes_from_upstream.inc_by(from);
                             debug!(route = %route, to, from, "upgraded connection closed")
                         }
                         Err(e) => debug!(route = %route, error = %e, "upgraded connection failed"),

@@ -70,7 +70,11 @@ pub struct Lifecycle {
 /// connections are refused from then on.
 pub async fn serve(ctx: Arc<RouteCtx>, listener: Listener, life: Lifecycle) {
     let slots = Arc::new(Semaphore::new(ctx.route.max_connections));
-    let http = (ctx.route.mode == Mode::Http).then(|| Arc::new(http::HttpRoute::new(ctx.clone())));
+    let http = (ctx.route.mode == Mode::Http).then(|| {
+        let route = Arc::new(http::HttpRoute::new(ctx.clone()));
+        route.watch_reloads();
+        route
+    });
     let mut backoff = Duration::from_millis(5);
     loop {
         let permit = tokio::select! {

@@ -245,6 +245,9 @@ pub fn build_from(route: &Route, material: &load::Material) -> Result<Loaded, Er
 pub struct Identity {
     current: ArcSwap<ClientConfig>,
     leaf: ArcSwap<CertInfo>,
+    /// Bumped at every publish, for those who must act on a new identity at once (HTTP mode
+    /// closes the idle pooled connections of the old one).
+    generation: tokio::sync::watch::Sender<u64>,
 }
 
 impl Identity {
@@ -252,6 +255,7 @@ impl Identity {
         Identity {
             current: ArcSwap::new(loaded.config.clone()),
             leaf: ArcSwap::from_pointee(loaded.leaf.clone()),
+            generation: tokio::sync::watch::Sender::new(0),
         }
     }
 
@@ -268,6 +272,12 @@ impl Identity {
     pub fn publish(&self, loaded: &Loaded) {
         self.leaf.store(Arc::new(loaded.leaf.clone()));
         self.current.store(loaded.config.clone());
+        self.generation.send_modify(|g| *g += 1);
+    }
+
+    /// Ticks after every publish.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.generation.subscribe()
     }
 }
 

@@ -2,6 +2,7 @@
 
 pub mod admin;
 pub mod files;
+pub mod http;
 pub mod net;
 pub mod pki;
 pub mod proc;
