@@ -24,6 +24,9 @@ pub enum Command {
     Demo(DemoArgs),
     /// Block until an admin listener's /readyz answers 200 (exit 0), or the timeout passes (exit 1)
     Wait(WaitArgs),
+    /// Load and validate everything, handshake once with each upstream, and explain in plain
+    /// words anything that fails; exit 0 only if every route passes
+    Check(CheckArgs),
 }
 
 /// Options of `run`. Every option can also be set by `MTLS_SIDECAR_<FLAG>`; the flag wins.
@@ -248,6 +251,23 @@ pub struct RunArgs {
 
     #[command(flatten)]
     pub log: LogArgs,
+}
+
+/// Options of `check`: the same as `run`, plus the report format.
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    #[command(flatten)]
+    pub run: RunArgs,
+
+    /// Report format
+    #[arg(long, value_enum, default_value = "text")]
+    pub format: CheckFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CheckFormat {
+    Text,
+    Json,
 }
 
 /// Options of `wait`.

@@ -57,6 +57,7 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Command::Run(args) => {
+            let args = *args;
             if let Err(e) = telemetry::init(&args.log) {
                 return fail(Exit::Startup, e);
             }
@@ -94,6 +95,20 @@ fn main() -> ExitCode {
                     Exit::Ok.into()
                 }
                 Err(e) => fail(Exit::Startup, e),
+            }
+        }
+        Command::Check(args) => {
+            if let Err(e) = telemetry::init(&args.run.log) {
+                return fail(Exit::Startup, e);
+            }
+            let config = match Config::from_run_args(&args.run) {
+                Ok(c) => c,
+                Err(e) => return fail(Exit::Startup, e),
+            };
+            if rt.block_on(mtls_sidecar::check::run(&config, args.format)) {
+                Exit::Ok.into()
+            } else {
+                Exit::Runtime.into()
             }
         }
         Command::Wait(args) => {
