@@ -39,6 +39,17 @@ pub enum StartupError {
     Admin(listen::Error),
 }
 
+/// Whether two routes can share one identity: same files and every setting that goes into the
+/// TLS client configuration.
+fn same_tls(a: &crate::config::Route, b: &crate::config::Route) -> bool {
+    a.tls == b.tls
+        && a.checks == b.checks
+        && a.tls_min == b.tls_min
+        && a.mode == b.mode
+        && a.alpn == b.alpn
+        && a.reload_interval == b.reload_interval
+}
+
 /// A bound, loaded program, ready to serve.
 pub struct App {
     config: Config,
@@ -55,8 +66,22 @@ pub struct App {
 impl App {
     /// Load every route's identity, then bind every listener. Nothing is served yet.
     pub async fn bind(config: Config) -> Result<App, StartupError> {
-        let mut loaded = Vec::with_capacity(config.routes.len());
-        for route in &config.routes {
+        let metrics = Arc::new(Metrics::new());
+        let (ok, failed) = metrics.reload_counters();
+        let reload_stats = Arc::new(Stats::new(ok, failed));
+        // Routes whose TLS settings are the same share one loaded identity and one reload
+        // loop; `groups[i]` = (the settings' first route, the identity, its routes' indexes).
+        let mut groups: Vec<(usize, Arc<Identity>, identity::Loaded, Vec<usize>)> = Vec::new();
+        let mut identities = Vec::with_capacity(config.routes.len());
+        for (i, route) in config.routes.iter().enumerate() {
+            if let Some(g) = groups
+                .iter_mut()
+                .find(|g| same_tls(&config.routes[g.0], route))
+            {
+                g.3.push(i);
+                identities.push(g.1.clone());
+                continue;
+            }
             let l = identity::build(route).map_err(|source| StartupError::Tls {
                 route: route.name.clone(),
                 source,
@@ -67,34 +92,40 @@ impl App {
                 serial = %leaf.serial, not_after = %identity::rfc3339(leaf.not_after),
                 "client identity loaded"
             );
-            loaded.push(l);
+            let id = Arc::new(Identity::new(&l));
+            identities.push(id.clone());
+            groups.push((i, id, l, vec![i]));
         }
-        let metrics = Arc::new(Metrics::new());
-        let (ok, failed) = metrics.reload_counters();
-        let reload_stats = Arc::new(Stats::new(ok, failed));
         let mut systemd = SystemdFds::from_env();
         let mut routes = Vec::with_capacity(config.routes.len());
-        let mut reloaders = Vec::with_capacity(config.routes.len());
-        for (route, l) in config.routes.iter().zip(loaded) {
+        for (route, identity) in config.routes.iter().zip(identities) {
             let listener = Listener::bind(&route.listen, route.listen_mode, &mut systemd)
                 .await
                 .map_err(|source| StartupError::Bind {
                     route: route.name.clone(),
                     source,
                 })?;
-            let identity = Arc::new(Identity::new(&l));
             let route_metrics = metrics.route(&route.name);
-            route_metrics.client_expiry.set(l.leaf.not_after);
-            reloaders.push(Reloader::new(
-                route.clone(),
-                identity.clone(),
-                reload_stats.clone(),
-                route_metrics.client_expiry.clone(),
-                &l,
-            ));
+            route_metrics.client_expiry.set(identity.leaf().not_after);
             let ctx = RouteCtx::new(route.clone(), identity, route_metrics, listener.describe());
             routes.push((Arc::new(ctx), listener));
         }
+        let reloaders = groups
+            .into_iter()
+            .map(|(first, id, loaded, members)| {
+                let mut route = config.routes[first].clone();
+                route.name = members
+                    .iter()
+                    .map(|&m| config.routes[m].name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(",");
+                let gauges = members
+                    .iter()
+                    .map(|&m| routes[m].0.metrics.client_expiry.clone())
+                    .collect();
+                Reloader::new(route, id, reload_stats.clone(), gauges, &loaded)
+            })
+            .collect();
         let admin = match &config.admin {
             None => None,
             Some(a) => {

@@ -26,17 +26,29 @@ pub enum Command {
     Wait(WaitArgs),
     /// Load and validate everything, handshake once with each upstream, and explain in plain
     /// words anything that fails; exit 0 only if every route passes
-    Check(CheckArgs),
+    Check(Box<CheckArgs>),
 }
 
 /// Options of `run`. Every option can also be set by `MTLS_SIDECAR_<FLAG>`; the flag wins.
 #[derive(Debug, Clone, Args)]
+#[command(group(clap::ArgGroup::new("route_flags").multiple(true)))]
 pub struct RunArgs {
+    /// TOML file with many routes ([admin], [defaults], [[route]]); route flags cannot be mixed
+    /// with it
+    #[arg(
+        long,
+        env = "MTLS_SIDECAR_CONFIG",
+        value_name = "FILE",
+        conflicts_with = "route_flags"
+    )]
+    pub config: Option<PathBuf>,
+
     /// Plaintext listener: HOST:PORT (loopback unless --allow-non-loopback), unix:PATH or
     /// systemd:NAME (socket activation)
     #[arg(
         long,
         env = "MTLS_SIDECAR_LISTEN",
+        group = "route_flags",
         default_value = "127.0.0.1:8080",
         value_name = "ADDR"
     )]
@@ -46,6 +58,7 @@ pub struct RunArgs {
     #[arg(
         long,
         env = "MTLS_SIDECAR_LISTEN_MODE",
+        group = "route_flags",
         default_value = "0600",
         value_name = "OCTAL"
     )]
@@ -55,29 +68,41 @@ pub struct RunArgs {
     #[arg(
         long = "allow-uid",
         env = "MTLS_SIDECAR_ALLOW_UID",
+        group = "route_flags",
         value_name = "UID",
         value_delimiter = ','
     )]
     pub allow_uid: Vec<u32>,
 
     /// Allow a listen address other than loopback: anyone who can reach it borrows this identity
-    #[arg(long, env = "MTLS_SIDECAR_ALLOW_NON_LOOPBACK")]
+    #[arg(long, env = "MTLS_SIDECAR_ALLOW_NON_LOOPBACK", group = "route_flags")]
     pub allow_non_loopback: bool,
 
     /// Where traffic goes over mTLS, HOST:PORT; resolved at every dial
-    #[arg(long, env = "MTLS_SIDECAR_UPSTREAM", value_name = "HOST:PORT")]
-    pub upstream: String,
+    #[arg(
+        long,
+        env = "MTLS_SIDECAR_UPSTREAM",
+        group = "route_flags",
+        value_name = "HOST:PORT",
+        required_unless_present = "config"
+    )]
+    pub upstream: Option<String>,
 
     /// SNI and the name the upstream certificate must match [default: the host of --upstream]
-    #[arg(long, env = "MTLS_SIDECAR_SERVER_NAME", value_name = "NAME")]
+    #[arg(
+        long,
+        env = "MTLS_SIDECAR_SERVER_NAME",
+        group = "route_flags",
+        value_name = "NAME"
+    )]
     pub server_name: Option<String>,
 
     /// Client certificate chain, PEM, leaf first
     #[arg(
         long,
-        env = "MTLS_SIDECAR_CERT",
+        env = "MTLS_SIDECAR_CERT", group = "route_flags",
         value_name = "FILE",
-        required_unless_present = "pkcs12",
+        required_unless_present_any = ["pkcs12", "config"],
         conflicts_with = "pkcs12"
     )]
     pub cert: Option<PathBuf>,
@@ -85,25 +110,36 @@ pub struct RunArgs {
     /// Private key, PEM: PKCS#8, PKCS#1 or SEC1; encrypted PKCS#8 with --key-password-file
     #[arg(
         long,
-        env = "MTLS_SIDECAR_KEY",
+        env = "MTLS_SIDECAR_KEY", group = "route_flags",
         value_name = "FILE",
-        required_unless_present = "pkcs12",
+        required_unless_present_any = ["pkcs12", "config"],
         conflicts_with = "pkcs12"
     )]
     pub key: Option<PathBuf>,
 
     /// File holding the password of an encrypted PKCS#8 --key (one trailing newline ignored)
-    #[arg(long, env = "MTLS_SIDECAR_KEY_PASSWORD_FILE", value_name = "FILE")]
+    #[arg(
+        long,
+        env = "MTLS_SIDECAR_KEY_PASSWORD_FILE",
+        group = "route_flags",
+        value_name = "FILE"
+    )]
     pub key_password_file: Option<PathBuf>,
 
     /// Client identity as PKCS#12 (key and chain), instead of --cert/--key
-    #[arg(long, env = "MTLS_SIDECAR_PKCS12", value_name = "FILE")]
+    #[arg(
+        long,
+        env = "MTLS_SIDECAR_PKCS12",
+        group = "route_flags",
+        value_name = "FILE"
+    )]
     pub pkcs12: Option<PathBuf>,
 
     /// File holding the password of --pkcs12 (one trailing newline ignored)
     #[arg(
         long,
         env = "MTLS_SIDECAR_PKCS12_PASSWORD_FILE",
+        group = "route_flags",
         value_name = "FILE",
         requires = "pkcs12"
     )]
@@ -111,13 +147,19 @@ pub struct RunArgs {
 
     /// PEM bundle the upstream's chain must lead to [default: system trust store, honours
     /// SSL_CERT_FILE]
-    #[arg(long, env = "MTLS_SIDECAR_CA", value_name = "FILE")]
+    #[arg(
+        long,
+        env = "MTLS_SIDECAR_CA",
+        group = "route_flags",
+        value_name = "FILE"
+    )]
     pub ca: Option<PathBuf>,
 
     /// Certificate revocation list(s), PEM, applied to the upstream chain; repeatable
     #[arg(
         long = "crl",
         env = "MTLS_SIDECAR_CRL",
+        group = "route_flags",
         value_name = "FILE",
         value_delimiter = ','
     )]
@@ -127,6 +169,7 @@ pub struct RunArgs {
     #[arg(
         long = "verify-uri-san",
         env = "MTLS_SIDECAR_VERIFY_URI_SAN",
+        group = "route_flags",
         value_name = "URI",
         value_delimiter = ','
     )]
@@ -137,6 +180,7 @@ pub struct RunArgs {
     #[arg(
         long = "pin-sha256",
         env = "MTLS_SIDECAR_PIN_SHA256",
+        group = "route_flags",
         value_name = "BASE64",
         value_delimiter = ','
     )]
@@ -146,6 +190,7 @@ pub struct RunArgs {
     #[arg(
         long,
         env = "MTLS_SIDECAR_RELOAD_INTERVAL",
+        group = "route_flags",
         default_value = "5s",
         value_name = "DUR"
     )]
@@ -155,24 +200,38 @@ pub struct RunArgs {
     #[arg(
         long = "alpn",
         env = "MTLS_SIDECAR_ALPN",
+        group = "route_flags",
         value_name = "PROTO",
         value_delimiter = ','
     )]
     pub alpn: Vec<String>,
 
     /// Lowest TLS version offered
-    #[arg(long, env = "MTLS_SIDECAR_TLS_MIN", value_enum, default_value = "1.2")]
+    #[arg(
+        long,
+        env = "MTLS_SIDECAR_TLS_MIN",
+        group = "route_flags",
+        value_enum,
+        default_value = "1.2"
+    )]
     pub tls_min: TlsMin,
 
     /// tcp: each plaintext connection becomes one TLS connection, bytes pass untouched. http:
     /// HTTP/1.1 and h2c requests go over pooled upstream connections (h2 or http/1.1 by ALPN)
-    #[arg(long, env = "MTLS_SIDECAR_MODE", value_enum, default_value = "tcp")]
+    #[arg(
+        long,
+        env = "MTLS_SIDECAR_MODE",
+        group = "route_flags",
+        value_enum,
+        default_value = "tcp"
+    )]
     pub mode: Mode,
 
     /// HTTP mode: how long an app connection may take to send a request's headers
     #[arg(
         long,
         env = "MTLS_SIDECAR_HEADER_TIMEOUT",
+        group = "route_flags",
         default_value = "10s",
         value_name = "DUR"
     )]
@@ -182,6 +241,7 @@ pub struct RunArgs {
     #[arg(
         long,
         env = "MTLS_SIDECAR_POOL_IDLE_TIMEOUT",
+        group = "route_flags",
         default_value = "90s",
         value_name = "DUR"
     )]
@@ -191,6 +251,7 @@ pub struct RunArgs {
     #[arg(
         long,
         env = "MTLS_SIDECAR_POOL_MAX_IDLE",
+        group = "route_flags",
         default_value_t = 64,
         value_name = "N"
     )]
@@ -200,6 +261,7 @@ pub struct RunArgs {
     #[arg(
         long,
         env = "MTLS_SIDECAR_CONNECT_TIMEOUT",
+        group = "route_flags",
         default_value = "10s",
         value_name = "DUR"
     )]
@@ -209,6 +271,7 @@ pub struct RunArgs {
     #[arg(
         long,
         env = "MTLS_SIDECAR_IDLE_TIMEOUT",
+        group = "route_flags",
         default_value = "0",
         value_name = "DUR"
     )]
@@ -218,6 +281,7 @@ pub struct RunArgs {
     #[arg(
         long,
         env = "MTLS_SIDECAR_MAX_CONNECTIONS",
+        group = "route_flags",
         default_value_t = 10_000,
         value_name = "N"
     )]

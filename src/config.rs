@@ -184,6 +184,13 @@ pub enum Error {
          who can reach it borrows this client identity; pass --allow-non-loopback if that is meant"
     )]
     NonLoopback { addr: String, route: String },
+    #[error("{}:{line}: key `{key}`: {message}", path.display())]
+    File {
+        path: PathBuf,
+        line: usize,
+        key: String,
+        message: String,
+    },
 }
 
 fn invalid(flag: &'static str, value: &str, reason: impl Into<String>) -> Error {
@@ -337,108 +344,131 @@ pub fn parse_pin(value: &str) -> Result<[u8; 32], Error> {
     })
 }
 
-impl Config {
-    /// Build the one-route configuration that flags describe.
-    pub fn from_run_args(args: &RunArgs) -> Result<Self, Error> {
-        let name = "default".to_string();
-        let listen = parse_listen(&args.listen, args.allow_non_loopback, &name)?;
-        let upstream = parse_upstream(&args.upstream)?;
-        let server_name = match &args.server_name {
-            Some(n) => parse_server_name("--server-name", n)?,
-            None => parse_server_name("--upstream", &upstream.host)?,
-        };
-        let idle = parse_duration("--idle-timeout", &args.idle_timeout)?;
-        let connect_timeout = parse_duration("--connect-timeout", &args.connect_timeout)?;
-        if connect_timeout.is_zero() {
+/// Build one route from flag-shaped values (the flags themselves, or a config file's route
+/// merged with its defaults).
+pub fn route_from_args(name: String, args: &RunArgs) -> Result<Route, Error> {
+    let listen = parse_listen(&args.listen, args.allow_non_loopback, &name)?;
+    let upstream = match &args.upstream {
+        Some(u) => parse_upstream(u)?,
+        None => {
             return Err(invalid(
-                "--connect-timeout",
-                &args.connect_timeout,
-                "must be above 0",
+                "--upstream",
+                "",
+                "missing: where should traffic go?",
             ));
         }
-        if args.max_connections == 0 {
-            return Err(invalid("--max-connections", "0", "must be at least 1"));
+    };
+    let server_name = match &args.server_name {
+        Some(n) => parse_server_name("--server-name", n)?,
+        None => parse_server_name("--upstream", &upstream.host)?,
+    };
+    let idle = parse_duration("--idle-timeout", &args.idle_timeout)?;
+    let connect_timeout = parse_duration("--connect-timeout", &args.connect_timeout)?;
+    if connect_timeout.is_zero() {
+        return Err(invalid(
+            "--connect-timeout",
+            &args.connect_timeout,
+            "must be above 0",
+        ));
+    }
+    if args.max_connections == 0 {
+        return Err(invalid("--max-connections", "0", "must be at least 1"));
+    }
+    let mut alpn = Vec::new();
+    for p in &args.alpn {
+        if p.is_empty() || p.len() > 255 {
+            return Err(invalid("--alpn", p, "must be 1 to 255 bytes"));
         }
-        let mut alpn = Vec::new();
-        for p in &args.alpn {
-            if p.is_empty() || p.len() > 255 {
-                return Err(invalid("--alpn", p, "must be 1 to 255 bytes"));
-            }
-            alpn.push(p.as_bytes().to_vec());
+        alpn.push(p.as_bytes().to_vec());
+    }
+    let identity = match (&args.pkcs12, &args.cert, &args.key) {
+        (Some(file), _, _) => IdentitySource::Pkcs12 {
+            file: file.clone(),
+            password: args.pkcs12_password_file.clone(),
+        },
+        (None, Some(cert), Some(key)) => IdentitySource::Pem {
+            cert: cert.clone(),
+            key: key.clone(),
+            key_password: args.key_password_file.clone(),
+        },
+        _ => {
+            return Err(invalid(
+                "--cert",
+                "",
+                "--cert and --key (or --pkcs12) are required",
+            ));
         }
-        let identity = match (&args.pkcs12, &args.cert, &args.key) {
-            (Some(file), _, _) => IdentitySource::Pkcs12 {
-                file: file.clone(),
-                password: args.pkcs12_password_file.clone(),
-            },
-            (None, Some(cert), Some(key)) => IdentitySource::Pem {
-                cert: cert.clone(),
-                key: key.clone(),
-                key_password: args.key_password_file.clone(),
-            },
-            _ => {
-                return Err(invalid(
-                    "--cert",
-                    "",
-                    "--cert and --key (or --pkcs12) are required",
-                ));
+    };
+    let mut pins = Vec::new();
+    for p in &args.pin_sha256 {
+        pins.push(parse_pin(p)?);
+    }
+    for u in &args.verify_uri_san {
+        if !u.contains(':') {
+            return Err(invalid(
+                "--verify-uri-san",
+                u,
+                "expected a URI such as spiffe://domain/path",
+            ));
+        }
+    }
+    let reload = parse_duration("--reload-interval", &args.reload_interval)?;
+    let listen_mode = parse_mode(&args.listen_mode)?;
+    let route = Route {
+        name,
+        listen,
+        listen_mode,
+        allow_uids: args.allow_uid.clone(),
+        upstream,
+        server_name,
+        tls: TlsFiles {
+            identity,
+            ca: args.ca.clone(),
+            crls: args.crl.clone(),
+        },
+        checks: Checks {
+            uri_sans: args.verify_uri_san.clone(),
+            pins,
+        },
+        reload_interval: (!reload.is_zero()).then_some(reload),
+        alpn,
+        mode: args.mode,
+        http: HttpSettings {
+            header_timeout: parse_duration("--header-timeout", &args.header_timeout)?,
+            pool_idle_timeout: parse_duration("--pool-idle-timeout", &args.pool_idle_timeout)?,
+            pool_max_idle: args.pool_max_idle,
+        },
+        tls_min: args.tls_min,
+        connect_timeout,
+        idle_timeout: (!idle.is_zero()).then_some(idle),
+        max_connections: args.max_connections,
+    };
+    Ok(route)
+}
+
+impl Config {
+    /// Build the configuration: one route named `default` from the flags, or every route of
+    /// `--config FILE`.
+    pub fn from_run_args(args: &RunArgs) -> Result<Self, Error> {
+        let (routes, file_admin) = match &args.config {
+            Some(path) => {
+                let file = crate::config_file::load(path)?;
+                (file.routes, file.admin)
             }
+            None => (vec![route_from_args("default".into(), args)?], None),
         };
-        let mut pins = Vec::new();
-        for p in &args.pin_sha256 {
-            pins.push(parse_pin(p)?);
-        }
-        for u in &args.verify_uri_san {
-            if !u.contains(':') {
-                return Err(invalid(
-                    "--verify-uri-san",
-                    u,
-                    "expected a URI such as spiffe://domain/path",
-                ));
-            }
-        }
-        let reload = parse_duration("--reload-interval", &args.reload_interval)?;
-        let listen_mode = parse_mode(&args.listen_mode)?;
-        let route = Route {
-            name,
-            listen,
-            listen_mode,
-            allow_uids: args.allow_uid.clone(),
-            upstream,
-            server_name,
-            tls: TlsFiles {
-                identity,
-                ca: args.ca.clone(),
-                crls: args.crl.clone(),
-            },
-            checks: Checks {
-                uri_sans: args.verify_uri_san.clone(),
-                pins,
-            },
-            reload_interval: (!reload.is_zero()).then_some(reload),
-            alpn,
-            mode: args.mode,
-            http: HttpSettings {
-                header_timeout: parse_duration("--header-timeout", &args.header_timeout)?,
-                pool_idle_timeout: parse_duration("--pool-idle-timeout", &args.pool_idle_timeout)?,
-                pool_max_idle: args.pool_max_idle,
-            },
-            tls_min: args.tls_min,
-            connect_timeout,
-            idle_timeout: (!idle.is_zero()).then_some(idle),
-            max_connections: args.max_connections,
+        let admin = match &args.admin {
+            Some(a) => Some(Admin {
+                listen: parse_admin(a)?,
+                allow_shutdown: args.admin_allow_shutdown,
+            }),
+            None => file_admin,
         };
         Ok(Config {
-            routes: vec![route],
+            routes,
             shutdown_delay: parse_duration("--shutdown-delay", &args.shutdown_delay)?,
             drain_timeout: parse_duration("--drain-timeout", &args.drain_timeout)?,
-            admin: match &args.admin {
-                Some(a) => Some(Admin {
-                    listen: parse_admin(a)?,
-                    allow_shutdown: args.admin_allow_shutdown,
-                }),
-                None => None,
-            },
+            admin,
         })
     }
 }

@@ -31,6 +31,7 @@ pub mod bufio;
 pub mod check;
 pub mod cli;
 pub mod config;
+pub mod config_file;
 pub mod demo;
 pub mod listen;
 pub mod metrics;

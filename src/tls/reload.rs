@@ -85,8 +85,8 @@ pub struct Reloader {
     route: Route,
     identity: Arc<Identity>,
     stats: Arc<Stats>,
-    /// `client_cert_expiry_timestamp_seconds` of the route.
-    expiry_gauge: Gauge,
+    /// `client_cert_expiry_timestamp_seconds` of every route sharing this identity.
+    expiry_gauges: Vec<Gauge>,
     /// Digest of the files in force.
     in_force: [u8; 32],
     /// Content (or read error) already reported as broken: not reported again until it changes.
@@ -103,14 +103,14 @@ impl Reloader {
         route: Route,
         identity: Arc<Identity>,
         stats: Arc<Stats>,
-        expiry_gauge: Gauge,
+        expiry_gauges: Vec<Gauge>,
         loaded: &Loaded,
     ) -> Self {
         Reloader {
             route,
             identity,
             stats,
-            expiry_gauge,
+            expiry_gauges,
             in_force: loaded.digest,
             reported: None,
             mismatch: None,
@@ -207,7 +207,9 @@ impl Reloader {
                     return;
                 }
                 self.identity.publish(&loaded);
-                self.expiry_gauge.set(loaded.leaf.not_after);
+                for g in &self.expiry_gauges {
+                    g.set(loaded.leaf.not_after);
+                }
                 self.in_force = digest;
                 self.reported = None;
                 self.mismatch = None;
