@@ -86,12 +86,6 @@ impl App {
                 route: route.name.clone(),
                 source,
             })?;
-            let leaf = &l.leaf;
-            info!(
-                route = %route.name, subject = ?leaf.subject, issuer = ?leaf.issuer,
-                serial = %leaf.serial, not_after = %identity::rfc3339(leaf.not_after),
-                "client identity loaded"
-            );
             let id = Arc::new(Identity::new(&l));
             identities.push(id.clone());
             groups.push((i, id, l, vec![i]));
@@ -119,6 +113,12 @@ impl App {
                     .map(|&m| config.routes[m].name.as_str())
                     .collect::<Vec<_>>()
                     .join(",");
+                let leaf = &loaded.leaf;
+                info!(
+                    route = %route.name, subject = ?leaf.subject, issuer = ?leaf.issuer,
+                    serial = %leaf.serial, not_after = %identity::rfc3339(leaf.not_after),
+                    "client identity loaded"
+                );
                 let gauges = members
                     .iter()
                     .map(|&m| routes[m].0.metrics.client_expiry.clone())

@@ -177,6 +177,12 @@ pub fn load(path: &Path) -> Result<FileConfig, Error> {
             .nth(line.saturating_sub(1))
             .and_then(|l| l.split_once('='))
             .map(|(k, _)| k.trim().to_string())
+            .or_else(|| {
+                // An unknown table or key names itself in the message.
+                let m = e.message();
+                let rest = m.split_once("unknown field `")?.1;
+                Some(rest.split('`').next()?.to_string())
+            })
             .unwrap_or_default();
         file_error(path, line, &key, e.message().trim().to_string())
     })?;
@@ -314,9 +320,18 @@ pub fn load(path: &Path) -> Result<FileConfig, Error> {
             })?
             .run;
         let route = config::route_from_args(name.clone(), &args).map_err(|e| match &e {
-            Error::Invalid { flag, .. } => {
+            Error::Invalid {
+                flag,
+                value,
+                reason,
+            } => {
                 let (line, key) = line_for_flag(flag);
-                file_error(path, line, &key, e.to_string())
+                file_error(
+                    path,
+                    line,
+                    &key,
+                    format!("invalid value {value:?}: {reason}"),
+                )
             }
             Error::NonLoopback { .. } => {
                 let (line, key) = line_for_flag("--listen");

@@ -12,6 +12,8 @@
 //! - `rotation`: reloading identity and CA files (rename, `..data` swap, SIGHUP), broken
 //!   rotations, two-step writers, rotation under load, expiry warnings
 //! - `formats`: encrypted PKCS#8 keys and PKCS#12 identities with password files
+//! - `config_file`: `run --config FILE`: errors naming file, line and key; many routes, each with
+//!   its own identity, trust and timeouts or `[defaults]`; shared identities; `[admin]`
 //! - `checks`: `--crl`, `--verify-uri-san` and `--pin-sha256` on top of chain and name checks
 //! - `admin`: `/healthz`, `/readyz`, `/metrics`, `/status`, `POST /shutdown` and `wait`
 //! - `systemd`: the notify protocol against a fake `NOTIFY_SOCKET`; socket activation
@@ -26,6 +28,7 @@ mod support;
 
 mod admin;
 mod checks;
+mod config_file;
 mod formats;
 mod http;
 mod http_errors;
