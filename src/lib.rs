@@ -6,6 +6,8 @@
 //! - `cli`: clap structs: flags, env fallbacks, help text; no logic
 //! - `config`: the typed, validated [`config::Config`] (a list of routes) built from the flags
 //! - `app`: load identities, bind listeners, serve, drain; exit-code-2 startup errors
+//! - `check`: the `check` command: validate, dial once, explain failures (text or JSON)
+//! - `config_file`: `--config FILE`, TOML routes with `[defaults]`; errors with file and line
 //! - `admin`: `/healthz`, `/readyz`, `/metrics`, `/status`, `POST /shutdown`, on its own thread
 //! - `listen`: TCP, unix-socket (mode, stale file, peer uid) and systemd-passed listeners
 //! - `metrics`: prometheus-client families and per-route handles

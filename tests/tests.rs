@@ -14,6 +14,7 @@
 //! - `formats`: encrypted PKCS#8 keys and PKCS#12 identities with password files
 //! - `config_file`: `run --config FILE`: errors naming file, line and key; many routes, each with
 //!   its own identity, trust and timeouts or `[defaults]`; shared identities; `[admin]`
+//! - `check_cmd`: the `check` command against good and failing upstreams, text and JSON, nginx
 //! - `checks`: `--crl`, `--verify-uri-san` and `--pin-sha256` on top of chain and name checks
 //! - `admin`: `/healthz`, `/readyz`, `/metrics`, `/status`, `POST /shutdown` and `wait`
 //! - `systemd`: the notify protocol against a fake `NOTIFY_SOCKET`; socket activation
@@ -27,6 +28,7 @@
 mod support;
 
 mod admin;
+mod check_cmd;
 mod checks;
 mod config_file;
 mod formats;

@@ -204,7 +204,7 @@ impl Cmd {
 struct Lines {
     /// stderr lines, in order
     err: Vec<String>,
-    /// stdout lines, kept apart: nothing the tests rely on is printed there
+    /// stdout lines, kept apart: only reports (`check`, `dev-pki`) are printed there
     out: Vec<String>,
     /// how many of the two pipes reached end of file
     closed: usize,
@@ -274,6 +274,11 @@ impl Sidecar {
 
     pub fn stderr(&self) -> String {
         self.stderr_lines().join("\n")
+    }
+
+    /// Everything printed on stdout so far (reports such as `check`'s).
+    pub fn stdout(&self) -> String {
+        self.log.lines.lock().unwrap().out.join("\n")
     }
 
     fn dump(&self) -> String {

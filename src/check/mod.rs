@@ -1,0 +1,440 @@
+//! `check`: load and validate every route, handshake once with each upstream, and explain in
+//! plain words anything that fails.
+//!
+//! - `cert`: certificate facts (names, validity in days, key type, where a chain ends)
+//! - `dial`: resolve, connect, a hand-driven handshake that records what the upstream showed
+//! - `explain`: failures in words: which side rejected what, and what to do
+//! - `text`: the human-readable report
+
+mod cert;
+mod dial;
+mod explain;
+mod text;
+
+use serde::Serialize;
+
+use crate::cli::CheckFormat;
+use crate::config::{Config, IdentitySource, Route};
+use crate::tls::identity::{self, now_unix};
+use crate::tls::load;
+use crate::upstream::{classify_io, server_name_str};
+use cert::{Hint, Names, Summary};
+use dial::Outcome;
+use explain::{Context, Trust};
+
+/// A client certificate expiring sooner than this gets a note.
+const EXPIRY_NOTE_DAYS: i64 = 7;
+
+/// The whole report, as `--format json` prints it.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub routes: Vec<RouteReport>,
+    pub ok: bool,
+}
+
+/// One route's findings.
+#[derive(Debug, Serialize)]
+pub struct RouteReport {
+    pub name: String,
+    pub upstream: String,
+    pub server_name: String,
+    pub ok: bool,
+    pub client_certificate: Option<ClientCertificate>,
+    /// Where the upstream's chain must lead: `--ca FILE (...)` or the system trust store.
+    pub trust: Option<String>,
+    /// Every address the upstream's name resolved to.
+    pub dns: Vec<String>,
+    /// The address the TCP connection was made to.
+    pub connected: Option<String>,
+    /// Addresses tried before (or instead of) that one, and why they failed.
+    pub connect_errors: Vec<String>,
+    pub tls: Option<TlsInfo>,
+    /// As the upstream sent it, leaf first; recorded even when verification failed.
+    pub upstream_chain: Vec<Summary>,
+    /// `null` when the handshake ended before that could be known.
+    pub client_cert_requested: Option<bool>,
+    /// CA names from the upstream's certificate request.
+    pub accepted_cas: Vec<String>,
+    /// Observations that do not fail the route.
+    pub notes: Vec<String>,
+    /// Why the route fails; empty when it passes.
+    pub problems: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct TlsInfo {
+    pub version: String,
+    pub cipher: Option<String>,
+    pub alpn: Option<String>,
+    pub key_exchange: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ClientCertificate {
+    /// `--cert FILE` or `--pkcs12 FILE`.
+    pub file: String,
+    #[serde(flatten)]
+    pub cert: Summary,
+    pub serial: String,
+    pub sha256_fingerprint: String,
+    pub key_type: String,
+    /// The certificates the file holds, in file order.
+    pub chain: Vec<ChainLink>,
+    /// Whether the chain we send ends at a self-signed root.
+    pub chain_ends_at_root: bool,
+    pub chain_note: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ChainLink {
+    pub subject: String,
+    pub issuer: String,
+}
+
+/// Check every route and print the report; `true` only if every route passed.
+pub async fn run(config: &Config, format: CheckFormat) -> bool {
+    let mut routes = Vec::new();
+    for route in &config.routes {
+        let report = check_route(route).await;
+        if format == CheckFormat::Text {
+            print!("{}", text::render(&report));
+        }
+        routes.push(report);
+    }
+    let ok = routes.iter().all(|r| r.ok);
+    if format == CheckFormat::Json {
+        match serde_json::to_string_pretty(&Report { routes, ok }) {
+            Ok(json) => println!("{json}"),
+            Err(e) => {
+                eprintln!("mtls-sidecar: cannot write the JSON report: {e}");
+                return false;
+            }
+        }
+    }
+    ok
+}
+
+impl RouteReport {
+    fn new(route: &Route) -> RouteReport {
+        RouteReport {
+            name: route.name.clone(),
+            upstream: route.upstream.to_string(),
+            server_name: server_name_str(route),
+            ok: false,
+            client_certificate: None,
+            trust: None,
+            dns: Vec::new(),
+            connected: None,
+            connect_errors: Vec::new(),
+            tls: None,
+            upstream_chain: Vec::new(),
+            client_cert_requested: None,
+            accepted_cas: Vec::new(),
+            notes: Vec::new(),
+            problems: Vec::new(),
+        }
+    }
+
+    fn finish(mut self) -> RouteReport {
+        self.ok = self.problems.is_empty();
+        self
+    }
+
+    fn fail(mut self, problem: String) -> RouteReport {
+        self.problems.push(problem);
+        self.finish()
+    }
+}
+
+fn identity_file(route: &Route) -> String {
+    match &route.tls.identity {
+        IdentitySource::Pem { cert, .. } => format!("--cert {}", cert.display()),
+        IdentitySource::Pkcs12 { file, .. } => format!("--pkcs12 {}", file.display()),
+    }
+}
+
+/// Describe our client certificate; problems and notes go to `r`.
+fn describe_ours(
+    route: &Route,
+    chain: &[rustls::pki_types::CertificateDer<'static>],
+    names: &[Names],
+    now: i64,
+    r: &mut RouteReport,
+) -> Option<Summary> {
+    let leaf = &chain[0];
+    let file = identity_file(route);
+    let (Some(summary), Some(info)) = (Summary::parse(leaf, now), identity::CertInfo::parse(leaf))
+    else {
+        r.problems
+            .push(format!("{file}: the leaf certificate cannot be parsed"));
+        return None;
+    };
+    if summary.expired(now) {
+        r.problems.push(format!(
+            "our client certificate {} (not after {}): renew {file}",
+            summary.validity, summary.not_after
+        ));
+    } else if summary.not_yet_valid(now) {
+        r.problems.push(format!(
+            "our client certificate is {}: check this machine's clock, or wait",
+            summary.validity
+        ));
+    } else if summary.not_after_unix - now < EXPIRY_NOTE_DAYS * 86_400 {
+        r.notes.push(format!(
+            "our client certificate {}: renew {file} soon",
+            summary.validity
+        ));
+    }
+    if let Some(allowed) = cert::not_for_clients(leaf) {
+        r.problems.push(format!(
+            "our client certificate's extended key usage allows {allowed} but not TLS client \
+             authentication (clientAuth): upstreams refuse it; have it issued with clientAuth"
+        ));
+    }
+    let (ends_at_root, chain_note, notes) = cert::describe_our_chain(names);
+    r.notes.extend(notes);
+    r.client_certificate = Some(ClientCertificate {
+        file,
+        cert: summary.clone(),
+        serial: info.serial,
+        sha256_fingerprint: info.sha256_fingerprint,
+        key_type: cert::key_type(leaf),
+        chain: names
+            .iter()
+            .map(|n| ChainLink {
+                subject: n.subject.clone(),
+                issuer: n.issuer.clone(),
+            })
+            .collect(),
+        chain_ends_at_root: ends_at_root,
+        chain_note,
+    });
+    Some(summary)
+}
+
+fn trust_of(material: &load::Material) -> Trust {
+    match &material.ca {
+        Some(ca) => Trust {
+            ca: Some(ca.path.display().to_string()),
+            subjects: load::certificates(ca)
+                .map(|c| c.iter().filter_map(Names::of).map(|n| n.subject).collect())
+                .unwrap_or_default(),
+        },
+        None => Trust {
+            ca: None,
+            subjects: Vec::new(),
+        },
+    }
+}
+
+/// `--ca FILE (2 certificates: CN=a, CN=b)`; a long bundle is cut short.
+fn trust_line(trust: &Trust) -> String {
+    const SHOWN: usize = 4;
+    let n = trust.subjects.len();
+    if trust.ca.is_none() || n == 0 {
+        return trust.label();
+    }
+    let mut names = trust.subjects[..n.min(SHOWN)].join(", ");
+    if n > SHOWN {
+        names.push_str(&format!(" and {} more", n - SHOWN));
+    }
+    let count = if n == 1 {
+        "1 certificate".to_string()
+    } else {
+        format!("{n} certificates")
+    };
+    format!("{} ({count}: {names})", trust.label())
+}
+
+async fn check_route(route: &Route) -> RouteReport {
+    let now = now_unix();
+    let mut r = RouteReport::new(route);
+    let material = match load::Material::read(&route.tls) {
+        Ok(m) => m,
+        Err(e) => return r.fail(e.to_string()),
+    };
+    // The key is dropped here: the report never shows key material.
+    let ours = match material.identity() {
+        Ok((chain, _key)) => chain,
+        Err(e) => return r.fail(e.to_string()),
+    };
+    let our_names: Vec<Names> = ours.iter().filter_map(Names::of).collect();
+    let our_leaf = describe_ours(route, &ours, &our_names, now, &mut r);
+    let loaded = match identity::build_from(route, &material) {
+        Ok(l) => l,
+        Err(e) => return r.fail(e.to_string()),
+    };
+    let trust = trust_of(&material);
+    r.trust = Some(trust_line(&trust));
+
+    let seen = dial::new_seen();
+    let config = match dial::client_config(route, &material, &loaded, &seen) {
+        Ok(c) => c,
+        Err(e) => return r.fail(e),
+    };
+    let d = dial::dial(route, config).await;
+    let seen = std::mem::take(&mut *seen.lock().unwrap_or_else(|p| p.into_inner()));
+
+    r.dns = d.dns.iter().map(ToString::to_string).collect();
+    r.connected = d.connected.map(|a| a.to_string());
+    r.connect_errors = d
+        .attempts
+        .iter()
+        .map(|(a, e)| format!("{a}: {e}"))
+        .collect();
+    if let Some(v) = d.negotiated.version {
+        r.tls = Some(TlsInfo {
+            version: match v {
+                rustls::ProtocolVersion::TLSv1_2 => "TLS 1.2".into(),
+                rustls::ProtocolVersion::TLSv1_3 => "TLS 1.3".into(),
+                other => format!("{other:?}"),
+            },
+            cipher: d.negotiated.cipher.map(|c| format!("{:?}", c.suite())),
+            alpn: d
+                .negotiated
+                .alpn
+                .as_deref()
+                .map(|a| String::from_utf8_lossy(a).into_owned()),
+            key_exchange: d.negotiated.key_exchange.clone(),
+        });
+    }
+    r.upstream_chain = seen
+        .chain
+        .iter()
+        .filter_map(|c| Summary::parse(c, now))
+        .collect();
+    let their_names: Vec<Names> = seen.chain.iter().filter_map(Names::of).collect();
+    let hints: Vec<Hint> = seen.hints.iter().map(|h| Hint::decode(h)).collect();
+    r.accepted_cas = hints.iter().map(|h| h.text.clone()).collect();
+    let handshake_done = matches!(
+        d.outcome,
+        Outcome::Accepted { .. } | Outcome::Rejected(_) | Outcome::ClosedAfter { .. }
+    );
+    r.client_cert_requested = (seen.requested || handshake_done).then_some(seen.requested);
+
+    let cx = Context {
+        server_name: &r.server_name,
+        trust: &trust,
+        ours: &our_names,
+        our_leaf: our_leaf.as_ref(),
+        theirs: &their_names,
+        their_summaries: &r.upstream_chain,
+        hints: &r.accepted_cas,
+        now,
+    };
+    let problem = judge(route, &d, seen.requested, &hints, &cx, &mut r.notes);
+    r.problems.extend(problem);
+    r.finish()
+}
+
+/// The dial's outcome as the route's problem, if any; observations that do not fail the route
+/// go to `notes`.
+fn judge(
+    route: &Route,
+    d: &dial::Dial,
+    requested: bool,
+    hints: &[Hint],
+    cx: &Context<'_>,
+    notes: &mut Vec<String>,
+) -> Option<String> {
+    let host = &route.upstream.host;
+    let limit = humantime::format_duration(route.connect_timeout);
+    let at = d
+        .connected
+        .map_or_else(|| route.upstream.to_string(), |a| a.to_string());
+    match &d.outcome {
+        Outcome::Dns(e) => Some(format!(
+            "cannot resolve the upstream host {host}: {e}: check --upstream and this machine's \
+             DNS"
+        )),
+        Outcome::NoConnection => Some(no_connection(&d.attempts)),
+        Outcome::Timeout {
+            phase: "resolve", ..
+        } => Some(format!(
+            "resolving {host} took longer than --connect-timeout {limit}: check this machine's \
+             DNS"
+        )),
+        Outcome::Timeout {
+            phase: "connect",
+            at,
+        } => Some(format!(
+            "nothing accepted a connection at {} within --connect-timeout {limit} (no answer at \
+             all: a firewall dropping packets, or a wrong address)",
+            at.map_or_else(|| route.upstream.to_string(), |a| a.to_string())
+        )),
+        Outcome::Timeout { .. } => Some(format!(
+            "{at} accepted the connection, but the TLS handshake did not finish within \
+             --connect-timeout {limit}: is it a TLS port? (a plaintext server waits for a \
+             request and never answers a TLS hello)"
+        )),
+        Outcome::Handshake(e) | Outcome::Rejected(e) => Some(explain::tls_failure(e, cx)),
+        Outcome::HandshakeIo(why) => Some(format!(
+            "the upstream at {at} ended the connection during the TLS handshake ({why}) without \
+             a TLS alert: is it a TLS port? it may also refuse our TLS versions, cipher suites{}",
+            if requested {
+                " or our client certificate"
+            } else {
+                ""
+            }
+        )),
+        Outcome::ClosedAfter {
+            why,
+            accepted: true,
+        } => Some(format!(
+            "the upstream accepted our certificate (it sent a session ticket), then {why} before \
+             we sent anything: it serves no connection this way; check its logs"
+        )),
+        Outcome::ClosedAfter { why, .. } => Some(format!(
+            "the upstream completed the handshake, then {why} without a TLS alert: it may refuse \
+             our client certificate after the handshake; check its logs"
+        )),
+        Outcome::Accepted { spoke_first } => {
+            if *spoke_first > 0 {
+                notes.push(format!(
+                    "the upstream sent {spoke_first} bytes before we sent anything (a protocol \
+                     where the server speaks first)"
+                ));
+            }
+            if !requested {
+                notes.push(
+                    "the upstream did not ask for a client certificate: it does not \
+                     authenticate us (no mutual TLS)"
+                        .into(),
+                );
+                None
+            } else if !hints.is_empty() && !cert::hints_cover(cx.ours, hints) {
+                let anchor = cert::anchor_name(cx.ours).unwrap_or_else(|| "(unknown)".into());
+                Some(format!(
+                    "the upstream accepts client certificates issued by: {}; ours comes from \
+                     {anchor}, which is not among them: the handshake completed, but it will \
+                     most likely refuse our certificate (nginx, for one, answers every request \
+                     with 400): add {anchor} to the CAs it trusts for clients, or get our \
+                     certificate from one of those",
+                    cx.hints.join(", ")
+                ))
+            } else {
+                None
+            }
+        }
+    }
+}
+
+/// Every address failed to connect.
+fn no_connection(attempts: &[(std::net::SocketAddr, std::io::Error)]) -> String {
+    let refused = attempts
+        .iter()
+        .all(|(_, e)| e.kind() == std::io::ErrorKind::ConnectionRefused);
+    let addrs: Vec<String> = attempts.iter().map(|(a, _)| a.to_string()).collect();
+    if refused {
+        return format!(
+            "nothing accepted a connection at {} (connection refused): is the upstream running, \
+             and is the port right?",
+            addrs.join(", ")
+        );
+    }
+    let each: Vec<String> = attempts
+        .iter()
+        .map(|(a, e)| format!("{a}: {}", classify_io(e, "").message))
+        .collect();
+    format!("cannot connect to the upstream: {}", each.join("; "))
+}
