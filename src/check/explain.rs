@@ -314,7 +314,7 @@ fn alert(a: AlertDescription, e: &rustls::Error, cx: &Context<'_>) -> String {
             "it verified our certificate but its policy refuses this identity (its subject or \
              SANs are not on its allow list){accepts}"
         ),
-        A::DecryptError | A::DecodeError if cx.hints.iter().any(|h| *h == our_anchor) => format!(
+        A::DecryptError | A::DecodeError if cx.hints.contains(&our_anchor) => format!(
             "it could not verify the signature on our certificate: it trusts a CA named \
              {our_anchor}, but not the one that signed ours (same name, different key){fix}"
         ),
