@@ -8,8 +8,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use rustls::client::ResolvesClientCert;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::client::{ResolvesClientCert, WebPkiServerVerifier};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, ClientConnection, DigitallySignedStruct, ProtocolVersion};
@@ -20,8 +20,7 @@ use tokio::time::{Instant, timeout_at};
 
 use crate::config::Route;
 use crate::tls::identity::{self, Loaded};
-use crate::tls::load::{self, Material};
-use crate::tls::verify::UpstreamVerifier;
+use crate::tls::load::Material;
 
 /// How long to wait after a TLS 1.3 handshake for the upstream's verdict on our certificate,
 /// which arrives only after our side is done. A session ticket or data ends the wait early.
@@ -138,24 +137,12 @@ pub fn client_config(
     loaded: &Loaded,
     seen: &Shared,
 ) -> Result<Arc<ClientConfig>, String> {
-    let roots = match &material.ca {
-        Some(ca) => load::ca_bundle(ca),
-        None => load::system_roots(),
-    }
-    .map_err(|e| e.to_string())?;
-    let mut crls = Vec::new();
-    for f in &material.crls {
-        crls.extend(load::crls(f).map_err(|e| e.to_string())?);
-    }
-    let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), identity::provider())
-        .with_crls(load::newest_crl_per_issuer(crls))
-        .build()
-        .map_err(|e| format!("cannot build the upstream verifier: {e}"))?;
+    let verifier = identity::upstream_verifier(route, material).map_err(|e| e.to_string())?;
     let mut config = (*loaded.config).clone();
     config
         .dangerous()
         .set_certificate_verifier(Arc::new(RecordingVerifier {
-            inner: Arc::new(UpstreamVerifier::new(webpki, route.checks.clone())),
+            inner: verifier,
             seen: seen.clone(),
         }));
     config.client_auth_cert_resolver = Arc::new(RecordingResolver {

@@ -167,11 +167,12 @@ pub fn build(route: &Route) -> Result<Loaded, Error> {
     build_from(route, &material)
 }
 
-/// Parse a snapshot, check the key belongs to the certificate, and build the whole client
-/// configuration (verifier with CRLs and extra checks, protocol versions, ALPN, a fresh
-/// session cache).
-pub fn build_from(route: &Route, material: &load::Material) -> Result<Loaded, Error> {
-    let (chain, key) = material.identity()?;
+/// The upstream verifier of a route: webpki's chain, name and CRL checks with the trust of
+/// `material`, then the route's extra checks.
+pub fn upstream_verifier(
+    route: &Route,
+    material: &load::Material,
+) -> Result<Arc<UpstreamVerifier>, Error> {
     let roots = match &material.ca {
         Some(ca) => load::ca_bundle(ca)?,
         None => load::system_roots()?,
@@ -180,7 +181,21 @@ pub fn build_from(route: &Route, material: &load::Material) -> Result<Loaded, Er
     for f in &material.crls {
         crls.extend(load::crls(f)?);
     }
-    let crls = load::newest_crl_per_issuer(crls);
+    let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider())
+        .with_crls(load::newest_crl_per_issuer(crls))
+        .build()
+        .map_err(|e| Error::Build(format!("upstream verifier: {e}")))?;
+    Ok(Arc::new(UpstreamVerifier::new(
+        webpki,
+        route.checks.clone(),
+    )))
+}
+
+/// Parse a snapshot, check the key belongs to the certificate, and build the whole client
+/// configuration (verifier with CRLs and extra checks, protocol versions, ALPN, a fresh
+/// session cache).
+pub fn build_from(route: &Route, material: &load::Material) -> Result<Loaded, Error> {
+    let (chain, key) = material.identity()?;
     let main_file = route.tls.identity.main_file();
     let leaf = CertInfo::parse(&chain[0]).ok_or_else(|| {
         Error::Build(format!(
@@ -207,12 +222,7 @@ pub fn build_from(route: &Route, material: &load::Material) -> Result<Loaded, Er
         }
     })?;
 
-    let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-        .with_crls(crls)
-        .build()
-        .map_err(|e| Error::Build(format!("upstream verifier: {e}")))?;
-    let verifier: Arc<dyn ServerCertVerifier> =
-        Arc::new(UpstreamVerifier::new(webpki, route.checks.clone()));
+    let verifier: Arc<dyn ServerCertVerifier> = upstream_verifier(route, material)?;
 
     let versions: &[&rustls::SupportedProtocolVersion] = match route.tls_min {
         TlsMin::V12 => &[&rustls::version::TLS13, &rustls::version::TLS12],
