@@ -406,6 +406,10 @@ pub struct DemoArgs {
     )]
     pub listen: String,
 
+    /// Allow a non-loopback --listen (in a container, to publish the demo with -p)
+    #[arg(long)]
+    pub allow_non_loopback: bool,
+
     #[command(flatten)]
     pub log: LogArgs,
 }

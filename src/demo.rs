@@ -116,7 +116,7 @@ pub async fn run(
 
     let route = Route {
         name: "default".into(),
-        listen: config::parse_listen(&args.listen, false, "default")?,
+        listen: config::parse_listen(&args.listen, args.allow_non_loopback, "default")?,
         listen_mode: 0o600,
         allow_uids: vec![],
         upstream: Upstream {
