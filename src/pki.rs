@@ -44,7 +44,16 @@ fn params(cn: &str, sans: Vec<SanType>) -> CertificateParams {
 impl DevPki {
     pub fn generate() -> Result<Self, rcgen::Error> {
         let ca_key = KeyPair::generate()?;
-        let mut ca_params = params("mtls-sidecar dev CA", vec![]);
+        // A CA name of its own per PKI: two dev CAs with one name would look alike in every
+        // message while trusting neither's certificates.
+        let tag: String = ca_key
+            .public_key_raw()
+            .iter()
+            .skip(1)
+            .take(4)
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let mut ca_params = params(&format!("mtls-sidecar dev CA {tag}"), vec![]);
         ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         let ca_cert = ca_params.self_signed(&ca_key)?;
