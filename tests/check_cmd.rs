@@ -3,9 +3,7 @@
 //! (JSON).
 
 use std::fmt::Display;
-use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -426,128 +424,26 @@ fn explains_material_that_does_not_load() {
 
 // nginx, requiring client certificates from a CA other than ours
 
-const NGINX: &str = "/usr/sbin/nginx";
-
-/// nginx in the foreground, killed by pid when dropped; its error log is shown if the test
-/// failed.
-struct Nginx {
-    child: Child,
-    port: u16,
-    dir: PathBuf,
-}
-
-impl Drop for Nginx {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            let log = std::fs::read_to_string(self.dir.join("error.log")).unwrap_or_default();
-            eprintln!("=== nginx error.log ===\n{log}");
-        }
+/// nginx accepting client certificates from `client_ca`.
+fn site(client_ca: &Path) -> nginx::Site<'_> {
+    nginx::Site {
+        client_ca,
+        http2: None,
+        log_format: None,
+        body: "$ssl_client_verify",
     }
-}
-
-fn nginx_conf(dir: &Path, pki: &Pki, client_ca: &Path, port: u16) -> String {
-    let d = dir.display();
-    format!(
-        r#"
-error_log {d}/error.log info;
-pid {d}/nginx.pid;
-events {{ worker_connections 64; }}
-http {{
-    access_log {d}/access.log;
-    client_body_temp_path {d}/body;
-    proxy_temp_path {d}/proxy;
-    fastcgi_temp_path {d}/fastcgi;
-    uwsgi_temp_path {d}/uwsgi;
-    scgi_temp_path {d}/scgi;
-    server {{
-        listen 127.0.0.1:{port} ssl;
-        server_name localhost;
-        ssl_certificate {cert};
-        ssl_certificate_key {key};
-        ssl_client_certificate {ca};
-        ssl_verify_client on;
-        ssl_protocols TLSv1.2 TLSv1.3;
-        location / {{
-            return 200 "$ssl_client_verify\n";
-        }}
-    }}
-}}
-"#,
-        cert = pki.server.cert.display(),
-        key = pki.server.key.display(),
-        ca = client_ca.display(),
-    )
-}
-
-/// True once nginx answers a plain request to its TLS port with its own complaint (so not
-/// something else that took the port); false if it exited or nothing answered in time.
-fn nginx_ready(child: &mut Child, port: u16) -> bool {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        if let Ok(mut probe) = std::net::TcpStream::connect(("127.0.0.1", port)) {
-            probe.set_read_timeout(Some(WAIT)).expect("read timeout");
-            let _ = probe.write_all(b"GET / HTTP/1.0\r\n\r\n");
-            let mut answer = Vec::new();
-            let _ = probe.read_to_end(&mut answer);
-            return String::from_utf8_lossy(&answer).contains("sent to HTTPS port");
-        }
-        if matches!(child.try_wait(), Ok(Some(_))) || Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// Starts nginx on a free port, retrying when the port is taken between picking and binding.
-fn start_nginx(nginx: &Path, pki: &Pki, client_ca: &Path, name: &str) -> Nginx {
-    let dir = pki.dir.path().join(name);
-    std::fs::create_dir_all(&dir).expect("nginx dir");
-    let conf = dir.join("nginx.conf");
-    for _ in 0..5 {
-        let port = free_port();
-        std::fs::write(&conf, nginx_conf(&dir, pki, client_ca, port)).expect("nginx.conf");
-        let child = Command::new(nginx)
-            .arg("-p")
-            .arg(&dir)
-            .arg("-c")
-            .arg(&conf)
-            .arg("-e")
-            .arg(dir.join("error.log"))
-            .args(["-g", "daemon off; master_process off;"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start nginx");
-        let mut n = Nginx {
-            child,
-            port,
-            dir: dir.clone(),
-        };
-        if nginx_ready(&mut n.child, port) {
-            return n;
-        }
-        let log = std::fs::read_to_string(dir.join("error.log")).unwrap_or_default();
-        if !log.contains("Address already in use") {
-            panic!("nginx did not start:\n{log}");
-        }
-    }
-    panic!("nginx found no free port in 5 attempts");
 }
 
 /// nginx completes the handshake whatever it thinks of our certificate (and answers 400 to each
 /// request), so its CA names are all `check` has to go on: it names the CA nginx accepts.
 #[test]
 fn names_the_ca_nginx_accepts() {
-    if !Path::new(NGINX).is_file() {
-        eprintln!("SKIPPED: {NGINX} is not installed");
+    if !nginx::installed() {
         return;
     }
     let pki = Pki::new();
     let other = pki.other_ca();
-    let nginx = start_nginx(Path::new(NGINX), &pki, &other.pem, "nginx-other-ca");
+    let nginx = nginx::start(&pki, "nginx-other-ca", &site(&other.pem));
     let c = run_check_blocking(&check_cmd(&pki, format!("localhost:{}", nginx.port)));
     c.failed()
         .has("TLS 1.3")
@@ -569,12 +465,11 @@ fn names_the_ca_nginx_accepts() {
 /// The same nginx trusting our CA: `check` passes.
 #[test]
 fn passes_against_nginx_that_trusts_our_ca() {
-    if !Path::new(NGINX).is_file() {
-        eprintln!("SKIPPED: {NGINX} is not installed");
+    if !nginx::installed() {
         return;
     }
     let pki = Pki::new();
-    let nginx = start_nginx(Path::new(NGINX), &pki, &pki.ca.pem, "nginx-our-ca");
+    let nginx = nginx::start(&pki, "nginx-our-ca", &site(&pki.ca.pem));
     let c = run_check_blocking(&check_cmd(&pki, format!("localhost:{}", nginx.port)));
     c.passed()
         .verdict_says(&["PASS"])

@@ -3,10 +3,7 @@
 //! draining on SIGTERM, and nginx as a real upstream.
 
 use std::collections::BTreeSet;
-use std::io::Read;
 use std::net::SocketAddr;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -787,162 +784,28 @@ async fn drain_timeout_cuts_a_request_that_never_finishes() {
 // ---------------------------------------------------------------------------------------------
 // nginx
 
-const NGINX: &str = "/usr/sbin/nginx";
-
-/// nginx, killed by pid when dropped; its logs are shown if the test failed.
-struct Nginx {
-    child: Child,
-    dir: std::path::PathBuf,
-    port: u16,
-}
-
-impl Drop for Nginx {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            for log in ["error.log", "access.log"] {
-                let text = std::fs::read_to_string(self.dir.join(log)).unwrap_or_default();
-                eprintln!("=== nginx {log} ===\n{text}");
-            }
-        }
-    }
-}
-
-/// (major, minor, patch) from `nginx -v`.
-fn nginx_version() -> Option<(u32, u32, u32)> {
-    let out = Command::new(NGINX).arg("-v").output().ok()?;
-    let text = String::from_utf8_lossy(&out.stderr).into_owned();
-    let v = text.split("nginx/").nth(1)?.split_whitespace().next()?;
-    let mut parts = v.split('.').map(|p| p.parse().unwrap_or(0));
-    Some((
-        parts.next()?,
-        parts.next().unwrap_or(0),
-        parts.next().unwrap_or(0),
-    ))
-}
-
 const NGINX_FIELDS: &str = "$ssl_client_s_dn|$ssl_client_verify|$connection|$connection_requests|$server_protocol|$http_host";
-
-fn nginx_conf(dir: &Path, pki: &Pki, port: u16, http2: bool, version: (u32, u32, u32)) -> String {
-    let d = dir.display();
-    let (listen_h2, http2_on) = match (http2, version >= (1, 25, 1)) {
-        (false, _) => ("", ""),
-        (true, true) => ("", "http2 on;"),
-        (true, false) => (" http2", ""),
-    };
-    format!(
-        r#"
-error_log {d}/error.log info;
-pid {d}/nginx.pid;
-events {{ worker_connections 64; }}
-http {{
-    log_format mtls '{NGINX_FIELDS}';
-    access_log {d}/access.log mtls;
-    client_body_temp_path {d}/body;
-    proxy_temp_path {d}/proxy;
-    fastcgi_temp_path {d}/fastcgi;
-    uwsgi_temp_path {d}/uwsgi;
-    scgi_temp_path {d}/scgi;
-    server {{
-        listen 127.0.0.1:{port} ssl{listen_h2};
-        {http2_on}
-        server_name localhost;
-        ssl_certificate {cert};
-        ssl_certificate_key {key};
-        ssl_client_certificate {ca};
-        ssl_verify_client on;
-        ssl_protocols TLSv1.2 TLSv1.3;
-        keepalive_requests 1000;
-        location / {{
-            default_type text/plain;
-            return 200 "{NGINX_FIELDS}\n";
-        }}
-    }}
-}}
-"#,
-        cert = pki.server.cert.display(),
-        key = pki.server.key.display(),
-        ca = pki.ca.pem.display(),
-    )
-}
-
-/// Polls until nginx answers on `port` (its "plain HTTP request was sent to HTTPS port" page,
-/// which tells it apart from anything else that took the port). False if it exited or nothing
-/// answered in time.
-fn wait_nginx(child: &mut Child, port: u16) -> bool {
-    use std::io::Write;
-    let deadline = Instant::now() + WAIT;
-    loop {
-        if let Ok(mut probe) = std::net::TcpStream::connect(("127.0.0.1", port)) {
-            probe.set_read_timeout(Some(WAIT)).unwrap();
-            let _ = probe.write_all(b"GET / HTTP/1.0\r\n\r\n");
-            let mut answer = Vec::new();
-            let _ = probe.read_to_end(&mut answer);
-            return String::from_utf8_lossy(&answer).contains("sent to HTTPS port");
-        }
-        if matches!(child.try_wait(), Ok(Some(_))) || Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn start_nginx(pki: &Pki, http2: bool, version: (u32, u32, u32)) -> Nginx {
-    let dir = pki.dir.path().join("nginx-http");
-    std::fs::create_dir_all(&dir).unwrap();
-    let conf = dir.join("nginx.conf");
-    let mut last = String::new();
-    for _ in 0..5 {
-        let port = free_port();
-        std::fs::write(&conf, nginx_conf(&dir, pki, port, http2, version)).unwrap();
-        let _ = std::fs::remove_file(dir.join("error.log"));
-        let child = Command::new(NGINX)
-            .arg("-p")
-            .arg(&dir)
-            .arg("-c")
-            .arg(&conf)
-            .arg("-e")
-            .arg(dir.join("error.log"))
-            .args(["-g", "daemon off; master_process off;"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start nginx");
-        let mut nginx = Nginx {
-            child,
-            dir: dir.clone(),
-            port,
-        };
-        if wait_nginx(&mut nginx.child, port) {
-            return nginx;
-        }
-        last = std::fs::read_to_string(dir.join("error.log")).unwrap_or_default();
-        let exited = matches!(nginx.child.try_wait(), Ok(Some(_)));
-        drop(nginx);
-        if exited && !last.contains("Address already in use") {
-            break;
-        }
-    }
-    panic!("nginx did not start:\n{last}");
-}
 
 /// nginx with `ssl_verify_client on`: 20 apps' requests with `Connection: close` are verified
 /// (`$ssl_client_verify`, `$ssl_client_s_dn`) and share at most 2 nginx connections
 /// (`$connection`, `$connection_requests`), in the protocol ALPN agreed.
 async fn nginx_case(http2: bool) {
     const N: usize = 20;
-    if !Path::new(NGINX).is_file() {
-        eprintln!("SKIPPED: {NGINX} is not installed");
+    if !nginx::installed() {
         return;
     }
-    let Some(version) = nginx_version() else {
-        eprintln!("SKIPPED: cannot tell the version of {NGINX}");
+    let Some(version) = nginx::version() else {
+        eprintln!("SKIPPED: cannot tell the version of {}", nginx::NGINX);
         return;
     };
     let pki = Pki::new();
-    let nginx = blocking(|| start_nginx(&pki, http2, version));
+    let site = nginx::Site {
+        client_ca: &pki.ca.pem,
+        http2: http2.then_some(version),
+        log_format: Some(NGINX_FIELDS),
+        body: NGINX_FIELDS,
+    };
+    let nginx = blocking(|| nginx::start(&pki, "nginx-http", &site));
     let proxy = http_cmd(&pki, format!("localhost:{}", nginx.port)).start();
     let protocol = if http2 { "HTTP/2.0" } else { "HTTP/1.1" };
     let host = format!("localhost:{}", nginx.port);

@@ -12,8 +12,6 @@ use tokio::io::AsyncWriteExt;
 use crate::support::pki::CLIENT_CN;
 use crate::support::*;
 
-const NGINX: &str = "/usr/sbin/nginx";
-
 /// How often to retry when the port picked for a peer was taken in the meantime.
 const PORT_ATTEMPTS: usize = 5;
 
@@ -38,8 +36,6 @@ struct Peer {
     stdin: Option<ChildStdin>,
     what: String,
     output: Arc<Output>,
-    /// a log file of the peer's own, shown with its output when a test fails
-    log_file: Option<std::path::PathBuf>,
 }
 
 impl Peer {
@@ -75,7 +71,6 @@ impl Peer {
             child,
             what,
             output,
-            log_file: None,
         }
     }
 
@@ -110,10 +105,6 @@ impl Peer {
             )
         })
     }
-
-    fn exited(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(Some(_)))
-    }
 }
 
 impl Drop for Peer {
@@ -121,112 +112,25 @@ impl Drop for Peer {
         let _ = self.child.kill();
         let _ = self.child.wait();
         if std::thread::panicking() {
-            let log = match &self.log_file {
-                Some(path) => std::fs::read_to_string(path).unwrap_or_default(),
-                None => String::new(),
-            };
-            eprintln!("=== {} ===\n{}\n{log}\n===", self.what, self.text());
+            eprintln!("=== {} ===\n{}\n===", self.what, self.text());
         }
     }
-}
-
-/// Polls until nginx answers on `port`: a plain HTTP request to its TLS port gets its own 400
-/// page, which tells it apart from whatever else may have grabbed the port after we picked it.
-/// False if nginx exited, something else answers, or nothing does in time.
-fn wait_nginx(peer: &mut Peer, port: u16) -> bool {
-    use std::io::Read;
-    let deadline = Instant::now() + WAIT;
-    loop {
-        if let Ok(mut probe) = std::net::TcpStream::connect(("127.0.0.1", port)) {
-            probe.set_read_timeout(Some(WAIT)).unwrap();
-            let _ = probe.write_all(b"GET / HTTP/1.0\r\n\r\n");
-            let mut answer = Vec::new();
-            let _ = probe.read_to_end(&mut answer);
-            return String::from_utf8_lossy(&answer).contains("sent to HTTPS port");
-        }
-        if peer.exited() || Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn nginx_conf(dir: &Path, pki: &Pki, port: u16) -> String {
-    let d = dir.display();
-    format!(
-        r#"
-error_log {d}/error.log info;
-pid {d}/nginx.pid;
-events {{ worker_connections 64; }}
-http {{
-    access_log {d}/access.log;
-    client_body_temp_path {d}/body;
-    proxy_temp_path {d}/proxy;
-    fastcgi_temp_path {d}/fastcgi;
-    uwsgi_temp_path {d}/uwsgi;
-    scgi_temp_path {d}/scgi;
-    server {{
-        listen 127.0.0.1:{port} ssl;
-        server_name localhost;
-        ssl_certificate {cert};
-        ssl_certificate_key {key};
-        ssl_client_certificate {ca};
-        ssl_verify_client on;
-        ssl_protocols TLSv1.2 TLSv1.3;
-        location / {{
-            default_type text/plain;
-            return 200 "$ssl_client_s_dn $ssl_client_verify\n";
-        }}
-    }}
-}}
-"#,
-        cert = pki.server.cert.display(),
-        key = pki.server.key.display(),
-        ca = pki.ca.pem.display(),
-    )
-}
-
-/// Starts nginx on a free port, retrying when the port is taken between picking and binding.
-fn start_nginx(nginx: &Path, pki: &Pki) -> (Peer, u16) {
-    let dir = pki.dir.path().join("nginx");
-    std::fs::create_dir_all(&dir).unwrap();
-    let conf = dir.join("nginx.conf");
-    let mut last = String::new();
-    for _ in 0..PORT_ATTEMPTS {
-        let port = free_port();
-        std::fs::write(&conf, nginx_conf(&dir, pki, port)).unwrap();
-        let mut command = Command::new(nginx);
-        command
-            .arg("-p")
-            .arg(&dir)
-            .arg("-c")
-            .arg(&conf)
-            .arg("-e")
-            .arg(dir.join("error.log"))
-            .args(["-g", "daemon off; master_process off;"]);
-        let mut peer = Peer::spawn(command);
-        peer.log_file = Some(dir.join("error.log"));
-        if wait_nginx(&mut peer, port) {
-            return (peer, port);
-        }
-        let log = std::fs::read_to_string(dir.join("error.log")).unwrap_or_default();
-        last = format!("{}\n{log}", peer.text());
-        // Unless nginx gave up for a reason other than a taken port, try another port.
-        if peer.exited() && !log.contains("Address already in use") {
-            break;
-        }
-    }
-    panic!("nginx did not start:\n{last}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn nginx_sees_our_client_certificate() {
-    let Some(nginx) = find_tool(NGINX) else {
-        eprintln!("SKIPPED: {NGINX} is not installed");
+    if !nginx::installed() {
         return;
-    };
+    }
     let pki = Pki::new();
-    let (_nginx, port) = start_nginx(&nginx, &pki);
+    let site = nginx::Site {
+        client_ca: &pki.ca.pem,
+        http2: None,
+        log_format: None,
+        body: "$ssl_client_s_dn $ssl_client_verify",
+    };
+    let nginx = nginx::start(&pki, "nginx", &site);
+    let port = nginx.port;
     let mut proxy = run_cmd(&pki, format!("localhost:{port}")).start();
 
     let mut stream = connect(proxy.addr()).await;

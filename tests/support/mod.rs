@@ -4,6 +4,7 @@ pub mod admin;
 pub mod files;
 pub mod http;
 pub mod net;
+pub mod nginx;
 pub mod pki;
 pub mod proc;
 pub mod refused;
