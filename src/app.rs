@@ -165,11 +165,6 @@ impl App {
             .collect()
     }
 
-    /// The admin listener's bound address.
-    pub fn admin_addr(&self) -> Option<SocketAddr> {
-        self.admin.as_ref().and_then(|l| l.local_addr().ok())
-    }
-
     /// Serve until `shutdown` is cancelled (a signal, or `POST /shutdown`), then: keep accepting
     /// for `--shutdown-delay`, close the listeners, give in-flight connections
     /// `--drain-timeout`, and cut the rest. `hup` ticks on SIGHUP.

@@ -230,7 +230,6 @@ pub fn server_name_str(route: &Route) -> String {
 /// An established upstream connection.
 pub struct Connected {
     pub stream: Upstream,
-    pub addr: SocketAddr,
     pub handshake: Duration,
 }
 
@@ -296,7 +295,6 @@ pub async fn connect(route: &Route, config: Arc<ClientConfig>) -> Result<Connect
             })?;
         Ok(Connected {
             stream,
-            addr,
             handshake: started.elapsed(),
         })
     };
