@@ -195,6 +195,21 @@ impl App {
         let mut accept_loops = Vec::new();
         for (ctx, listener) in self.routes {
             info!(route = %ctx.route.name, addr = %ctx.listen, upstream = %ctx.upstream, "listening");
+            match &ctx.route.via {
+                crate::config::Via::Direct => {}
+                crate::config::Via::Proxy(p) => info!(
+                    route = %ctx.route.name,
+                    proxy = %p.url,
+                    credentials = %p.credentials_source(),
+                    "upstream reached through the proxy (CONNECT)"
+                ),
+                crate::config::Via::Bypass { proxy, entry } => info!(
+                    route = %ctx.route.name,
+                    proxy = %proxy,
+                    no_proxy = %entry,
+                    "upstream bypasses the proxy (no-proxy match)"
+                ),
+            }
             accept_loops.push(tokio::spawn(proxy::serve(ctx, listener, life.clone())));
         }
         notify::ready();

@@ -98,6 +98,19 @@ impl LazyBufTcp {
         &self.tcp
     }
 
+    /// Put bytes back in front of whatever is still buffered: an HTTP proxy's answer to CONNECT
+    /// may arrive together with the first bytes of the tunnel.
+    pub fn unread(&mut self, mut bytes: Vec<u8>) {
+        if bytes.is_empty() {
+            return;
+        }
+        if let Some(buf) = self.buf.take() {
+            bytes.extend_from_slice(&buf[self.pos..]);
+        }
+        self.buf = Some(bytes);
+        self.pos = 0;
+    }
+
     /// Copy buffered bytes into `out`, freeing the buffer once it is drained.
     fn drain_into(&mut self, out: &mut ReadBuf<'_>) -> bool {
         let Some(buf) = &self.buf else { return false };
@@ -197,5 +210,21 @@ mod tests {
         writer.await.unwrap();
         assert_eq!(got, data);
         assert!(r.buf.is_none(), "a drained reader holds no buffer");
+    }
+
+    #[tokio::test]
+    async fn unread_bytes_come_first() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let writer = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            s.write_all(b" world").await.unwrap();
+        });
+        let mut r = LazyBufTcp::new(TcpStream::connect(addr).await.unwrap());
+        r.unread(b"hello".to_vec());
+        let mut got = Vec::new();
+        r.read_to_end(&mut got).await.unwrap();
+        writer.await.unwrap();
+        assert_eq!(got, b"hello world");
     }
 }

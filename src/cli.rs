@@ -287,6 +287,45 @@ pub struct RunArgs {
     )]
     pub max_connections: usize,
 
+    /// Reach the upstream through an HTTP CONNECT proxy: http://[user:pass@]HOST[:PORT] or
+    /// https://... (TLS to the proxy itself)
+    #[arg(
+        long,
+        env = "MTLS_SIDECAR_PROXY",
+        group = "route_flags",
+        value_name = "URL"
+    )]
+    pub proxy: Option<String>,
+
+    /// CA bundle (PEM) that an https:// proxy's certificate must lead to [default: the system
+    /// trust store]
+    #[arg(
+        long,
+        env = "MTLS_SIDECAR_PROXY_CA",
+        group = "route_flags",
+        value_name = "FILE"
+    )]
+    pub proxy_ca: Option<PathBuf>,
+
+    /// Comma-separated hosts, .domains and CIDRs that bypass the proxy (curl's no_proxy rules)
+    #[arg(
+        long,
+        env = "MTLS_SIDECAR_NO_PROXY",
+        group = "route_flags",
+        value_name = "LIST"
+    )]
+    pub no_proxy: Option<String>,
+
+    /// Take the proxy from HTTPS_PROXY and the bypass list from NO_PROXY (explicit --proxy and
+    /// --no-proxy win)
+    #[arg(long, env = "MTLS_SIDECAR_PROXY_FROM_ENV", group = "route_flags")]
+    pub proxy_from_env: bool,
+
+    /// File holding the proxy's user:password (one trailing newline ignored); read again when
+    /// the proxy answers 407. Applies to every route without its own proxy_auth_file
+    #[arg(long, env = "MTLS_SIDECAR_PROXY_AUTH_FILE", value_name = "FILE")]
+    pub proxy_auth_file: Option<PathBuf>,
+
     /// On SIGTERM, keep accepting this long before draining
     #[arg(
         long,

@@ -5,11 +5,13 @@
 
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use rustls::pki_types::ServerName;
 
 use crate::cli::{Mode, RunArgs, TlsMin};
+use crate::egress::{NoProxy, Proxy, ProxyUrl, Scheme};
 
 /// Everything `run` needs, validated.
 #[derive(Debug, Clone)]
@@ -82,8 +84,10 @@ pub struct Route {
     pub http: HttpSettings,
     /// Lowest TLS version offered.
     pub tls_min: TlsMin,
-    /// Bound on resolve + TCP connect + TLS handshake.
+    /// Bound on resolve + TCP connect (+ proxy CONNECT) + TLS handshake.
     pub connect_timeout: Duration,
+    /// Straight to the upstream, or through an HTTP CONNECT proxy.
+    pub via: Via,
     /// Close a connection silent both ways for this long; `None` = never.
     pub idle_timeout: Option<Duration>,
     /// Concurrent plaintext connections; extra ones wait in the kernel backlog.
@@ -184,6 +188,8 @@ pub enum Error {
          who can reach it borrows this client identity; pass --allow-non-loopback if that is meant"
     )]
     NonLoopback { addr: String, route: String },
+    #[error(transparent)]
+    Load(#[from] crate::tls::load::Error),
     #[error("{}:{line}: key `{key}`: {message}", path.display())]
     File {
         path: PathBuf,
@@ -419,7 +425,7 @@ pub fn route_from_args(name: String, args: &RunArgs) -> Result<Route, Error> {
         listen,
         listen_mode,
         allow_uids: args.allow_uid.clone(),
-        upstream,
+        upstream: upstream.clone(),
         server_name,
         tls: TlsFiles {
             identity,
@@ -440,10 +446,91 @@ pub fn route_from_args(name: String, args: &RunArgs) -> Result<Route, Error> {
         },
         tls_min: args.tls_min,
         connect_timeout,
+        via: parse_via(args, &upstream)?,
         idle_timeout: (!idle.is_zero()).then_some(idle),
         max_connections: args.max_connections,
     };
     Ok(route)
+}
+
+/// How a route reaches its upstream.
+#[derive(Debug, Clone)]
+pub enum Via {
+    Direct,
+    /// A proxy is configured, but the upstream's host matches `--no-proxy`.
+    Bypass {
+        proxy: String,
+        entry: String,
+    },
+    Proxy(Arc<Proxy>),
+}
+
+/// A proxy URL for messages: credentials replaced by `***`.
+fn redact_url(url: &str) -> String {
+    match url.rsplit_once('@') {
+        Some((before, after)) => {
+            let scheme = before.split_once("://").map_or("", |(s, _)| s);
+            if scheme.is_empty() {
+                format!("***@{after}")
+            } else {
+                format!("{scheme}://***@{after}")
+            }
+        }
+        None => url.to_string(),
+    }
+}
+
+/// `--proxy` (or `HTTPS_PROXY` with `--proxy-from-env`), its credentials and trust, and the
+/// `--no-proxy` decision for this route's upstream, made once: the upstream host is fixed.
+fn parse_via(args: &RunArgs, upstream: &Upstream) -> Result<Via, Error> {
+    let env = |name: &str| {
+        [name.to_string(), name.to_ascii_lowercase()]
+            .iter()
+            .find_map(|k| std::env::var(k).ok())
+            .filter(|v| !v.trim().is_empty())
+    };
+    let (raw, flag) = match (&args.proxy, args.proxy_from_env) {
+        (Some(p), _) => (Some(p.clone()), "--proxy"),
+        (None, true) => (env("HTTPS_PROXY"), "HTTPS_PROXY"),
+        (None, false) => (None, "--proxy"),
+    };
+    let Some(raw) = raw.filter(|p| !p.trim().is_empty()) else {
+        return Ok(Via::Direct);
+    };
+    let url = ProxyUrl::parse(&raw).map_err(|r| invalid(flag, &redact_url(&raw), r))?;
+    let tls = match url.scheme {
+        Scheme::Https => Some(crate::egress::proxy_tls(args.proxy_ca.as_deref())?),
+        Scheme::Http => {
+            if let Some(ca) = &args.proxy_ca {
+                tracing::warn!(
+                    proxy = %url,
+                    proxy_ca = %ca.display(),
+                    "--proxy-ca is ignored: the proxy is plain http://"
+                );
+            }
+            None
+        }
+    };
+    let display = url.to_string();
+    let auth_file = args.proxy_auth_file.clone();
+    let auth_shown = auth_file
+        .as_ref()
+        .map_or(String::new(), |p| p.display().to_string());
+    let proxy = Proxy::new(url, auth_file, tls)
+        .map_err(|r| invalid("--proxy-auth-file", &auth_shown, r))?;
+    let (list, list_flag) = match (&args.no_proxy, args.proxy_from_env) {
+        (Some(l), _) => (l.clone(), "--no-proxy"),
+        (None, true) => (env("NO_PROXY").unwrap_or_default(), "NO_PROXY"),
+        (None, false) => (String::new(), "--no-proxy"),
+    };
+    let no_proxy = NoProxy::parse(&list).map_err(|r| invalid(list_flag, &list, r))?;
+    Ok(match no_proxy.matching(&upstream.host) {
+        Some(entry) => Via::Bypass {
+            proxy: display,
+            entry: entry.to_string(),
+        },
+        None => Via::Proxy(Arc::new(proxy)),
+    })
 }
 
 impl Config {
@@ -452,7 +539,7 @@ impl Config {
     pub fn from_run_args(args: &RunArgs) -> Result<Self, Error> {
         let (routes, file_admin) = match &args.config {
             Some(path) => {
-                let file = crate::config_file::load(path)?;
+                let file = crate::config_file::load(path, args.proxy_auth_file.as_deref())?;
                 (file.routes, file.admin)
             }
             None => (vec![route_from_args("default".into(), args)?], None),

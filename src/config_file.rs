@@ -70,6 +70,11 @@ struct RouteToml {
     header_timeout: S<String>,
     pool_idle_timeout: S<String>,
     pool_max_idle: S<u64>,
+    proxy: S<String>,
+    proxy_ca: S<String>,
+    proxy_auth_file: S<String>,
+    no_proxy: S<String>,
+    proxy_from_env: S<bool>,
 }
 
 /// A value ready to become command-line words.
@@ -117,11 +122,18 @@ impl RouteToml {
             reload_interval,
             header_timeout,
             pool_idle_timeout,
-            pool_max_idle
+            pool_max_idle,
+            proxy,
+            proxy_ca,
+            proxy_auth_file,
+            no_proxy
         );
         many!(allow_uid, crl, verify_uri_san, pin_sha256, alpn);
         if let Some(v) = &self.allow_non_loopback {
             out.push(("allow_non_loopback", Val::Flag(*v.get_ref()), v.span()));
+        }
+        if let Some(v) = &self.proxy_from_env {
+            out.push(("proxy_from_env", Val::Flag(*v.get_ref()), v.span()));
         }
         out
     }
@@ -161,8 +173,9 @@ struct Words {
     run: RunArgs,
 }
 
-/// Load and validate a config file.
-pub fn load(path: &Path) -> Result<FileConfig, Error> {
+/// Load and validate a config file. `proxy_auth_file` (`--proxy-auth-file` or
+/// `MTLS_SIDECAR_PROXY_AUTH_FILE`) applies to every route that does not name its own.
+pub fn load(path: &Path, proxy_auth_file: Option<&Path>) -> Result<FileConfig, Error> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::Invalid {
         flag: "--config",
         value: path.display().to_string(),
@@ -298,7 +311,7 @@ pub fn load(path: &Path) -> Result<FileConfig, Error> {
             }
         }
         let cmd = Words::command().mut_args(|a| a.env(None::<&str>));
-        let args = cmd
+        let mut args = cmd
             .try_get_matches_from(&words)
             .and_then(|m| Words::from_arg_matches(&m))
             .map_err(|e| {
@@ -319,6 +332,9 @@ pub fn load(path: &Path) -> Result<FileConfig, Error> {
                 file_error(path, line, &key, first)
             })?
             .run;
+        if args.proxy_auth_file.is_none() {
+            args.proxy_auth_file = proxy_auth_file.map(Path::to_path_buf);
+        }
         let route = config::route_from_args(name.clone(), &args).map_err(|e| match &e {
             Error::Invalid {
                 flag,

@@ -138,6 +138,7 @@ pub async fn run(
         alpn: vec![],
         mode: crate::cli::Mode::Tcp,
         http: crate::config::HttpSettings::default(),
+        via: crate::config::Via::Direct,
         tls_min: TlsMin::V12,
         connect_timeout: Duration::from_secs(5),
         idle_timeout: None,

@@ -19,6 +19,7 @@
 //! - `tls::reload`: poll files by content and on SIGHUP; all-or-nothing reload; expiry warnings
 //! - `tls::verify`: CRL, URI SAN and SPKI pin checks on top of webpki's chain and name checks
 //! - `upstream`: resolve, connect each address in turn, handshake; failure classification
+//! - `egress`: HTTP CONNECT proxies (`--proxy`): URL, credentials, `--no-proxy`, the tunnel
 //! - `bufio`: upstream socket reads in 64 KiB syscalls with a buffer only while data waits
 //! - `proxy`: accept loop, connection limit, access-log line per connection
 //! - `proxy::tcp`: byte-stream relay with half-close both ways and the idle timeout
@@ -35,6 +36,7 @@ pub mod cli;
 pub mod config;
 pub mod config_file;
 pub mod demo;
+pub mod egress;
 pub mod listen;
 pub mod metrics;
 pub mod notify;

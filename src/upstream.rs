@@ -13,11 +13,12 @@ use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
 use crate::bufio::LazyBufTcp;
-use crate::config::Route;
+use crate::config::{Route, Via};
+use crate::egress::{Prefixed, Proxy, Transport};
 use crate::tls::verify::CheckError;
 
 /// The upstream TLS stream a connection relays into.
-pub type Upstream = TlsStream<LazyBufTcp>;
+pub type Upstream = TlsStream<Transport>;
 
 /// Why a connection failed, as a stable class. `reason()` is the access-log `reason` field and
 /// `outcome()` the coarser metric label.
@@ -47,6 +48,16 @@ pub enum Class {
     Idle,
     /// Still running when `--drain-timeout` ran out at shutdown.
     Drain,
+    /// The `--proxy` cannot be resolved or connected to.
+    ProxyUnreachable,
+    /// The proxy answered `407`: credentials missing or refused.
+    ProxyAuth,
+    /// The proxy answered CONNECT with another non-2xx status.
+    ProxyRefused,
+    /// The proxy closed before answering, or did not answer in HTTP.
+    ProxyProtocol,
+    /// The TLS handshake with an `https://` proxy failed.
+    ProxyTls,
 }
 
 impl Class {
@@ -69,13 +80,23 @@ impl Class {
             Class::Io => "io",
             Class::Idle => "idle_timeout",
             Class::Drain => "drain_timeout",
+            Class::ProxyUnreachable => "proxy_unreachable",
+            Class::ProxyAuth => "proxy_auth",
+            Class::ProxyRefused => "proxy_refused",
+            Class::ProxyProtocol => "proxy_protocol",
+            Class::ProxyTls => "proxy_tls",
         }
     }
 
     /// The `outcome` label: `ok`, `connect_error`, `tls_error`, `timeout` or `error`.
     pub fn outcome(self) -> &'static str {
         match self {
-            Class::Dns | Class::Refused | Class::Unreachable => "connect_error",
+            Class::Dns
+            | Class::Refused
+            | Class::Unreachable
+            | Class::ProxyUnreachable
+            | Class::ProxyAuth
+            | Class::ProxyRefused => "connect_error",
             Class::Timeout => "timeout",
             Class::UnknownIssuer
             | Class::NameMismatch
@@ -85,9 +106,10 @@ impl Class {
             | Class::Revoked
             | Class::UriSanMismatch
             | Class::PinMismatch
-            | Class::Protocol => "tls_error",
+            | Class::Protocol
+            | Class::ProxyTls => "tls_error",
             Class::Idle => "ok",
-            Class::Reset | Class::Io | Class::Drain => "error",
+            Class::Reset | Class::Io | Class::Drain | Class::ProxyProtocol => "error",
         }
     }
 
@@ -233,54 +255,117 @@ pub struct Connected {
     pub handshake: Duration,
 }
 
-/// Resolve, connect (each address in turn) and handshake, all within `--connect-timeout`.
+/// Resolve `host` and connect to each address in turn. For the proxy (`proxy` set) every
+/// failure is `ProxyUnreachable`.
+async fn dial(
+    host: &str,
+    port: u16,
+    proxy: Option<&Proxy>,
+    phase: &mut &'static str,
+) -> Result<(TcpStream, SocketAddr), Failure> {
+    let what = match proxy {
+        Some(p) => format!("the proxy {}", p.url),
+        None => "the upstream".to_string(),
+    };
+    let fail = |class: Class, message: String| match proxy {
+        Some(_) => Failure::new(Class::ProxyUnreachable, message),
+        None => Failure::new(class, message),
+    };
+    let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, port))
+        .await
+        .map_err(|e| {
+            fail(
+                Class::Dns,
+                format!("cannot resolve {what} host {host}: {e}"),
+            )
+        })?
+        .collect();
+    if addrs.is_empty() {
+        return Err(fail(
+            Class::Dns,
+            format!("{what} host {host} resolved to no address"),
+        ));
+    }
+    *phase = if proxy.is_some() {
+        "connect to the proxy"
+    } else {
+        "connect"
+    };
+    let mut last = None;
+    for addr in addrs {
+        match TcpStream::connect(addr).await {
+            Ok(s) => {
+                // Small writes (interactive protocols) must not wait for Nagle.
+                let _ = s.set_nodelay(true);
+                return Ok((s, addr));
+            }
+            Err(e) => last = Some((e, addr)),
+        }
+    }
+    let (e, addr) = last.expect("at least one address was tried");
+    let f = classify_io(&e, "");
+    let message = match proxy {
+        Some(_) => format!("cannot connect to {what}: {e} ({addr})"),
+        None => format!("{} ({addr})", f.message),
+    };
+    Err(fail(f.class, message))
+}
+
+/// A byte stream to the upstream, ready for its TLS handshake.
+pub struct Opened {
+    pub transport: Transport,
+    /// How it was reached, for messages: `ADDR`, or `via proxy URL at ADDR`.
+    pub hop: String,
+    /// The proxy's answer to CONNECT (`200 Connection established`), if through one.
+    pub proxy_answer: Option<String>,
+}
+
+/// The byte stream the upstream TLS session runs over: TCP to the upstream, or a tunnel
+/// through the route's proxy (CONNECT with the upstream's name, resolved by the proxy).
+pub async fn open(route: &Route, phase: &mut &'static str) -> Result<Opened, Failure> {
+    let Via::Proxy(proxy) = &route.via else {
+        *phase = "resolve";
+        let (tcp, addr) = dial(&route.upstream.host, route.upstream.port, None, phase).await?;
+        return Ok(Opened {
+            transport: Transport::Tcp(LazyBufTcp::new(tcp)),
+            hop: addr.to_string(),
+            proxy_answer: None,
+        });
+    };
+    *phase = "resolve the proxy";
+    let (tcp, addr) = dial(&proxy.url.host, proxy.url.port, Some(proxy), phase).await?;
+    let target = route.upstream.to_string();
+    let mut tcp = LazyBufTcp::new(tcp);
+    let (transport, answer) = if proxy.is_https() {
+        *phase = "TLS handshake with the proxy";
+        let mut tls = proxy.tls_to_proxy(tcp).await?;
+        *phase = "CONNECT exchange with the proxy";
+        let (answer, rest) = proxy.connect_tunnel(&mut tls, &target).await?;
+        (Transport::Tls(Box::new(Prefixed::new(tls, rest))), answer)
+    } else {
+        *phase = "CONNECT exchange with the proxy";
+        let (answer, rest) = proxy.connect_tunnel(&mut tcp, &target).await?;
+        tcp.unread(rest);
+        (Transport::Tcp(tcp), answer)
+    };
+    Ok(Opened {
+        transport,
+        hop: format!("via proxy {} at {addr}", proxy.url),
+        proxy_answer: Some(answer),
+    })
+}
+
+/// Resolve, connect (each address in turn; through the proxy if any) and handshake, all within
+/// `--connect-timeout`.
 pub async fn connect(route: &Route, config: Arc<ClientConfig>) -> Result<Connected, Failure> {
     let limit = route.connect_timeout;
     let mut phase = "resolve";
     let attempt = async {
-        let host = route.upstream.host.as_str();
-        let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, route.upstream.port))
-            .await
-            .map_err(|e| {
-                Failure::new(
-                    Class::Dns,
-                    format!("cannot resolve upstream host {host}: {e}"),
-                )
-            })?
-            .collect();
-        if addrs.is_empty() {
-            return Err(Failure::new(
-                Class::Dns,
-                format!("upstream host {host} resolved to no address"),
-            ));
-        }
-        phase = "connect";
-        let mut last = None;
-        let mut tcp = None;
-        for addr in addrs {
-            match TcpStream::connect(addr).await {
-                Ok(s) => {
-                    tcp = Some((s, addr));
-                    break;
-                }
-                Err(e) => last = Some((e, addr)),
-            }
-        }
-        let (tcp, addr) = match (tcp, last) {
-            (Some(t), _) => t,
-            (None, Some((e, addr))) => {
-                let mut f = classify_io(&e, "");
-                f.message = format!("{} ({addr})", f.message);
-                return Err(f);
-            }
-            (None, None) => unreachable!("at least one address was tried"),
-        };
-        // Small writes (interactive protocols) must not wait for Nagle.
-        let _ = tcp.set_nodelay(true);
+        let Opened { transport, hop, .. } = open(route, &mut phase).await?;
         phase = "tls handshake";
         let started = Instant::now();
         let stream = TlsConnector::from(config)
-            .connect(route.server_name.clone(), LazyBufTcp::new(tcp))
+            .connect(route.server_name.clone(), transport)
             .await
             .map_err(|e| {
                 let mut f = classify_io(&e, &server_name_str(route));
@@ -290,7 +375,7 @@ pub async fn connect(route: &Route, config: Arc<ClientConfig>) -> Result<Connect
                         format!("the upstream closed the connection during the TLS handshake: {e}"),
                     );
                 }
-                f.message = format!("{} ({addr})", f.message);
+                f.message = format!("{} ({hop})", f.message);
                 f
             })?;
         Ok(Connected {
@@ -300,12 +385,19 @@ pub async fn connect(route: &Route, config: Arc<ClientConfig>) -> Result<Connect
     };
     match tokio::time::timeout(limit, attempt).await {
         Ok(r) => r,
-        Err(_) => Err(Failure::new(
-            Class::Timeout,
-            format!(
-                "no TLS session with the upstream within --connect-timeout {} (stuck in {phase})",
-                humantime::format_duration(limit)
-            ),
-        )),
+        Err(_) => {
+            let via = match &route.via {
+                Via::Proxy(p) => format!(", via proxy {}", p.url),
+                _ => String::new(),
+            };
+            Err(Failure::new(
+                Class::Timeout,
+                format!(
+                    "no TLS session with the upstream within --connect-timeout {} (stuck in \
+                     {phase}{via})",
+                    humantime::format_duration(limit)
+                ),
+            ))
+        }
     }
 }

@@ -18,9 +18,12 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, timeout_at};
 
-use crate::config::Route;
+use crate::bufio::LazyBufTcp;
+use crate::config::{Route, Via};
+use crate::egress::Transport;
 use crate::tls::identity::{self, Loaded};
 use crate::tls::load::Material;
+use crate::upstream::{self, Class, Failure};
 
 /// How long to wait after a TLS 1.3 handshake for the upstream's verdict on our certificate,
 /// which arrives only after our side is done. A session ticket or data ends the wait early.
@@ -188,6 +191,8 @@ pub enum Outcome {
     ClosedAfter { why: String, accepted: bool },
     /// Handshake done and nothing refused within the wait.
     Accepted { spoke_first: usize },
+    /// The `--proxy` hop failed (unreachable, TLS, refused CONNECT, 407, not HTTP, timeout).
+    Proxy(Failure),
 }
 
 #[derive(Debug)]
@@ -196,6 +201,8 @@ pub struct Dial {
     /// Addresses that could not be connected, and why.
     pub attempts: Vec<(SocketAddr, io::Error)>,
     pub connected: Option<SocketAddr>,
+    /// Through a proxy: how the tunnel was reached and the proxy's answer to CONNECT.
+    pub tunnel: Option<(String, String)>,
     pub negotiated: Negotiated,
     pub outcome: Outcome,
 }
@@ -208,58 +215,52 @@ pub async fn dial(route: &Route, config: Arc<ClientConfig>) -> Dial {
         dns: Vec::new(),
         attempts: Vec::new(),
         connected: None,
+        tunnel: None,
         negotiated: Negotiated::default(),
         outcome: Outcome::NoConnection,
     };
-    let host = route.upstream.host.as_str();
-    let timeout = |phase, at| Outcome::Timeout { phase, at };
-    let addrs: Vec<SocketAddr> = match timeout_at(
-        deadline,
-        tokio::net::lookup_host((host, route.upstream.port)),
-    )
-    .await
-    {
-        Err(_) => return d.ends(timeout("resolve", None)),
-        Ok(Err(e)) => return d.ends(Outcome::Dns(e.to_string())),
-        Ok(Ok(a)) => a.collect(),
-    };
-    for a in &addrs {
-        if !d.dns.contains(&a.ip()) {
-            d.dns.push(a.ip());
-        }
-    }
-    if addrs.is_empty() {
-        return d.ends(Outcome::Dns("no address".into()));
-    }
-    let mut tcp = None;
-    for addr in addrs {
-        match timeout_at(deadline, TcpStream::connect(addr)).await {
-            Err(_) => return d.ends(timeout("connect", Some(addr))),
-            Ok(Err(e)) => d.attempts.push((addr, e)),
-            Ok(Ok(s)) => {
-                d.connected = Some(addr);
-                tcp = Some(s);
-                break;
+    let transport = if let Via::Proxy(proxy) = &route.via {
+        let mut phase = "resolve the proxy";
+        match timeout_at(deadline, upstream::open(route, &mut phase)).await {
+            Err(_) => {
+                return d.ends(Outcome::Proxy(Failure::new(
+                    Class::Timeout,
+                    format!(
+                        "no tunnel through the proxy {} within --connect-timeout {} (stuck in \
+                         {phase})",
+                        proxy.url,
+                        humantime::format_duration(route.connect_timeout)
+                    ),
+                )));
+            }
+            Ok(Err(f)) => return d.ends(Outcome::Proxy(f)),
+            Ok(Ok(o)) => {
+                d.tunnel = Some((o.hop, o.proxy_answer.unwrap_or_default()));
+                o.transport
             }
         }
-    }
-    let Some(tcp) = tcp else {
-        return d.ends(Outcome::NoConnection);
+    } else {
+        match d.connect_direct(route, deadline).await {
+            Ok(t) => t,
+            Err(outcome) => return d.ends(outcome),
+        }
     };
-    let _ = tcp.set_nodelay(true);
     let conn = match ClientConnection::new(config, route.server_name.clone()) {
         Ok(c) => c,
         Err(e) => return d.ends(Outcome::Handshake(e)),
     };
     let mut s = Session {
         conn,
-        tcp,
+        io: transport,
         buf: vec![0; 16 * 1024],
     };
     let handshake = timeout_at(deadline, s.handshake()).await;
     d.negotiated = s.negotiated();
     let outcome = match handshake {
-        Err(_) => timeout("tls handshake", d.connected),
+        Err(_) => Outcome::Timeout {
+            phase: "tls handshake",
+            at: d.connected,
+        },
         Ok(Err(Fail::Tls(e))) => Outcome::Handshake(e),
         Ok(Err(Fail::Io(e))) => Outcome::HandshakeIo(e.to_string()),
         Ok(Err(Fail::Eof)) => Outcome::HandshakeIo("it closed the connection".into()),
@@ -274,6 +275,52 @@ pub async fn dial(route: &Route, config: Arc<ClientConfig>) -> Dial {
 }
 
 impl Dial {
+    /// Resolve and connect to each address in turn, recording what happened.
+    async fn connect_direct(
+        &mut self,
+        route: &Route,
+        deadline: Instant,
+    ) -> Result<Transport, Outcome> {
+        let d = self;
+        let host = route.upstream.host.as_str();
+        let timeout = |phase, at| Outcome::Timeout { phase, at };
+        let addrs: Vec<SocketAddr> = match timeout_at(
+            deadline,
+            tokio::net::lookup_host((host, route.upstream.port)),
+        )
+        .await
+        {
+            Err(_) => return Err(timeout("resolve", None)),
+            Ok(Err(e)) => return Err(Outcome::Dns(e.to_string())),
+            Ok(Ok(a)) => a.collect(),
+        };
+        for a in &addrs {
+            if !d.dns.contains(&a.ip()) {
+                d.dns.push(a.ip());
+            }
+        }
+        if addrs.is_empty() {
+            return Err(Outcome::Dns("no address".into()));
+        }
+        let mut tcp = None;
+        for addr in addrs {
+            match timeout_at(deadline, TcpStream::connect(addr)).await {
+                Err(_) => return Err(timeout("connect", Some(addr))),
+                Ok(Err(e)) => d.attempts.push((addr, e)),
+                Ok(Ok(s)) => {
+                    d.connected = Some(addr);
+                    tcp = Some(s);
+                    break;
+                }
+            }
+        }
+        let Some(tcp) = tcp else {
+            return Err(Outcome::NoConnection);
+        };
+        let _ = tcp.set_nodelay(true);
+        Ok(Transport::Tcp(LazyBufTcp::new(tcp)))
+    }
+
     fn ends(mut self, outcome: Outcome) -> Dial {
         self.outcome = outcome;
         self
@@ -286,10 +333,10 @@ enum Fail {
     Eof,
 }
 
-/// A client connection driven by hand over a TCP stream.
+/// A client connection driven by hand over a TCP stream or a proxy's tunnel.
 struct Session {
     conn: ClientConnection,
-    tcp: TcpStream,
+    io: Transport,
     buf: Vec<u8>,
 }
 
@@ -300,14 +347,14 @@ impl Session {
             self.conn.write_tls(&mut out)?;
         }
         if !out.is_empty() {
-            self.tcp.write_all(&out).await?;
+            self.io.write_all(&out).await?;
         }
         Ok(())
     }
 
     /// Reads once from the socket and processes what came; `Ok(false)` at end of stream.
     async fn pump(&mut self) -> Result<bool, Fail> {
-        let n = self.tcp.read(&mut self.buf).await.map_err(Fail::Io)?;
+        let n = self.io.read(&mut self.buf).await.map_err(Fail::Io)?;
         if n == 0 {
             return Ok(false);
         }
@@ -398,7 +445,7 @@ impl Session {
         self.conn.send_close_notify();
         let _ = tokio::time::timeout(Duration::from_millis(500), async {
             let _ = self.flush().await;
-            let _ = self.tcp.shutdown().await;
+            let _ = self.io.shutdown().await;
         })
         .await;
     }

@@ -14,10 +14,10 @@ mod text;
 use serde::Serialize;
 
 use crate::cli::CheckFormat;
-use crate::config::{Config, IdentitySource, Route};
+use crate::config::{Config, IdentitySource, Route, Via};
 use crate::tls::identity::{self, now_unix};
 use crate::tls::load;
-use crate::upstream::{classify_io, server_name_str};
+use crate::upstream::{Class, Failure, classify_io, server_name_str};
 use cert::{Hint, Names, Summary};
 use dial::Outcome;
 use explain::{Context, Trust};
@@ -42,7 +42,9 @@ pub struct RouteReport {
     pub client_certificate: Option<ClientCertificate>,
     /// Where the upstream's chain must lead: `--ca FILE (...)` or the system trust store.
     pub trust: Option<String>,
-    /// Every address the upstream's name resolved to.
+    /// The egress proxy hop, when `--proxy` (or `HTTPS_PROXY`) is set for this route.
+    pub proxy: Option<ProxyReport>,
+    /// Every address the upstream's name resolved to (empty through a proxy: it resolves).
     pub dns: Vec<String>,
     /// The address the TCP connection was made to.
     pub connected: Option<String>,
@@ -59,6 +61,23 @@ pub struct RouteReport {
     pub notes: Vec<String>,
     /// Why the route fails; empty when it passes.
     pub problems: Vec<String>,
+}
+
+/// The proxy hop of a route.
+#[derive(Debug, Serialize)]
+pub struct ProxyReport {
+    /// Without credentials.
+    pub url: String,
+    /// `none`, `in the proxy URL` or `from FILE`; never the credentials.
+    pub credentials: Option<String>,
+    /// The `--no-proxy` entry that makes this upstream bypass the proxy.
+    pub bypassed_by: Option<String>,
+    /// The request sent: `CONNECT HOST:PORT`.
+    pub request: Option<String>,
+    /// Where the proxy was reached.
+    pub connected: Option<String>,
+    /// Its answer to CONNECT, e.g. `200 Connection established`.
+    pub answer: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -97,14 +116,14 @@ pub async fn run(config: &Config, format: CheckFormat) -> bool {
     for route in &config.routes {
         let report = check_route(route).await;
         if format == CheckFormat::Text {
-            print!("{}", text::render(&report));
+            out(&text::render(&report));
         }
         routes.push(report);
     }
     let ok = routes.iter().all(|r| r.ok);
     if format == CheckFormat::Json {
         match serde_json::to_string_pretty(&Report { routes, ok }) {
-            Ok(json) => println!("{json}"),
+            Ok(json) => out(&format!("{json}\n")),
             Err(e) => {
                 eprintln!("mtls-sidecar: cannot write the JSON report: {e}");
                 return false;
@@ -123,6 +142,25 @@ impl RouteReport {
             ok: false,
             client_certificate: None,
             trust: None,
+            proxy: match &route.via {
+                Via::Direct => None,
+                Via::Bypass { proxy, entry } => Some(ProxyReport {
+                    url: proxy.clone(),
+                    credentials: None,
+                    bypassed_by: Some(entry.clone()),
+                    request: None,
+                    connected: None,
+                    answer: None,
+                }),
+                Via::Proxy(p) => Some(ProxyReport {
+                    url: p.url.to_string(),
+                    credentials: Some(p.credentials_source()),
+                    bypassed_by: None,
+                    request: Some(format!("CONNECT {}", route.upstream)),
+                    connected: None,
+                    answer: None,
+                }),
+            },
             dns: Vec::new(),
             connected: None,
             connect_errors: Vec::new(),
@@ -276,6 +314,10 @@ async fn check_route(route: &Route) -> RouteReport {
     let seen = std::mem::take(&mut *seen.lock().unwrap_or_else(|p| p.into_inner()));
 
     r.dns = d.dns.iter().map(ToString::to_string).collect();
+    if let (Some(p), Some((hop, answer))) = (&mut r.proxy, &d.tunnel) {
+        p.connected = Some(hop.clone());
+        p.answer = Some(answer.clone());
+    }
     r.connected = d.connected.map(|a| a.to_string());
     r.connect_errors = d
         .attempts
@@ -367,6 +409,7 @@ fn judge(
              --connect-timeout {limit}: is it a TLS port? (a plaintext server waits for a \
              request and never answers a TLS hello)"
         )),
+        Outcome::Proxy(f) => Some(proxy_problem(route, f)),
         Outcome::Handshake(e) | Outcome::Rejected(e) => Some(explain::tls_failure(e, cx)),
         Outcome::HandshakeIo(why) => Some(format!(
             "the upstream at {at} ended the connection during the TLS handshake ({why}) without \
@@ -417,6 +460,37 @@ fn judge(
             }
         }
     }
+}
+
+/// Print to stdout; a reader that went away (`| head`) is not our failure and no panic.
+fn out(text: &str) {
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout().lock();
+    let _ = stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush());
+}
+
+/// The proxy hop's failure, with what to do about it.
+fn proxy_problem(route: &Route, f: &Failure) -> String {
+    let hint = match f.class {
+        Class::ProxyUnreachable => {
+            ": is the proxy running, and are the host and port of --proxy right?"
+        }
+        Class::ProxyTls => match &route.via {
+            Via::Proxy(p) if f.message.contains("unknown issuer") => {
+                if p.trust.starts_with("--proxy-ca") {
+                    ": is --proxy-ca the CA that issued the proxy's certificate?"
+                } else {
+                    ": pass the CA that issued the proxy's certificate with --proxy-ca FILE"
+                }
+            }
+            _ => "",
+        },
+        Class::ProxyProtocol => ": is --proxy an HTTP proxy that supports CONNECT?",
+        _ => "",
+    };
+    format!("{}{hint}", f.message)
 }
 
 /// Every address failed to connect.

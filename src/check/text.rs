@@ -42,6 +42,32 @@ pub fn render(r: &RouteReport) -> String {
     if let Some(t) = &r.trust {
         let _ = writeln!(out, "  upstream trust   {t}");
     }
+    if let Some(p) = &r.proxy {
+        match (&p.bypassed_by, &p.credentials) {
+            (Some(entry), _) => {
+                let _ = writeln!(
+                    out,
+                    "  proxy            {} bypassed: --no-proxy entry {entry:?} matches the upstream host",
+                    p.url
+                );
+            }
+            (None, creds) => {
+                let _ = writeln!(
+                    out,
+                    "  proxy            {} (credentials: {})",
+                    p.url,
+                    creds.as_deref().unwrap_or("none")
+                );
+                if let Some(req) = &p.request {
+                    let answer = match (&p.connected, &p.answer) {
+                        (Some(c), Some(a)) => format!("{a} ({c})"),
+                        _ => "no tunnel".into(),
+                    };
+                    let _ = writeln!(out, "  proxy tunnel     {req}: {answer}");
+                }
+            }
+        }
+    }
     if !r.dns.is_empty() {
         let _ = writeln!(out, "  dns              {}", r.dns.join(", "));
     }

@@ -175,7 +175,7 @@ pub fn upstream_verifier(
 ) -> Result<Arc<UpstreamVerifier>, Error> {
     let roots = match &material.ca {
         Some(ca) => load::ca_bundle(ca)?,
-        None => load::system_roots()?,
+        None => load::system_roots("--ca")?,
     };
     let mut crls = Vec::new();
     for f in &material.crls {

@@ -74,8 +74,9 @@ pub enum Error {
         key.display(), cert.display()
     )]
     KeyMismatch { cert: PathBuf, key: PathBuf },
-    #[error("--ca {}: certificate {index} is not usable as a trust anchor: {detail}", path.display())]
+    #[error("{flag} {}: certificate {index} is not usable as a trust anchor: {detail}", path.display())]
     BadCa {
+        flag: &'static str,
         path: PathBuf,
         index: usize,
         detail: String,
@@ -84,8 +85,10 @@ pub enum Error {
     NoCrl { path: PathBuf },
     #[error("--crl {} cannot be used: {detail}", path.display())]
     BadCrl { path: PathBuf, detail: String },
-    #[error("no --ca given and the system trust store has no certificates{hint}; pass --ca FILE")]
-    NoSystemRoots { hint: String },
+    #[error(
+        "no {flag} given and the system trust store has no certificates{hint}; pass {flag} FILE"
+    )]
+    NoSystemRoots { flag: &'static str, hint: String },
 }
 
 impl Error {
@@ -390,6 +393,7 @@ pub fn ca_bundle(f: &FileBytes) -> Result<RootCertStore, Error> {
     let mut roots = RootCertStore::empty();
     for (i, c) in certificates(f)?.into_iter().enumerate() {
         roots.add(c).map_err(|e| Error::BadCa {
+            flag: f.flag,
             path: f.path.clone(),
             index: i + 1,
             detail: e.to_string(),
@@ -450,7 +454,7 @@ pub fn newest_crl_per_issuer(
 }
 
 /// The system trust store; honours `SSL_CERT_FILE` and `SSL_CERT_DIR`.
-pub fn system_roots() -> Result<RootCertStore, Error> {
+pub fn system_roots(flag: &'static str) -> Result<RootCertStore, Error> {
     let found = rustls_native_certs::load_native_certs();
     let mut roots = RootCertStore::empty();
     let (_added, _ignored) = roots.add_parsable_certificates(found.certs);
@@ -459,7 +463,7 @@ pub fn system_roots() -> Result<RootCertStore, Error> {
             Some(e) => format!(" ({e})"),
             None => String::new(),
         };
-        return Err(Error::NoSystemRoots { hint });
+        return Err(Error::NoSystemRoots { flag, hint });
     }
     Ok(roots)
 }
