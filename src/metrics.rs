@@ -25,6 +25,12 @@ struct OutcomeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    route: String,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DirectionLabels {
     route: String,
     direction: &'static str,
@@ -59,6 +65,7 @@ fn handshake_histogram() -> Histogram {
 pub struct Metrics {
     registry: Registry,
     connections: Family<OutcomeLabels, Counter>,
+    failures: Family<ReasonLabels, Counter>,
     active: Family<RouteLabel, Gauge>,
     bytes: Family<DirectionLabels, Counter>,
     handshake: Family<RouteLabel, Histogram, fn() -> Histogram>,
@@ -79,6 +86,8 @@ impl std::fmt::Debug for Metrics {
 pub struct RouteMetrics {
     /// `connections_total` by outcome, indexed like [`OUTCOMES`].
     connections: [Counter; 5],
+    /// `connection_failures_total` and the route's name for its `reason` series.
+    failures: (Family<ReasonLabels, Counter>, String),
     pub active: Gauge,
     pub bytes_to_upstream: Counter,
     pub bytes_from_upstream: Counter,
@@ -99,6 +108,15 @@ impl RouteMetrics {
         let outcome = failure.map_or("ok", Class::outcome);
         let i = OUTCOMES.iter().position(|o| *o == outcome).unwrap_or(4);
         self.connections[i].inc();
+        if let Some(class) = failure.filter(|c| c.is_fault()) {
+            let (family, route) = &self.failures;
+            family
+                .get_or_create(&ReasonLabels {
+                    route: route.clone(),
+                    reason: class.reason(),
+                })
+                .inc();
+        }
     }
 
     /// Count an HTTP answer (a read lock and a hash lookup; no I/O under it).
@@ -145,6 +163,13 @@ impl Metrics {
             "connections",
             "Plaintext connections finished, by outcome",
             connections.clone(),
+        );
+        let failures = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "connection_failures",
+            "Failed connections by the reason their access line gives (dns, refused, \
+             unknown_issuer, client_cert_rejected, proxy_auth, ...)",
+            failures.clone(),
         );
         let active = Family::<RouteLabel, Gauge>::default();
         registry.register(
@@ -193,6 +218,7 @@ impl Metrics {
         Metrics {
             registry,
             connections,
+            failures,
             active,
             bytes,
             handshake,
@@ -226,6 +252,7 @@ impl Metrics {
         };
         RouteMetrics {
             connections: OUTCOMES.map(counter),
+            failures: (self.failures.clone(), route.to_string()),
             active: self.active.get_or_create(&r).clone(),
             bytes_to_upstream: bytes("to_upstream"),
             bytes_from_upstream: bytes("from_upstream"),
@@ -279,6 +306,7 @@ mod tests {
         for want in [
             "mtls_sidecar_connections_total{route=\"default\",outcome=\"ok\"} 1",
             "mtls_sidecar_connections_total{route=\"default\",outcome=\"connect_error\"} 1",
+            "mtls_sidecar_connection_failures_total{route=\"default\",reason=\"refused\"} 1",
             "mtls_sidecar_bytes_total{route=\"default\",direction=\"to_upstream\"} 10",
             "mtls_sidecar_upstream_handshake_seconds_count{route=\"default\"} 1",
             "mtls_sidecar_reloads_total{result=\"failure\"} 0",
