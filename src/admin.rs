@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use http_body_util::Full;
 use hyper::body::Bytes;
-use hyper::header::{CONTENT_TYPE, HeaderValue};
+use hyper::header::{CONNECTION, CONTENT_TYPE, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::json;
@@ -160,8 +160,13 @@ fn respond(state: &AdminState, req: &Request<hyper::body::Incoming>) -> Response
         ("/shutdown", _) if state.allow_shutdown => {
             if req.method() == Method::POST {
                 info!("POST /shutdown: shutting down");
-                state.shutdown.cancel();
-                text(StatusCode::OK, "shutting down\n")
+                // Not ready from this moment; the shutdown itself begins once this answer is
+                // written (see `serve`), or the process could exit before the caller hears it.
+                state.shutting_down.store(true, Ordering::SeqCst);
+                let mut r = text(StatusCode::OK, "shutting down\n");
+                r.headers_mut()
+                    .insert(CONNECTION, HeaderValue::from_static("close"));
+                r
             } else {
                 let mut r = text(StatusCode::METHOD_NOT_ALLOWED, "use POST\n");
                 r.headers_mut()
@@ -218,15 +223,33 @@ async fn serve(listener: std::net::TcpListener, state: Arc<AdminState>) {
         };
         let state = state.clone();
         tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req| {
-                let r = respond(&state, &req);
-                async move { Ok::<_, Infallible>(r) }
-            });
+            let shutdown_asked = Arc::new(AtomicBool::new(false));
+            let service = {
+                let (state, asked) = (state.clone(), shutdown_asked.clone());
+                hyper::service::service_fn(move |req| {
+                    let r = respond(&state, &req);
+                    if r.headers().contains_key(CONNECTION) {
+                        asked.store(true, Ordering::SeqCst);
+                        // The bound for a caller that never reads its answer.
+                        let token = state.shutdown.clone();
+                        tokio::spawn(async move {
+                            tokio::time::sleep(Duration::from_secs(2)).await;
+                            token.cancel();
+                        });
+                    }
+                    async move { Ok::<_, Infallible>(r) }
+                })
+            };
+            // After `POST /shutdown` the answer carries `Connection: close`, so this ends once
+            // the answer is written; only then does the shutdown begin.
             let _ = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(Duration::from_secs(10))
                 .serve_connection(TokioIo::new(tcp), service)
                 .await;
+            if shutdown_asked.load(Ordering::SeqCst) {
+                state.shutdown.cancel();
+            }
         });
     }
 }

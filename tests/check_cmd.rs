@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::support::pki::{CLIENT_CN, Identity};
+use crate::support::connect_proxy::{ConnectProxy, ProxyBehavior, UPSTREAM_NAME};
+use crate::support::pki::{CLIENT_CN, Identity, LeafSpec};
 use crate::support::upstream::{server_config, server_config_tls12};
 use crate::support::*;
 
@@ -546,4 +547,141 @@ async fn checks_every_route_of_a_config_file() {
     );
     assert!(problems(&routes[1])[0].contains(OTHER_CA_CN), "{report}");
     assert!(problems(&routes[2]).is_empty(), "{report}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// The proxy hop (`--proxy`, `--no-proxy`)
+
+/// An echo upstream whose certificate names only [`UPSTREAM_NAME`], a name that resolves
+/// nowhere but in the in-test proxy.
+async fn upstream_behind_proxy(pki: &Pki) -> Upstream {
+    let id = pki.leaf(
+        &pki.ca,
+        "server-behind-proxy",
+        LeafSpec {
+            cn: UPSTREAM_NAME,
+            names: &[UPSTREAM_NAME],
+            uris: &[],
+            client: false,
+            validity: None,
+        },
+    );
+    Upstream::start(server_config(&id, &[&pki.ca.der]), vec![Behavior::Echo]).await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn reports_the_proxy_hop_of_a_pass() {
+    let pki = Pki::new();
+    let up = upstream_behind_proxy(&pki).await;
+    let proxy = ConnectProxy::start().await;
+    let target = format!("{UPSTREAM_NAME}:{}", up.port());
+    let c = run_check(check_cmd(&pki, &target).args(["--proxy", &proxy.url()])).await;
+    c.passed()
+        .verdict_says(&["PASS"])
+        .has(&format!(
+            "proxy            {} (credentials: none)",
+            proxy.url()
+        ))
+        .has(&format!(
+            "proxy tunnel     CONNECT {target}: 200 Connection established (via proxy {} at {})",
+            proxy.url(),
+            proxy.addr
+        ))
+        .has(&format!("[0] CN={UPSTREAM_NAME}"));
+    assert!(
+        !c.out.contains("  dns  "),
+        "no local DNS through a proxy:\n{}",
+        c.out
+    );
+    let asked: Vec<String> = proxy.requests().iter().map(|r| r.target.clone()).collect();
+    assert_eq!(asked, vec![target.clone()]);
+
+    let c = run_check(check_cmd(&pki, &target).args(["--proxy", &proxy.url(), "--format", "json"]))
+        .await;
+    c.passed();
+    let report = c.json();
+    let p = &route(&report)["proxy"];
+    assert_eq!(p["url"], proxy.url());
+    assert_eq!(p["credentials"], "none");
+    assert_eq!(p["request"], format!("CONNECT {target}"));
+    assert_eq!(p["answer"], "200 Connection established");
+    assert_eq!(p["bypassed_by"], Value::Null);
+    assert_eq!(route(&report)["dns"], serde_json::json!([]));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn explains_a_proxy_that_wants_credentials() {
+    let pki = Pki::new();
+    let up = upstream_behind_proxy(&pki).await;
+    let proxy = ConnectProxy::builder()
+        .credentials("alice", "s3cret")
+        .start()
+        .await;
+    let target = format!("{UPSTREAM_NAME}:{}", up.port());
+    let c = run_check(check_cmd(&pki, &target).args(["--proxy", &proxy.url()])).await;
+    c.failed().verdict_says(&[
+        "proxy authentication required",
+        "407",
+        "MTLS_SIDECAR_PROXY_AUTH_FILE",
+    ]);
+
+    let wrong = proxy.url_with_userinfo("alice:wrong");
+    let c = run_check(check_cmd(&pki, &target).args(["--proxy", &wrong])).await;
+    c.failed()
+        .verdict_says(&["proxy authentication failed", "in the proxy URL"]);
+    assert!(
+        !c.out.contains("wrong"),
+        "the password was printed:\n{}",
+        c.out
+    );
+    assert_eq!(up.stats.tls_accepted(), 0, "no tunnel was opened");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn explains_an_unreachable_proxy_and_a_refusing_one() {
+    let pki = Pki::new();
+    let port = free_port();
+    let c = run_check(
+        check_cmd(&pki, format!("{UPSTREAM_NAME}:443"))
+            .args(["--proxy", &format!("http://127.0.0.1:{port}")]),
+    )
+    .await;
+    c.failed().verdict_says(&[
+        &format!("cannot connect to the proxy http://127.0.0.1:{port}"),
+        "is the proxy running",
+    ]);
+
+    let proxy = ConnectProxy::builder()
+        .behavior(ProxyBehavior::Status(403))
+        .start()
+        .await;
+    let c =
+        run_check(check_cmd(&pki, format!("{UPSTREAM_NAME}:443")).args(["--proxy", &proxy.url()]))
+            .await;
+    c.failed()
+        .verdict_says(&["refused CONNECT", "403", "does not allow this destination"]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn reports_a_no_proxy_bypass() {
+    let pki = Pki::new();
+    let up = Upstream::echo(&pki.server, &pki.ca.der).await;
+    let proxy = ConnectProxy::start().await;
+    let c = run_check(check_cmd(&pki, format!("127.0.0.1:{}", up.port())).args([
+        "--server-name",
+        "localhost",
+        "--proxy",
+        &proxy.url(),
+        "--no-proxy",
+        "example.com,127.0.0.0/8",
+    ]))
+    .await;
+    c.passed()
+        .verdict_says(&["PASS"])
+        .has(&format!(
+            "proxy            {} bypassed: --no-proxy entry \"127.0.0.0/8\" matches the upstream host",
+            proxy.url()
+        ))
+        .has(&format!("connected        127.0.0.1:{}", up.port()));
+    assert_eq!(proxy.stats().accepted(), 0, "the proxy was used");
 }

@@ -3,7 +3,8 @@
 //!
 //! # Layout
 //!
-//! - `support`: test PKI, in-process mTLS upstreams, the handle that runs the binary, socket helpers
+//! - `support`: test PKI, in-process mTLS upstreams, an HTTP CONNECT proxy, the handle that runs
+//!   the binary, socket helpers
 //! - `tcp`: byte integrity, full duplex, half-close, concurrency, SNI and client identity, resumption
 //! - `refusal`: failed upstream connections and the `reason=` each one logs
 //! - `startup`: startup errors (exit 2), key formats, environment variables, `dev-pki`, `demo`
@@ -24,6 +25,9 @@
 //! - `http_pool`: the upstream pool (reuse, h2 multiplexing, stale retry, idle timeout and cap),
 //!   reloads, `http_requests_total`, draining, nginx as the upstream
 //! - `http_errors`: the proxy's own 502/504 answers and retries, 431, slow-header clients
+//! - `proxy`: egress through an HTTP CONNECT proxy (`--proxy`, `--proxy-ca`, `--proxy-auth-file`,
+//!   `--no-proxy`, `--proxy-from-env`): tunnels to names only the proxy resolves, credentials,
+//!   bypass lists, every failure class, http mode, config files, startup errors
 
 mod support;
 
@@ -37,6 +41,7 @@ mod http_errors;
 mod http_pool;
 mod interop;
 mod lifecycle;
+mod proxy;
 mod refusal;
 mod rotation;
 mod startup;

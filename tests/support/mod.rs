@@ -1,6 +1,7 @@
 //! Helpers shared by every test module.
 
 pub mod admin;
+pub mod connect_proxy;
 pub mod files;
 pub mod http;
 pub mod net;

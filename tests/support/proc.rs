@@ -127,7 +127,13 @@ impl Cmd {
                     | "LISTEN_PID"
                     | "LISTEN_FDNAMES"
             );
-            if k.starts_with("MTLS_SIDECAR_") || k == "RUST_LOG" || systemd || trust {
+            // Egress proxy settings, which `--proxy-from-env` reads: only a test that sets them
+            // means them.
+            let egress = matches!(
+                &*k.to_ascii_uppercase(),
+                "HTTPS_PROXY" | "HTTP_PROXY" | "ALL_PROXY" | "NO_PROXY"
+            );
+            if k.starts_with("MTLS_SIDECAR_") || k == "RUST_LOG" || systemd || trust || egress {
                 command.env_remove(&key);
             }
         }
