@@ -263,6 +263,47 @@ async fn tcp_through_an_https_proxy_verified_with_proxy_ca() {
     assert_eq!(proxy.stats().tls_failures.load(Ordering::SeqCst), 0);
 }
 
+/// Bytes that arrive in the same segment as the proxy's `200` head belong to the tunnel: here
+/// they are a TLS alert record, which the upstream handshake must see at once (`reason=protocol`
+/// naming the alert). Were they dropped, the handshake would wait for a ServerHello the silent
+/// proxy never sends and end in `reason=timeout`. Through an http:// proxy (socket buffer) and
+/// an https:// one (bytes read past the head out of the proxy's TLS stream).
+#[tokio::test(flavor = "multi_thread")]
+async fn bytes_after_the_200_head_reach_the_upstream_handshake() {
+    let pki = Pki::new();
+    let up = named_upstream(&pki).await;
+    let (proxy_ca, proxy_id) = proxy_pki(&pki);
+    let mut answer = b"HTTP/1.1 200 Connection established\r\n\r\n".to_vec();
+    // alert(21), TLS 1.2 record, length 2: fatal(2) handshake_failure(40)
+    answer.extend_from_slice(&[0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x28]);
+    let behavior = ProxyBehavior::Raw {
+        bytes: answer,
+        close: false,
+    };
+    for tls in [false, true] {
+        let mut builder = ConnectProxy::builder().behavior(behavior.clone());
+        if tls {
+            builder = builder.tls_identity(&proxy_id);
+        }
+        let proxy = builder.start().await;
+        let mut sidecar = via(&pki, &up, &proxy.url())
+            .arg("--proxy-ca")
+            .arg(&proxy_ca.pem)
+            .args(["--connect-timeout", "10s"])
+            .start();
+        let started = Instant::now();
+        let line = refused(&mut sidecar, &up).await;
+        assert_failed(&line, "tls_error", "protocol");
+        assert!(line.contains("HandshakeFailure"), "tls={tls}: {line}");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "tls={tls}: the alert was not seen at once ({:?}): {line}",
+            started.elapsed()
+        );
+        assert_eq!(proxy.connects(), 1, "tls={tls}");
+    }
+}
+
 /// An https:// proxy whose certificate `--proxy-ca` does not lead to (nor the system store):
 /// `reason=proxy_tls`, `outcome=tls_error`, no CONNECT sent.
 #[tokio::test(flavor = "multi_thread")]
