@@ -76,30 +76,24 @@ pub fn read_clearing(
 /// Bytes asked of the kernel per read: four full TLS records.
 pub const READ_CHUNK: usize = 256 * 1024;
 
-#[derive(Debug)]
-pub struct LazyBufTcp {
-    tcp: TcpStream,
-    /// Bytes read from the socket and not yet handed to rustls; `None` when drained.
+/// Bytes already read and not yet handed on, in front of a stream; holds no allocation when
+/// empty.
+#[derive(Debug, Default)]
+pub struct Pending {
+    /// `None` when drained.
     buf: Option<Vec<u8>>,
     /// How much of `buf` has been handed out.
     pos: usize,
 }
 
-impl LazyBufTcp {
-    pub fn new(tcp: TcpStream) -> Self {
-        LazyBufTcp {
-            tcp,
-            buf: None,
-            pos: 0,
-        }
+impl Pending {
+    pub fn new(bytes: Vec<u8>) -> Self {
+        let mut p = Pending::default();
+        p.unread(bytes);
+        p
     }
 
-    pub fn get_ref(&self) -> &TcpStream {
-        &self.tcp
-    }
-
-    /// Put bytes back in front of whatever is still buffered: an HTTP proxy's answer to CONNECT
-    /// may arrive together with the first bytes of the tunnel.
+    /// Put bytes back in front of what is still pending.
     pub fn unread(&mut self, mut bytes: Vec<u8>) {
         if bytes.is_empty() {
             return;
@@ -111,8 +105,9 @@ impl LazyBufTcp {
         self.pos = 0;
     }
 
-    /// Copy buffered bytes into `out`, freeing the buffer once it is drained.
-    fn drain_into(&mut self, out: &mut ReadBuf<'_>) -> bool {
+    /// Copy pending bytes into `out`, freeing the buffer once it is drained; `false` when
+    /// nothing was pending.
+    pub fn drain_into(&mut self, out: &mut ReadBuf<'_>) -> bool {
         let Some(buf) = &self.buf else { return false };
         let n = out.remaining().min(buf.len() - self.pos);
         out.put_slice(&buf[self.pos..self.pos + n]);
@@ -123,6 +118,36 @@ impl LazyBufTcp {
         }
         true
     }
+
+    pub fn is_empty(&self) -> bool {
+        self.buf.is_none()
+    }
+}
+
+#[derive(Debug)]
+pub struct LazyBufTcp {
+    tcp: TcpStream,
+    /// Bytes read from the socket and not yet handed to rustls.
+    pending: Pending,
+}
+
+impl LazyBufTcp {
+    pub fn new(tcp: TcpStream) -> Self {
+        LazyBufTcp {
+            tcp,
+            pending: Pending::default(),
+        }
+    }
+
+    pub fn get_ref(&self) -> &TcpStream {
+        &self.tcp
+    }
+
+    /// Put bytes back in front of whatever is still buffered: an HTTP proxy's answer to CONNECT
+    /// may arrive together with the first bytes of the tunnel.
+    pub fn unread(&mut self, bytes: Vec<u8>) {
+        self.pending.unread(bytes);
+    }
 }
 
 impl AsyncRead for LazyBufTcp {
@@ -132,7 +157,7 @@ impl AsyncRead for LazyBufTcp {
         out: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if this.drain_into(out) {
+        if this.pending.drain_into(out) {
             return Poll::Ready(Ok(()));
         }
         loop {
@@ -143,9 +168,8 @@ impl AsyncRead for LazyBufTcp {
                 // End of stream: leave `out` untouched.
                 Ok(0) => return Poll::Ready(Ok(())),
                 Ok(_) => {
-                    this.buf = Some(buf);
-                    this.pos = 0;
-                    this.drain_into(out);
+                    this.pending.unread(buf);
+                    this.pending.drain_into(out);
                     return Poll::Ready(Ok(()));
                 }
                 // Readiness was stale; poll_read_ready registers for the next wake-up.
@@ -209,7 +233,7 @@ mod tests {
         }
         writer.await.unwrap();
         assert_eq!(got, data);
-        assert!(r.buf.is_none(), "a drained reader holds no buffer");
+        assert!(r.pending.is_empty(), "a drained reader holds no buffer");
     }
 
     #[tokio::test]

@@ -18,7 +18,7 @@ use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio_rustls::client::TlsStream;
 
-use crate::bufio::LazyBufTcp;
+use crate::bufio::{LazyBufTcp, Pending};
 use crate::upstream::{Class, Failure};
 
 /// Longest CONNECT answer header accepted; more is not a proxy talking.
@@ -640,16 +640,14 @@ impl std::fmt::Debug for Transport {
 /// A stream with bytes already read from it put back in front.
 pub struct Prefixed<S> {
     pub inner: S,
-    rest: Vec<u8>,
-    pos: usize,
+    rest: Pending,
 }
 
 impl<S> Prefixed<S> {
     pub fn new(inner: S, rest: Vec<u8>) -> Self {
         Prefixed {
             inner,
-            rest,
-            pos: 0,
+            rest: Pending::new(rest),
         }
     }
 }
@@ -661,14 +659,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
         out: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if this.pos < this.rest.len() {
-            let n = out.remaining().min(this.rest.len() - this.pos);
-            out.put_slice(&this.rest[this.pos..this.pos + n]);
-            this.pos += n;
-            if this.pos == this.rest.len() {
-                this.rest = Vec::new();
-                this.pos = 0;
-            }
+        if this.rest.drain_into(out) {
             return Poll::Ready(Ok(()));
         }
         Pin::new(&mut this.inner).poll_read(cx, out)

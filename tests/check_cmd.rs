@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::support::connect_proxy::{ConnectProxy, ProxyBehavior, UPSTREAM_NAME};
-use crate::support::pki::{CLIENT_CN, Identity, LeafSpec};
+use crate::support::connect_proxy::{ConnectProxy, ProxyBehavior, UPSTREAM_NAME, named_upstream};
+use crate::support::pki::{CLIENT_CN, Identity};
 use crate::support::upstream::{server_config, server_config_tls12};
 use crate::support::*;
 
@@ -552,27 +552,10 @@ async fn checks_every_route_of_a_config_file() {
 // ---------------------------------------------------------------------------------------------
 // The proxy hop (`--proxy`, `--no-proxy`)
 
-/// An echo upstream whose certificate names only [`UPSTREAM_NAME`], a name that resolves
-/// nowhere but in the in-test proxy.
-async fn upstream_behind_proxy(pki: &Pki) -> Upstream {
-    let id = pki.leaf(
-        &pki.ca,
-        "server-behind-proxy",
-        LeafSpec {
-            cn: UPSTREAM_NAME,
-            names: &[UPSTREAM_NAME],
-            uris: &[],
-            client: false,
-            validity: None,
-        },
-    );
-    Upstream::start(server_config(&id, &[&pki.ca.der]), vec![Behavior::Echo]).await
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn reports_the_proxy_hop_of_a_pass() {
     let pki = Pki::new();
-    let up = upstream_behind_proxy(&pki).await;
+    let up = named_upstream(&pki).await;
     let proxy = ConnectProxy::start().await;
     let target = format!("{UPSTREAM_NAME}:{}", up.port());
     let c = run_check(check_cmd(&pki, &target).args(["--proxy", &proxy.url()])).await;
@@ -612,7 +595,7 @@ async fn reports_the_proxy_hop_of_a_pass() {
 #[tokio::test(flavor = "multi_thread")]
 async fn explains_a_proxy_that_wants_credentials() {
     let pki = Pki::new();
-    let up = upstream_behind_proxy(&pki).await;
+    let up = named_upstream(&pki).await;
     let proxy = ConnectProxy::builder()
         .credentials("alice", "s3cret")
         .start()

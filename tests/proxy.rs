@@ -44,27 +44,6 @@ const CONNS: &str = "mtls_sidecar_connections_total";
 /// Failed connections by `reason` (README, "Metrics").
 const FAILURES: &str = "mtls_sidecar_connection_failures_total";
 
-/// A server certificate valid for [`UPSTREAM_NAME`] only, from the test CA.
-fn named_server(pki: &Pki) -> Identity {
-    pki.leaf(
-        &pki.ca,
-        "server-named",
-        LeafSpec {
-            cn: UPSTREAM_NAME,
-            names: &[UPSTREAM_NAME],
-            uris: &[],
-            client: false,
-            validity: None,
-        },
-    )
-}
-
-/// An echo upstream presenting [`named_server`] and requiring the test client CA.
-async fn named_upstream(pki: &Pki) -> Upstream {
-    let config = server_config(&named_server(pki), &[&pki.ca.der]);
-    Upstream::start(config, vec![Behavior::Echo]).await
-}
-
 /// `upstream.mtls-test.invalid:PORT`.
 fn target(port: u16) -> String {
     format!("{UPSTREAM_NAME}:{port}")

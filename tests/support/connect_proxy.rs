@@ -24,12 +24,34 @@ use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::timeout;
 use tokio_rustls::TlsAcceptor;
 
-use super::pki::Identity;
+use super::pki::{Identity, LeafSpec, Pki};
+use super::upstream::{Behavior, Upstream, server_config};
 use super::{WAIT, base64, init_crypto};
 
 /// A name that never resolves on the test machine (RFC 6761 `.invalid`); only the proxy's name
 /// map knows it.
 pub const UPSTREAM_NAME: &str = "upstream.mtls-test.invalid";
+
+/// A server certificate valid for [`UPSTREAM_NAME`] only, from the test CA.
+pub fn named_server(pki: &Pki) -> Identity {
+    pki.leaf(
+        &pki.ca,
+        "server-named",
+        LeafSpec {
+            cn: UPSTREAM_NAME,
+            names: &[UPSTREAM_NAME],
+            uris: &[],
+            client: false,
+            validity: None,
+        },
+    )
+}
+
+/// An echo upstream presenting [`named_server`] and requiring the test client CA.
+pub async fn named_upstream(pki: &Pki) -> Upstream {
+    let config = server_config(&named_server(pki), &[&pki.ca.der]);
+    Upstream::start(config, vec![Behavior::Echo]).await
+}
 
 /// Largest request head the proxy reads.
 const MAX_HEAD: usize = 64 * 1024;
