@@ -128,9 +128,14 @@ fn text(code: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
     r
 }
 
-fn respond(state: &AdminState, req: &Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
+/// The answer, and whether it accepted `POST /shutdown` (the shutdown begins once this answer
+/// has been written; see `serve`).
+fn respond(
+    state: &AdminState,
+    req: &Request<hyper::body::Incoming>,
+) -> (Response<Full<Bytes>>, bool) {
     let get = req.method() == Method::GET || req.method() == Method::HEAD;
-    match (req.uri().path(), get) {
+    let answer = match (req.uri().path(), get) {
         ("/healthz", true) => text(StatusCode::OK, "ok\n"),
         ("/readyz", true) => match state.not_ready() {
             None => text(StatusCode::OK, "ready\n"),
@@ -161,12 +166,12 @@ fn respond(state: &AdminState, req: &Request<hyper::body::Incoming>) -> Response
             if req.method() == Method::POST {
                 info!("POST /shutdown: shutting down");
                 // Not ready from this moment; the shutdown itself begins once this answer is
-                // written (see `serve`), or the process could exit before the caller hears it.
+                // written, or the process could exit before the caller hears it.
                 state.shutting_down.store(true, Ordering::SeqCst);
                 let mut r = text(StatusCode::OK, "shutting down\n");
                 r.headers_mut()
                     .insert(CONNECTION, HeaderValue::from_static("close"));
-                r
+                return (r, true);
             } else {
                 let mut r = text(StatusCode::METHOD_NOT_ALLOWED, "use POST\n");
                 r.headers_mut()
@@ -174,9 +179,9 @@ fn respond(state: &AdminState, req: &Request<hyper::body::Incoming>) -> Response
                 r
             }
         }
-        (_, true) => text(StatusCode::NOT_FOUND, "not found\n"),
-        (_, false) => text(StatusCode::NOT_FOUND, "not found\n"),
-    }
+        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    };
+    (answer, false)
 }
 
 /// Serve the admin endpoints on a thread of their own.
@@ -227,8 +232,8 @@ async fn serve(listener: std::net::TcpListener, state: Arc<AdminState>) {
             let service = {
                 let (state, asked) = (state.clone(), shutdown_asked.clone());
                 hyper::service::service_fn(move |req| {
-                    let r = respond(&state, &req);
-                    if r.headers().contains_key(CONNECTION) {
+                    let (r, shutdown) = respond(&state, &req);
+                    if shutdown {
                         asked.store(true, Ordering::SeqCst);
                         // The bound for a caller that never reads its answer.
                         let token = state.shutdown.clone();

@@ -295,7 +295,7 @@ pub fn proxy_tls(
 enum Auth {
     None,
     /// In the URL: fixed for the life of the process.
-    Url(String),
+    Url(Arc<str>),
     /// `--proxy-auth-file` / `MTLS_SIDECAR_PROXY_AUTH_FILE`: read at startup and again after
     /// a `407`, so rotated credentials are picked up without a restart.
     File {
@@ -331,19 +331,18 @@ fn basic(credentials: &str) -> String {
     )
 }
 
-/// Read `user:pass` from an auth file (one trailing newline ignored).
-pub fn read_auth_file(path: &std::path::Path) -> Result<String, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read proxy auth file {}: {e}", path.display()))?;
-    let text = text.strip_suffix('\n').unwrap_or(&text);
-    let text = text.strip_suffix('\r').unwrap_or(text);
-    if !text.contains(':') {
-        return Err(format!(
-            "proxy auth file {} must hold user:password",
+/// Read `user:pass` from an auth file: a password file (one trailing newline ignored), read as
+/// `--key-password-file` is.
+fn read_auth_file(path: &std::path::Path) -> Result<String, String> {
+    let f =
+        crate::tls::load::FileBytes::read("--proxy-auth-file", path).map_err(|e| e.to_string())?;
+    match std::str::from_utf8(f.password()) {
+        Ok(text) if text.contains(':') => Ok(text.to_string()),
+        _ => Err(format!(
+            "proxy auth file {} must hold user:password (UTF-8)",
             path.display()
-        ));
+        )),
     }
-    Ok(text.to_string())
 }
 
 impl Proxy {
@@ -361,7 +360,7 @@ impl Proxy {
                     path.display()
                 ));
             }
-            (Some(c), None) => Auth::Url(basic(&c)),
+            (Some(c), None) => Auth::Url(basic(&c).into()),
             (None, Some(path)) => {
                 let header = basic(&read_auth_file(&path)?);
                 Auth::File {
@@ -395,7 +394,7 @@ impl Proxy {
     fn auth_header(&self) -> Option<Arc<str>> {
         match &self.auth {
             Auth::None => None,
-            Auth::Url(h) => Some(h.as_str().into()),
+            Auth::Url(h) => Some(h.clone()),
             Auth::File { header, .. } => Some(
                 header
                     .lock()
@@ -426,13 +425,18 @@ impl Proxy {
         }
     }
 
-    pub fn is_https(&self) -> bool {
-        self.tls.is_some()
+    /// The TLS configuration of an `https://` proxy; `None` for `http://`.
+    pub fn tls(&self) -> Option<Arc<ClientConfig>> {
+        self.tls.clone()
     }
 
-    /// TLS to the proxy itself, then nothing else: the caller runs [`Proxy::connect_tunnel`].
-    pub async fn tls_to_proxy(&self, tcp: LazyBufTcp) -> Result<TlsStream<LazyBufTcp>, Failure> {
-        let config = self.tls.clone().expect("https proxy has a TLS config");
+    /// TLS to the proxy itself (with [`Proxy::tls`]); the caller then runs
+    /// [`Proxy::connect_tunnel`] over it.
+    pub async fn tls_to_proxy(
+        &self,
+        config: Arc<ClientConfig>,
+        tcp: LazyBufTcp,
+    ) -> Result<TlsStream<LazyBufTcp>, Failure> {
         let name = ServerName::try_from(self.url.host.clone())
             .map_err(|e| Failure::new(Class::ProxyTls, format!("proxy host name: {e}")))?;
         tokio_rustls::TlsConnector::from(config)

@@ -263,7 +263,8 @@ async fn dial(
     proxy: Option<&Proxy>,
     phase: &mut &'static str,
 ) -> Result<(TcpStream, SocketAddr), Failure> {
-    let what = match proxy {
+    // Messages are made only when something failed: nothing here allocates on success.
+    let what = || match proxy {
         Some(p) => format!("the proxy {}", p.url),
         None => "the upstream".to_string(),
     };
@@ -276,14 +277,14 @@ async fn dial(
         .map_err(|e| {
             fail(
                 Class::Dns,
-                format!("cannot resolve {what} host {host}: {e}"),
+                format!("cannot resolve {} host {host}: {e}", what()),
             )
         })?
         .collect();
     if addrs.is_empty() {
         return Err(fail(
             Class::Dns,
-            format!("{what} host {host} resolved to no address"),
+            format!("{} host {host} resolved to no address", what()),
         ));
     }
     *phase = if proxy.is_some() {
@@ -305,7 +306,7 @@ async fn dial(
     let (e, addr) = last.expect("at least one address was tried");
     let f = classify_io(&e, "");
     let message = match proxy {
-        Some(_) => format!("cannot connect to {what}: {e} ({addr})"),
+        Some(_) => format!("cannot connect to {}: {e} ({addr})", what()),
         None => format!("{} ({addr})", f.message),
     };
     Err(fail(f.class, message))
@@ -314,10 +315,19 @@ async fn dial(
 /// A byte stream to the upstream, ready for its TLS handshake.
 pub struct Opened {
     pub transport: Transport,
-    /// How it was reached, for messages: `ADDR`, or `via proxy URL at ADDR`.
-    pub hop: String,
+    /// The address connected to: the upstream's, or the proxy's.
+    pub addr: SocketAddr,
     /// The proxy's answer to CONNECT (`200 Connection established`), if through one.
     pub proxy_answer: Option<String>,
+}
+
+/// How a stream connected to `addr` reached the upstream, for messages: `ADDR`, or
+/// `via proxy URL at ADDR`.
+pub fn hop(route: &Route, addr: SocketAddr) -> String {
+    match &route.via {
+        Via::Proxy(p) => format!("via proxy {} at {addr}", p.url),
+        _ => addr.to_string(),
+    }
 }
 
 /// The byte stream the upstream TLS session runs over: TCP to the upstream, or a tunnel
@@ -328,7 +338,7 @@ pub async fn open(route: &Route, phase: &mut &'static str) -> Result<Opened, Fai
         let (tcp, addr) = dial(&route.upstream.host, route.upstream.port, None, phase).await?;
         return Ok(Opened {
             transport: Transport::Tcp(LazyBufTcp::new(tcp)),
-            hop: addr.to_string(),
+            addr,
             proxy_answer: None,
         });
     };
@@ -336,23 +346,41 @@ pub async fn open(route: &Route, phase: &mut &'static str) -> Result<Opened, Fai
     let (tcp, addr) = dial(&proxy.url.host, proxy.url.port, Some(proxy), phase).await?;
     let target = route.upstream.to_string();
     let mut tcp = LazyBufTcp::new(tcp);
-    let (transport, answer) = if proxy.is_https() {
-        *phase = "TLS handshake with the proxy";
-        let mut tls = proxy.tls_to_proxy(tcp).await?;
-        *phase = "CONNECT exchange with the proxy";
-        let (answer, rest) = proxy.connect_tunnel(&mut tls, &target).await?;
-        (Transport::Tls(Box::new(Prefixed::new(tls, rest))), answer)
-    } else {
-        *phase = "CONNECT exchange with the proxy";
-        let (answer, rest) = proxy.connect_tunnel(&mut tcp, &target).await?;
-        tcp.unread(rest);
-        (Transport::Tcp(tcp), answer)
+    let (transport, answer) = match proxy.tls() {
+        Some(config) => {
+            *phase = "TLS handshake with the proxy";
+            let mut tls = proxy.tls_to_proxy(config, tcp).await?;
+            *phase = "CONNECT exchange with the proxy";
+            let (answer, rest) = proxy.connect_tunnel(&mut tls, &target).await?;
+            (Transport::Tls(Box::new(Prefixed::new(tls, rest))), answer)
+        }
+        None => {
+            *phase = "CONNECT exchange with the proxy";
+            let (answer, rest) = proxy.connect_tunnel(&mut tcp, &target).await?;
+            tcp.unread(rest);
+            (Transport::Tcp(tcp), answer)
+        }
     };
     Ok(Opened {
         transport,
-        hop: format!("via proxy {} at {addr}", proxy.url),
+        addr,
         proxy_answer: Some(answer),
     })
+}
+
+/// `--connect-timeout` ran out while in `phase`.
+pub fn timed_out(route: &Route, phase: &str) -> Failure {
+    let via = match &route.via {
+        Via::Proxy(p) => format!(", via proxy {}", p.url),
+        _ => String::new(),
+    };
+    Failure::new(
+        Class::Timeout,
+        format!(
+            "no TLS session with the upstream within --connect-timeout {} (stuck in {phase}{via})",
+            humantime::format_duration(route.connect_timeout)
+        ),
+    )
 }
 
 /// Resolve, connect (each address in turn; through the proxy if any) and handshake, all within
@@ -361,11 +389,12 @@ pub async fn connect(route: &Route, config: Arc<ClientConfig>) -> Result<Connect
     let limit = route.connect_timeout;
     let mut phase = "resolve";
     let attempt = async {
-        let Opened { transport, hop, .. } = open(route, &mut phase).await?;
+        let opened = open(route, &mut phase).await?;
         phase = "tls handshake";
         let started = Instant::now();
+        let addr = opened.addr;
         let stream = TlsConnector::from(config)
-            .connect(route.server_name.clone(), transport)
+            .connect(route.server_name.clone(), opened.transport)
             .await
             .map_err(|e| {
                 let mut f = classify_io(&e, &server_name_str(route));
@@ -375,7 +404,7 @@ pub async fn connect(route: &Route, config: Arc<ClientConfig>) -> Result<Connect
                         format!("the upstream closed the connection during the TLS handshake: {e}"),
                     );
                 }
-                f.message = format!("{} ({hop})", f.message);
+                f.message = format!("{} ({})", f.message, hop(route, addr));
                 f
             })?;
         Ok(Connected {
@@ -385,19 +414,6 @@ pub async fn connect(route: &Route, config: Arc<ClientConfig>) -> Result<Connect
     };
     match tokio::time::timeout(limit, attempt).await {
         Ok(r) => r,
-        Err(_) => {
-            let via = match &route.via {
-                Via::Proxy(p) => format!(", via proxy {}", p.url),
-                _ => String::new(),
-            };
-            Err(Failure::new(
-                Class::Timeout,
-                format!(
-                    "no TLS session with the upstream within --connect-timeout {} (stuck in \
-                     {phase}{via})",
-                    humantime::format_duration(limit)
-                ),
-            ))
-        }
+        Err(_) => Err(timed_out(route, phase)),
     }
 }

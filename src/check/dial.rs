@@ -23,7 +23,7 @@ use crate::config::{Route, Via};
 use crate::egress::Transport;
 use crate::tls::identity::{self, Loaded};
 use crate::tls::load::Material;
-use crate::upstream::{self, Class, Failure};
+use crate::upstream::{self, Failure};
 
 /// How long to wait after a TLS 1.3 handshake for the upstream's verdict on our certificate,
 /// which arrives only after our side is done. A session ticket or data ends the wait early.
@@ -219,23 +219,16 @@ pub async fn dial(route: &Route, config: Arc<ClientConfig>) -> Dial {
         negotiated: Negotiated::default(),
         outcome: Outcome::NoConnection,
     };
-    let transport = if let Via::Proxy(proxy) = &route.via {
+    let transport = if let Via::Proxy(_) = &route.via {
         let mut phase = "resolve the proxy";
         match timeout_at(deadline, upstream::open(route, &mut phase)).await {
-            Err(_) => {
-                return d.ends(Outcome::Proxy(Failure::new(
-                    Class::Timeout,
-                    format!(
-                        "no tunnel through the proxy {} within --connect-timeout {} (stuck in \
-                         {phase})",
-                        proxy.url,
-                        humantime::format_duration(route.connect_timeout)
-                    ),
-                )));
-            }
+            Err(_) => return d.ends(Outcome::Proxy(upstream::timed_out(route, phase))),
             Ok(Err(f)) => return d.ends(Outcome::Proxy(f)),
             Ok(Ok(o)) => {
-                d.tunnel = Some((o.hop, o.proxy_answer.unwrap_or_default()));
+                d.tunnel = Some((
+                    upstream::hop(route, o.addr),
+                    o.proxy_answer.unwrap_or_default(),
+                ));
                 o.transport
             }
         }

@@ -134,7 +134,7 @@ impl FileBytes {
     }
 
     /// A password file holds the password alone; one trailing newline is ignored.
-    fn password(&self) -> &[u8] {
+    pub fn password(&self) -> &[u8] {
         let b = self.bytes.strip_suffix(b"\n").unwrap_or(&self.bytes);
         b.strip_suffix(b"\r").unwrap_or(b)
     }
