@@ -25,6 +25,7 @@
 //! - `http_pool`: the upstream pool (reuse, h2 multiplexing, stale retry, idle timeout and cap),
 //!   reloads, `http_requests_total`, draining, nginx as the upstream
 //! - `http_errors`: the proxy's own 502/504 answers and retries, 431, slow-header clients
+//! - `hostile_values`: extreme numbers and durations as flags, variables and config keys
 //! - `proxy`: egress through an HTTP CONNECT proxy (`--proxy`, `--proxy-ca`, `--proxy-auth-file`,
 //!   `--no-proxy`, `--proxy-from-env`): tunnels to names only the proxy resolves, credentials,
 //!   bypass lists, every failure class, http mode, config files, startup errors
@@ -36,6 +37,7 @@ mod check_cmd;
 mod checks;
 mod config_file;
 mod formats;
+mod hostile_values;
 mod http;
 mod http_errors;
 mod http_pool;
