@@ -66,6 +66,9 @@ pub struct Route {
     pub listen_mode: u32,
     /// Local users allowed on a `unix:` listener (SO_PEERCRED); empty = anyone who can open it.
     pub allow_uids: Vec<u32>,
+    /// `--allow-non-loopback`, kept for a systemd socket whose address is known only once it
+    /// has been taken (`listen::Listener::check_rules`).
+    pub allow_non_loopback: bool,
     /// Upstream `HOST:PORT` as the user wrote it; resolved at every dial.
     pub upstream: Upstream,
     /// SNI and verification name; an IP address sends no SNI and is matched against IP SANs.
@@ -490,6 +493,24 @@ pub fn route_from_args(name: String, args: &RunArgs) -> Result<Route, Error> {
             ));
         }
     }
+    // SO_PEERCRED exists only on unix sockets: with TCP the list could never be checked, and
+    // ignoring it would let every peer in.
+    if !args.allow_uid.is_empty() && matches!(listen, ListenAddr::Tcp(_)) {
+        return Err(invalid(
+            "--allow-uid",
+            &args
+                .allow_uid
+                .iter()
+                .map(u32::to_string)
+                .collect::<Vec<_>>()
+                .join(","),
+            format!(
+                "applies only to unix: listeners, and --listen {} is TCP, whose peers have no \
+                 local uid to check",
+                args.listen
+            ),
+        ));
+    }
     let reload = parse_duration("--reload-interval", &args.reload_interval)?;
     let listen_mode = parse_mode(&args.listen_mode)?;
     let route = Route {
@@ -497,6 +518,7 @@ pub fn route_from_args(name: String, args: &RunArgs) -> Result<Route, Error> {
         listen,
         listen_mode,
         allow_uids: args.allow_uid.clone(),
+        allow_non_loopback: args.allow_non_loopback,
         upstream: upstream.clone(),
         server_name,
         tls: TlsFiles {
