@@ -103,6 +103,9 @@ pub struct HttpSettings {
     pub pool_idle_timeout: Duration,
     /// Idle upstream connections kept.
     pub pool_max_idle: usize,
+    /// Upstream connections open at once (a semaphore in the pool's connector), so one app
+    /// opening many streams cannot make as many upstream connections.
+    pub pool_max_connections: usize,
 }
 
 impl Default for HttpSettings {
@@ -111,6 +114,7 @@ impl Default for HttpSettings {
             header_timeout: Duration::from_secs(10),
             pool_idle_timeout: Duration::from_secs(90),
             pool_max_idle: 64,
+            pool_max_connections: 1024,
         }
     }
 }
@@ -198,6 +202,9 @@ pub enum Error {
         message: String,
     },
 }
+
+/// Upper bound of `--pool-max-connections`: beyond it the cap would bound nothing.
+const MAX_POOL_CONNECTIONS: usize = 100_000;
 
 fn invalid(flag: &'static str, value: &str, reason: impl Into<String>) -> Error {
     Error::Invalid {
@@ -380,6 +387,13 @@ pub fn route_from_args(name: String, args: &RunArgs) -> Result<Route, Error> {
     if args.max_connections == 0 {
         return Err(invalid("--max-connections", "0", "must be at least 1"));
     }
+    if !(1..=MAX_POOL_CONNECTIONS).contains(&args.pool_max_connections) {
+        return Err(invalid(
+            "--pool-max-connections",
+            &args.pool_max_connections.to_string(),
+            "must be 1 to 100000",
+        ));
+    }
     let mut alpn = Vec::new();
     for p in &args.alpn {
         if p.is_empty() || p.len() > 255 {
@@ -443,6 +457,7 @@ pub fn route_from_args(name: String, args: &RunArgs) -> Result<Route, Error> {
             header_timeout: parse_duration("--header-timeout", &args.header_timeout)?,
             pool_idle_timeout: parse_duration("--pool-idle-timeout", &args.pool_idle_timeout)?,
             pool_max_idle: args.pool_max_idle,
+            pool_max_connections: args.pool_max_connections,
         },
         tls_min: args.tls_min,
         connect_timeout,
