@@ -518,3 +518,36 @@ async fn failure_bodies_carry_no_address_path_or_peer_text() {
     );
     assert!(!sidecar.stderr().contains("wrong-password"));
 }
+
+/// `--pool-max-connections` outside 1..=100000 is a usage error naming the flag and the range,
+/// on the command line and in a config file.
+#[test]
+fn pool_max_connections_out_of_range_is_exit_2() {
+    let pki = Pki::new();
+    for bad in ["0", "100001", "-1", "lots"] {
+        let err = http_cmd(&pki, "127.0.0.1:9")
+            .arg(format!("--pool-max-connections={bad}"))
+            .startup_error();
+        assert!(err.contains("--pool-max-connections"), "{bad}: {err}");
+    }
+    let err = http_cmd(&pki, "127.0.0.1:9")
+        .args(["--pool-max-connections", "0"])
+        .startup_error();
+    assert!(err.contains("1 to 100000"), "{err}");
+    let file = pki.write(
+        "pool.toml",
+        format!(
+            "[[route]]\nname = \"pool\"\nlisten = \"127.0.0.1:0\"\nupstream = \"127.0.0.1:9\"\nmode = \"http\"\n\
+             cert = {:?}\nkey = {:?}\nca = {:?}\npool_max_connections = 0\n",
+            pki.client.cert, pki.client.key, pki.ca.pem,
+        ),
+    );
+    let err = Cmd::new()
+        .args(["run", "--config"])
+        .arg(&file)
+        .startup_error();
+    assert!(
+        err.contains("pool_max_connections") || err.contains("--pool-max-connections"),
+        "{err}"
+    );
+}
