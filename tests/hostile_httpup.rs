@@ -551,3 +551,28 @@ fn pool_max_connections_out_of_range_is_exit_2() {
         "{err}"
     );
 }
+
+/// An upstream that dies in the middle of a response body: the app's answer is cut (never
+/// complete) and the failure is logged at warn.
+#[tokio::test(flavor = "multi_thread")]
+async fn upstream_failing_mid_body_is_logged_at_warn() {
+    const SHORT: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 100\r\n\
+connection: close\r\n\r\nonly ten.\n";
+    let pki = Pki::new();
+    let up = ScriptedUpstream::start(&pki, SHORT).await;
+    let mut sidecar = http_cmd(&pki, up.addr).start();
+    let mut h1 = H1Client::connect(sidecar.addr()).await;
+    let got = Got::read(
+        h1.send(h1_req("GET", "/short").body(empty()).unwrap())
+            .await,
+    )
+    .await;
+    assert!(
+        got.body.is_err(),
+        "a cut body arrived as complete: {:?}",
+        got.body
+    );
+    sidecar.wait_for_line("the mid-body warn line", WAIT, |l| {
+        l.contains("WARN") && l.contains("upstream response body failed")
+    });
+}

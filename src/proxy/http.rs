@@ -41,9 +41,16 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 struct Counted<B> {
     inner: B,
     counter: Counter,
+    /// For a response body: the route whose upstream failed mid-body, logged at warn (the app
+    /// only sees its connection or stream cut).
+    upstream_of: Option<Arc<RouteCtx>>,
 }
 
-impl<B: hyper::body::Body<Data = Bytes> + Unpin> hyper::body::Body for Counted<B> {
+impl<B> hyper::body::Body for Counted<B>
+where
+    B: hyper::body::Body<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Display,
+{
     type Data = Bytes;
     type Error = B::Error;
 
@@ -53,10 +60,18 @@ impl<B: hyper::body::Body<Data = Bytes> + Unpin> hyper::body::Body for Counted<B
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         let this = self.get_mut();
         let r = Pin::new(&mut this.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &r
-            && let Some(data) = frame.data_ref()
-        {
-            this.counter.inc_by(data.len() as u64);
+        match &r {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    this.counter.inc_by(data.len() as u64);
+                }
+            }
+            Poll::Ready(Some(Err(e))) => {
+                if let Some(ctx) = &this.upstream_of {
+                    warn!(route = %ctx.route.name, error = %e, "upstream response body failed");
+                }
+            }
+            _ => {}
         }
         r
     }
@@ -528,6 +543,7 @@ impl HttpRoute {
         let req = req.map(|inner| Counted {
             inner,
             counter: m.bytes_to_upstream.clone(),
+            upstream_of: None,
         });
         let resp = match self.client().request(req).await {
             Ok(r) => r,
@@ -556,6 +572,7 @@ impl HttpRoute {
         let body = Counted {
             inner: body,
             counter: m.bytes_from_upstream.clone(),
+            upstream_of: Some(self.ctx.clone()),
         };
         Ok(self.answer(Response::from_parts(parts, body.boxed())))
     }
