@@ -258,7 +258,7 @@ pub struct RunArgs {
     pub pool_max_idle: usize,
 
     /// HTTP mode: upstream connections open at once per route (1..=100000); a request beyond
-    /// it waits up to --connect-timeout for a free one, then gets 504
+    /// it waits up to --connect-timeout for a free one, then gets 503
     #[arg(
         long,
         env = "MTLS_SIDECAR_POOL_MAX_CONNECTIONS",

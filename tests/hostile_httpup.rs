@@ -537,7 +537,8 @@ fn pool_max_connections_out_of_range_is_exit_2() {
     let file = pki.write(
         "pool.toml",
         format!(
-            "[[route]]\nname = \"pool\"\nlisten = \"127.0.0.1:0\"\nupstream = \"127.0.0.1:9\"\nmode = \"http\"\n\
+            "[[route]]\nname = \"pool\"\nlisten = \"127.0.0.1:0\"\n\
+             upstream = \"127.0.0.1:9\"\nmode = \"http\"\n\
              cert = {:?}\nkey = {:?}\nca = {:?}\npool_max_connections = 0\n",
             pki.client.cert, pki.client.key, pki.ca.pem,
         ),

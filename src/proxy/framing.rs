@@ -25,13 +25,16 @@ impl Refusal {
     pub fn sentence(self) -> &'static str {
         match self {
             Refusal::RequestCoding => {
-                "the request uses a transfer coding other than chunked, which this proxy does not forward"
+                "the request uses a transfer coding other than chunked, which this proxy does \
+                 not forward"
             }
             Refusal::ResponseBoth => {
-                "the upstream answer has both Transfer-Encoding and Content-Length, so its length is ambiguous"
+                "the upstream answer has both Transfer-Encoding and Content-Length, so its \
+                 length is ambiguous"
             }
             Refusal::ResponseCoding => {
-                "the upstream answer uses a transfer coding other than chunked, which this proxy does not forward"
+                "the upstream answer uses a transfer coding other than chunked, which this \
+                 proxy does not forward"
             }
         }
     }

@@ -440,7 +440,8 @@ fn failure_response(f: &Failure) -> Response<Body> {
 /// Every `--pool-max-connections` slot stayed taken for `--connect-timeout`.
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "no upstream connection free within --connect-timeout {wait:?}: all --pool-max-connections {max} are busy"
+    "no upstream connection free within --connect-timeout {wait:?}: \
+     all --pool-max-connections {max} are busy"
 )]
 struct PoolFull {
     wait: std::time::Duration,
@@ -492,7 +493,11 @@ impl HttpRoute {
             return Ok(self.upgrade(req).await);
         }
         if let Err(refusal) = framing::check_request(req.headers()) {
-            warn!(route = %self.ctx.route.name, method = %req.method(), "app request refused: unsupported transfer coding");
+            warn!(
+                route = %self.ctx.route.name,
+                method = %req.method(),
+                "app request refused: unsupported transfer coding"
+            );
             return Ok(self.answer(own_response(
                 StatusCode::NOT_IMPLEMENTED,
                 "transfer_coding",
@@ -579,7 +584,12 @@ impl HttpRoute {
 
     /// Log an upstream failure in full at warn and tell the app only its class.
     fn fail(&self, f: Failure) -> Response<Body> {
-        warn!(route = %self.ctx.route.name, reason = f.class.reason(), error = %f.message, "upstream request failed");
+        warn!(
+            route = %self.ctx.route.name,
+            reason = f.class.reason(),
+            error = %f.message,
+            "upstream request failed"
+        );
         self.answer(failure_response(&f))
     }
 
@@ -587,7 +597,12 @@ impl HttpRoute {
         match u {
             Unserved::Failed(f) => self.fail(f),
             Unserved::PoolFull(detail) => {
-                warn!(route = %self.ctx.route.name, reason = "pool_full", error = %detail, "upstream request failed");
+                warn!(
+                    route = %self.ctx.route.name,
+                    reason = "pool_full",
+                    error = %detail,
+                    "upstream request failed"
+                );
                 self.answer(own_response(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "pool_full",
