@@ -577,3 +577,24 @@ connection: close\r\n\r\nonly ten.\n";
         l.contains("WARN") && l.contains("upstream response body failed")
     });
 }
+
+/// A request with both `Transfer-Encoding: chunked` and `Content-Length` (the classic smuggling
+/// shape) is either refused or reaches the upstream framed by its chunks alone: the whole body
+/// and no `Content-Length`.
+#[tokio::test(flavor = "multi_thread")]
+async fn request_with_te_and_content_length_is_not_smuggled() {
+    let pki = Pki::new();
+    let up = ScriptedUpstream::start(&pki, OK).await;
+    let sidecar = http_cmd(&pki, up.addr).start();
+    let mut raw = chunked_request("POST", "/te-cl-req", ALPHABET);
+    let at = find(&raw, b"\r\n\r\n").expect("head end");
+    raw.splice(at..at, b"\r\ncontent-length: 3".iter().copied());
+    let reply = raw_call(sidecar.addr(), &raw).await;
+    if reply.status == 400 {
+        return;
+    }
+    assert_eq!(reply.status, 200, "{reply:?}");
+    let seen = up.wait_requests(1).await;
+    assert_eq!(seen[0].body, ALPHABET, "{:?}", seen[0]);
+    assert_eq!(seen[0].header("content-length"), None, "{:?}", seen[0]);
+}
