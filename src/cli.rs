@@ -261,6 +261,19 @@ pub struct RunArgs {
     )]
     pub pool_max_idle: usize,
 
+    /// HTTP mode: upstream connections open at once per route (1..=100000); a request beyond
+    /// it waits up to --connect-timeout for a free one, then gets 503
+    #[arg(
+        long,
+        env = "MTLS_SIDECAR_POOL_MAX_CONNECTIONS",
+        group = "route_flags",
+        default_value_t = 1024,
+        value_name = "N",
+        allow_negative_numbers = true,
+        value_parser = crate::config::parse_pool_max_connections
+    )]
+    pub pool_max_connections: usize,
+
     /// TCP connect plus TLS handshake to the upstream
     #[arg(
         long,

@@ -106,6 +106,9 @@ pub struct HttpSettings {
     pub pool_idle_timeout: Duration,
     /// Idle upstream connections kept.
     pub pool_max_idle: usize,
+    /// Upstream connections open at once (a semaphore in the pool's connector), so one app
+    /// opening many streams cannot make as many upstream connections.
+    pub pool_max_connections: usize,
 }
 
 impl Default for HttpSettings {
@@ -114,6 +117,7 @@ impl Default for HttpSettings {
             header_timeout: Duration::from_secs(10),
             pool_idle_timeout: Duration::from_secs(90),
             pool_max_idle: 64,
+            pool_max_connections: 1024,
         }
     }
 }
@@ -241,6 +245,10 @@ pub const MAX_CONNECTIONS: std::ops::RangeInclusive<u64> = 1..=1_000_000;
 /// The range of `--pool-max-idle` (idle upstream connections kept per route; 0 keeps none).
 pub const POOL_MAX_IDLE: std::ops::RangeInclusive<u64> = 0..=10_000;
 
+/// The range of `--pool-max-connections` (upstream connections per route): beyond it the cap
+/// would bound nothing.
+pub const POOL_MAX_CONNECTIONS: std::ops::RangeInclusive<u64> = 1..=100_000;
+
 /// The range of `--allow-uid`: `u32::MAX` is `(uid_t)-1`, which names no user.
 pub const ALLOW_UID: std::ops::RangeInclusive<u64> = 0..=(u32::MAX as u64 - 1);
 
@@ -272,6 +280,11 @@ pub fn parse_max_connections(value: &str) -> Result<usize, String> {
 /// clap value parser of `--pool-max-idle`.
 pub fn parse_pool_max_idle(value: &str) -> Result<usize, String> {
     ranged(value, &POOL_MAX_IDLE).and_then(|n| usize::try_from(n).map_err(|e| e.to_string()))
+}
+
+/// clap value parser of `--pool-max-connections`.
+pub fn parse_pool_max_connections(value: &str) -> Result<usize, String> {
+    ranged(value, &POOL_MAX_CONNECTIONS).and_then(|n| usize::try_from(n).map_err(|e| e.to_string()))
 }
 
 /// clap value parser of `--allow-uid`.
@@ -455,6 +468,13 @@ pub fn route_from_args(name: String, args: &RunArgs) -> Result<Route, Error> {
             "must be a whole number from 0 to 10000",
         ));
     }
+    if !POOL_MAX_CONNECTIONS.contains(&(args.pool_max_connections as u64)) {
+        return Err(invalid(
+            "--pool-max-connections",
+            &args.pool_max_connections.to_string(),
+            "must be a whole number from 1 to 100000",
+        ));
+    }
     let mut alpn = Vec::new();
     for p in &args.alpn {
         if p.is_empty() || p.len() > 255 {
@@ -537,6 +557,7 @@ pub fn route_from_args(name: String, args: &RunArgs) -> Result<Route, Error> {
             header_timeout: parse_duration("--header-timeout", &args.header_timeout)?,
             pool_idle_timeout: parse_duration("--pool-idle-timeout", &args.pool_idle_timeout)?,
             pool_max_idle: args.pool_max_idle,
+            pool_max_connections: args.pool_max_connections,
         },
         tls_min: args.tls_min,
         connect_timeout,

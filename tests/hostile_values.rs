@@ -57,6 +57,12 @@ fn table() -> Vec<(
             "from 0 to 10000",
         ),
         (
+            "--pool-max-connections",
+            Some("pool_max_connections"),
+            numbers(&["0", "100001"]),
+            "from 1 to 100000",
+        ),
+        (
             "--allow-uid",
             Some("allow_uid"),
             numbers(&["4294967295"]),
@@ -186,7 +192,10 @@ fn extreme_values_in_a_config_file_are_usage_errors_naming_file_line_and_key() {
         let Some(key) = key else { continue };
         for v in values {
             // Integers as TOML integers where TOML can hold them (i64), the rest as strings.
-            let is_int_key = matches!(key, "max_connections" | "pool_max_idle" | "allow_uid");
+            let is_int_key = matches!(
+                key,
+                "max_connections" | "pool_max_idle" | "pool_max_connections" | "allow_uid"
+            );
             let toml_value = match (is_int_key, v.parse::<i64>()) {
                 (true, Ok(n)) if key == "allow_uid" => format!("[{n}]"),
                 (true, Ok(n)) => n.to_string(),

@@ -1153,7 +1153,7 @@ async fn http_mode_proxy_failures_are_502_and_504() {
     let reply = h1_call(sidecar.addr(), get_req("auth")).await;
     assert_reply_is_sidecar_error(&reply, 502, "proxy_auth");
     assert!(
-        says(&reply.text(), "proxy authentication required"),
+        says(&reply.text(), "refused the credentials"),
         "{:?}",
         reply.text()
     );

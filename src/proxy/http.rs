@@ -24,22 +24,33 @@ use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use prometheus_client::metrics::counter::Counter;
 use rustls::ClientConfig;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use super::RouteCtx;
+use super::framing;
 use crate::upstream::{self, Class, Failure};
 
 type Body = BoxBody<Bytes, hyper::Error>;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// A body that adds the size of every data frame passing through to a counter
 /// (`bytes_total`): one atomic add per frame.
 struct Counted<B> {
     inner: B,
     counter: Counter,
+    /// For a response body: the route whose upstream failed mid-body, logged at warn (the app
+    /// only sees its connection or stream cut).
+    upstream_of: Option<Arc<RouteCtx>>,
 }
 
-impl<B: hyper::body::Body<Data = Bytes> + Unpin> hyper::body::Body for Counted<B> {
+impl<B> hyper::body::Body for Counted<B>
+where
+    B: hyper::body::Body<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Display,
+{
     type Data = Bytes;
     type Error = B::Error;
 
@@ -49,10 +60,18 @@ impl<B: hyper::body::Body<Data = Bytes> + Unpin> hyper::body::Body for Counted<B
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         let this = self.get_mut();
         let r = Pin::new(&mut this.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &r
-            && let Some(data) = frame.data_ref()
-        {
-            this.counter.inc_by(data.len() as u64);
+        match &r {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    this.counter.inc_by(data.len() as u64);
+                }
+            }
+            Poll::Ready(Some(Err(e))) => {
+                if let Some(ctx) = &this.upstream_of {
+                    warn!(route = %ctx.route.name, error = %e, "upstream response body failed");
+                }
+            }
+            _ => {}
         }
         r
     }
@@ -69,14 +88,37 @@ impl<B: hyper::body::Body<Data = Bytes> + Unpin> hyper::body::Body for Counted<B
 /// Request headers larger than this get `431`.
 const MAX_HEADER_BYTES: usize = 64 * 1024;
 
+/// Receive window of one upstream h2 stream. A stream whose app stops reading holds at most this
+/// much, and the connection window below is [`H2_STALLED_STREAMS`] times it, so that many
+/// never-reading apps fill only their own streams and the rest of the connection flows on.
+/// 256 KiB still moves about 5 MB/s per stream at 50 ms round trip.
+const H2_STREAM_WINDOW: u32 = 256 * 1024;
+
+/// Stalled streams one upstream h2 connection absorbs before its shared window is used up.
+const H2_STALLED_STREAMS: u32 = 128;
+
+/// Receive window of one upstream h2 connection (32 MiB): memory is only spent on it while apps
+/// do not read, and then at most [`H2_STREAM_WINDOW`] per stream.
+const H2_CONN_WINDOW: u32 = H2_STREAM_WINDOW * H2_STALLED_STREAMS;
+
+/// A pooled h2 connection that received nothing for this long is sent a PING ...
+const H2_PING_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// ... and closed if the answer takes longer than this: a peer that vanished without a FIN is
+/// noticed within 50 s, even while the connection sits idle in the pool.
+const H2_PING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
+
 /// The route's HTTP side: the pool in force and what requests are rewritten with.
 pub struct HttpRoute {
     ctx: Arc<RouteCtx>,
     /// `Host` / `:authority` sent upstream: the server name, with `:PORT` unless 443.
     authority: HeaderValue,
-    /// Base of every upstream URI, `https://AUTHORITY`.
-    base: String,
+    /// The authority of every upstream URI.
+    uri_authority: hyper::http::uri::Authority,
     pool: ArcSwap<Pool>,
+    /// `--pool-max-connections` permits, shared by the pools of every identity: a connection
+    /// holds one until it closes, so a reload does not double the bound.
+    slots: Arc<Semaphore>,
 }
 
 struct Pool {
@@ -100,11 +142,16 @@ impl HttpRoute {
             format!("{host}:{port}")
         };
         let config = ctx.identity.current();
-        let pool = Pool::new(&ctx, config);
+        let slots = Arc::new(Semaphore::new(ctx.route.http.pool_max_connections));
+        let pool = Pool::new(&ctx, config, &slots);
         HttpRoute {
+            slots,
             authority: HeaderValue::from_str(&authority)
                 .unwrap_or(HeaderValue::from_static("localhost")),
-            base: format!("https://{authority}"),
+            // The server name was validated at startup; the fallback only keeps this total.
+            uri_authority: authority
+                .parse()
+                .unwrap_or(hyper::http::uri::Authority::from_static("localhost")),
             pool: ArcSwap::from_pointee(pool),
             ctx,
         }
@@ -130,7 +177,7 @@ impl HttpRoute {
         if Arc::ptr_eq(&current.config, &config) {
             return current.client.clone();
         }
-        let fresh = Arc::new(Pool::new(&self.ctx, config));
+        let fresh = Arc::new(Pool::new(&self.ctx, config, &self.slots));
         let client = fresh.client.clone();
         debug!(route = %self.ctx.route.name, "new identity: new upstream pool; idle connections of the old one close");
         self.pool.store(fresh);
@@ -139,7 +186,7 @@ impl HttpRoute {
 }
 
 impl Pool {
-    fn new(ctx: &Arc<RouteCtx>, config: Arc<ClientConfig>) -> Self {
+    fn new(ctx: &Arc<RouteCtx>, config: Arc<ClientConfig>, slots: &Arc<Semaphore>) -> Self {
         let http = &ctx.route.http;
         let client = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
@@ -149,9 +196,15 @@ impl Pool {
             // A request on a pooled connection that closed before the request was written is
             // sent again on a fresh one (the upstream never saw it).
             .retry_canceled_requests(true)
+            .http2_initial_stream_window_size(H2_STREAM_WINDOW)
+            .http2_initial_connection_window_size(H2_CONN_WINDOW)
+            .http2_keep_alive_interval(H2_PING_INTERVAL)
+            .http2_keep_alive_timeout(H2_PING_TIMEOUT)
+            .http2_keep_alive_while_idle(true)
             .build(Connector {
                 ctx: ctx.clone(),
                 config: config.clone(),
+                slots: slots.clone(),
             });
         Pool { config, client }
     }
@@ -163,21 +216,33 @@ impl Pool {
 struct Connector {
     ctx: Arc<RouteCtx>,
     config: Arc<ClientConfig>,
+    slots: Arc<Semaphore>,
 }
 
 impl tower_service::Service<Uri> for Connector {
     type Response = UpstreamIo;
-    type Error = Failure;
-    type Future = Pin<Box<dyn Future<Output = Result<UpstreamIo, Failure>> + Send>>;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<UpstreamIo, BoxError>> + Send>>;
 
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Failure>> {
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, _uri: Uri) -> Self::Future {
         let ctx = self.ctx.clone();
         let config = self.config.clone();
+        let slots = self.slots.clone();
         Box::pin(async move {
+            // Waiting for a slot is bounded like a dial; meanwhile the pool hands this request
+            // any connection that falls idle.
+            let wait = ctx.route.connect_timeout;
+            let permit = match tokio::time::timeout(wait, slots.acquire_owned()).await {
+                Ok(Ok(p)) => p,
+                _ => {
+                    let max = ctx.route.http.pool_max_connections;
+                    return Err(Box::new(PoolFull { wait, max }) as BoxError);
+                }
+            };
             let mut attempt = upstream::connect(&ctx.route, config.clone()).await;
             if matches!(&attempt, Err(f) if f.class == Class::Refused) {
                 attempt = upstream::connect(&ctx.route, config).await;
@@ -195,11 +260,12 @@ impl tower_service::Service<Uri> for Connector {
                     Ok(UpstreamIo {
                         io: TokioIo::new(c.stream),
                         h2,
+                        _slot: permit,
                     })
                 }
                 Err(f) => {
                     m.connection_finished(Some(f.class));
-                    Err(f)
+                    Err(Box::new(f) as BoxError)
                 }
             }
         })
@@ -210,6 +276,8 @@ impl tower_service::Service<Uri> for Connector {
 struct UpstreamIo {
     io: TokioIo<upstream::Upstream>,
     h2: bool,
+    /// This connection's `--pool-max-connections` slot, given back when it closes.
+    _slot: OwnedSemaphorePermit,
 }
 
 impl Connection for UpstreamIo {
@@ -313,15 +381,38 @@ fn is_upgrade(req: &Request<Incoming>) -> bool {
             })
 }
 
-/// The answer to the app when the upstream could not serve: 504 for a connect timeout, 502
-/// otherwise, with a one-line reason.
-fn failure_response(f: &Failure) -> Response<Body> {
-    let code = if f.class == Class::Timeout {
-        StatusCode::GATEWAY_TIMEOUT
-    } else {
-        StatusCode::BAD_GATEWAY
-    };
-    let body = format!("mtls-sidecar: {}: {}\n", f.class.reason(), f.message);
+/// What the app is told about a class of upstream failure: a fixed sentence, so no resolved
+/// address, file path or text from the peer or a proxy reaches the app (the warn line has them).
+fn sentence(class: Class) -> &'static str {
+    match class {
+        Class::Dns => "the upstream name could not be resolved",
+        Class::Refused => "the upstream refused the connection",
+        Class::Unreachable => "the upstream address is unreachable",
+        Class::Timeout => "the upstream did not answer within --connect-timeout",
+        Class::UnknownIssuer => "the upstream certificate does not lead to a trusted CA",
+        Class::NameMismatch => "the upstream certificate does not name the expected server",
+        Class::Expired => "the upstream certificate has expired",
+        Class::NotYetValid => "the upstream certificate is not valid yet",
+        Class::ClientCertRejected => "the upstream rejected this proxy's client certificate",
+        Class::Revoked => "the upstream certificate is revoked",
+        Class::UriSanMismatch => "the upstream certificate lacks every required URI SAN",
+        Class::PinMismatch => "the upstream certificate matches no pinned key",
+        Class::Protocol => "the upstream broke the TLS or HTTP protocol",
+        Class::Reset => "the upstream closed or reset the connection",
+        Class::Io => "the connection to the upstream failed",
+        Class::Idle => "the upstream connection was idle too long",
+        Class::Drain => "the proxy is shutting down",
+        Class::ProxyUnreachable => "the egress proxy cannot be reached",
+        Class::ProxyAuth => "the egress proxy refused the credentials",
+        Class::ProxyRefused => "the egress proxy refused the tunnel",
+        Class::ProxyProtocol => "the egress proxy did not answer in HTTP",
+        Class::ProxyTls => "the TLS handshake with the egress proxy failed",
+    }
+}
+
+/// The proxy's own answer: `mtls-sidecar: <reason>: <sentence>`, one line of plain text.
+fn own_response(code: StatusCode, reason: &str, sentence: &str) -> Response<Body> {
+    let body = format!("mtls-sidecar: {reason}: {sentence}\n");
     let mut r = Response::new(
         Full::new(Bytes::from(body))
             .map_err(|never| match never {})
@@ -335,27 +426,61 @@ fn failure_response(f: &Failure) -> Response<Body> {
     r
 }
 
+/// The answer to the app when the upstream could not serve: 504 for a connect timeout, 502
+/// otherwise.
+fn failure_response(f: &Failure) -> Response<Body> {
+    let code = if f.class == Class::Timeout {
+        StatusCode::GATEWAY_TIMEOUT
+    } else {
+        StatusCode::BAD_GATEWAY
+    };
+    own_response(code, f.class.reason(), sentence(f.class))
+}
+
+/// Every `--pool-max-connections` slot stayed taken for `--connect-timeout`.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "no upstream connection free within --connect-timeout {wait:?}: \
+     all --pool-max-connections {max} are busy"
+)]
+struct PoolFull {
+    wait: std::time::Duration,
+    max: usize,
+}
+
+/// Why a request got no upstream answer.
+enum Unserved {
+    Failed(Failure),
+    PoolFull(String),
+}
+
 /// Find our classified failure (from the connector) or an I/O cause in a client error.
-fn classify(e: &(dyn std::error::Error + 'static), server_name: &str) -> Failure {
+fn classify(e: &(dyn std::error::Error + 'static), server_name: &str) -> Unserved {
     let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(err) = cur {
         if let Some(f) = err.downcast_ref::<Failure>() {
-            return f.clone();
+            return Unserved::Failed(f.clone());
+        }
+        if let Some(p) = err.downcast_ref::<PoolFull>() {
+            return Unserved::PoolFull(p.to_string());
         }
         if let Some(io) = err.downcast_ref::<std::io::Error>() {
-            return upstream::classify_io(io, server_name);
+            return Unserved::Failed(upstream::classify_io(io, server_name));
         }
         if let Some(h) = err.downcast_ref::<hyper::Error>()
             && (h.is_incomplete_message() || h.is_canceled() || h.is_closed())
         {
-            return Failure::new(
+            return Unserved::Failed(Failure::new(
                 Class::Reset,
                 format!("the upstream closed the connection: {h}"),
-            );
+            ));
         }
         cur = err.source();
     }
-    Failure::new(Class::Protocol, format!("upstream HTTP error: {e}"))
+    Unserved::Failed(Failure::new(
+        Class::Protocol,
+        format!("upstream HTTP error: {e}"),
+    ))
 }
 
 impl HttpRoute {
@@ -367,15 +492,44 @@ impl HttpRoute {
         if is_upgrade(&req) {
             return Ok(self.upgrade(req).await);
         }
-        let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
-        let uri: Uri = match format!("{}{}", self.base, path).parse() {
+        if let Err(refusal) = framing::check_request(req.headers()) {
+            warn!(
+                route = %self.ctx.route.name,
+                method = %req.method(),
+                "app request refused: unsupported transfer coding"
+            );
+            return Ok(self.answer(own_response(
+                StatusCode::NOT_IMPLEMENTED,
+                "transfer_coding",
+                refusal.sentence(),
+            )));
+        }
+        // Built from parts, not by pasting strings: `OPTIONS *` must stay `*`.
+        let mut parts = hyper::http::uri::Parts::default();
+        parts.scheme = Some(hyper::http::uri::Scheme::HTTPS);
+        parts.authority = Some(self.uri_authority.clone());
+        parts.path_and_query = Some(
+            req.uri()
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| hyper::http::uri::PathAndQuery::from_static("/")),
+        );
+        let uri = match Uri::from_parts(parts) {
             Ok(u) => u,
-            Err(_) => {
-                return Ok(self.answer(failure_response(&Failure::new(
+            Err(e) => {
+                return Ok(self.fail(Failure::new(
                     Class::Protocol,
-                    "bad request target",
-                ))));
+                    format!("bad request target: {e}"),
+                )));
             }
+        };
+        // hyper sends a GET, HEAD or CONNECT whose body has no known length with an empty
+        // body (`Content-Length: 0` semantics), and an h2 app's body without `content-length`
+        // has none: say `chunked` so every byte reaches an HTTP/1.1 upstream (hyper drops the
+        // header again on h2).
+        let unknown_length = {
+            use hyper::body::Body as _;
+            !req.body().is_end_stream() && req.body().size_hint().exact().is_none()
         };
         *req.uri_mut() = uri;
         *req.version_mut() = Version::HTTP_11;
@@ -383,24 +537,79 @@ impl HttpRoute {
         // The pool derives Host (http/1.1) or :authority (h2) from the URI; a Host header next
         // to :authority is a duplicate that nginx refuses with 400.
         req.headers_mut().remove(header::HOST);
+        if unknown_length {
+            req.headers_mut().remove(header::CONTENT_LENGTH);
+            req.headers_mut().insert(
+                header::TRANSFER_ENCODING,
+                HeaderValue::from_static("chunked"),
+            );
+        }
         let m = &self.ctx.metrics;
         let req = req.map(|inner| Counted {
             inner,
             counter: m.bytes_to_upstream.clone(),
+            upstream_of: None,
         });
         let resp = match self.client().request(req).await {
             Ok(r) => r,
-            Err(e) => {
-                return Ok(self.answer(failure_response(&classify(&e, &self.ctx.server_name))));
-            }
+            Err(e) => return Ok(self.unserved(classify(&e, &self.ctx.server_name))),
         };
         let (mut parts, body) = resp.into_parts();
+        if let Err(refusal) = framing::check_response(&parts.headers) {
+            let te = parts.headers.get(header::TRANSFER_ENCODING);
+            let cl = parts.headers.get(header::CONTENT_LENGTH);
+            warn!(
+                route = %self.ctx.route.name,
+                reason = Class::Protocol.reason(),
+                transfer_encoding = ?te,
+                content_length = ?cl,
+                "upstream answer refused: ambiguous framing"
+            );
+            // Dropping the body closes that upstream connection: its framing is not trusted.
+            drop(body);
+            return Ok(self.answer(own_response(
+                StatusCode::BAD_GATEWAY,
+                Class::Protocol.reason(),
+                refusal.sentence(),
+            )));
+        }
         strip_hop_by_hop(&mut parts.headers, false);
         let body = Counted {
             inner: body,
             counter: m.bytes_from_upstream.clone(),
+            upstream_of: Some(self.ctx.clone()),
         };
         Ok(self.answer(Response::from_parts(parts, body.boxed())))
+    }
+
+    /// Log an upstream failure in full at warn and tell the app only its class.
+    fn fail(&self, f: Failure) -> Response<Body> {
+        warn!(
+            route = %self.ctx.route.name,
+            reason = f.class.reason(),
+            error = %f.message,
+            "upstream request failed"
+        );
+        self.answer(failure_response(&f))
+    }
+
+    fn unserved(&self, u: Unserved) -> Response<Body> {
+        match u {
+            Unserved::Failed(f) => self.fail(f),
+            Unserved::PoolFull(detail) => {
+                warn!(
+                    route = %self.ctx.route.name,
+                    reason = "pool_full",
+                    error = %detail,
+                    "upstream request failed"
+                );
+                self.answer(own_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "pool_full",
+                    "every upstream connection of this route stayed busy for --connect-timeout",
+                ))
+            }
+        }
     }
 
     fn answer(&self, r: Response<Body>) -> Response<Body> {
@@ -415,13 +624,13 @@ impl HttpRoute {
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
         let conn = match upstream::connect(&self.ctx.route, Arc::new(config)).await {
             Ok(c) => c,
-            Err(f) => return self.answer(failure_response(&f)),
+            Err(f) => return self.fail(f),
         };
         let (mut sender, connection) =
             match hyper::client::conn::http1::handshake(TokioIo::new(conn.stream)).await {
                 Ok(x) => x,
                 Err(e) => {
-                    return self.answer(failure_response(&classify(&e, &self.ctx.server_name)));
+                    return self.unserved(classify(&e, &self.ctx.server_name));
                 }
             };
         tokio::spawn(async move {
@@ -439,7 +648,7 @@ impl HttpRoute {
         parts.headers.insert(header::HOST, self.authority.clone());
         let mut resp = match sender.send_request(Request::from_parts(parts, body)).await {
             Ok(r) => r,
-            Err(e) => return self.answer(failure_response(&classify(&e, &self.ctx.server_name))),
+            Err(e) => return self.unserved(classify(&e, &self.ctx.server_name)),
         };
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
             let upstream_side = hyper::upgrade::on(&mut resp);

@@ -1,6 +1,7 @@
 //! Accepting plaintext connections: the per-route accept loop, the connection limit, and the
 //! one access-log line per connection (written from `Drop`, so no path can forget it).
 
+mod framing;
 pub mod http;
 pub mod tcp;
 

@@ -8,6 +8,7 @@ pub mod net;
 pub mod nginx;
 pub mod pki;
 pub mod proc;
+pub mod raw_h1;
 pub mod refused;
 pub mod upstream;
 
