@@ -36,6 +36,8 @@ mod check_cmd;
 mod checks;
 mod config_file;
 mod formats;
+mod hostile_files;
+mod hostile_secrets;
 mod http;
 mod http_errors;
 mod http_pool;

@@ -138,8 +138,14 @@ const MAX_KDF_ITERATIONS: u64 = 10_000_000;
 /// with `O_NONBLOCK` (so a FIFO swapped in between cannot block the open), checked again on the
 /// open descriptor, and read at most one byte past the limit.
 pub fn read_bounded(flag: &'static str, path: &Path) -> Result<Zeroizing<Vec<u8>>, Error> {
+    read_bounded_mode(flag, path).map(|(bytes, _)| bytes)
+}
+
+/// [`read_bounded`], also returning the file's permission bits (of the file opened).
+fn read_bounded_mode(flag: &'static str, path: &Path) -> Result<(Zeroizing<Vec<u8>>, u32), Error> {
     use std::io::Read;
     use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::fs::PermissionsExt;
     let read_err = |source| Error::Read {
         flag,
         path: path.to_path_buf(),
@@ -183,7 +189,7 @@ pub fn read_bounded(flag: &'static str, path: &Path) -> Result<Zeroizing<Vec<u8>
             size: bytes.len() as u64,
         });
     }
-    Ok(bytes)
+    Ok((bytes, meta.permissions().mode()))
 }
 
 fn file_kind(meta: &std::fs::Metadata) -> &'static str {
@@ -253,6 +259,8 @@ pub struct FileBytes {
     pub flag: &'static str,
     pub path: PathBuf,
     pub bytes: Zeroizing<Vec<u8>>,
+    /// Permission bits when read: a key readable by others is warned about.
+    pub mode: u32,
 }
 
 impl std::fmt::Debug for FileBytes {
@@ -270,11 +278,12 @@ impl std::fmt::Debug for FileBytes {
 
 impl FileBytes {
     pub fn read(flag: &'static str, path: &Path) -> Result<Self, Error> {
-        let bytes = read_bounded(flag, path)?;
+        let (bytes, mode) = read_bounded_mode(flag, path)?;
         Ok(FileBytes {
             flag,
             path: path.to_path_buf(),
             bytes,
+            mode,
         })
     }
 
@@ -372,6 +381,39 @@ impl Material {
         self.ca.iter().for_each(&mut add);
         self.crls.iter().for_each(&mut add);
         h.finalize().into()
+    }
+
+    /// Secret files (key, PKCS#12, passwords) readable by group or others, with their modes.
+    pub fn loose_permissions(&self) -> Vec<(&'static str, PathBuf, u32)> {
+        let secrets: Vec<&FileBytes> = match &self.identity {
+            IdentityBytes::Pem { key, password, .. } => {
+                std::iter::once(key).chain(password.iter()).collect()
+            }
+            IdentityBytes::Pkcs12 { file, password } => {
+                std::iter::once(file).chain(password.iter()).collect()
+            }
+        };
+        secrets
+            .into_iter()
+            .filter(|f| f.mode & 0o044 != 0)
+            .map(|f| (f.flag, f.path.clone(), f.mode & 0o777))
+            .collect()
+    }
+
+    /// Every CRL's file and nextUpdate (Unix seconds), for the stale-CRL warning. CRLs
+    /// without a nextUpdate, or that do not parse here, are left out.
+    pub fn crl_next_updates(&self) -> Vec<(PathBuf, i64)> {
+        let mut out = Vec::new();
+        for f in &self.crls {
+            for der in CertificateRevocationListDer::pem_slice_iter(&f.bytes).flatten() {
+                if let Ok((_, crl)) = x509_parser::parse_x509_crl(&der)
+                    && let Some(next) = crl.next_update()
+                {
+                    out.push((f.path.clone(), next.timestamp()));
+                }
+            }
+        }
+        out
     }
 
     /// The client certificate chain (leaf first) and its private key.
@@ -714,6 +756,7 @@ mod tests {
             flag,
             path: PathBuf::from(name),
             bytes: Zeroizing::new(body.to_vec()),
+            mode: 0o600,
         }
     }
 
