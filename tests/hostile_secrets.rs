@@ -497,3 +497,40 @@ async fn proxy_credentials_never_appear_in_502_logs_status_metrics_or_check() {
         .startup_error();
     secrets.assert_absent("the bad proxy URL exit message", &err);
 }
+
+#[test]
+fn broken_pkcs12_and_its_password_never_appear() {
+    let pki = Pki::new();
+    let token = canary("P12");
+    let pw_token = canary("P12PW");
+    let mut secrets = Secrets::default();
+    secrets.canary(&token);
+    secrets.canary(&pw_token);
+    let pw = pki.write("p12.pw", format!("{pw_token}\n"));
+    // A DER SEQUENCE that holds the canary, and plain text with it.
+    let mut der = vec![
+        0x30,
+        0x80 | 1,
+        (token.len() + 2) as u8,
+        0x04,
+        token.len() as u8,
+    ];
+    der.extend(token.as_bytes());
+    for (i, body) in [der, format!("{token}\n").into_bytes()]
+        .into_iter()
+        .enumerate()
+    {
+        let p12 = pki.write(&format!("broken-{i}.p12"), body);
+        let err = Cmd::new()
+            .args(["run", "--log-level", "trace", "--listen", "127.0.0.1:0"])
+            .args(["--upstream", "127.0.0.1:9", "--pkcs12"])
+            .arg(&p12)
+            .arg("--pkcs12-password-file")
+            .arg(&pw)
+            .arg("--ca")
+            .arg(&pki.ca.pem)
+            .startup_error();
+        assert!(err.contains(&*p12.display().to_string()), "{err}");
+        secrets.assert_absent("the PKCS#12 exit message", &err);
+    }
+}

@@ -532,30 +532,37 @@ fn kdf_within_limits(
                     "10000000 iterations",
                 )
             }
-            pkcs8::pkcs5::pbes2::Kdf::Scrypt(k) => {
-                // scrypt's working memory: 128 * r * N for V plus 128 * r * p for B.
-                let r = u64::from(k.block_size);
-                let memory = k
-                    .cost_parameter
-                    .checked_add(u64::from(k.parallelization))
-                    .and_then(|n| n.checked_mul(r))
-                    .and_then(|n| n.checked_mul(128));
-                match memory {
-                    Some(m) if m <= MAX_KDF_MEMORY => Ok(()),
-                    _ => refuse(
-                        format!(
-                            "scrypt N={} r={} p={} (more memory than allowed)",
-                            k.cost_parameter, k.block_size, k.parallelization
-                        ),
-                        "256 MiB",
-                    ),
-                }
-            }
+            pkcs8::pkcs5::pbes2::Kdf::Scrypt(k) => scrypt_within_limits(f, k),
             _ => Ok(()),
         },
         // PBES1 counts iterations in 16 bits: always cheap.
         pkcs8::pkcs5::EncryptionScheme::Pbes1(_) => Ok(()),
         _ => Ok(()),
+    }
+}
+
+/// scrypt's working memory, 128 * r * N for V plus 128 * r * p for B, within the limit.
+fn scrypt_within_limits(
+    f: &FileBytes,
+    k: &pkcs8::pkcs5::pbes2::ScryptParams<'_>,
+) -> Result<(), Error> {
+    let r = u64::from(k.block_size);
+    let memory = k
+        .cost_parameter
+        .checked_add(u64::from(k.parallelization))
+        .and_then(|n| n.checked_mul(r))
+        .and_then(|n| n.checked_mul(128));
+    match memory {
+        Some(m) if m <= MAX_KDF_MEMORY => Ok(()),
+        _ => Err(Error::TooExpensive {
+            flag: f.flag,
+            path: f.path.clone(),
+            what: format!(
+                "scrypt N={} r={} p={} (more memory than allowed)",
+                k.cost_parameter, k.block_size, k.parallelization
+            ),
+            limit: "256 MiB",
+        }),
     }
 }
 
@@ -592,6 +599,7 @@ pub fn pkcs12(
     f: &FileBytes,
     password: Option<&FileBytes>,
 ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), Error> {
+    pkcs12_kdfs_within_limits(f)?;
     let pw = password.map(|p| Zeroizing::new(String::from_utf8_lossy(p.password()).into_owned()));
     let store = p12_keystore::KeyStore::from_pkcs12(
         &f.bytes,
@@ -643,6 +651,48 @@ pub fn pkcs12(
     }
     let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(chain.key().as_der().to_vec()));
     Ok((certs, key))
+}
+
+/// The DER encoding of the scrypt OID 1.3.6.1.4.1.11591.4.11, tag and length included.
+const SCRYPT_OID_TLV: [u8; 11] = [
+    0x06, 0x09, 0x2b, 0x06, 0x01, 0x04, 0x01, 0xda, 0x47, 0x04, 0x0b,
+];
+
+/// p12-keystore bounds PBKDF2, PBE and MAC iterations (1,000,000) but lets scrypt use up to
+/// 1 GiB; hold PKCS#12 to the same 256 MiB as a PKCS#8 key. Every scrypt AlgorithmIdentifier
+/// in the file is found by its OID (the PBES2 parameters of the bags sit outside the encrypted
+/// parts) and its parameters judged before p12-keystore derives anything.
+fn pkcs12_kdfs_within_limits(f: &FileBytes) -> Result<(), Error> {
+    use pkcs8::der::Decode;
+    let bytes: &[u8] = &f.bytes;
+    let mut at = 0;
+    while let Some(found) = bytes[at..]
+        .windows(SCRYPT_OID_TLV.len())
+        .position(|w| w == SCRYPT_OID_TLV)
+    {
+        let oid = at + found;
+        at = oid + 1;
+        // The AlgorithmIdentifier SEQUENCE header stands 2 to 4 bytes before the OID.
+        for header in 2..=4 {
+            let Some(start) = oid.checked_sub(header) else {
+                continue;
+            };
+            if bytes[start] != 0x30 {
+                continue;
+            }
+            let Ok(mut reader) = pkcs8::der::SliceReader::new(&bytes[start..]) else {
+                continue;
+            };
+            let Ok(kdf) = pkcs8::pkcs5::pbes2::Kdf::decode(&mut reader) else {
+                continue;
+            };
+            if let pkcs8::pkcs5::pbes2::Kdf::Scrypt(k) = kdf {
+                scrypt_within_limits(f, &k)?;
+            }
+            break;
+        }
+    }
+    Ok(())
 }
 
 /// A content-free description of a p12-keystore error.
@@ -798,6 +848,55 @@ mod tests {
         );
         let e = private_key(&enc, None).unwrap_err().to_string();
         assert!(e.contains("--key-password-file"), "{e}");
+    }
+
+    #[test]
+    fn pkcs12_scrypt_parameters_are_bounded() {
+        use pkcs8::der::Encode;
+        use pkcs8::pkcs5::pbes2::{Kdf, ScryptParams};
+        let salt = [1u8; 16];
+        let der = |log_n: u32| {
+            let kdf = Kdf::Scrypt(ScryptParams {
+                salt: &salt,
+                cost_parameter: 1 << log_n,
+                block_size: 8,
+                parallelization: 1,
+                key_length: Some(32),
+            });
+            // As inside a PFX: other structures before and after.
+            let mut v = vec![0x30, 0x03, 0x02, 0x01, 0x03];
+            v.extend(kdf.to_der().unwrap());
+            v.extend([0x04, 0x02, 0xaa, 0xbb]);
+            v
+        };
+        let p12 = |body: Vec<u8>| file("--pkcs12", "id.p12", &body);
+        pkcs12_kdfs_within_limits(&p12(der(14))).unwrap();
+        // N = 2^20, r = 8: 1 GiB (p12-keystore's own limit); over 256 MiB.
+        let e = pkcs12_kdfs_within_limits(&p12(der(20)))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("id.p12") && e.contains("256 MiB"), "{e}");
+        let e = pkcs12_kdfs_within_limits(&p12(der(40)))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("256 MiB"), "{e}");
+    }
+
+    #[test]
+    fn pem_errors_hold_no_content() {
+        let key = crate::pki::DevPki::generate().unwrap().client_key;
+        let body: String = key.lines().filter(|l| !l.starts_with("-----")).collect();
+        for broken in [
+            key.replace('\n', " "),
+            key.replace("-----END PRIVATE KEY-----", ""),
+            key.replacen("\n", "\n*", 2),
+        ] {
+            let e = private_key(&file("--key", "k.pem", broken.as_bytes()), None)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("k.pem") && e.contains("line"), "{e}");
+            assert!(!e.contains(&body[..16]) && !e.contains("[4"), "{e}");
+        }
     }
 
     #[test]
