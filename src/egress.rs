@@ -137,7 +137,16 @@ impl ProxyUrl {
 
 fn parse_port(p: &str) -> Result<u16, String> {
     match p.parse::<u16>() {
-        Ok(0) | Err(_) => Err(format!("{p:?} is not a port number (1-65535)")),
+        // Quoted only when it is digits: in `http://user:password` (the `@HOST` forgotten)
+        // the "port" is the password.
+        Ok(0) | Err(_) if p.bytes().all(|b| b.is_ascii_digit()) => {
+            Err(format!("{p:?} is not a port number (1-65535)"))
+        }
+        Ok(0) | Err(_) => Err(
+            "what follows the last ':' is not a port number (1-65535); credentials are written \
+             user:password@HOST"
+                .into(),
+        ),
         Ok(n) => Ok(n),
     }
 }

@@ -492,10 +492,17 @@ async fn proxy_credentials_never_appear_in_502_logs_status_metrics_or_check() {
         }
     }
     // A proxy URL that cannot be used is an exit message without its password.
-    let err = http_cmd(&pki, &target)
-        .args(["--proxy", &format!("ftp://alice:{url_pw}@127.0.0.1:1")])
-        .startup_error();
-    secrets.assert_absent("the bad proxy URL exit message", &err);
+    for bad in [
+        format!("ftp://alice:{url_pw}@127.0.0.1:1"),
+        // The `@HOST` forgotten: the password stands where a port would.
+        format!("http://alice:{url_pw}"),
+        format!("http://alice:{url_pw}@127.0.0.1:99999"),
+    ] {
+        let err = http_cmd(&pki, &target)
+            .args(["--proxy", &bad])
+            .startup_error();
+        secrets.assert_absent("the bad proxy URL exit message", &err);
+    }
 }
 
 #[test]
