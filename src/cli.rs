@@ -14,6 +14,25 @@ pub struct Cli {
     pub command: Command,
 }
 
+impl Cli {
+    /// Parse the process's arguments. Environment values are hidden in every `--help`: an
+    /// `MTLS_SIDECAR_PROXY=http://user:password@host` must not be printed back.
+    pub fn parse_hiding_env() -> Self {
+        use clap::FromArgMatches;
+        let matches = Self::command_hiding_env().get_matches();
+        Self::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+    }
+
+    /// The clap command with `hide_env_values` set on every argument of every subcommand.
+    pub fn command_hiding_env() -> clap::Command {
+        fn hide(cmd: clap::Command) -> clap::Command {
+            cmd.mut_args(|a| a.hide_env_values(true))
+                .mut_subcommands(hide)
+        }
+        hide(<Self as clap::CommandFactory>::command())
+    }
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Proxy traffic: each plaintext connection is forwarded over mutual TLS
@@ -451,6 +470,10 @@ pub struct DevPkiArgs {
     /// Folder to write ca.pem, server.pem, server-key.pem, client.pem, client-key.pem into
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
+
+    /// Replace ca.pem, server.pem, ... if they already exist in --out (refused without it)
+    #[arg(long)]
+    pub force: bool,
 }
 
 #[derive(Debug, Args)]
@@ -480,5 +503,6 @@ mod tests {
     #[test]
     fn cli_is_consistent() {
         Cli::command().debug_assert();
+        Cli::command_hiding_env().debug_assert();
     }
 }

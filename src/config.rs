@@ -591,7 +591,22 @@ fn redact_url(url: &str) -> String {
                 format!("{scheme}://***@{after}")
             }
         }
-        None => url.to_string(),
+        // No `@`: in `http://user:password` (the `@HOST` forgotten) the part after the last
+        // `:` is the password, unless it is a port number.
+        None => match url.rsplit_once(':') {
+            Some((before, tail))
+                if !tail.is_empty()
+                    && !tail.starts_with("//")
+                    && !tail.contains(']')
+                    && !tail
+                        .trim_end_matches('/')
+                        .bytes()
+                        .all(|b| b.is_ascii_digit()) =>
+            {
+                format!("{before}:***")
+            }
+            _ => url.to_string(),
+        },
     }
 }
 

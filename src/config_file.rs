@@ -179,10 +179,16 @@ struct Words {
 /// Load and validate a config file. `proxy_auth_file` (`--proxy-auth-file` or
 /// `MTLS_SIDECAR_PROXY_AUTH_FILE`) applies to every route that does not name its own.
 pub fn load(path: &Path, proxy_auth_file: Option<&Path>) -> Result<FileConfig, Error> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::Invalid {
+    // The shared bounded read: a FIFO, a device or a huge file is refused, not read forever.
+    let bytes = crate::tls::load::read_bounded("--config", path).map_err(|e| Error::Invalid {
         flag: "--config",
         value: path.display().to_string(),
-        reason: format!("cannot read it: {e}"),
+        reason: format!("cannot use it: {e}"),
+    })?;
+    let text = String::from_utf8(bytes.to_vec()).map_err(|_| Error::Invalid {
+        flag: "--config",
+        value: path.display().to_string(),
+        reason: "it is not UTF-8 text".into(),
     })?;
     let file: FileToml = toml::from_str(&text).map_err(|e| {
         let line = e.span().map_or(1, |s| line_of(&text, s.start));

@@ -104,7 +104,7 @@ pub async fn run(
         .tempdir()?;
     DevPki::generate()
         .context("generating the demo PKI")?
-        .write(dir.path())
+        .write(dir.path(), false)
         .context("writing the demo PKI")?;
 
     let up_listener = TcpListener::bind("127.0.0.1:0").await?;

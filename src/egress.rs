@@ -137,7 +137,16 @@ impl ProxyUrl {
 
 fn parse_port(p: &str) -> Result<u16, String> {
     match p.parse::<u16>() {
-        Ok(0) | Err(_) => Err(format!("{p:?} is not a port number (1-65535)")),
+        // Quoted only when it is digits: in `http://user:password` (the `@HOST` forgotten)
+        // the "port" is the password.
+        Ok(0) | Err(_) if p.bytes().all(|b| b.is_ascii_digit()) => {
+            Err(format!("{p:?} is not a port number (1-65535)"))
+        }
+        Ok(0) | Err(_) => Err(
+            "what follows the last ':' is not a port number (1-65535); credentials are written \
+             user:password@HOST"
+                .into(),
+        ),
         Ok(n) => Ok(n),
     }
 }
@@ -333,11 +342,12 @@ fn basic(credentials: &str) -> String {
 
 /// Read `user:pass` from an auth file: a password file (one trailing newline ignored), read as
 /// `--key-password-file` is.
-fn read_auth_file(path: &std::path::Path) -> Result<String, String> {
+/// The result is wiped from memory when dropped, like the file's bytes.
+fn read_auth_file(path: &std::path::Path) -> Result<zeroize::Zeroizing<String>, String> {
     let f =
         crate::tls::load::FileBytes::read("--proxy-auth-file", path).map_err(|e| e.to_string())?;
     match std::str::from_utf8(f.password()) {
-        Ok(text) if text.contains(':') => Ok(text.to_string()),
+        Ok(text) if text.contains(':') => Ok(zeroize::Zeroizing::new(text.to_string())),
         _ => Err(format!(
             "proxy auth file {} must hold user:password (UTF-8)",
             path.display()

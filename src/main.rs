@@ -3,7 +3,6 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
 use mtls_sidecar::app::{App, StartupError};
 use mtls_sidecar::cli::{Cli, Command};
 use mtls_sidecar::config::Config;
@@ -47,7 +46,7 @@ where
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::parse_hiding_env();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -78,10 +77,7 @@ fn main() -> ExitCode {
         Command::DevPki(args) => {
             let written = pki::DevPki::generate()
                 .map_err(|e| e.to_string())
-                .and_then(|p| {
-                    p.write(&args.out)
-                        .map_err(|e| format!("cannot write to {}: {e}", args.out.display()))
-                });
+                .and_then(|p| p.write(&args.out, args.force).map_err(|e| e.to_string()));
             match written {
                 Ok(()) => {
                     println!("wrote a throwaway dev PKI to {}:", args.out.display());

@@ -100,11 +100,28 @@ impl DevPki {
         ]
     }
 
-    /// Write the files into `dir` (created if missing); keys get mode 0600.
-    pub fn write(&self, dir: &Path) -> std::io::Result<()> {
+    /// Write the files into `dir` (created if missing); keys get mode 0600. Files already
+    /// there are refused (all named) unless `force`: a dev PKI must never silently replace a
+    /// key someone is using.
+    pub fn write(&self, dir: &Path, force: bool) -> Result<(), WriteError> {
         use std::io::Write;
         use std::os::unix::fs::OpenOptionsExt;
-        std::fs::create_dir_all(dir)?;
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| WriteError::Io { path, source }
+        };
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        if !force {
+            let existing: Vec<String> = FILES
+                .iter()
+                .map(|name| dir.join(name))
+                .filter(|p| p.symlink_metadata().is_ok())
+                .map(|p| p.display().to_string())
+                .collect();
+            if !existing.is_empty() {
+                return Err(WriteError::Exists(existing.join(", ")));
+            }
+        }
         for (name, body) in FILES.iter().zip(self.bodies()) {
             let mode = if name.ends_with("-key.pem") {
                 0o600
@@ -112,16 +129,34 @@ impl DevPki {
                 0o644
             };
             let path = dir.join(name);
-            let _ = std::fs::remove_file(&path);
+            if force {
+                // A fresh file, so the mode applies and a symlink is replaced, not followed.
+                let _ = std::fs::remove_file(&path);
+            }
             let mut f = std::fs::OpenOptions::new()
                 .write(true)
                 .create_new(true)
                 .mode(mode)
-                .open(&path)?;
-            f.write_all(body.as_bytes())?;
+                .open(&path)
+                .map_err(io(&path))?;
+            f.write_all(body.as_bytes()).map_err(io(&path))?;
         }
         Ok(())
     }
+}
+
+/// Why `dev-pki` wrote nothing (or not everything).
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    #[error(
+        "dev-pki --out: refusing to overwrite existing files: {0}; pass --force to replace them"
+    )]
+    Exists(String),
+    #[error("dev-pki --out: cannot write {}: {source}", path.display())]
+    Io {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
 }
 
 #[cfg(test)]
@@ -132,7 +167,10 @@ mod tests {
     fn writes_five_files_with_private_keys_0600() {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
-        DevPki::generate().unwrap().write(dir.path()).unwrap();
+        DevPki::generate()
+            .unwrap()
+            .write(dir.path(), false)
+            .unwrap();
         for f in FILES {
             let meta = std::fs::metadata(dir.path().join(f)).unwrap();
             let mode = meta.permissions().mode() & 0o777;

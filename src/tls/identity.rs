@@ -158,6 +158,10 @@ pub struct Loaded {
     pub leaf: CertInfo,
     /// Digest of every file's content, to tell a later change from none.
     pub digest: [u8; 32],
+    /// Secret files readable by group or others (flag, path, mode), warned about by reload.
+    pub loose_permissions: Vec<(&'static str, std::path::PathBuf, u32)>,
+    /// Each CRL's file and nextUpdate, for the stale-CRL warning in reload.
+    pub crl_next_updates: Vec<(std::path::PathBuf, i64)>,
 }
 
 /// Read every file of a route and build a complete client configuration from that one
@@ -246,6 +250,8 @@ pub fn build_from(route: &Route, material: &load::Material) -> Result<Loaded, Er
         config: Arc::new(config),
         leaf,
         digest: material.digest(),
+        loose_permissions: material.loose_permissions(),
+        crl_next_updates: material.crl_next_updates(),
     })
 }
 

@@ -96,6 +96,11 @@ pub struct Reloader {
     mismatch: Option<[u8; 32]>,
     /// When the expiry warning was last logged, and for which serial.
     expiry_logged: Option<(Instant, String)>,
+    /// Each CRL in force with its nextUpdate, for the stale-CRL warning.
+    crl_next_updates: Vec<(std::path::PathBuf, i64)>,
+    /// When the stale-CRL warning was last logged; `None` after new CRLs are published, so
+    /// it comes at once.
+    crl_logged: Option<Instant>,
 }
 
 impl Reloader {
@@ -106,7 +111,7 @@ impl Reloader {
         expiry_gauges: Vec<Gauge>,
         loaded: &Loaded,
     ) -> Self {
-        Reloader {
+        let r = Reloader {
             route,
             identity,
             stats,
@@ -115,6 +120,49 @@ impl Reloader {
             reported: None,
             mismatch: None,
             expiry_logged: None,
+            crl_next_updates: loaded.crl_next_updates.clone(),
+            crl_logged: None,
+        };
+        r.warn_loose_permissions(loaded);
+        r
+    }
+
+    /// Warn about secret files others can read: once per content in force (at startup and
+    /// after each reload that publishes new content), like the other reload warnings.
+    fn warn_loose_permissions(&self, loaded: &Loaded) {
+        for (flag, path, mode) in &loaded.loose_permissions {
+            warn!(
+                route = %self.route.name, flag = %flag, file = %path.display(),
+                mode = %format!("{mode:04o}"),
+                "secret file is readable by group or others; chmod 600 it"
+            );
+        }
+    }
+
+    /// Warn (daily, and at once for newly loaded CRLs) when a CRL in force is past its
+    /// nextUpdate: revocations issued since are not known. webpki still uses it, as nginx and
+    /// HAProxy do; the warning is the operator's cue to refresh it.
+    fn check_crls(&mut self) {
+        let now = now_unix();
+        let stale: Vec<_> = self
+            .crl_next_updates
+            .iter()
+            .filter(|(_, next)| *next < now)
+            .collect();
+        if stale.is_empty() {
+            return;
+        }
+        if let Some(at) = self.crl_logged
+            && at.elapsed() < EXPIRY_REPEAT
+        {
+            return;
+        }
+        self.crl_logged = Some(Instant::now());
+        for (path, next) in stale {
+            warn!(
+                route = %self.route.name, file = %path.display(), next_update = %rfc3339(*next),
+                "crl is past its nextUpdate (stale); refresh it: revocations since are unknown"
+            );
         }
     }
 
@@ -123,6 +171,7 @@ impl Reloader {
         let period = self.route.reload_interval.unwrap_or(EXPIRY_CHECK);
         let mut hup_open = true;
         self.check_expiry();
+        self.check_crls();
         loop {
             let forced = tokio::select! {
                 _ = tokio::time::sleep(period) => false,
@@ -136,6 +185,7 @@ impl Reloader {
                 self.poll(forced).await;
             }
             self.check_expiry();
+            self.check_crls();
         }
     }
 
@@ -207,6 +257,8 @@ impl Reloader {
                     return;
                 }
                 self.identity.publish(&loaded);
+                self.crl_next_updates = loaded.crl_next_updates.clone();
+                self.crl_logged = None;
                 for g in &self.expiry_gauges {
                     g.set(loaded.leaf.not_after);
                 }
@@ -219,6 +271,8 @@ impl Reloader {
                     route = %self.route.name, subject = ?leaf.subject, serial = %leaf.serial,
                     not_after = %rfc3339(leaf.not_after), "identity reloaded"
                 );
+                self.warn_loose_permissions(&loaded);
+                self.check_crls();
             }
             // The first sighting of a mismatch may be a writer between its two steps: look
             // again at the next poll before calling it a failure.

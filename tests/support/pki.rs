@@ -404,6 +404,16 @@ impl Pki {
 impl Ca {
     /// A PEM CRL signed by this CA that revokes `revoked` (by serial), written to `path`.
     pub fn crl(&self, path: &Path, revoked: &[&CertificateDer<'_>]) -> PathBuf {
+        self.crl_with_next_update(path, revoked, TimeDuration::days(7))
+    }
+
+    /// [`Ca::crl`] whose nextUpdate is `next_update` from now (negative: a stale CRL).
+    pub fn crl_with_next_update(
+        &self,
+        path: &Path,
+        revoked: &[&CertificateDer<'_>],
+        next_update: TimeDuration,
+    ) -> PathBuf {
         static NUMBER: AtomicU64 = AtomicU64::new(1);
         let now = OffsetDateTime::now_utc()
             .replace_nanosecond(0)
@@ -418,8 +428,8 @@ impl Ca {
             })
             .collect();
         let params = CertificateRevocationListParams {
-            this_update: now - TimeDuration::hours(1),
-            next_update: now + TimeDuration::days(7),
+            this_update: now - TimeDuration::days(30),
+            next_update: now + next_update,
             crl_number: SerialNumber::from(NUMBER.fetch_add(1, Ordering::SeqCst)),
             issuing_distribution_point: None,
             revoked_certs,
