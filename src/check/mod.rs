@@ -465,6 +465,15 @@ fn judge(
 /// Print to stdout; a reader that went away (`| head`) is not our failure and no panic.
 fn out(text: &str) {
     use std::io::Write as _;
+    // Peer text is escaped where it enters the report; this catches any path that was missed
+    // (an error text that quotes the peer), line by line so the report keeps its newlines.
+    let text: String = text
+        .split_inclusive('\n')
+        .map(|line| match line.strip_suffix('\n') {
+            Some(l) => format!("{}\n", crate::upstream::escape(l)),
+            None => crate::upstream::escape(line).into_owned(),
+        })
+        .collect();
     let mut stdout = std::io::stdout().lock();
     let _ = stdout
         .write_all(text.as_bytes())
