@@ -91,9 +91,12 @@ async fn talks_past_close_notify(pki: &Pki) -> (SocketAddr, JoinHandle<()>) {
                     break;
                 }
             }
-            // A record header and body after the close_notify.
-            out.extend_from_slice(&[0x17, 0x03, 0x03, 0x00, 0x20]);
-            out.extend_from_slice(&[0x42; 0x20]);
+            // Records after the close_notify, more than rustls takes in one `read_tls` (4 KiB),
+            // so some are left over once it has seen the close_notify.
+            for _ in 0..10 {
+                out.extend_from_slice(&[0x17, 0x03, 0x03, 0x04, 0x00]);
+                out.extend_from_slice(&[0x42; 0x400]);
+            }
             let _ = tcp.write_all(&out).await;
             held.push(tcp);
         }
