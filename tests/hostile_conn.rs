@@ -379,3 +379,32 @@ async fn upstream_sockets_use_keepalive() {
     );
     drop(proxy);
 }
+
+/// Not a pass/fail test: the proxy's CPU time for 1 GiB upstream -> app in tcp mode, to
+/// compare read sizes (`cargo test --test tests bulk_cpu -- --ignored --nocapture`). Debug
+/// builds exaggerate per-call costs, so a difference here is an upper bound.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore]
+async fn bulk_cpu() {
+    const BYTES: usize = 1 << 30;
+    let pki = Pki::new();
+    let (port, _sent, task) = firehose(&pki).await;
+    let proxy = run_cmd(&pki, format!("127.0.0.1:{port}")).start();
+    let before = cpu_ticks(proxy.pid()).expect("cpu ticks");
+    let started = Instant::now();
+    let mut app = connect(proxy.addr()).await;
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut got = 0;
+    while got < BYTES {
+        let n = app.read(&mut buf).await.expect("read");
+        assert!(n > 0, "ended early");
+        got += n;
+    }
+    let ticks = cpu_ticks(proxy.pid()).expect("cpu ticks") - before;
+    eprintln!(
+        "bulk: {} MiB in {:?}, proxy CPU {ticks} ticks (1/100 s)",
+        got >> 20,
+        started.elapsed()
+    );
+    task.abort();
+}
