@@ -380,6 +380,38 @@ async fn upstream_sockets_use_keepalive() {
     drop(proxy);
 }
 
+/// The socket to an egress `--proxy` has keepalive on too.
+#[tokio::test(flavor = "multi_thread")]
+async fn proxy_sockets_use_keepalive() {
+    use crate::support::connect_proxy::{ConnectProxy, UPSTREAM_NAME, named_upstream};
+    let pki = Pki::new();
+    let up = named_upstream(&pki).await;
+    let connect_proxy = ConnectProxy::start().await;
+    let proxy = run_cmd(&pki, format!("{UPSTREAM_NAME}:{}", up.port()))
+        .args(["--proxy", &connect_proxy.url()])
+        .start();
+    let mut app: TcpStream = connect(proxy.addr()).await;
+    app.write_all(b"ping").await.expect("write");
+    let mut echo = [0u8; 4];
+    tokio::time::timeout(WAIT, app.read_exact(&mut echo))
+        .await
+        .expect("echo in time")
+        .expect("echo");
+    let port = connect_proxy.addr.port();
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let mut timers = upstream_socket_timers(port);
+    while timers != [2] && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        timers = upstream_socket_timers(port);
+    }
+    assert_eq!(
+        timers,
+        [2],
+        "one socket to the proxy, with the keepalive timer (2) running"
+    );
+    drop(proxy);
+}
+
 /// Not a pass/fail test: the proxy's CPU time for 1 GiB upstream -> app in tcp mode, to
 /// compare read sizes (`cargo test --test tests bulk_cpu -- --ignored --nocapture`). Debug
 /// builds exaggerate per-call costs, so a difference here is an upper bound.
