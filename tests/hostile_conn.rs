@@ -158,6 +158,47 @@ async fn check_ends_in_time_against_a_silent_proxy() {
     assert!(took < Duration::from_secs(6), "took {took:?}");
 }
 
+/// Four routes in a config file, each towards a silent upstream with `connect_timeout = 2s`:
+/// `check` dials them all at once and still ends within 2 s + 5 s (one after another it took
+/// at least 8 s).
+#[tokio::test(flavor = "multi_thread")]
+async fn check_of_many_routes_ends_in_time() {
+    let pki = Pki::new();
+    let silent = Silent::start().await;
+    let path = |p: &std::path::Path| p.to_str().expect("UTF-8 temp path").to_string();
+    let mut text = format!(
+        "[defaults]\ncert = {:?}\nkey = {:?}\nca = {:?}\nconnect_timeout = \"2s\"\n",
+        path(&pki.client.cert),
+        path(&pki.client.key),
+        path(&pki.ca.pem)
+    );
+    for i in 0..4 {
+        text.push_str(&format!(
+            "\n[[route]]\nname = \"r{i}\"\nlisten = \"127.0.0.1:0\"\nupstream = \"{}\"\n",
+            silent.addr
+        ));
+    }
+    let config = pki.write("many.toml", text);
+    let (took, _, code, proc) = run_bounded(
+        Cmd::new().args(["check", "--config"]).arg(&config),
+        Duration::from_secs(7),
+    )
+    .await;
+    assert_eq!(code, Some(1), "{}", proc.stdout());
+    let out = proc.stdout();
+    let order: Vec<usize> = (0..4)
+        .map(|i| {
+            out.find(&format!("route r{i}:"))
+                .expect("every route reported")
+        })
+        .collect();
+    assert!(
+        order.windows(2).all(|w| w[0] < w[1]),
+        "in route order:\n{out}"
+    );
+    assert!(took < Duration::from_secs(7), "took {took:?}");
+}
+
 const EVIL_CN: &str = "evil\u{1b}[31mred\u{7}\u{202e}";
 const EVIL_URI: &str = "spiffe://evil/\u{1b}[2J";
 

@@ -112,9 +112,23 @@ pub struct ChainLink {
 
 /// Check every route and print the report; `true` only if every route passed.
 pub async fn run(config: &Config, format: CheckFormat) -> bool {
+    // Every route is dialled at once, so the whole check ends within the longest
+    // --connect-timeout (+ the verdict wait), however many routes there are; reports are
+    // still printed in route order, each as soon as it and those before it are done.
+    let handles: Vec<_> = config
+        .routes
+        .iter()
+        .map(|route| {
+            let route = route.clone();
+            tokio::spawn(async move { check_route(&route).await })
+        })
+        .collect();
     let mut routes = Vec::new();
-    for route in &config.routes {
-        let report = check_route(route).await;
+    for (route, handle) in config.routes.iter().zip(handles) {
+        let report = match handle.await {
+            Ok(report) => report,
+            Err(e) => RouteReport::new(route).fail(format!("internal error while checking: {e}")),
+        };
         if format == CheckFormat::Text {
             out(&text::render(&report));
         }
