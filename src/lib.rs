@@ -21,7 +21,7 @@
 //! - `resolve`: lookups on their own bounded threads; connects with a per-address share; keepalive
 //! - `upstream`: resolve, connect each address in turn, handshake; failure classification
 //! - `egress`: HTTP CONNECT proxies (`--proxy`): URL, credentials, `--no-proxy`, the tunnel
-//! - `bufio`: upstream socket reads in 64 KiB syscalls with a buffer only while data waits
+//! - `bufio`: upstream socket reads in 32 KiB syscalls with a buffer only while data waits
 //! - `proxy`: accept loop, connection limit, access-log line per connection
 //! - `proxy::tcp`: byte-stream relay with half-close both ways and the idle timeout
 //! - `pki`: `dev-pki`, a throwaway CA, server and client certificate (rcgen)
