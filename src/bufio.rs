@@ -1,10 +1,12 @@
 //! [`LazyBufTcp`]: the upstream socket as rustls sees it.
 //!
 //! rustls asks for at most 4 KiB per `read_tls` call, so a 16 KiB TLS record would cost four
-//! `read` syscalls. This wrapper reads up to [`READ_CHUNK`] bytes per syscall into a buffer that
-//! exists only while it holds unread bytes: an idle connection carries no buffer at all, which
-//! keeps memory per idle connection low. Writes pass straight through (rustls already gathers
-//! records into one vectored write).
+//! `read` syscalls. This wrapper reads up to [`READ_CHUNK`] bytes per syscall into a scratch
+//! buffer shared by the worker thread, hands rustls what it asked for, and keeps only the rest,
+//! in a buffer of exactly that size that exists only while it holds unread bytes: an idle
+//! connection carries no buffer at all, and one whose reader stalled pins at most
+//! `READ_CHUNK` bytes here (never a whole read buffer's capacity for a few bytes). Writes pass
+//! straight through (rustls already gathers records into one vectored write).
 
 use std::io;
 use std::pin::Pin;
@@ -73,8 +75,19 @@ pub fn read_clearing(
     }
 }
 
-/// Bytes asked of the kernel per read: four full TLS records.
-pub const READ_CHUNK: usize = 256 * 1024;
+/// Bytes asked of the kernel per read, here and in the tcp relay: two full TLS records. It is
+/// also about the most each layer of a connection keeps for a reader that stalled (this
+/// reader's leftover, the relay's unsent rest), which is what bounds a stalled tcp-mode
+/// connection's memory (see `proxy::tcp`). Measured with 200 stalled connections
+/// (`stalled_apps_cost_bounded_memory`): 256 KiB reads cost about 405 KiB of RSS each,
+/// 64 KiB about 125 KiB (too close to the 128 KiB promise), 32 KiB about 100 KiB.
+pub const READ_CHUNK: usize = 32 * 1024;
+
+thread_local! {
+    /// Where [`LazyBufTcp`] reads; used only inside one `poll_read`, never across an await.
+    static READ_SCRATCH: std::cell::RefCell<Box<[u8]>> =
+        std::cell::RefCell::new(vec![0u8; READ_CHUNK].into_boxed_slice());
+}
 
 /// Bytes already read and not yet handed on, in front of a stream; holds no allocation when
 /// empty.
@@ -162,16 +175,19 @@ impl AsyncRead for LazyBufTcp {
         }
         loop {
             ready!(this.tcp.poll_read_ready(cx))?;
-            let mut buf = Vec::with_capacity(READ_CHUNK);
             let tcp = &this.tcp;
-            match read_clearing(tcp, READ_CHUNK, || tcp.try_read_buf(&mut buf)) {
-                // End of stream: leave `out` untouched.
-                Ok(0) => return Poll::Ready(Ok(())),
-                Ok(_) => {
-                    this.pending.unread(buf);
-                    this.pending.drain_into(out);
-                    return Poll::Ready(Ok(()));
-                }
+            let pending = &mut this.pending;
+            let read = READ_SCRATCH.with_borrow_mut(|scratch| {
+                let n = read_clearing(tcp, scratch.len(), || tcp.try_read(scratch))?;
+                let taken = n.min(out.remaining());
+                out.put_slice(&scratch[..taken]);
+                // Only what rustls did not take is kept, in a buffer of its size.
+                pending.unread(scratch[taken..n].to_vec());
+                Ok::<_, io::Error>(n)
+            });
+            match read {
+                // End of stream: `out` was left untouched.
+                Ok(_) => return Poll::Ready(Ok(())),
                 // Readiness was stale; poll_read_ready registers for the next wake-up.
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Poll::Ready(Err(e)),

@@ -19,7 +19,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio_rustls::client::TlsStream;
 
 use crate::bufio::{LazyBufTcp, Pending};
-use crate::upstream::{Class, Failure};
+use crate::upstream::{Class, Failure, escape};
 
 /// Longest CONNECT answer header accepted; more is not a proxy talking.
 pub const MAX_ANSWER: usize = 16 * 1024;
@@ -558,7 +558,9 @@ impl Proxy {
             match answer.parse(&buf) {
                 Ok(httparse::Status::Complete(len)) => {
                     let code = answer.code.unwrap_or(0);
-                    let reason = answer.reason.unwrap_or("").to_string();
+                    // The reason phrase is the proxy's text (obs-text lets C1 controls in):
+                    // escaped before it reaches a log or `check`'s report.
+                    let reason = escape(answer.reason.unwrap_or("")).into_owned();
                     if (200..300).contains(&code) {
                         return Ok((format!("{code} {reason}"), buf.split_off(len)));
                     }

@@ -18,9 +18,10 @@
 //! - `tls::identity`: the route's whole rustls client config, published behind an `ArcSwap`
 //! - `tls::reload`: poll files by content and on SIGHUP; all-or-nothing reload; expiry warnings
 //! - `tls::verify`: CRL, URI SAN and SPKI pin checks on top of webpki's chain and name checks
+//! - `resolve`: lookups on their own bounded threads; connects with a per-address share; keepalive
 //! - `upstream`: resolve, connect each address in turn, handshake; failure classification
 //! - `egress`: HTTP CONNECT proxies (`--proxy`): URL, credentials, `--no-proxy`, the tunnel
-//! - `bufio`: upstream socket reads in 64 KiB syscalls with a buffer only while data waits
+//! - `bufio`: upstream socket reads in 32 KiB syscalls with a buffer only while data waits
 //! - `proxy`: accept loop, connection limit, access-log line per connection
 //! - `proxy::tcp`: byte-stream relay with half-close both ways and the idle timeout
 //! - `pki`: `dev-pki`, a throwaway CA, server and client certificate (rcgen)
@@ -42,6 +43,7 @@ pub mod metrics;
 pub mod notify;
 pub mod pki;
 pub mod proxy;
+pub mod resolve;
 pub mod signal;
 pub mod telemetry;
 pub mod tls;

@@ -15,7 +15,10 @@ use tokio_rustls::client::TlsStream;
 use crate::bufio::LazyBufTcp;
 use crate::config::{Route, Via};
 use crate::egress::{Prefixed, Proxy, Transport};
+use crate::resolve::{self, Resolver};
 use crate::tls::verify::CheckError;
+
+type Deadline = tokio::time::Instant;
 
 /// The upstream TLS stream a connection relays into.
 pub type Upstream = TlsStream<Transport>;
@@ -129,12 +132,39 @@ pub struct Failure {
 }
 
 impl Failure {
+    /// Messages often carry text from the peer (names from its certificate, a proxy's reason
+    /// phrase, an error text), so control characters are escaped here, once for every path.
     pub fn new(class: Class, message: impl Into<String>) -> Self {
-        Failure {
-            class,
-            message: message.into(),
+        let message = message.into();
+        let message = match escape(&message) {
+            std::borrow::Cow::Borrowed(_) => message,
+            std::borrow::Cow::Owned(escaped) => escaped,
+        };
+        Failure { class, message }
+    }
+}
+
+/// Text from a peer (certificate names, alert texts, a proxy's answer) made safe to print:
+/// control characters (terminal escapes, newlines that would forge log lines) and the Unicode
+/// bidirectional overrides are written as Rust escapes (`\u{1b}`, `\n`), the form `{:?}`
+/// uses, so text and JSON output and logs agree.
+pub fn escape(s: &str) -> std::borrow::Cow<'_, str> {
+    fn unsafe_char(c: char) -> bool {
+        c.is_control()
+            || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    }
+    if !s.chars().any(unsafe_char) {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        if unsafe_char(c) {
+            out.extend(c.escape_debug());
+        } else {
+            out.push(c);
         }
     }
+    std::borrow::Cow::Owned(out)
 }
 
 /// Classify a TLS error, during the handshake or after it (in TLS 1.3 the upstream's verdict on
@@ -255,12 +285,13 @@ pub struct Connected {
     pub handshake: Duration,
 }
 
-/// Resolve `host` and connect to each address in turn. For the proxy (`proxy` set) every
-/// failure is `ProxyUnreachable`.
+/// Resolve `host` and connect to each address in turn (see [`crate::resolve`]), all before
+/// `deadline`. For the proxy (`proxy` set) every failure is `ProxyUnreachable`.
 async fn dial(
     host: &str,
     port: u16,
     proxy: Option<&Proxy>,
+    deadline: Deadline,
     phase: &mut &'static str,
 ) -> Result<(TcpStream, SocketAddr), Failure> {
     // Messages are made only when something failed: nothing here allocates on success.
@@ -272,15 +303,17 @@ async fn dial(
         Some(_) => Failure::new(Class::ProxyUnreachable, message),
         None => Failure::new(class, message),
     };
-    let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, port))
-        .await
-        .map_err(|e| {
-            fail(
+    let addrs = match Resolver::global().lookup(host, port, deadline).await {
+        Ok(a) => a,
+        // Out of time: the caller's timeout names the phase.
+        Err(resolve::Error::Timeout) => return std::future::pending().await,
+        Err(e) => {
+            return Err(fail(
                 Class::Dns,
                 format!("cannot resolve {} host {host}: {e}", what()),
-            )
-        })?
-        .collect();
+            ));
+        }
+    };
     if addrs.is_empty() {
         return Err(fail(
             Class::Dns,
@@ -292,22 +325,25 @@ async fn dial(
     } else {
         "connect"
     };
-    let mut last = None;
-    for addr in addrs {
-        match TcpStream::connect(addr).await {
-            Ok(s) => {
-                // Small writes (interactive protocols) must not wait for Nagle.
-                let _ = s.set_nodelay(true);
-                return Ok((s, addr));
-            }
-            Err(e) => last = Some((e, addr)),
-        }
+    let mut attempts = Vec::new();
+    match resolve::connect_each(&addrs, deadline, &mut attempts).await {
+        Ok(found) => return Ok(found),
+        // Out of time: the caller's timeout names the phase.
+        Err(resolve::ConnectEnd::Deadline { .. }) => return std::future::pending().await,
+        Err(resolve::ConnectEnd::AllFailed) => {}
     }
-    let (e, addr) = last.expect("at least one address was tried");
+    // Every address failed: report the last one, and how many others.
+    let Some((e, addr)) = attempts.pop().map(|(a, e)| (e, a)) else {
+        return std::future::pending().await;
+    };
+    let others = match attempts.len() {
+        0 => String::new(),
+        n => format!("; {n} other address(es) failed too"),
+    };
     let f = classify_io(&e, "");
     let message = match proxy {
-        Some(_) => format!("cannot connect to {}: {e} ({addr})", what()),
-        None => format!("{} ({addr})", f.message),
+        Some(_) => format!("cannot connect to {}: {e} ({addr}){others}", what()),
+        None => format!("{} ({addr}){others}", f.message),
     };
     Err(fail(f.class, message))
 }
@@ -332,10 +368,25 @@ pub fn hop(route: &Route, addr: SocketAddr) -> String {
 
 /// The byte stream the upstream TLS session runs over: TCP to the upstream, or a tunnel
 /// through the route's proxy (CONNECT with the upstream's name, resolved by the proxy).
-pub async fn open(route: &Route, phase: &mut &'static str) -> Result<Opened, Failure> {
+///
+/// Callers bound it by `deadline` (`--connect-timeout` from the start of the dial): the
+/// lookup and each connect are sized from it, and when it passes this future stays pending
+/// so that the caller's own timeout reports the phase.
+pub async fn open(
+    route: &Route,
+    deadline: Deadline,
+    phase: &mut &'static str,
+) -> Result<Opened, Failure> {
     let Via::Proxy(proxy) = &route.via else {
         *phase = "resolve";
-        let (tcp, addr) = dial(&route.upstream.host, route.upstream.port, None, phase).await?;
+        let (tcp, addr) = dial(
+            &route.upstream.host,
+            route.upstream.port,
+            None,
+            deadline,
+            phase,
+        )
+        .await?;
         return Ok(Opened {
             transport: Transport::Tcp(LazyBufTcp::new(tcp)),
             addr,
@@ -343,7 +394,14 @@ pub async fn open(route: &Route, phase: &mut &'static str) -> Result<Opened, Fai
         });
     };
     *phase = "resolve the proxy";
-    let (tcp, addr) = dial(&proxy.url.host, proxy.url.port, Some(proxy), phase).await?;
+    let (tcp, addr) = dial(
+        &proxy.url.host,
+        proxy.url.port,
+        Some(proxy),
+        deadline,
+        phase,
+    )
+    .await?;
     let target = route.upstream.to_string();
     let mut tcp = LazyBufTcp::new(tcp);
     let (transport, answer) = match proxy.tls() {
@@ -386,10 +444,10 @@ pub fn timed_out(route: &Route, phase: &str) -> Failure {
 /// Resolve, connect (each address in turn; through the proxy if any) and handshake, all within
 /// `--connect-timeout`.
 pub async fn connect(route: &Route, config: Arc<ClientConfig>) -> Result<Connected, Failure> {
-    let limit = route.connect_timeout;
+    let deadline = resolve::deadline_after(route.connect_timeout);
     let mut phase = "resolve";
     let attempt = async {
-        let opened = open(route, &mut phase).await?;
+        let opened = open(route, deadline, &mut phase).await?;
         phase = "tls handshake";
         let started = Instant::now();
         let addr = opened.addr;
@@ -412,7 +470,7 @@ pub async fn connect(route: &Route, config: Arc<ClientConfig>) -> Result<Connect
             handshake: started.elapsed(),
         })
     };
-    match tokio::time::timeout(limit, attempt).await {
+    match tokio::time::timeout_at(deadline, attempt).await {
         Ok(r) => r,
         Err(_) => Err(timed_out(route, phase)),
     }

@@ -42,6 +42,7 @@ mod checks;
 mod config_file;
 mod formats;
 mod hostile_admin;
+mod hostile_conn;
 mod hostile_files;
 mod hostile_httpup;
 mod hostile_identity;

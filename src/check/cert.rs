@@ -9,6 +9,7 @@ use x509_parser::public_key::PublicKey;
 use x509_parser::x509::X509Name;
 
 use crate::tls::identity::{CertInfo, rfc3339};
+use crate::upstream::escape;
 
 const DAY: i64 = 86_400;
 
@@ -39,9 +40,10 @@ impl Summary {
             not_after: rfc3339(info.not_after),
             not_before_unix: info.not_before,
             not_after_unix: info.not_after,
-            subject: info.subject,
-            issuer: info.issuer,
-            sans: info.sans,
+            // Names come from the peer: printed escaped (see `upstream::escape`).
+            subject: escape(&info.subject).into_owned(),
+            issuer: escape(&info.issuer).into_owned(),
+            sans: info.sans.iter().map(|n| escape(n).into_owned()).collect(),
         })
     }
 
@@ -94,8 +96,8 @@ impl Names {
 
     fn from_cert(cert: &X509Certificate<'_>) -> Names {
         Names {
-            subject: cert.subject().to_string(),
-            issuer: cert.issuer().to_string(),
+            subject: escape(&cert.subject().to_string()).into_owned(),
+            issuer: escape(&cert.issuer().to_string()).into_owned(),
             subject_der: cert.subject().as_raw().to_vec(),
             issuer_der: cert.issuer().as_raw().to_vec(),
         }
@@ -202,7 +204,7 @@ impl Hint {
                 && name.as_raw().len() == der.len()
             {
                 return Hint {
-                    text: name.to_string(),
+                    text: escape(&name.to_string()).into_owned(),
                     der,
                 };
             }

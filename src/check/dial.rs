@@ -15,12 +15,12 @@ use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, ClientConnection, DigitallySignedStruct, ProtocolVersion};
 use rustls::{SignatureScheme, SupportedCipherSuite};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::time::{Instant, timeout_at};
 
 use crate::bufio::LazyBufTcp;
 use crate::config::{Route, Via};
 use crate::egress::Transport;
+use crate::resolve::{self, ConnectEnd, Resolver};
 use crate::tls::identity::{self, Loaded};
 use crate::tls::load::Material;
 use crate::upstream::{self, Failure};
@@ -210,7 +210,7 @@ pub struct Dial {
 /// Resolve, connect and handshake within `--connect-timeout`, then wait briefly for a late
 /// verdict on our certificate.
 pub async fn dial(route: &Route, config: Arc<ClientConfig>) -> Dial {
-    let deadline = Instant::now() + route.connect_timeout;
+    let deadline = resolve::deadline_after(route.connect_timeout);
     let mut d = Dial {
         dns: Vec::new(),
         attempts: Vec::new(),
@@ -221,7 +221,7 @@ pub async fn dial(route: &Route, config: Arc<ClientConfig>) -> Dial {
     };
     let transport = if let Via::Proxy(_) = &route.via {
         let mut phase = "resolve the proxy";
-        match timeout_at(deadline, upstream::open(route, &mut phase)).await {
+        match timeout_at(deadline, upstream::open(route, deadline, &mut phase)).await {
             Err(_) => return d.ends(Outcome::Proxy(upstream::timed_out(route, phase))),
             Ok(Err(f)) => return d.ends(Outcome::Proxy(f)),
             Ok(Ok(o)) => {
@@ -246,6 +246,7 @@ pub async fn dial(route: &Route, config: Arc<ClientConfig>) -> Dial {
         conn,
         io: transport,
         buf: vec![0; 16 * 1024],
+        peer_closed: false,
     };
     let handshake = timeout_at(deadline, s.handshake()).await;
     d.negotiated = s.negotiated();
@@ -277,15 +278,14 @@ impl Dial {
         let d = self;
         let host = route.upstream.host.as_str();
         let timeout = |phase, at| Outcome::Timeout { phase, at };
-        let addrs: Vec<SocketAddr> = match timeout_at(
-            deadline,
-            tokio::net::lookup_host((host, route.upstream.port)),
-        )
-        .await
+        let addrs = match Resolver::global()
+            .lookup(host, route.upstream.port, deadline)
+            .await
         {
-            Err(_) => return Err(timeout("resolve", None)),
-            Ok(Err(e)) => return Err(Outcome::Dns(e.to_string())),
-            Ok(Ok(a)) => a.collect(),
+            Err(resolve::Error::Timeout) => return Err(timeout("resolve", None)),
+            Err(resolve::Error::Lookup(e)) => return Err(Outcome::Dns(e.to_string())),
+            Err(e) => return Err(Outcome::Dns(e.to_string())),
+            Ok(a) => a,
         };
         for a in &addrs {
             if !d.dns.contains(&a.ip()) {
@@ -295,22 +295,14 @@ impl Dial {
         if addrs.is_empty() {
             return Err(Outcome::Dns("no address".into()));
         }
-        let mut tcp = None;
-        for addr in addrs {
-            match timeout_at(deadline, TcpStream::connect(addr)).await {
-                Err(_) => return Err(timeout("connect", Some(addr))),
-                Ok(Err(e)) => d.attempts.push((addr, e)),
-                Ok(Ok(s)) => {
-                    d.connected = Some(addr);
-                    tcp = Some(s);
-                    break;
-                }
+        let tcp = match resolve::connect_each(&addrs, deadline, &mut d.attempts).await {
+            Ok((tcp, addr)) => {
+                d.connected = Some(addr);
+                tcp
             }
-        }
-        let Some(tcp) = tcp else {
-            return Err(Outcome::NoConnection);
+            Err(ConnectEnd::Deadline { at }) => return Err(timeout("connect", Some(at))),
+            Err(ConnectEnd::AllFailed) => return Err(Outcome::NoConnection),
         };
-        let _ = tcp.set_nodelay(true);
         Ok(Transport::Tcp(LazyBufTcp::new(tcp)))
     }
 
@@ -331,6 +323,8 @@ struct Session {
     conn: ClientConnection,
     io: Transport,
     buf: Vec<u8>,
+    /// rustls refused more input: the upstream's close_notify has arrived.
+    peer_closed: bool,
 }
 
 impl Session {
@@ -347,6 +341,9 @@ impl Session {
 
     /// Reads once from the socket and processes what came; `Ok(false)` at end of stream.
     async fn pump(&mut self) -> Result<bool, Fail> {
+        if self.peer_closed {
+            return Ok(false);
+        }
         let n = self.io.read(&mut self.buf).await.map_err(Fail::Io)?;
         if n == 0 {
             return Ok(false);
@@ -354,8 +351,15 @@ impl Session {
         let mut data = &self.buf[..n];
         let mut failed = None;
         while !data.is_empty() && failed.is_none() {
-            if let Err(e) = self.conn.read_tls(&mut data) {
-                return Err(Fail::Io(e));
+            match self.conn.read_tls(&mut data) {
+                Err(e) => return Err(Fail::Io(e)),
+                // rustls takes nothing more once close_notify has arrived: whatever the peer
+                // sent after it is ignored. Looping here would spin forever.
+                Ok(0) => {
+                    self.peer_closed = true;
+                    break;
+                }
+                Ok(_) => {}
             }
             if let Err(e) = self.conn.process_new_packets() {
                 failed = Some(e);

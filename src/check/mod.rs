@@ -112,9 +112,23 @@ pub struct ChainLink {
 
 /// Check every route and print the report; `true` only if every route passed.
 pub async fn run(config: &Config, format: CheckFormat) -> bool {
+    // Every route is dialled at once, so the whole check ends within the longest
+    // --connect-timeout (+ the verdict wait), however many routes there are; reports are
+    // still printed in route order, each as soon as it and those before it are done.
+    let handles: Vec<_> = config
+        .routes
+        .iter()
+        .map(|route| {
+            let route = route.clone();
+            tokio::spawn(async move { check_route(&route).await })
+        })
+        .collect();
     let mut routes = Vec::new();
-    for route in &config.routes {
-        let report = check_route(route).await;
+    for (route, handle) in config.routes.iter().zip(handles) {
+        let report = match handle.await {
+            Ok(report) => report,
+            Err(e) => RouteReport::new(route).fail(format!("internal error while checking: {e}")),
+        };
         if format == CheckFormat::Text {
             out(&text::render(&report));
         }
@@ -465,6 +479,15 @@ fn judge(
 /// Print to stdout; a reader that went away (`| head`) is not our failure and no panic.
 fn out(text: &str) {
     use std::io::Write as _;
+    // Peer text is escaped where it enters the report; this catches any path that was missed
+    // (an error text that quotes the peer), line by line so the report keeps its newlines.
+    let text: String = text
+        .split_inclusive('\n')
+        .map(|line| match line.strip_suffix('\n') {
+            Some(l) => format!("{}\n", crate::upstream::escape(l)),
+            None => crate::upstream::escape(line).into_owned(),
+        })
+        .collect();
     let mut stdout = std::io::stdout().lock();
     let _ = stdout
         .write_all(text.as_bytes())

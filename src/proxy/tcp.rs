@@ -2,11 +2,19 @@
 //! stream, with half-close in both directions.
 //!
 //! Memory matters here (one relay per connection, thousands idle), and so do syscalls. Both
-//! directions copy through one 64 KiB scratch buffer per worker thread, used only inside a
-//! single `poll` (never across an await), so an idle relay holds no buffer at all. Only bytes
-//! that the receiving side could not take at once are kept per connection, in `pending`.
-//! Before reading a side, the relay waits until the other side can take data, so back-pressure
-//! stays in the kernel and in rustls instead of in our memory.
+//! directions copy through one [`READ_CHUNK`] (32 KiB) scratch buffer per worker thread, used
+//! only inside a single `poll` (never across an await), so an idle relay holds no buffer at
+//! all. Only bytes that the receiving side could not take at once are kept per connection, in
+//! `pending`, and no more is read from that side until they are gone. Before reading a side,
+//! the relay waits until the other side can take data, so back-pressure stays in the kernel
+//! and in rustls instead of in our memory. What an app that stopped reading can pin is
+//! therefore bounded: this direction's `pending` (under one chunk), the upstream socket
+//! reader's leftover (under one chunk, `bufio`) and rustls' own bounded buffers; measured in
+//! `tests/hostile_conn.rs` (`stalled_apps_cost_bounded_memory`).
+//!
+//! A unix-socket app connection cannot be reset (there is no RST on `AF_UNIX`): when the
+//! upstream side fails mid-stream, the app sees a plain end of stream, like a clean close. The
+//! access-log line (`outcome=error`) is where the difference shows.
 
 use std::cell::RefCell;
 use std::future::Future;
@@ -18,12 +26,13 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
-use crate::bufio::{AppStream, read_clearing};
+use crate::bufio::{AppStream, READ_CHUNK, read_clearing};
 use crate::metrics::RouteMetrics;
 use crate::upstream::{Class, Failure, Upstream, classify_io};
 
-/// Bytes moved per read: four full TLS records.
-const CHUNK: usize = 256 * 1024;
+/// Bytes moved per read. With one chunk at most pending per direction, this bounds what a
+/// connection whose app stopped reading pins (see the module doc).
+const CHUNK: usize = READ_CHUNK;
 
 thread_local! {
     /// The per-worker scratch buffer (see the module doc).
