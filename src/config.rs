@@ -447,10 +447,24 @@ pub fn route_from_args(name: String, args: &RunArgs) -> Result<Route, Error> {
         tls_min: args.tls_min,
         connect_timeout,
         via: parse_via(args, &upstream)?,
-        idle_timeout: (!idle.is_zero()).then_some(idle),
+        idle_timeout: idle_timeout(args.mode, idle),
         max_connections: args.max_connections,
     };
     Ok(route)
+}
+
+/// HTTP mode's idle bound when `--idle-timeout` is 0 (its default): an app connection with no
+/// request open, or a request silent both ways, is closed after this (Envoy's stream idle
+/// timeout). HTTP mode has no "never": a slot held forever by a silent peer is what
+/// `--max-connections` cannot afford.
+pub const HTTP_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+
+fn idle_timeout(mode: Mode, idle: Duration) -> Option<Duration> {
+    match mode {
+        _ if !idle.is_zero() => Some(idle),
+        Mode::Http => Some(HTTP_IDLE_TIMEOUT),
+        Mode::Tcp => None,
+    }
 }
 
 /// How a route reaches its upstream.

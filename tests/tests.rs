@@ -25,6 +25,9 @@
 //! - `http_pool`: the upstream pool (reuse, h2 multiplexing, stale retry, idle timeout and cap),
 //!   reloads, `http_requests_total`, draining, nginx as the upstream
 //! - `http_errors`: the proxy's own 502/504 answers and retries, 431, slow-header clients
+//! - `hostile_httpsrv`: http mode against hostile apps: silent and slow heads, idle keep-alive,
+//!   stalled bodies, upgrade tunnels under `--max-connections` and drain, h2 stream, header and
+//!   reset bounds, memory of an app that never reads
 //! - `proxy`: egress through an HTTP CONNECT proxy (`--proxy`, `--proxy-ca`, `--proxy-auth-file`,
 //!   `--no-proxy`, `--proxy-from-env`): tunnels to names only the proxy resolves, credentials,
 //!   bypass lists, every failure class, http mode, config files, startup errors
@@ -36,6 +39,7 @@ mod check_cmd;
 mod checks;
 mod config_file;
 mod formats;
+mod hostile_httpsrv;
 mod http;
 mod http_errors;
 mod http_pool;

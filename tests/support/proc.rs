@@ -268,6 +268,11 @@ impl Sidecar {
         sidecar
     }
 
+    /// The process id (to read its memory use from /proc).
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
     /// The plaintext listener's bound address (from the `listening` line).
     pub fn addr(&self) -> SocketAddr {
         self.addr
