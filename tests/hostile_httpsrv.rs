@@ -518,9 +518,9 @@ fn rss(pid: u32) -> u64 {
     kb * 1024
 }
 
-/// An h2c app that opens its flow-control windows to the maximum, asks for a 64 MiB download
-/// and never reads: the proxy's memory grows by at most about 2 MiB for it, and other apps'
-/// requests on the same route still complete meanwhile.
+/// An h2c app that opens its flow-control windows to the maximum, asks for four 64 MiB
+/// downloads and never reads: the proxy's memory grows by at most 2 MiB for it, and other
+/// apps' requests on the same route still complete meanwhile.
 #[tokio::test(flavor = "multi_thread")]
 async fn never_reading_h2c_app_costs_bounded_memory() {
     let pki = Pki::new();
@@ -547,9 +547,14 @@ async fn never_reading_h2c_app_costs_bounded_memory() {
         0x7fff_ffff,
     )]));
     bytes.extend(h2raw::window_update(0, 0x7fff_ffff - 65_535));
-    bytes.extend(h2raw::get(1, "/download?len=67108864&seed=9", &[]));
+    // Four downloads: before the h2 send buffer was bounded, this grew the proxy by about
+    // 4 MiB (1 MiB per stream); each also holds an upstream HTTP/1.1 connection (~150 KiB).
+    let streams: u32 = 4;
+    for i in 0..streams {
+        bytes.extend(h2raw::get(2 * i + 1, "/download?len=67108864&seed=9", &[]));
+    }
     hog.write_all(&bytes).await.expect("write request");
-    up.stats.wait_requests(5).await;
+    up.stats.wait_requests(4 + streams as usize).await;
 
     let mut peak = before;
     for i in 0..20 {
