@@ -590,6 +590,18 @@ mod tests {
     }
 
     #[test]
+    fn idle_timeout_defaults_to_300s_in_http_mode_only() {
+        let five = Duration::from_secs(5);
+        assert_eq!(idle_timeout(Mode::Tcp, Duration::ZERO), None);
+        assert_eq!(
+            idle_timeout(Mode::Http, Duration::ZERO),
+            Some(HTTP_IDLE_TIMEOUT)
+        );
+        assert_eq!(idle_timeout(Mode::Tcp, five), Some(five));
+        assert_eq!(idle_timeout(Mode::Http, five), Some(five));
+    }
+
+    #[test]
     fn listen_loopback_rule() {
         assert!(parse_listen("127.0.0.1:0", false, "r").is_ok());
         assert!(parse_listen("[::1]:0", false, "r").is_ok());

@@ -186,6 +186,34 @@ async fn idle_h1_keepalive_is_closed_at_idle_timeout_not_header_timeout() {
     assert!(idle.elapsed() > Duration::from_secs(4));
 }
 
+/// `--header-timeout 1s --idle-timeout 30s`: on a keep-alive connection, a later request head
+/// that starts and stalls is timed from its first byte by `--header-timeout`, not left to the
+/// idle timeout.
+#[tokio::test(flavor = "multi_thread")]
+async fn later_h1_head_that_stalls_is_closed_at_header_timeout() {
+    let pki = Pki::new();
+    let up = HttpUpstream::start(&pki, Alpn::H2AndHttp11).await;
+    let proxy = proxy(
+        &pki,
+        &up,
+        &["--header-timeout", "1s", "--idle-timeout", "30s"],
+    );
+    let mut app = connect(proxy.addr()).await;
+    assert_eq!(h1_get(&mut app, "/first").await, 200);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let started = Instant::now();
+    app.write_all(b"GET /second HT").await.expect("write");
+    let (got, _) = read_until_closed(&mut app, Duration::from_secs(10)).await;
+    assert!(got.is_empty(), "the stalled head got {got:?}");
+    around(
+        "the stalled second head was closed",
+        started.elapsed(),
+        Duration::from_secs(1),
+        Duration::from_secs(3),
+    );
+    assert_eq!(up.stats.request_count(), 1);
+}
+
 /// `--idle-timeout 2s`: an h2c connection with no stream open gets GOAWAY and is closed at the
 /// idle timeout (and not at `--header-timeout 1s`).
 #[tokio::test(flavor = "multi_thread")]

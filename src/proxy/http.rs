@@ -652,6 +652,7 @@ where
                 conn.as_mut().graceful_shutdown();
             }
             _ = cut.cancelled() => return End::Cut,
+            () = watch.moved_earlier() => {}
             _ = timer.as_mut(), if wake.is_some() => {
                 if closing.is_some_and(|c| c <= tokio::time::Instant::now()) {
                     return End::Timeout(Expired::Idle);

@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use hyper::Version;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
 /// Why the watch wants the connection closed.
@@ -49,6 +50,9 @@ pub struct ConnWatch {
     /// the config is built, so this only happens for routes built in code).
     idle_timeout: Option<Duration>,
     state: Mutex<State>,
+    /// Woken when a deadline moved earlier (a head clock started), so the serving task
+    /// re-reads [`ConnWatch::deadline`] instead of sleeping to the old one.
+    earlier: Notify,
 }
 
 #[derive(Debug)]
@@ -80,6 +84,7 @@ impl ConnWatch {
                 head_since: Some(now),
                 h1: false,
             }),
+            earlier: Notify::new(),
         })
     }
 
@@ -95,7 +100,14 @@ impl ConnWatch {
         s.last_io = now;
         if read && s.h1 && s.in_flight == 0 && s.head_since.is_none() {
             s.head_since = Some(now);
+            drop(s);
+            self.earlier.notify_one();
         }
+    }
+
+    /// Resolves when a deadline moved earlier than the last [`ConnWatch::deadline`] said.
+    pub async fn moved_earlier(&self) {
+        self.earlier.notified().await
     }
 
     /// A request head is complete: the head clock stops and the request counts as open until
