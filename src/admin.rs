@@ -3,19 +3,21 @@
 //! proxy under load never delays a probe. Readiness is local: it never dials the upstream.
 
 use std::convert::Infallible;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use http_body_util::Full;
 use hyper::body::Bytes;
-use hyper::header::{CONNECTION, CONTENT_TYPE, HeaderValue};
+use hyper::header::{CONNECTION, CONTENT_TYPE, HeaderValue, ORIGIN};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::listen::LogLimit;
 use crate::metrics::Metrics;
 use crate::proxy::RouteCtx;
 use crate::tls::identity::{now_unix, rfc3339};
@@ -118,6 +120,29 @@ impl AdminState {
     }
 }
 
+/// At most this many admin connections are served at once; more wait in the kernel's backlog.
+/// Probes and scrapes need a handful; the cap keeps a flood of idle connections from costing
+/// unbounded memory and file descriptors on a listener that may face the pod network.
+pub const MAX_CONNECTIONS: usize = 64;
+
+/// Time a client has to send a complete request head, counted from accept (and again between
+/// requests on a kept-alive connection); then the connection is closed.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why `POST /shutdown` is refused, or `None` when it may proceed. Only a local process may
+/// stop the sidecar: the admin listener may face the pod network, and a browser's simple
+/// cross-site POST carries an `Origin` header (no preflight is needed for one), so any
+/// `Origin` means a web page is asking.
+pub fn shutdown_refusal(peer: IpAddr, has_origin: bool) -> Option<&'static str> {
+    if !peer.to_canonical().is_loopback() {
+        return Some("POST /shutdown is accepted only from a loopback address");
+    }
+    if has_origin {
+        return Some("POST /shutdown is refused with an Origin header (a web page sent it)");
+    }
+    None
+}
+
 fn text(code: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(body.into()));
     *r.status_mut() = code;
@@ -133,6 +158,7 @@ fn text(code: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
 fn respond(
     state: &AdminState,
     req: &Request<hyper::body::Incoming>,
+    peer: IpAddr,
 ) -> (Response<Full<Bytes>>, bool) {
     let get = req.method() == Method::GET || req.method() == Method::HEAD;
     let answer = match (req.uri().path(), get) {
@@ -163,8 +189,12 @@ fn respond(
             r
         }
         ("/shutdown", _) if state.allow_shutdown => {
-            if req.method() == Method::POST {
-                info!("POST /shutdown: shutting down");
+            let refusal = shutdown_refusal(peer, req.headers().contains_key(ORIGIN));
+            if let (true, Some(why)) = (req.method() == Method::POST, refusal) {
+                warn!(peer = %peer, reason = why, "POST /shutdown refused");
+                text(StatusCode::FORBIDDEN, format!("{why}\n"))
+            } else if req.method() == Method::POST {
+                info!(peer = %peer, "POST /shutdown: shutting down");
                 // Not ready from this moment; the shutdown itself begins once this answer is
                 // written, or the process could exit before the caller hears it.
                 state.shutting_down.store(true, Ordering::SeqCst);
@@ -217,22 +247,37 @@ async fn serve(listener: std::net::TcpListener, state: Arc<AdminState>) {
             return;
         }
     };
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let mut accept_log = LogLimit::per_second();
+    let mut backoff = Duration::from_millis(5);
     loop {
-        let (tcp, _) = match listener.accept().await {
+        // A slot first, then accept: connection 65 waits in the backlog until one closes.
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            return; // never closed
+        };
+        let (tcp, peer) = match listener.accept().await {
             Ok(a) => a,
             Err(e) => {
-                warn!(error = %e, "admin accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                // Usually out of file descriptors: back off instead of spinning, and log at
+                // most once a second with how many failures were not logged.
+                if let Some(suppressed) = accept_log.allow() {
+                    warn!(error = %e, suppressed, "admin accept failed");
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
                 continue;
             }
         };
+        backoff = Duration::from_millis(5);
+        let peer = peer.ip();
         let state = state.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let shutdown_asked = Arc::new(AtomicBool::new(false));
             let service = {
                 let (state, asked) = (state.clone(), shutdown_asked.clone());
                 hyper::service::service_fn(move |req| {
-                    let (r, shutdown) = respond(&state, &req);
+                    let (r, shutdown) = respond(&state, &req, peer);
                     if shutdown {
                         asked.store(true, Ordering::SeqCst);
                         // The bound for a caller that never reads its answer.
@@ -249,12 +294,46 @@ async fn serve(listener: std::net::TcpListener, state: Arc<AdminState>) {
             // the answer is written; only then does the shutdown begin.
             let _ = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(10))
+                .header_read_timeout(HEADER_TIMEOUT)
                 .serve_connection(TokioIo::new(tcp), service)
                 .await;
             if shutdown_asked.load(Ordering::SeqCst) {
                 state.shutdown.cancel();
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shutdown_only_from_loopback_without_origin() {
+        let v4: IpAddr = "127.0.0.1".parse().unwrap();
+        let v4b: IpAddr = "127.8.9.10".parse().unwrap();
+        let v6: IpAddr = "::1".parse().unwrap();
+        let mapped: IpAddr = "::ffff:127.0.0.1".parse().unwrap();
+        for ip in [v4, v4b, v6, mapped] {
+            assert_eq!(shutdown_refusal(ip, false), None, "{ip}");
+            assert!(
+                shutdown_refusal(ip, true).unwrap().contains("Origin"),
+                "{ip}"
+            );
+        }
+        for ip in [
+            "10.0.0.1",
+            "0.0.0.0",
+            "192.168.1.1",
+            "::",
+            "fe80::1",
+            "::ffff:10.0.0.1",
+        ] {
+            let ip: IpAddr = ip.parse().unwrap();
+            assert!(
+                shutdown_refusal(ip, false).unwrap().contains("loopback"),
+                "{ip}"
+            );
+        }
     }
 }

@@ -93,12 +93,20 @@ impl App {
         let mut systemd = SystemdFds::from_env();
         let mut routes = Vec::with_capacity(config.routes.len());
         for (route, identity) in config.routes.iter().zip(identities) {
+            let bind_err = |source| StartupError::Bind {
+                route: route.name.clone(),
+                source,
+            };
             let listener = Listener::bind(&route.listen, route.listen_mode, &mut systemd)
                 .await
-                .map_err(|source| StartupError::Bind {
-                    route: route.name.clone(),
-                    source,
-                })?;
+                .map_err(bind_err)?;
+            listener
+                .check_rules(
+                    &route.listen,
+                    route.allow_non_loopback,
+                    !route.allow_uids.is_empty(),
+                )
+                .map_err(bind_err)?;
             let route_metrics = metrics.route(&route.name);
             route_metrics.client_expiry.set(identity.leaf().not_after);
             let ctx = RouteCtx::new(route.clone(), identity, route_metrics, listener.describe());

@@ -70,7 +70,9 @@ pub struct RunArgs {
         env = "MTLS_SIDECAR_ALLOW_UID",
         group = "route_flags",
         value_name = "UID",
-        value_delimiter = ','
+        value_delimiter = ',',
+        allow_negative_numbers = true,
+        value_parser = crate::config::parse_uid
     )]
     pub allow_uid: Vec<u32>,
 
@@ -247,13 +249,15 @@ pub struct RunArgs {
     )]
     pub pool_idle_timeout: String,
 
-    /// HTTP mode: idle upstream connections kept per route
+    /// HTTP mode: idle upstream connections kept per route, 0 to 10000
     #[arg(
         long,
         env = "MTLS_SIDECAR_POOL_MAX_IDLE",
         group = "route_flags",
         default_value_t = 64,
-        value_name = "N"
+        value_name = "N",
+        allow_negative_numbers = true,
+        value_parser = crate::config::parse_pool_max_idle
     )]
     pub pool_max_idle: usize,
 
@@ -277,13 +281,15 @@ pub struct RunArgs {
     )]
     pub idle_timeout: String,
 
-    /// Concurrent plaintext connections; beyond it new ones wait in the backlog
+    /// Concurrent plaintext connections, 1 to 1000000; beyond it new ones wait in the backlog
     #[arg(
         long,
         env = "MTLS_SIDECAR_MAX_CONNECTIONS",
         group = "route_flags",
         default_value_t = 10_000,
-        value_name = "N"
+        value_name = "N",
+        allow_negative_numbers = true,
+        value_parser = crate::config::parse_max_connections
     )]
     pub max_connections: usize,
 

@@ -66,6 +66,9 @@ pub struct Route {
     pub listen_mode: u32,
     /// Local users allowed on a `unix:` listener (SO_PEERCRED); empty = anyone who can open it.
     pub allow_uids: Vec<u32>,
+    /// `--allow-non-loopback`, kept for a systemd socket whose address is known only once it
+    /// has been taken (`listen::Listener::check_rules`).
+    pub allow_non_loopback: bool,
     /// Upstream `HOST:PORT` as the user wrote it; resolved at every dial.
     pub upstream: Upstream,
     /// SNI and verification name; an IP address sends no SNI and is matched against IP SANs.
@@ -207,14 +210,73 @@ fn invalid(flag: &'static str, value: &str, reason: impl Into<String>) -> Error 
     }
 }
 
-/// Parse a duration written like `500ms`, `10s`, `5m`; a bare `0` means zero.
+/// The longest duration any flag takes. A year is beyond every sensible timeout, and it keeps
+/// `Instant + duration` (and tokio's timer wheel) far from overflow, so no deadline computed
+/// from a flag can panic.
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 60 * 60);
+
+/// How a duration's range reads in messages and the README.
+const DURATION_RANGE: &str = "durations range from 0 to 365d; write e.g. 500ms, 10s, 5m";
+
+/// Parse a duration written like `500ms`, `10s`, `5m`; a bare `0` means zero. Anything above
+/// [`MAX_DURATION`] is refused, so every flag, variable and config key gets the same range.
 pub fn parse_duration(flag: &'static str, value: &str) -> Result<Duration, Error> {
     let v = value.trim();
     if v == "0" {
         return Ok(Duration::ZERO);
     }
-    humantime::parse_duration(v)
-        .map_err(|e| invalid(flag, value, format!("{e} (write e.g. 500ms, 10s, 5m)")))
+    let d = humantime::parse_duration(v)
+        .map_err(|e| invalid(flag, value, format!("{e} ({DURATION_RANGE})")))?;
+    if d > MAX_DURATION {
+        return Err(invalid(flag, value, format!("too long ({DURATION_RANGE})")));
+    }
+    Ok(d)
+}
+
+/// The range of `--max-connections`: each connection costs a task and two sockets, so a
+/// million is already past what one process serves; the upper bound also keeps the value far
+/// below what tokio's semaphore accepts (it panics above `usize::MAX >> 3`).
+pub const MAX_CONNECTIONS: std::ops::RangeInclusive<u64> = 1..=1_000_000;
+
+/// The range of `--pool-max-idle` (idle upstream connections kept per route; 0 keeps none).
+pub const POOL_MAX_IDLE: std::ops::RangeInclusive<u64> = 0..=10_000;
+
+/// The range of `--allow-uid`: `u32::MAX` is `(uid_t)-1`, which names no user.
+pub const ALLOW_UID: std::ops::RangeInclusive<u64> = 0..=(u32::MAX as u64 - 1);
+
+/// A whole number inside `range`; the message (clap puts the flag before it) says the range.
+fn ranged(value: &str, range: &std::ops::RangeInclusive<u64>) -> Result<u64, String> {
+    let out_of_range = || {
+        format!(
+            "must be a whole number from {} to {}",
+            range.start(),
+            range.end()
+        )
+    };
+    // Digits only: a sign or a huge number is out of range, not a different error.
+    let v = value.trim();
+    if v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(out_of_range());
+    }
+    v.parse::<u64>()
+        .ok()
+        .filter(|n| range.contains(n))
+        .ok_or_else(out_of_range)
+}
+
+/// clap value parser of `--max-connections`.
+pub fn parse_max_connections(value: &str) -> Result<usize, String> {
+    ranged(value, &MAX_CONNECTIONS).and_then(|n| usize::try_from(n).map_err(|e| e.to_string()))
+}
+
+/// clap value parser of `--pool-max-idle`.
+pub fn parse_pool_max_idle(value: &str) -> Result<usize, String> {
+    ranged(value, &POOL_MAX_IDLE).and_then(|n| usize::try_from(n).map_err(|e| e.to_string()))
+}
+
+/// clap value parser of `--allow-uid`.
+pub fn parse_uid(value: &str) -> Result<u32, String> {
+    ranged(value, &ALLOW_UID).and_then(|n| u32::try_from(n).map_err(|e| e.to_string()))
 }
 
 /// Split `HOST:PORT` or `[V6]:PORT`.
@@ -317,7 +379,7 @@ pub fn parse_mode(value: &str) -> Result<u32, Error> {
             invalid(
                 "--listen-mode",
                 value,
-                "expected octal permissions such as 0600",
+                "expected octal permissions from 0000 to 0777, such as 0600",
             )
         })
 }
@@ -377,8 +439,21 @@ pub fn route_from_args(name: String, args: &RunArgs) -> Result<Route, Error> {
             "must be above 0",
         ));
     }
-    if args.max_connections == 0 {
-        return Err(invalid("--max-connections", "0", "must be at least 1"));
+    // Checked again here (clap already did) because routes are also built from code (`demo`),
+    // and a value past the semaphore's limit would panic in the accept loop after READY.
+    if !MAX_CONNECTIONS.contains(&(args.max_connections as u64)) {
+        return Err(invalid(
+            "--max-connections",
+            &args.max_connections.to_string(),
+            "must be a whole number from 1 to 1000000",
+        ));
+    }
+    if !POOL_MAX_IDLE.contains(&(args.pool_max_idle as u64)) {
+        return Err(invalid(
+            "--pool-max-idle",
+            &args.pool_max_idle.to_string(),
+            "must be a whole number from 0 to 10000",
+        ));
     }
     let mut alpn = Vec::new();
     for p in &args.alpn {
@@ -418,6 +493,24 @@ pub fn route_from_args(name: String, args: &RunArgs) -> Result<Route, Error> {
             ));
         }
     }
+    // SO_PEERCRED exists only on unix sockets: with TCP the list could never be checked, and
+    // ignoring it would let every peer in.
+    if !args.allow_uid.is_empty() && matches!(listen, ListenAddr::Tcp(_)) {
+        return Err(invalid(
+            "--allow-uid",
+            &args
+                .allow_uid
+                .iter()
+                .map(u32::to_string)
+                .collect::<Vec<_>>()
+                .join(","),
+            format!(
+                "applies only to unix: listeners, and --listen {} is TCP, whose peers have no \
+                 local uid to check",
+                args.listen
+            ),
+        ));
+    }
     let reload = parse_duration("--reload-interval", &args.reload_interval)?;
     let listen_mode = parse_mode(&args.listen_mode)?;
     let route = Route {
@@ -425,6 +518,7 @@ pub fn route_from_args(name: String, args: &RunArgs) -> Result<Route, Error> {
         listen,
         listen_mode,
         allow_uids: args.allow_uid.clone(),
+        allow_non_loopback: args.allow_non_loopback,
         upstream: upstream.clone(),
         server_name,
         tls: TlsFiles {
@@ -587,6 +681,39 @@ mod tests {
         );
         assert_eq!(parse_duration("x", "5m").unwrap(), Duration::from_secs(300));
         assert!(parse_duration("x", "ten").is_err());
+        assert_eq!(parse_duration("x", "365d").unwrap(), MAX_DURATION);
+        for huge in [
+            "366d",
+            "300000000000y",
+            "18446744073709551615s",
+            "9999999999999999999999h",
+        ] {
+            let err = parse_duration("--x", huge).unwrap_err().to_string();
+            assert!(err.contains("--x") && err.contains("365d"), "{err}");
+        }
+    }
+
+    #[test]
+    fn numbers_have_ranges() {
+        assert_eq!(parse_max_connections("1"), Ok(1));
+        assert_eq!(parse_max_connections("1000000"), Ok(1_000_000));
+        for bad in [
+            "0",
+            "1000001",
+            "-1",
+            "+5",
+            "",
+            "2305843009213693952",
+            "1e3",
+            "99999999999999999999999",
+        ] {
+            let err = parse_max_connections(bad).unwrap_err();
+            assert!(err.contains("from 1 to 1000000"), "{bad}: {err}");
+        }
+        assert_eq!(parse_pool_max_idle("0"), Ok(0));
+        assert!(parse_pool_max_idle("10001").is_err());
+        assert_eq!(parse_uid("4294967294"), Ok(u32::MAX - 1));
+        assert!(parse_uid("4294967295").is_err());
     }
 
     #[test]

@@ -40,14 +40,15 @@ struct AdminToml {
 
 type S<T> = Option<Spanned<T>>;
 
-/// Every key a route (or `[defaults]`) may set.
+/// Every key a route (or `[defaults]`) may set. Numbers are read as any TOML integer (`i64`) so
+/// that an out-of-range one reaches the flag's own range check and its message.
 #[derive(Debug, Default, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RouteToml {
     name: S<String>,
     listen: S<String>,
     listen_mode: S<String>,
-    allow_uid: S<Vec<u32>>,
+    allow_uid: S<Vec<i64>>,
     allow_non_loopback: S<bool>,
     upstream: S<String>,
     server_name: S<String>,
@@ -65,11 +66,11 @@ struct RouteToml {
     mode: S<String>,
     connect_timeout: S<String>,
     idle_timeout: S<String>,
-    max_connections: S<u64>,
+    max_connections: S<i64>,
     reload_interval: S<String>,
     header_timeout: S<String>,
     pool_idle_timeout: S<String>,
-    pool_max_idle: S<u64>,
+    pool_max_idle: S<i64>,
     proxy: S<String>,
     proxy_ca: S<String>,
     proxy_auth_file: S<String>,
@@ -296,14 +297,12 @@ pub fn load(path: &Path, proxy_auth_file: Option<&Path>) -> Result<FileConfig, E
         for (k, v, _) in &merged {
             let flag = format!("--{}", k.replace('_', "-"));
             match v {
-                Val::One(s) => {
-                    words.push(flag);
-                    words.push(s.clone());
-                }
+                // `--flag=value`, so a value that starts with `-` (a negative number) is read
+                // as the flag's value and meets its range check, not taken for another flag.
+                Val::One(s) => words.push(format!("{flag}={s}")),
                 Val::Many(items) => {
                     for item in items {
-                        words.push(flag.clone());
-                        words.push(item.clone());
+                        words.push(format!("{flag}={item}"));
                     }
                 }
                 Val::Flag(true) => words.push(flag),

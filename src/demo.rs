@@ -119,6 +119,7 @@ pub async fn run(
         listen: config::parse_listen(&args.listen, args.allow_non_loopback, "default")?,
         listen_mode: 0o600,
         allow_uids: vec![],
+        allow_non_loopback: args.allow_non_loopback,
         upstream: Upstream {
             host: "127.0.0.1".into(),
             port: up_addr.port(),

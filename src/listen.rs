@@ -21,10 +21,66 @@ pub enum Error {
     #[error("cannot listen on unix:{}: the file exists and is not a socket", path.display())]
     NotASocket { path: PathBuf },
     #[error(
+        "refusing to listen on {listen} (bound to {addr}): it is not a loopback address, and \
+         anyone who can reach it borrows this client identity; pass --allow-non-loopback if that \
+         is meant"
+    )]
+    NonLoopback { listen: String, addr: String },
+    #[error(
+        "--allow-uid applies only to unix: listeners, and {listen} is a TCP socket (bound to \
+         {addr}) whose peers have no local uid to check; remove --allow-uid or listen on a unix \
+         socket"
+    )]
+    UidOnTcp { listen: String, addr: String },
+    #[error(
         "no socket named {name:?} was passed by systemd (LISTEN_FDNAMES has {available}); check \
          FileDescriptorName= in the .socket unit"
     )]
     NoSystemdSocket { name: String, available: String },
+}
+
+/// At most one log line per `every` for something that can repeat without bound (refused
+/// peers, accept errors): a flood must not turn into a log flood. The line that is logged says
+/// how many were left out since the previous one.
+#[derive(Debug)]
+pub struct LogLimit {
+    every: std::time::Duration,
+    last: Option<std::time::Instant>,
+    suppressed: u64,
+}
+
+impl LogLimit {
+    /// One line a second.
+    pub fn per_second() -> Self {
+        LogLimit {
+            every: std::time::Duration::from_secs(1),
+            last: None,
+            suppressed: 0,
+        }
+    }
+
+    /// `Some(n)`: log now, and `n` occurrences were not logged since the last line; `None`:
+    /// count this one and log nothing.
+    pub fn allow(&mut self) -> Option<u64> {
+        let now = std::time::Instant::now();
+        match self.last {
+            Some(t) if now.saturating_duration_since(t) < self.every => {
+                self.suppressed = self.suppressed.saturating_add(1);
+                None
+            }
+            _ => {
+                self.last = Some(now);
+                Some(std::mem::take(&mut self.suppressed))
+            }
+        }
+    }
+}
+
+/// Whether a unix peer may connect under `--allow-uid`: anyone when the list is empty;
+/// otherwise only a listed uid, and never a peer whose uid could not be read (SO_PEERCRED
+/// failed, or the connection is not a unix one at all): the check fails closed.
+pub fn uid_allowed(allow: &[u32], uid: Option<u32>) -> bool {
+    allow.is_empty() || uid.is_some_and(|u| allow.contains(&u))
 }
 
 /// Sockets passed by systemd, taken by name.
@@ -144,6 +200,37 @@ impl Listener {
         }
     }
 
+    /// The rules of `--listen` applied to what was actually bound, which matters for a socket
+    /// passed by systemd (its address is only known now): a TCP socket on a non-loopback
+    /// address needs `--allow-non-loopback`, and `--allow-uid` cannot apply to TCP at all.
+    pub fn check_rules(
+        &self,
+        listen: &ListenAddr,
+        allow_non_loopback: bool,
+        allow_uid: bool,
+    ) -> Result<(), Error> {
+        let Listener::Tcp(l) = self else {
+            return Ok(());
+        };
+        let addr = l.local_addr().map_err(|source| Error::Bind {
+            addr: listen.to_string(),
+            source,
+        })?;
+        if allow_uid {
+            return Err(Error::UidOnTcp {
+                listen: listen.to_string(),
+                addr: addr.to_string(),
+            });
+        }
+        if !allow_non_loopback && !addr.ip().to_canonical().is_loopback() {
+            return Err(Error::NonLoopback {
+                listen: listen.to_string(),
+                addr: addr.to_string(),
+            });
+        }
+        Ok(())
+    }
+
     /// The bound TCP address, if TCP.
     pub fn tcp_addr(&self) -> Option<std::net::SocketAddr> {
         match self {
@@ -211,4 +298,31 @@ fn bind_unix(path: &Path, mode: u32) -> Result<Listener, Error> {
     };
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(bind_err)?;
     Ok(Listener::Unix(socket))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn allow_uid_fails_closed() {
+        assert!(uid_allowed(&[], None));
+        assert!(uid_allowed(&[], Some(7)));
+        assert!(uid_allowed(&[0, 7], Some(7)));
+        assert!(!uid_allowed(&[0, 7], Some(8)));
+        assert!(!uid_allowed(&[0, 7], None), "an unreadable uid is refused");
+    }
+
+    #[test]
+    fn log_limit_one_a_second_with_a_count() {
+        let mut l = LogLimit::per_second();
+        assert_eq!(l.allow(), Some(0));
+        assert_eq!(l.allow(), None);
+        assert_eq!(l.allow(), None);
+        l.last = l
+            .last
+            .and_then(|t| t.checked_sub(std::time::Duration::from_millis(1001)));
+        assert_eq!(l.allow(), Some(2));
+        assert_eq!(l.allow(), None);
+    }
 }

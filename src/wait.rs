@@ -30,7 +30,16 @@ async fn probe(admin: &str) -> Option<u16> {
 
 /// `true` as soon as `/readyz` answers 200; `false` once `timeout` has passed.
 pub async fn until_ready(admin: &str, timeout: Duration) -> bool {
-    let deadline = Instant::now() + timeout;
+    // `--timeout` is at most 365 days, but a deadline that cannot be represented must still
+    // not panic: it means "wait as long as it takes".
+    let Some(deadline) = Instant::now().checked_add(timeout) else {
+        loop {
+            if let Some(200) = probe(admin).await {
+                return true;
+            }
+            tokio::time::sleep(PROBE_EVERY).await;
+        }
+    };
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {

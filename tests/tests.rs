@@ -25,9 +25,14 @@
 //! - `http_pool`: the upstream pool (reuse, h2 multiplexing, stale retry, idle timeout and cap),
 //!   reloads, `http_requests_total`, draining, nginx as the upstream
 //! - `http_errors`: the proxy's own 502/504 answers and retries, 431, slow-header clients
+//! - `hostile_admin`: `POST /shutdown` only local and without `Origin`, the admin connection cap
+//!   and head timeout, rate-limited accept errors
 //! - `hostile_httpsrv`: http mode against hostile apps: silent and slow heads, idle keep-alive,
 //!   stalled bodies, upgrade tunnels under `--max-connections` and drain, h2 stream, header and
 //!   reset bounds, memory of an app that never reads
+//! - `hostile_identity`: systemd sockets and the loopback rule, `--allow-uid` with TCP, refusal
+//!   log rate limit
+//! - `hostile_values`: extreme numbers and durations as flags, variables and config keys
 //! - `proxy`: egress through an HTTP CONNECT proxy (`--proxy`, `--proxy-ca`, `--proxy-auth-file`,
 //!   `--no-proxy`, `--proxy-from-env`): tunnels to names only the proxy resolves, credentials,
 //!   bypass lists, every failure class, http mode, config files, startup errors
@@ -39,7 +44,10 @@ mod check_cmd;
 mod checks;
 mod config_file;
 mod formats;
+mod hostile_admin;
 mod hostile_httpsrv;
+mod hostile_identity;
+mod hostile_values;
 mod http;
 mod http_errors;
 mod http_pool;

@@ -17,7 +17,7 @@ use tracing::{info, warn};
 use crate::bufio::AppStream;
 use crate::cli::Mode;
 use crate::config::Route;
-use crate::listen::{Conn, Listener};
+use crate::listen::{self, Conn, Listener, LogLimit};
 use crate::metrics::RouteMetrics;
 use crate::tls::identity::Identity;
 use crate::upstream::{self, Class, Failure};
@@ -77,6 +77,9 @@ pub async fn serve(ctx: Arc<RouteCtx>, listener: Listener, life: Lifecycle) {
         route
     });
     let mut backoff = Duration::from_millis(5);
+    // A flood of refused peers or failing accepts must not become a flood of log lines.
+    let mut refusal_log = LogLimit::per_second();
+    let mut accept_log = LogLimit::per_second();
     loop {
         let permit = tokio::select! {
             p = slots.clone().acquire_owned() => match p {
@@ -92,11 +95,19 @@ pub async fn serve(ctx: Arc<RouteCtx>, listener: Listener, life: Lifecycle) {
         match accepted {
             Ok((conn, peer, uid)) => {
                 backoff = Duration::from_millis(5);
-                if let Some(uid) = uid
-                    && !ctx.route.allow_uids.is_empty()
-                    && !ctx.route.allow_uids.contains(&uid)
-                {
-                    warn!(route = %ctx.route.name, uid, "refused a unix connection: uid not in --allow-uid");
+                if !listen::uid_allowed(&ctx.route.allow_uids, uid) {
+                    if let Some(suppressed) = refusal_log.allow() {
+                        match uid {
+                            Some(uid) => warn!(
+                                route = %ctx.route.name, uid, suppressed,
+                                "refused a unix connection: uid not in --allow-uid"
+                            ),
+                            None => warn!(
+                                route = %ctx.route.name, peer = %peer, suppressed,
+                                "refused a connection: its uid cannot be read, and --allow-uid is set"
+                            ),
+                        }
+                    }
                     continue;
                 }
                 let ctx = ctx.clone();
@@ -129,7 +140,9 @@ pub async fn serve(ctx: Arc<RouteCtx>, listener: Listener, life: Lifecycle) {
             }
             Err(e) => {
                 // Usually out of file descriptors: back off instead of spinning, and keep going.
-                warn!(route = %ctx.route.name, error = %e, "accept failed");
+                if let Some(suppressed) = accept_log.allow() {
+                    warn!(route = %ctx.route.name, error = %e, suppressed, "accept failed");
+                }
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
                     _ = life.stop_accepting.cancelled() => break,

@@ -268,7 +268,7 @@ impl Sidecar {
         sidecar
     }
 
-    /// The process id (to read its memory use from /proc).
+    /// The process id (for `prlimit --pid`, memory use from /proc and the like).
     pub fn pid(&self) -> u32 {
         self.pid
     }
