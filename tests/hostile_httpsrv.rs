@@ -72,7 +72,7 @@ async fn frames_until(
 async fn silent_and_dribbling_preface_connections_are_closed_at_header_timeout() {
     let pki = Pki::new();
     let up = HttpUpstream::start(&pki, Alpn::H2AndHttp11).await;
-    let proxy = proxy(&pki, &up, &["--header-timeout", "1s"]);
+    let mut proxy = proxy(&pki, &up, &["--header-timeout", "1s"]);
     let started = Instant::now();
     let mut silent = connect(proxy.addr()).await;
     let (mut rd, mut wr) = connect(proxy.addr()).await.into_split();
@@ -109,6 +109,11 @@ async fn silent_and_dribbling_preface_connections_are_closed_at_header_timeout()
     );
     dripper.abort();
     assert_eq!(up.stats.request_count(), 0);
+    blocking(|| {
+        proxy.wait_for_lines("two header_timeout log lines", 2, WAIT, |l| {
+            l.contains("app connection closed") && field(l, "end") == Some("header_timeout")
+        })
+    });
 }
 
 /// h2c: a connection that sends the preface and SETTINGS and nothing more, and one that then
@@ -220,7 +225,7 @@ async fn later_h1_head_that_stalls_is_closed_at_header_timeout() {
 async fn idle_h2c_connection_gets_goaway_at_idle_timeout() {
     let pki = Pki::new();
     let up = HttpUpstream::start(&pki, Alpn::H2AndHttp11).await;
-    let proxy = proxy(
+    let mut proxy = proxy(
         &pki,
         &up,
         &["--header-timeout", "1s", "--idle-timeout", "2s"],
@@ -247,6 +252,11 @@ async fn idle_h2c_connection_gets_goaway_at_idle_timeout() {
         Duration::from_secs(2),
     );
     let (_, _) = read_until_closed(&mut app, Duration::from_secs(5)).await;
+    blocking(|| {
+        proxy.wait_for_line("the idle connection's log line", WAIT, |l| {
+            l.contains("app connection closed") && field(l, "end") == Some("idle_timeout")
+        })
+    });
 }
 
 /// `--idle-timeout 1s`: a request body that stops after 10 of 100000 announced bytes is
@@ -256,7 +266,7 @@ async fn idle_h2c_connection_gets_goaway_at_idle_timeout() {
 async fn stalled_request_body_is_aborted_at_idle_timeout() {
     let pki = Pki::new();
     let up = HttpUpstream::start(&pki, Alpn::Http11).await;
-    let proxy = proxy(&pki, &up, &["--idle-timeout", "1s"]);
+    let mut proxy = proxy(&pki, &up, &["--idle-timeout", "1s"]);
     let mut app = connect(proxy.addr()).await;
     let stalled = Instant::now();
     app.write_all(
@@ -287,6 +297,11 @@ async fn stalled_request_body_is_aborted_at_idle_timeout() {
             .load(std::sync::atomic::Ordering::SeqCst),
         10
     );
+    blocking(|| {
+        proxy.wait_for_line("the stalled connection's log line", WAIT, |l| {
+            l.contains("app connection closed") && field(l, "end") == Some("stalled")
+        })
+    });
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -665,7 +665,12 @@ where
         return End::Error;
     }
     let Some(tunnel) = tunnel.take() else {
-        return End::Closed;
+        // Ended by our own polite close of an idle connection, or by the app.
+        return if closing.is_some() {
+            End::Timeout(Expired::Idle)
+        } else {
+            End::Closed
+        };
     };
     let _open = watch.tunnel();
     tokio::pin!(tunnel);
