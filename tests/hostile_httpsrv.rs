@@ -562,7 +562,7 @@ fn rss(pid: u32) -> u64 {
 }
 
 /// An h2c app that opens its flow-control windows to the maximum, asks for four 64 MiB
-/// downloads and never reads: the proxy's memory grows by at most 2 MiB for it, and other
+/// downloads and never reads: the proxy's memory grows by at most 2.5 MiB for it, and other
 /// apps' requests on the same route still complete meanwhile.
 #[tokio::test(flavor = "multi_thread")]
 async fn never_reading_h2c_app_costs_bounded_memory() {
@@ -612,8 +612,10 @@ async fn never_reading_h2c_app_costs_bounded_memory() {
     }
     let growth = peak.saturating_sub(before);
     eprintln!("rss before {before} peak {peak} growth {growth}");
+    // Measured: 1.3 to 1.9 MiB with the bounds (four upstream connections included), 4.2 MiB
+    // without them; 2.5 MiB leaves room for allocator noise on a loaded machine.
     assert!(
-        growth <= 2 * 1024 * 1024,
+        growth <= 5 * 512 * 1024,
         "one never-reading app grew the proxy by {growth} bytes (before {before}, peak {peak})"
     );
     drop(hog);
