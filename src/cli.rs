@@ -303,7 +303,7 @@ pub struct RunArgs {
     )]
     pub connect_timeout: String,
 
-    /// Close a connection with no traffic either way for this long; 0 = never
+    /// Close a connection with no traffic either way for this long; 0 = never (http mode: 0 = 300s)
     #[arg(
         long,
         env = "MTLS_SIDECAR_IDLE_TIMEOUT",

@@ -562,10 +562,24 @@ pub fn route_from_args(name: String, args: &RunArgs) -> Result<Route, Error> {
         tls_min: args.tls_min,
         connect_timeout,
         via: parse_via(args, &upstream)?,
-        idle_timeout: (!idle.is_zero()).then_some(idle),
+        idle_timeout: idle_timeout(args.mode, idle),
         max_connections: args.max_connections,
     };
     Ok(route)
+}
+
+/// HTTP mode's idle bound when `--idle-timeout` is 0 (its default): an app connection with no
+/// request open, or a request silent both ways, is closed after this (Envoy's stream idle
+/// timeout). HTTP mode has no "never": a slot held forever by a silent peer is what
+/// `--max-connections` cannot afford.
+pub const HTTP_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+
+fn idle_timeout(mode: Mode, idle: Duration) -> Option<Duration> {
+    match mode {
+        _ if !idle.is_zero() => Some(idle),
+        Mode::Http => Some(HTTP_IDLE_TIMEOUT),
+        Mode::Tcp => None,
+    }
 }
 
 /// How a route reaches its upstream.
@@ -736,6 +750,18 @@ mod tests {
         assert!(parse_pool_max_idle("10001").is_err());
         assert_eq!(parse_uid("4294967294"), Ok(u32::MAX - 1));
         assert!(parse_uid("4294967295").is_err());
+    }
+
+    #[test]
+    fn idle_timeout_defaults_to_300s_in_http_mode_only() {
+        let five = Duration::from_secs(5);
+        assert_eq!(idle_timeout(Mode::Tcp, Duration::ZERO), None);
+        assert_eq!(
+            idle_timeout(Mode::Http, Duration::ZERO),
+            Some(HTTP_IDLE_TIMEOUT)
+        );
+        assert_eq!(idle_timeout(Mode::Tcp, five), Some(five));
+        assert_eq!(idle_timeout(Mode::Http, five), Some(five));
     }
 
     #[test]

@@ -27,6 +27,9 @@
 //! - `http_errors`: the proxy's own 502/504 answers and retries, 431, slow-header clients
 //! - `hostile_admin`: `POST /shutdown` only local and without `Origin`, the admin connection cap
 //!   and head timeout, rate-limited accept errors
+//! - `hostile_httpsrv`: http mode against hostile apps: silent and slow heads, idle keep-alive,
+//!   stalled bodies, upgrade tunnels under `--max-connections` and drain, h2 stream, header and
+//!   reset bounds, memory of an app that never reads
 //! - `hostile_identity`: systemd sockets and the loopback rule, `--allow-uid` with TCP, refusal
 //!   log rate limit
 //! - `hostile_values`: extreme numbers and durations as flags, variables and config keys
@@ -44,6 +47,7 @@ mod formats;
 mod hostile_admin;
 mod hostile_conn;
 mod hostile_files;
+mod hostile_httpsrv;
 mod hostile_httpup;
 mod hostile_identity;
 mod hostile_secrets;

@@ -12,6 +12,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use http_body_util::combinators::BoxBody;
@@ -30,6 +31,7 @@ use tracing::{debug, info, warn};
 
 use super::RouteCtx;
 use super::framing;
+use super::watch::{ConnWatch, Expired, InFlight, Watched};
 use crate::upstream::{self, Class, Failure};
 
 type Body = BoxBody<Bytes, hyper::Error>;
@@ -92,14 +94,14 @@ const MAX_HEADER_BYTES: usize = 64 * 1024;
 /// much, and the connection window below is [`H2_STALLED_STREAMS`] times it, so that many
 /// never-reading apps fill only their own streams and the rest of the connection flows on.
 /// 256 KiB still moves about 5 MB/s per stream at 50 ms round trip.
-const H2_STREAM_WINDOW: u32 = 256 * 1024;
+const UPSTREAM_H2_STREAM_WINDOW: u32 = 256 * 1024;
 
 /// Stalled streams one upstream h2 connection absorbs before its shared window is used up.
 const H2_STALLED_STREAMS: u32 = 128;
 
 /// Receive window of one upstream h2 connection (32 MiB): memory is only spent on it while apps
-/// do not read, and then at most [`H2_STREAM_WINDOW`] per stream.
-const H2_CONN_WINDOW: u32 = H2_STREAM_WINDOW * H2_STALLED_STREAMS;
+/// do not read, and then at most [`UPSTREAM_H2_STREAM_WINDOW`] per stream.
+const UPSTREAM_H2_CONN_WINDOW: u32 = UPSTREAM_H2_STREAM_WINDOW * H2_STALLED_STREAMS;
 
 /// A pooled h2 connection that received nothing for this long is sent a PING ...
 const H2_PING_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
@@ -196,8 +198,8 @@ impl Pool {
             // A request on a pooled connection that closed before the request was written is
             // sent again on a fresh one (the upstream never saw it).
             .retry_canceled_requests(true)
-            .http2_initial_stream_window_size(H2_STREAM_WINDOW)
-            .http2_initial_connection_window_size(H2_CONN_WINDOW)
+            .http2_initial_stream_window_size(UPSTREAM_H2_STREAM_WINDOW)
+            .http2_initial_connection_window_size(UPSTREAM_H2_CONN_WINDOW)
             .http2_keep_alive_interval(H2_PING_INTERVAL)
             .http2_keep_alive_timeout(H2_PING_TIMEOUT)
             .http2_keep_alive_while_idle(true)
@@ -637,6 +639,7 @@ impl HttpRoute {
             let _ = connection.with_upgrades().await;
         });
         let app_side = hyper::upgrade::on(&mut req);
+        let slot = req.extensions().get::<TunnelSlot>().cloned();
         let (mut parts, body) = req.into_parts();
         let path = parts
             .uri
@@ -652,69 +655,246 @@ impl HttpRoute {
         };
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
             let upstream_side = hyper::upgrade::on(&mut resp);
-            let route = self.ctx.route.name.clone();
             let ctx = self.ctx.clone();
-            tokio::spawn(async move {
+            let tunnel: Tunnel = Box::pin(async move {
                 let m = &ctx.metrics;
-                if let (Ok(a), Ok(u)) = (app_side.await, upstream_side.await) {
-                    let (mut a, mut u) = (TokioIo::new(a), TokioIo::new(u));
-                    match tokio::io::copy_bidirectional(&mut a, &mut u).await {
-                        Ok((to, from)) => {
-                            m.bytes_to_upstream.inc_by(to);
-                            m.bytes_from_upstream.inc_by(from);
-                            debug!(route = %route, to, from, "upgraded connection closed")
-                        }
-                        Err(e) => debug!(route = %route, error = %e, "upgraded connection failed"),
+                let route = &ctx.route.name;
+                let (a, u) = match (app_side.await, upstream_side.await) {
+                    (Ok(a), Ok(u)) => (a, u),
+                    (Err(e), _) | (_, Err(e)) => {
+                        debug!(route = %route, error = %e, "upgrade did not complete");
+                        return;
                     }
+                };
+                let (mut a, mut u) = (TokioIo::new(a), TokioIo::new(u));
+                match tokio::io::copy_bidirectional(&mut a, &mut u).await {
+                    Ok((to, from)) => {
+                        m.bytes_to_upstream.inc_by(to);
+                        m.bytes_from_upstream.inc_by(from);
+                        info!(route = %route, bytes_to_upstream = to, bytes_from_upstream = from, "upgraded connection closed")
+                    }
+                    Err(e) => info!(route = %route, error = %e, "upgraded connection failed"),
                 }
             });
+            // Run by the app connection's task (serve_conn) after hyper hands over the socket.
+            match slot {
+                Some(slot) => slot.put(tunnel),
+                None => {
+                    tokio::spawn(tunnel);
+                }
+            }
         }
         let (parts, body) = resp.into_parts();
         self.answer(Response::from_parts(parts, body.boxed()))
     }
 }
 
+/// h2 bounds per app connection. Streams: at most this many open at once; the next is refused
+/// with `REFUSED_STREAM` (nginx and Envoy's gateway guidance use 100 and 128).
+const H2_MAX_STREAMS: u32 = 100;
+/// Flow-control windows we grant the app for request bodies: what it may send before the
+/// upstream has taken it, so what a connection can make us buffer (hyper's defaults: 1 MiB each).
+const APP_H2_STREAM_WINDOW: u32 = 256 * 1024;
+const APP_H2_CONN_WINDOW: u32 = 512 * 1024;
+/// Response bytes queued per stream for an app that does not read (hyper's default: 400 KB,
+/// which with 100 streams would let one app pin 40 MB).
+const H2_SEND_BUF: usize = 8 * 1024;
+/// Streams the app may reset before we accept them; beyond that the connection ends with
+/// `GOAWAY` (the rapid-reset attack, CVE-2023-44487). h2's default, stated so it stays.
+const H2_MAX_PENDING_RESETS: usize = 20;
+/// Streams we may reset because the app broke the protocol before the connection ends with
+/// `GOAWAY`.
+const H2_MAX_LOCAL_RESETS: usize = 256;
+
+/// After a graceful close began (GOAWAY or `Connection: close` on an idle connection), how
+/// long the app gets to finish before the socket is dropped.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+/// Where [`HttpRoute::upgrade`] leaves the tunnel of an upgraded request, so that it runs in
+/// the app connection's own task: it keeps the connection's slot under `--max-connections`,
+/// stays in `active_connections` and the drain, and is logged when it ends.
+#[derive(Clone, Default)]
+struct TunnelSlot(Arc<std::sync::Mutex<Option<Tunnel>>>);
+
+type Tunnel = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+impl TunnelSlot {
+    fn put(&self, t: Tunnel) {
+        if let Ok(mut slot) = self.0.lock() {
+            *slot = Some(t);
+        }
+    }
+
+    fn take(&self) -> Option<Tunnel> {
+        self.0.lock().ok().and_then(|mut slot| slot.take())
+    }
+}
+
+/// A response body that keeps its request open in the connection's watch until it ends.
+struct Tracked<B> {
+    inner: B,
+    _open: InFlight,
+}
+
+impl<B: hyper::body::Body + Unpin> hyper::body::Body for Tracked<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        Pin::new(&mut self.get_mut().inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// How an app connection ended, for its log line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    /// The app closed it, or it was closed gracefully at shutdown.
+    Closed,
+    /// Ended on a protocol or I/O error.
+    Error,
+    /// Cut when `--drain-timeout` ran out.
+    Cut,
+    /// Closed by a timeout.
+    Timeout(Expired),
+}
+
+impl End {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            End::Closed => "closed",
+            End::Error => "error",
+            End::Cut => "cut",
+            End::Timeout(e) => e.as_str(),
+        }
+    }
+}
+
 /// Serve one app connection until it ends, shutting it down gracefully (h1 `Connection:
-/// close`, h2 GOAWAY) when `stop` fires and abandoning it when `cut` does.
+/// close`, h2 GOAWAY) when `stop` fires and abandoning it when `cut` does. An upgraded request's
+/// tunnel runs here too, after the HTTP part of the connection is over.
 pub async fn serve_conn<I>(
     route: Arc<HttpRoute>,
     io: I,
     stop: CancellationToken,
     cut: CancellationToken,
-) where
+) -> End
+where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let settings = &route.ctx.route.http;
+    let watch = ConnWatch::new(settings.header_timeout, route.ctx.route.idle_timeout);
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(settings.header_timeout)
+        // The watch times heads from accept (hyper's timer would also run between keep-alive
+        // requests and close idle connections at --header-timeout).
+        .header_read_timeout(None)
         .max_buf_size(MAX_HEADER_BYTES);
     builder
         .http2()
         .timer(TokioTimer::new())
-        .max_header_list_size(MAX_HEADER_BYTES as u32);
-    let r = route.clone();
-    let service = hyper::service::service_fn(move |req| r.clone().forward(req));
-    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+        .max_header_list_size(MAX_HEADER_BYTES as u32)
+        .max_concurrent_streams(H2_MAX_STREAMS)
+        .initial_stream_window_size(APP_H2_STREAM_WINDOW)
+        .initial_connection_window_size(APP_H2_CONN_WINDOW)
+        .max_send_buf_size(H2_SEND_BUF)
+        .max_pending_accept_reset_streams(H2_MAX_PENDING_RESETS)
+        .max_local_error_reset_streams(H2_MAX_LOCAL_RESETS);
+    let tunnel = TunnelSlot::default();
+    let (r, w, slot) = (route.clone(), watch.clone(), tunnel.clone());
+    let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+        let open = w.request(req.version());
+        req.extensions_mut().insert(slot.clone());
+        let r = r.clone();
+        async move {
+            let resp = r.forward(req).await?;
+            Ok::<_, Infallible>(resp.map(|inner| Tracked { inner, _open: open }))
+        }
+    });
+    let io = TokioIo::new(Watched::new(io, watch.clone()));
+    let conn = builder.serve_connection_with_upgrades(io, service);
     tokio::pin!(conn);
-    let done = tokio::select! {
-        r = conn.as_mut() => Some(r),
-        _ = stop.cancelled() => None,
-        _ = cut.cancelled() => return,
-    };
-    let result = match done {
-        Some(r) => r,
-        None => {
-            conn.as_mut().graceful_shutdown();
-            tokio::select! {
-                r = conn.as_mut() => r,
-                _ = cut.cancelled() => return,
+    let timer = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(timer);
+    // Set when a graceful close began: the socket is dropped at this instant at the latest.
+    let mut closing: Option<tokio::time::Instant> = None;
+    let mut stopping = false;
+    let result = loop {
+        let now = tokio::time::Instant::now();
+        let next = match watch.deadline(now) {
+            Ok(next) => next,
+            // Idle between requests: a polite close (h2 GOAWAY), then the grace.
+            Err(Expired::Idle) if closing.is_none() => {
+                conn.as_mut().graceful_shutdown();
+                closing = Some(now + CLOSE_GRACE);
+                continue;
+            }
+            Err(Expired::Idle) => None,
+            Err(why) => {
+                debug!(route = %route.ctx.route.name, reason = why.as_str(), "app connection timed out");
+                return End::Timeout(why);
+            }
+        };
+        let wake = match (next, closing) {
+            (Some(n), Some(c)) => Some(n.min(c)),
+            (n, c) => n.or(c),
+        };
+        if let Some(at) = wake {
+            timer.as_mut().reset(at);
+        }
+        tokio::select! {
+            r = conn.as_mut() => break r,
+            _ = stop.cancelled(), if !stopping => {
+                stopping = true;
+                conn.as_mut().graceful_shutdown();
+            }
+            _ = cut.cancelled() => return End::Cut,
+            () = watch.moved_earlier() => {}
+            _ = timer.as_mut(), if wake.is_some() => {
+                if closing.is_some_and(|c| c <= tokio::time::Instant::now()) {
+                    return End::Timeout(Expired::Idle);
+                }
             }
         }
     };
     if let Err(e) = result {
         info!(route = %route.ctx.route.name, error = %e, "app connection ended with an error");
+        return End::Error;
+    }
+    let Some(tunnel) = tunnel.take() else {
+        // Ended by our own polite close of an idle connection, or by the app.
+        return if closing.is_some() {
+            End::Timeout(Expired::Idle)
+        } else {
+            End::Closed
+        };
+    };
+    let _open = watch.tunnel();
+    tokio::pin!(tunnel);
+    loop {
+        let next = match watch.deadline(tokio::time::Instant::now()) {
+            Ok(next) => next,
+            Err(why) => return End::Timeout(why),
+        };
+        if let Some(at) = next {
+            timer.as_mut().reset(at);
+        }
+        tokio::select! {
+            () = tunnel.as_mut() => return End::Closed,
+            _ = cut.cancelled() => return End::Cut,
+            _ = timer.as_mut(), if next.is_some() => {}
+        }
     }
 }

@@ -4,6 +4,7 @@
 mod framing;
 pub mod http;
 pub mod tcp;
+mod watch;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -115,14 +116,17 @@ pub async fn serve(ctx: Arc<RouteCtx>, listener: Listener, life: Lifecycle) {
                 if let Some(route) = &http {
                     let (route, stop) = (route.clone(), life.stop_accepting.clone());
                     life.tracker.spawn(async move {
-                        let _open = HttpConnLog::new(&ctx, peer);
-                        match conn {
+                        // Dropped (and logged) after the connection and any upgraded tunnel of
+                        // it ended; the permit goes with it.
+                        let mut open = HttpConnLog::new(&ctx, peer);
+                        open.end = match conn {
                             Conn::Tcp(s) => {
                                 let _ = s.set_nodelay(true);
                                 http::serve_conn(route, s, stop, cut).await
                             }
                             Conn::Unix(s) => http::serve_conn(route, s, stop, cut).await,
-                        }
+                        };
+                        drop(open);
                         drop(permit);
                     });
                     continue;
@@ -156,6 +160,8 @@ struct HttpConnLog<'a> {
     ctx: &'a RouteCtx,
     peer: String,
     started: Instant,
+    /// How it ended: closed, error, cut, or which timeout closed it.
+    end: http::End,
 }
 
 impl<'a> HttpConnLog<'a> {
@@ -165,6 +171,8 @@ impl<'a> HttpConnLog<'a> {
             ctx,
             peer,
             started: Instant::now(),
+            // Only a panic in the connection task leaves this in place.
+            end: http::End::Error,
         }
     }
 }
@@ -175,7 +183,7 @@ impl Drop for HttpConnLog<'_> {
         info!(
             route = %self.ctx.route.name, peer = %self.peer, upstream = %self.ctx.upstream,
             duration_ms = self.started.elapsed().as_millis() as u64, mode = "http",
-            "app connection closed"
+            end = self.end.as_str(), "app connection closed"
         );
     }
 }

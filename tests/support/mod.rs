@@ -3,6 +3,7 @@
 pub mod admin;
 pub mod connect_proxy;
 pub mod files;
+pub mod h2raw;
 pub mod http;
 pub mod net;
 pub mod nginx;

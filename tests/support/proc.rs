@@ -268,7 +268,7 @@ impl Sidecar {
         sidecar
     }
 
-    /// The process id (for `prlimit --pid` and the like).
+    /// The process id (for `prlimit --pid`, memory use from /proc and the like).
     pub fn pid(&self) -> u32 {
         self.pid
     }
