@@ -487,7 +487,8 @@ def report(a):
     d = a.dir
     meta = json.load(open(os.path.join(d, "meta.json")))
     samples = [[float(x) for x in row] for row in read_tsv(os.path.join(d, "samples.tsv"))]
-    restarts = [(float(r[0]), float(r[1])) for r in read_tsv(os.path.join(d, "restarts.tsv")) if len(r) >= 2]
+    restart_rows = read_tsv(os.path.join(d, "restarts.tsv"))
+    restarts = [(float(r[0]), float(r[1])) for r in restart_rows if len(r) >= 2]
     rotations = len(read_tsv(os.path.join(d, "rotations.tsv")))
     load = json.load(open(os.path.join(d, "load.json"))) if os.path.exists(os.path.join(d, "load.json")) else {"stats": {}, "unfinished_workers": "load.json missing"}
     failures = [json.loads(line) for line in open(os.path.join(d, "failures.jsonl"))] if os.path.exists(os.path.join(d, "failures.jsonl")) else []
@@ -506,6 +507,12 @@ def report(a):
       f"reload interval {meta['reload_interval']}.\n")
     p(f"Load concurrency: {meta['load_env']}. CPU used by the proxy: {meta.get('proxy_cpu_s', '?')} s; "
       f"by the load generator + upstream: {meta.get('other_cpu_s', '?')} s.\n")
+
+    p("How to read it: every interval is counted from the start, so with the default intervals (rotation "
+      "15 s, restart 120 s, slow burst 60 s, sample 10 s, 1200 s) each quarter holds the same phases of "
+      "every cycle and quarter medians are comparable. A failure is *explained* when the connection or "
+      "request was open at some moment between an upstream stop (minus 1 s) and the upstream being back "
+      f"plus {grace} s; anything else, and any checksum mismatch, fails the run.\n")
 
     # ---- resources
     p("## Resources\n")
@@ -580,6 +587,8 @@ def report(a):
             p(f"| … {len(unexplained) - 50} more in failures.jsonl | | | |")
         p("")
     verdicts.append(("every failure falls in an upstream restart window", not unexplained))
+    verdicts.append(("the upstream came back after every restart (harness)",
+                     all(len(r) == 2 for r in restart_rows)))
     kinds = {}
     for f in failures:
         key = (f["kind"], f["error"].split(":")[0][:60])
@@ -608,12 +617,22 @@ def report(a):
                             "mtls_sidecar_active_connections")):
             p(line)
     p("```\n")
+    if os.path.exists(os.path.join(d, "wrk.txt")):
+        p("Extra request load (`wrk`, WRK=1; its errors include the restart windows and are not judged):\n")
+        p("```")
+        p(open(os.path.join(d, "wrk.txt")).read().rstrip())
+        p("```\n")
     if os.path.exists(os.path.join(d, "log-summary.txt")):
         p("Proxy log (level of each line, and `outcome=` of access lines):\n")
         p("```")
         p(open(os.path.join(d, "log-summary.txt")).read().rstrip())
         p("```\n")
 
+    p("## Shutdown\n")
+    p(f"After the soak, SIGTERM: {meta['proxy_exit']}.\n")
+    verdicts.append(("the proxy ran throughout and SIGTERM ended it with exit 0",
+                     meta["proxy_exit"].startswith("exit 0 ")))
+    verdicts.append(("the load generator exited 0", meta["load_rc"] == 0))
     p("## Verdict\n")
     for name, ok in verdicts:
         p(f"- {'PASS' if ok else 'FAIL'}: {name}")

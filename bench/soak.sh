@@ -9,7 +9,8 @@
 # RESTART_DOWN 1 (how long it stays down), RESTART_GRACE 5 (after the upstream is back, failures still
 # count as explained this long), SLOW_INTERVAL 60, SLOW_N 100, SLOW_HOLD 30, SAMPLE 10,
 # RELOAD_INTERVAL 5s (the proxy's --reload-interval). Load concurrency: SOAK_ECHO 4, SOAK_BULK 2,
-# SOAK_CHURN 4, SOAK_KA 4, SOAK_HCHURN 2 (see bench/soak.py). KEEP=1 keeps the work folder.
+# SOAK_CHURN 4, SOAK_KA 4, SOAK_HCHURN 2 (see bench/soak.py); WRK=1 adds `wrk -t1 -c$WRK_CONNECTIONS`
+# (default 8) on the http route for extra request load. KEEP=1 keeps the work folder.
 #
 # What runs, all on 127.0.0.1: a PKI from the binary's own `dev-pki` (run twice: identity A's CA signs
 # the upstream's certificate, identity B comes from a second CA that the upstream also trusts, since
@@ -143,6 +144,7 @@ at() { awk -v s="$START" -v d="$1" 'BEGIN { printf "%.3f", s + d }'; }
 ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat" 2>/dev/null || echo 0; }
 PROXY_TICKS0=$(ticks "$PROXY")
 
+loops=()     # rotation, restarts, samples: they end by the same deadline as the load
 # ---- identity rotation: swap ..data between ..vA and ..vB by one atomic rename
 (
   k=1; cur=A
@@ -155,7 +157,7 @@ PROXY_TICKS0=$(ticks "$PROXY")
     echo "$(now) $cur" >> "$W/rotations.tsv"
     k=$((k + 1))
   done
-) & pids+=($!)
+) & pids+=($!); loops+=($!)
 
 # ---- upstream restarts: record stop and ready times
 (
@@ -171,7 +173,7 @@ PROXY_TICKS0=$(ticks "$PROXY")
     else echo "$stop $(now) not-ready" >> "$W/restarts.tsv"; fi
     k=$((k + 1))
   done
-) & pids+=($!)
+) & pids+=($!); loops+=($!)
 
 # ---- samples: t, RSS KiB, fds, threads, active connections
 (
@@ -189,19 +191,26 @@ PROXY_TICKS0=$(ticks "$PROXY")
     echo "$((k * SAMPLE)) $rss $fds $thr $act" >> "$W/samples.tsv"
     k=$((k + 1))
   done
-) & pids+=($!)
+) & pids+=($!); loops+=($!)
 
-# ---- the load (foreground, bounded by its own deadline; timeout as a backstop)
+# ---- optional extra request load: WRK=1 (wrk at full speed takes a core; its errors cannot be
+# matched to restart windows, so they are reported, not judged)
+if [ "${WRK:-0}" = 1 ] && command -v wrk >/dev/null; then
+  timeout -k 5 "$((DURATION + 10))" wrk -t1 -c"${WRK_CONNECTIONS:-8}" -d"${DURATION}s" \
+    "http://$HTTP/bytes?n=1024&seed=1" > "$W/wrk.txt" 2>&1 & pids+=($!)
+fi
+
+# ---- the load, bounded by its own deadline, `timeout` as a backstop; in the background so that a
+# signal to this script is handled at once (bash runs traps only between foreground commands)
 LOAD_LIMIT=$(awk -v d="$DURATION" -v h="$SLOW_HOLD" 'BEGIN { printf "%d", d + h + 120 }')
-set +e
 timeout -k 5 "$LOAD_LIMIT" "$PY" "$HERE/soak.py" load --tcp "$TCP" --http "$HTTP" --duration "$DURATION" \
-  --slow-interval "$SLOW_INTERVAL" --slow-n "$SLOW_N" --slow-hold "$SLOW_HOLD" --out "$W" 2>"$W/load.log"
-LOAD_RC=$?
-set -e
+  --slow-interval "$SLOW_INTERVAL" --slow-n "$SLOW_N" --slow-hold "$SLOW_HOLD" --out "$W" 2>"$W/load.log" &
+LOAD=$!; pids+=("$LOAD")
+LOAD_RC=0; wait "$LOAD" || LOAD_RC=$?
 [ $LOAD_RC = 0 ] || { echo "soak: load generator exited $LOAD_RC:" >&2; tail -20 "$W/load.log" >&2; }
 
-# Let the loops end by their own deadline (a restart in progress finishes), at most 30 s.
-for p in "${pids[@]:1}"; do
+# Let the loops end by their own deadline (a restart in progress finishes), at most 30 s each.
+for p in "${loops[@]}"; do
   for _ in $(seq 300); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
   kill -0 "$p" 2>/dev/null || wait "$p" 2>/dev/null || true   # reaped, so `times` counts its CPU
 done
@@ -209,6 +218,18 @@ done
 sleep "$(awk -v r="$RELOAD_INTERVAL" 'BEGIN { v = r + 0; if (r ~ /ms$/) v = v / 1000; else if (r ~ /m$/) v = v * 60; printf "%d", v + 2 }')"
 curl -s -m 5 "http://$ADMIN/metrics" > "$W/metrics-final.txt" || true
 PROXY_CPU=$(awk -v a="$PROXY_TICKS0" -v b="$(ticks "$PROXY")" -v hz="$(getconf CLK_TCK)" 'BEGIN { printf "%.1f", (b - a) / hz }')
+# Graceful shutdown after the soak: SIGTERM must end the process with 0 well within --drain-timeout
+# (25 s): a task or connection that never finishes would show here.
+PROXY_EXIT=alive-before-sigterm
+if kill -0 "$PROXY" 2>/dev/null; then
+  SHUT0=$SECONDS
+  kill -TERM "$PROXY"
+  for _ in $(seq 400); do kill -0 "$PROXY" 2>/dev/null || break; sleep 0.1; done
+  if kill -0 "$PROXY" 2>/dev/null; then PROXY_EXIT="still running 40 s after SIGTERM"
+  else PROXY_EXIT=0; wait "$PROXY" || PROXY_EXIT=$?; PROXY_EXIT="exit $PROXY_EXIT after $((SECONDS - SHUT0)) s"; fi
+else
+  PROXY_EXIT=0; wait "$PROXY" || PROXY_EXIT=$?; PROXY_EXIT="died during the soak (exit $PROXY_EXIT)"
+fi
 # CPU of the load generator and the restarted upstreams (reaped children; the last upstream is not in it).
 times > "$W/times.txt"   # not in $(…): a subshell's children times are its own
 OTHER_CPU=$(awk 'NR == 2 { split($1, u, "m"); split($2, s, "m"); printf "%.1f", u[1] * 60 + u[2] + s[1] * 60 + s[2] }' "$W/times.txt")
@@ -228,7 +249,7 @@ cat > "$W/meta.json" <<EOF
  "restart_down": $RESTART_DOWN, "restart_grace": $RESTART_GRACE, "slow_interval": $SLOW_INTERVAL,
  "slow_n": $SLOW_N, "slow_hold": $SLOW_HOLD, "sample": $SAMPLE, "reload_interval": "$RELOAD_INTERVAL",
  "load_env": "echo ${SOAK_ECHO:-4}, bulk ${SOAK_BULK:-2}, churn ${SOAK_CHURN:-4}, keep-alive ${SOAK_KA:-4}, http churn ${SOAK_HCHURN:-2} workers",
- "proxy_cpu_s": $PROXY_CPU, "other_cpu_s": $OTHER_CPU}
+ "proxy_cpu_s": $PROXY_CPU, "other_cpu_s": $OTHER_CPU, "proxy_exit": "$PROXY_EXIT", "load_rc": $LOAD_RC}
 EOF
 set +e
 "$PY" "$HERE/soak.py" report --dir "$W" --out "$OUT"
