@@ -366,47 +366,49 @@ class Load:
                         raise Failure(f"silent tcp connection ended early ({data!r})")
                     except asyncio.TimeoutError:
                         pass
+                elif kind == "slow_http_silent":
+                    try:
+                        await asyncio.wait_for(r.read(1), hold)
+                    except asyncio.TimeoutError:
+                        pass  # still open: no header timeout, or a longer one
+                    except ConnectionResetError:
+                        return self.cut(kind, start)
+                    else:
+                        return self.cut(kind, start)  # closed by the proxy (header timeout): wanted
                 else:
                     head = b"GET /bytes?n=16&seed=7 HTTP/1.1\r\nHost: soak\r\nX-Pad: " + b"a" * 8 + b"\r\n\r\n"
-                    if kind == "slow_http_silent":
-                        head = b""
-                        try:
-                            await asyncio.wait_for(r.read(1), hold)
-                        except asyncio.TimeoutError:
-                            pass
-                        else:
-                            self.st(kind)["cut"] += 1  # closed by the proxy (header timeout): wanted
-                            self.st(kind)["cut_after_s"] = round(time.time() - start, 1)
-                            return
                     # One byte a second for `hold` seconds, then the rest of the head at once.
-                    slow = int(hold) if head else 0
+                    slow = min(int(hold), len(head) - 1)
                     pieces = [head[i:i + 1] for i in range(slow)] + [head[slow:]]
                     for i, piece in enumerate(pieces):
                         try:
                             w.write(piece)
                             await asyncio.wait_for(w.drain(), IO_TIMEOUT)
                         except OSError:
-                            self.st(kind)["cut"] += 1
-                            self.st(kind)["cut_after_s"] = round(time.time() - start, 1)
-                            return
+                            return self.cut(kind, start)
                         if i < slow:
                             await asyncio.sleep(1)
-                    if head:
-                        try:
-                            headers, got = await self.http_request_response(kind, r)
-                        except (Failure, ConnectionResetError) as e:
-                            # A proxy that closed a slow head gets an RST for the bytes after it.
-                            if isinstance(e, ConnectionResetError) or "before the response head (0 bytes)" in str(e):
-                                self.st(kind)["cut"] += 1
-                                self.st(kind)["cut_after_s"] = round(time.time() - start, 1)
-                                return
-                            raise
-                        self.check_body(kind, headers, got, random.Random(7).randbytes(16))
+                    try:
+                        headers, got = await self.http_request_response(kind, r)
+                    except (Failure, ConnectionResetError) as e:
+                        # A proxy that closed a slow head: EOF, an RST for the bytes sent after it, or 408.
+                        if isinstance(e, ConnectionResetError) or "(0 bytes)" in str(e) or "408" in str(e):
+                            return self.cut(kind, start)
+                        raise
+                    self.check_body(kind, headers, got, random.Random(7).randbytes(16))
                 self.st(kind)["ok"] += 1
             finally:
                 w.close()
         except Exception as e:  # noqa: BLE001 - counted, never lost
             self.record_failure(kind, start, e)
+
+    def cut(self, kind, start):
+        """A slow client the proxy closed: wanted (header timeout), counted apart from failures."""
+        s = self.st(kind)
+        s["cut"] += 1
+        after = round(time.time() - start, 1)
+        s["cut_after_min_s"] = min(s.get("cut_after_min_s", after), after)
+        s["cut_after_max_s"] = max(s.get("cut_after_max_s", after), after)
 
     async def http_request_response(self, kind, r):
         try:
@@ -523,13 +525,17 @@ def report(a):
     p("")
     q = [[s for s in samples if k * duration / 4 <= s[0] < (k + 1) * duration / 4 + (1 if k == 3 else 0)]
          for k in range(4)]
-    p("| metric | Q1 median | Q2 median | Q3 median | Q4 median | Q4 / Q2 | verdict (Q4 ≤ Q2 + 5%) |")
+    p("| metric | Q1 median | Q2 median | Q3 median | Q4 median | Q4 / Q2 | verdict (Q4 ≤ Q2 + 5%; counts: + 1 at least) |")
     p("|---|---:|---:|---:|---:|---:|---|")
     for col, name in [(1, "RSS KiB"), (2, "fds"), (3, "threads")]:
         meds = [median([s[col] for s in qq]) for qq in q]
         ratio = meds[3] / meds[1] if meds[1] else float("nan")
-        ok = bool(q[1] and q[3] and meds[3] <= meds[1] * 1.05)
-        verdicts.append((f"{name}: last quarter's median within 5% of the second quarter's", ok))
+        # Counts move by whole units: with 6 threads one more is +17%, so one unit is always tolerated
+        # (it cannot be told from noise, and a leak grows by more than one over a whole quarter).
+        slack = max(meds[1] * 0.05, 0 if col == 1 else 1)
+        ok = bool(q[1] and q[3] and meds[3] <= meds[1] + slack)
+        verdicts.append((f"{name}: last quarter's median within 5% of the second quarter's"
+                         + ("" if col == 1 else " (at least one unit tolerated)"), ok))
         p(f"| {name} | {meds[0]:.0f} | {meds[1]:.0f} | {meds[2]:.0f} | {meds[3]:.0f} | {ratio:.3f} | "
           f"{'PASS' if ok else 'FAIL'} |")
     p("")
@@ -542,7 +548,7 @@ def report(a):
     for kind, s in sorted(load["stats"].items()):
         corrupt_total += s["corrupt"]
         extra = f" ({s['requests']} requests)" if "requests" in s else ""
-        cut = f"{s['cut']}" + (f" (last after {s['cut_after_s']} s)" if s.get("cut_after_s") else "")
+        cut = f"{s['cut']}" + (f" (after {s['cut_after_min_s']}..{s['cut_after_max_s']} s)" if s["cut"] else "")
         p(f"| {kind} | {s['ok']}{extra} | {s['failed']} | {s['corrupt']} | {cut} | {s['bytes_sent']} | "
           f"{s['bytes_received']} | {s['bytes_verified']} |")
     p("")
