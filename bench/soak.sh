@@ -38,6 +38,7 @@ SLOW_HOLD=${SLOW_HOLD:-30}
 SAMPLE=${SAMPLE:-10}
 RELOAD_INTERVAL=${RELOAD_INTERVAL:-5s}
 PY=${PYTHON:-python3}
+export PYTHONDONTWRITEBYTECODE=1   # leave no __pycache__ in bench/
 
 [ -x "$BIN" ] || { echo "soak: binary $BIN is not executable (build it: cargo build --release)" >&2; exit 2; }
 W=$(mktemp -d /tmp/mtls-soak.XXXXXX)
