@@ -303,15 +303,15 @@ pub struct RunArgs {
     )]
     pub connect_timeout: String,
 
-    /// Close a connection with no traffic either way for this long; 0 = never (http mode: 0 = 300s)
+    /// Close a connection with no traffic either way for this long; 0 = never [default: 0, in
+    /// http mode 300s]
     #[arg(
         long,
         env = "MTLS_SIDECAR_IDLE_TIMEOUT",
         group = "route_flags",
-        default_value = "0",
         value_name = "DUR"
     )]
-    pub idle_timeout: String,
+    pub idle_timeout: Option<String>,
 
     /// Concurrent plaintext connections, 1 to 1000000; beyond it new ones wait in the backlog
     #[arg(

@@ -443,7 +443,10 @@ pub fn route_from_args(name: String, args: &RunArgs) -> Result<Route, Error> {
         Some(n) => parse_server_name("--server-name", n)?,
         None => parse_server_name("--upstream", &upstream.host)?,
     };
-    let idle = parse_duration("--idle-timeout", &args.idle_timeout)?;
+    let idle = match &args.idle_timeout {
+        Some(v) => Some(parse_duration("--idle-timeout", v)?),
+        None => None,
+    };
     let connect_timeout = parse_duration("--connect-timeout", &args.connect_timeout)?;
     if connect_timeout.is_zero() {
         return Err(invalid(
@@ -568,17 +571,19 @@ pub fn route_from_args(name: String, args: &RunArgs) -> Result<Route, Error> {
     Ok(route)
 }
 
-/// HTTP mode's idle bound when `--idle-timeout` is 0 (its default): an app connection with no
-/// request open, or a request silent both ways, is closed after this (Envoy's stream idle
-/// timeout). HTTP mode has no "never": a slot held forever by a silent peer is what
-/// `--max-connections` cannot afford.
+/// HTTP mode's idle bound when `--idle-timeout` is not given: an app connection with no request
+/// open, or a request silent both ways, is closed after this (Envoy's stream idle timeout), so a
+/// silent peer cannot hold a `--max-connections` slot forever unless the operator asks for it
+/// with an explicit `0`.
 pub const HTTP_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 
-fn idle_timeout(mode: Mode, idle: Duration) -> Option<Duration> {
-    match mode {
-        _ if !idle.is_zero() => Some(idle),
-        Mode::Http => Some(HTTP_IDLE_TIMEOUT),
-        Mode::Tcp => None,
+/// `--idle-timeout` as given (`0` = never, in either mode), else the mode's default.
+fn idle_timeout(mode: Mode, idle: Option<Duration>) -> Option<Duration> {
+    match (idle, mode) {
+        (Some(d), _) if d.is_zero() => None,
+        (Some(d), _) => Some(d),
+        (None, Mode::Http) => Some(HTTP_IDLE_TIMEOUT),
+        (None, Mode::Tcp) => None,
     }
 }
 
@@ -755,13 +760,12 @@ mod tests {
     #[test]
     fn idle_timeout_defaults_to_300s_in_http_mode_only() {
         let five = Duration::from_secs(5);
-        assert_eq!(idle_timeout(Mode::Tcp, Duration::ZERO), None);
-        assert_eq!(
-            idle_timeout(Mode::Http, Duration::ZERO),
-            Some(HTTP_IDLE_TIMEOUT)
-        );
-        assert_eq!(idle_timeout(Mode::Tcp, five), Some(five));
-        assert_eq!(idle_timeout(Mode::Http, five), Some(five));
+        assert_eq!(idle_timeout(Mode::Tcp, None), None);
+        assert_eq!(idle_timeout(Mode::Http, None), Some(HTTP_IDLE_TIMEOUT));
+        assert_eq!(idle_timeout(Mode::Tcp, Some(Duration::ZERO)), None);
+        assert_eq!(idle_timeout(Mode::Http, Some(Duration::ZERO)), None);
+        assert_eq!(idle_timeout(Mode::Tcp, Some(five)), Some(five));
+        assert_eq!(idle_timeout(Mode::Http, Some(five)), Some(five));
     }
 
     #[test]

@@ -33,6 +33,16 @@
 //! - `hostile_identity`: systemd sockets and the loopback rule, `--allow-uid` with TCP, refusal
 //!   log rate limit
 //! - `hostile_values`: extreme numbers and durations as flags, variables and config keys
+//! - `hostile_secrets`: canaries in keys, passwords, PKCS#12, proxy URLs and auth files never
+//!   reach logs at trace, `--help`, `/status`, `/metrics`, `check`, exit messages or 502 bodies
+//! - `hostile_files`: FIFOs, devices, oversized files and expensive KDF parameters at startup and
+//!   at reload; permission and stale-CRL warnings; `dev-pki --force`
+//! - `hostile_conn`: `check` after close_notify and against silent peers, memory of stalled tcp
+//!   connections, TCP keepalive, escaped peer certificate text
+//! - `hostile_httpsrv`: http mode's app side: silent, dribbling and preface-only connections, idle
+//!   and stalled ones, upgrade tunnels under the limits, h2 stream, header and reset bounds
+//! - `hostile_httpup`: http mode's upstream side: ambiguous framing, bodies of unknown length,
+//!   `OPTIONS *`, the pool cap, never-reading apps, PINGs, content-free 502 bodies
 //! - `proxy`: egress through an HTTP CONNECT proxy (`--proxy`, `--proxy-ca`, `--proxy-auth-file`,
 //!   `--no-proxy`, `--proxy-from-env`): tunnels to names only the proxy resolves, credentials,
 //!   bypass lists, every failure class, http mode, config files, startup errors
