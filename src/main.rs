@@ -80,11 +80,16 @@ fn main() -> ExitCode {
                 .and_then(|p| p.write(&args.out, args.force).map_err(|e| e.to_string()));
             match written {
                 Ok(()) => {
-                    println!("wrote a throwaway dev PKI to {}:", args.out.display());
+                    // A closed stdout (`dev-pki … | head -1`) must not panic: the files are
+                    // written, which is the command's job, so a failed report is ignored.
+                    use std::io::Write;
+                    let mut out = std::io::stdout().lock();
+                    let _ = writeln!(out, "wrote a throwaway dev PKI to {}:", args.out.display());
                     for f in pki::FILES {
-                        println!("  {}", args.out.join(f).display());
+                        let _ = writeln!(out, "  {}", args.out.join(f).display());
                     }
-                    println!(
+                    let _ = writeln!(
+                        out,
                         "server.pem is valid for localhost, 127.0.0.1 and ::1; client.pem is the \
                          client identity; ca.pem signed both"
                     );
