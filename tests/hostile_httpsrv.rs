@@ -304,6 +304,72 @@ async fn stalled_request_body_is_aborted_at_idle_timeout() {
     });
 }
 
+/// h2c: a request body that stalls is aborted at `--idle-timeout` even while the connection as a
+/// whole stays busy (here the app sends a PING every 200 ms, which is what other streams would
+/// do): the bound is per request, not only per connection.
+#[tokio::test(flavor = "multi_thread")]
+async fn stalled_h2_request_body_is_aborted_while_the_connection_is_busy() {
+    let pki = Pki::new();
+    let up = HttpUpstream::start(&pki, Alpn::Http11).await;
+    let proxy = proxy(&pki, &up, &["--idle-timeout", "1s"]);
+    let app = connect(proxy.addr()).await;
+    let (mut rd, mut wr) = app.into_split();
+    let mut block = h2raw::get_block("/upload", &[("content-length", b"100000")]);
+    block[0] = 0x83; // :method POST (static table)
+    let mut bytes = h2raw::hello();
+    bytes.extend(h2raw::frame(h2raw::HEADERS, h2raw::END_HEADERS, 1, &block));
+    bytes.extend(h2raw::frame(0 /* DATA */, 0, 1, b"0123456789"));
+    wr.write_all(&bytes).await.expect("write request");
+    let stalled = Instant::now();
+    let pinger = tokio::spawn(async move {
+        for i in 0u64..50 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let ping = h2raw::frame(6 /* PING */, 0, 0, &i.to_be_bytes());
+            if wr.write_all(&ping).await.is_err() {
+                break;
+            }
+        }
+    });
+    let seen = up.stats.wait_requests(1).await;
+    // The app's stream 1 ends without a 200: a reset, or an error answer.
+    let deadline = Instant::now() + Duration::from_secs(8);
+    let end = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match h2raw::read_frame(&mut rd, left).await {
+            Ok(Some(f))
+                if f.stream == 1 && (f.kind == h2raw::RST_STREAM || f.kind == h2raw::HEADERS) =>
+            {
+                break f;
+            }
+            Ok(Some(_)) => {}
+            Ok(None) => panic!("the connection ended instead of the stream"),
+            Err(_) => panic!("stream 1 was neither reset nor answered within 8 s"),
+        }
+    };
+    if end.kind == h2raw::HEADERS {
+        // An indexed `:status 200` is 0x88; anything else is an error answer.
+        assert_ne!(
+            end.payload.first(),
+            Some(&0x88),
+            "a stalled upload was answered 200"
+        );
+    }
+    around(
+        "the stalled h2 upload was aborted",
+        stalled.elapsed(),
+        Duration::from_secs(1),
+        Duration::from_secs(3),
+    );
+    up.stats.wait_closed(seen[0].conn, WAIT).await;
+    assert_eq!(
+        up.stats
+            .upload_bytes
+            .load(std::sync::atomic::Ordering::SeqCst),
+        10
+    );
+    pinger.abort();
+}
+
 // ---------------------------------------------------------------------------------------------
 // Upgrade tunnels
 

@@ -87,6 +87,79 @@ where
     }
 }
 
+/// A request body that must keep moving: no frame for `--idle-timeout` ends it with an error, so
+/// the upstream sees the request cut off rather than waiting for the rest forever. The
+/// connection watch already bounds a silent connection, but an h2 connection stays busy while
+/// one of its streams stalls, so the bound must also be per request.
+struct Moving<B> {
+    inner: B,
+    idle: Option<Duration>,
+    /// Armed at the first wait, pushed back after every frame (one allocation per body).
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// A frame passed since the timer was last armed.
+    moved: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("the request body stalled for --idle-timeout")]
+struct BodyStalled;
+
+impl<B> Moving<B> {
+    fn new(inner: B, idle: Option<Duration>) -> Self {
+        Moving {
+            inner,
+            idle,
+            timer: None,
+            moved: false,
+        }
+    }
+}
+
+impl<B> hyper::body::Body for Moving<B>
+where
+    B: hyper::body::Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        if let Poll::Ready(r) = Pin::new(&mut this.inner).poll_frame(cx) {
+            this.moved = true;
+            return Poll::Ready(r.map(|r| r.map_err(Into::into)));
+        }
+        let Some(idle) = this.idle else {
+            return Poll::Pending;
+        };
+        let deadline = tokio::time::Instant::now() + idle;
+        let timer = match &mut this.timer {
+            Some(t) => {
+                if std::mem::take(&mut this.moved) {
+                    t.as_mut().reset(deadline);
+                }
+                t
+            }
+            None => this.timer.insert(Box::pin(tokio::time::sleep_until(deadline))),
+        };
+        match timer.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(BodyStalled)))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 /// Request headers larger than this get `431`.
 const MAX_HEADER_BYTES: usize = 64 * 1024;
 
@@ -126,7 +199,7 @@ pub struct HttpRoute {
 struct Pool {
     /// The identity the pool's connections were made with.
     config: Arc<ClientConfig>,
-    client: Client<Connector, Counted<Incoming>>,
+    client: Client<Connector, Moving<Counted<Incoming>>>,
 }
 
 impl HttpRoute {
@@ -173,7 +246,7 @@ impl HttpRoute {
     }
 
     /// The pool for the identity in force, rebuilt after a reload.
-    fn client(&self) -> Client<Connector, Counted<Incoming>> {
+    fn client(&self) -> Client<Connector, Moving<Counted<Incoming>>> {
         let config = self.ctx.identity.current();
         let current = self.pool.load();
         if Arc::ptr_eq(&current.config, &config) {
@@ -547,10 +620,14 @@ impl HttpRoute {
             );
         }
         let m = &self.ctx.metrics;
-        let req = req.map(|inner| Counted {
-            inner,
-            counter: m.bytes_to_upstream.clone(),
-            upstream_of: None,
+        let idle = self.ctx.route.idle_timeout;
+        let req = req.map(|inner| {
+            let counted = Counted {
+                inner,
+                counter: m.bytes_to_upstream.clone(),
+                upstream_of: None,
+            };
+            Moving::new(counted, idle)
         });
         let resp = match self.client().request(req).await {
             Ok(r) => r,
