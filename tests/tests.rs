@@ -36,6 +36,7 @@ mod check_cmd;
 mod checks;
 mod config_file;
 mod formats;
+mod hostile_fuzz_regressions;
 mod http;
 mod http_errors;
 mod http_pool;
