@@ -27,3 +27,20 @@ fn proxy_url_host_with_colon_is_refused() {
         );
     }
 }
+
+/// `fuzz/regressions/listen_addr/nested-brackets`: `--upstream '[[[[]]:5'` was taken as the
+/// host `[[[]` (shown as `[[[]:5`, which parses as another host), and with `--server-name` the
+/// sidecar started and dialled it. Brackets surround an IPv6 address and nothing else.
+#[test]
+fn upstream_with_stray_brackets_is_refused() {
+    let pki = Pki::new();
+    for upstream in ["[[[[]]:5", "[a]:443", "a]:443", "[x:443"] {
+        let err = run_cmd(&pki, upstream)
+            .args(["--server-name", "upstream.test"])
+            .startup_error();
+        assert!(
+            err.contains("--upstream") && err.contains("brackets"),
+            "{upstream}: {err}"
+        );
+    }
+}
