@@ -3,7 +3,7 @@
 //! string. The program is modelled as a list of routes from the start: flags make one route
 //! named `default`.
 
-use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -301,6 +301,14 @@ fn split_host_port(flag: &'static str, value: &str) -> Result<(String, u16), Err
     let host = bracketed.unwrap_or(host);
     if host.is_empty() {
         return Err(invalid(flag, value, "the host is empty"));
+    }
+    // Brackets surround an IPv6 address and nothing else: `[[[[]]:5` is not the host `[[[]`.
+    if host.contains(['[', ']']) || bracketed.is_some_and(|h| h.parse::<Ipv6Addr>().is_err()) {
+        return Err(invalid(
+            flag,
+            value,
+            "brackets are only for an IPv6 address, [::1]:PORT",
+        ));
     }
     if host.contains(':') && (bracketed.is_none() || host.parse::<IpAddr>().is_err()) {
         return Err(invalid(

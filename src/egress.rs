@@ -111,10 +111,17 @@ impl ProxyUrl {
             };
             (host.to_string(), port)
         } else {
-            match hostport.rsplit_once(':') {
+            let (host, port) = match hostport.rsplit_once(':') {
                 Some((h, p)) => (h.to_string(), parse_port(p)?),
                 None => (hostport.to_string(), default_port),
+            };
+            // Only a bracketed host may hold a colon: `http://a:b:80` is not a host `a:b`.
+            if host.contains(':') {
+                return Err(
+                    "an IPv6 proxy address is written in brackets: http://[::1]:3128".into(),
+                );
             }
+            (host, port)
         };
         if host.is_empty() {
             return Err("the proxy URL has no host".into());

@@ -37,6 +37,7 @@
 //!   reach logs at trace, `--help`, `/status`, `/metrics`, `check`, exit messages or 502 bodies
 //! - `hostile_files`: FIFOs, devices, oversized files and expensive KDF parameters at startup and
 //!   at reload; permission and stale-CRL warnings; `dev-pki --force`
+//! - `hostile_fuzz_regressions`: inputs the fuzz targets found, through the binary
 //! - `hostile_conn`: `check` after close_notify and against silent peers, memory of stalled tcp
 //!   connections, TCP keepalive, escaped peer certificate text
 //! - `hostile_httpsrv`: http mode's app side: silent, dribbling and preface-only connections, idle
@@ -57,6 +58,7 @@ mod formats;
 mod hostile_admin;
 mod hostile_conn;
 mod hostile_files;
+mod hostile_fuzz_regressions;
 mod hostile_httpsrv;
 mod hostile_httpup;
 mod hostile_identity;

@@ -1,0 +1,39 @@
+//! `--proxy` / `HTTPS_PROXY` URLs (`egress::ProxyUrl::parse`).
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use mtls_sidecar::egress::ProxyUrl;
+
+fuzz_target!(|data: &[u8]| {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let parsed = ProxyUrl::parse(text);
+    // The credentials (between `://` and the last `@`) never appear in what is shown. Only a
+    // userinfo long enough not to occur by chance, and absent from the rest of the URL, is
+    // checked.
+    let userinfo = text
+        .trim()
+        .split_once("://")
+        .map_or(text.trim(), |(_, r)| r)
+        .rsplit_once('@');
+    let secret = userinfo
+        .filter(|(u, rest)| u.len() >= 8 && !rest.contains(u))
+        .map(|(u, _)| u);
+    let shown = match &parsed {
+        Ok(url) => format!("{url} {url:?}"),
+        Err(e) => e.clone(),
+    };
+    if let Some(s) = secret {
+        assert!(!shown.contains(s), "credentials shown: {shown:?}");
+    }
+    // What is shown parses back to the same proxy (it is what logs and `check` print).
+    if let Ok(url) = parsed {
+        let again = ProxyUrl::parse(&url.to_string())
+            .unwrap_or_else(|e| panic!("{url} does not parse again: {e}"));
+        assert_eq!(
+            (again.scheme, &again.host, again.port),
+            (url.scheme, &url.host, url.port)
+        );
+    }
+});

@@ -1,0 +1,40 @@
+//! Helpers shared by the fuzz targets.
+
+/// Move this process into a network namespace of its own, with no interface up.
+///
+/// The config loader and the listen-address parsers resolve host names (`getaddrinfo`), and a
+/// fuzzer writes millions of them: without this each one would become a DNS query to the
+/// machine's resolver. In an empty namespace resolution fails at once and nothing leaves the
+/// process. Root may unshare a network namespace directly; anyone else needs a user namespace
+/// first (which only works while the process has one thread, as it has in libFuzzer's
+/// initialiser). If neither works the target refuses to run rather than send traffic.
+pub fn isolate_network() {
+    // SAFETY: unshare(2) takes flags only and changes no memory of this process.
+    if unsafe { libc::unshare(libc::CLONE_NEWNET) } == 0 {
+        return;
+    }
+    // SAFETY: as above.
+    if unsafe { libc::unshare(libc::CLONE_NEWUSER | libc::CLONE_NEWNET) } == 0 {
+        return;
+    }
+    eprintln!(
+        "fuzz: cannot enter a network namespace of its own ({}); this target resolves fuzzed \
+         host names and will not send them to a real resolver: run it as root or where user \
+         namespaces are allowed",
+        std::io::Error::last_os_error()
+    );
+    std::process::exit(1);
+}
+
+/// Run a future that never waits on anything outside itself (every I/O it does is in memory
+/// and always ready) to completion, polling it at most `max_polls` times.
+pub fn block_on<F: std::future::Future>(fut: F, max_polls: usize) -> F::Output {
+    let mut fut = std::pin::pin!(fut);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    for _ in 0..max_polls {
+        if let std::task::Poll::Ready(v) = fut.as_mut().poll(&mut cx) {
+            return v;
+        }
+    }
+    panic!("future still pending after {max_polls} polls over in-memory I/O: a hang");
+}
