@@ -70,7 +70,7 @@ where
             }
             Poll::Ready(Some(Err(e))) => {
                 if let Some(ctx) = &this.upstream_of {
-                    warn!(route = %ctx.route.name, error = %e, "upstream response body failed");
+                    warn!(route = %ctx.route.name, error = ?e.to_string(), "upstream response body failed");
                 }
             }
             _ => {}
@@ -143,7 +143,9 @@ where
                 }
                 t
             }
-            None => this.timer.insert(Box::pin(tokio::time::sleep_until(deadline))),
+            None => this
+                .timer
+                .insert(Box::pin(tokio::time::sleep_until(deadline))),
         };
         match timer.as_mut().poll(cx) {
             Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(BodyStalled)))),
@@ -666,7 +668,7 @@ impl HttpRoute {
         warn!(
             route = %self.ctx.route.name,
             reason = f.class.reason(),
-            error = %f.message,
+            error = ?f.message,
             "upstream request failed"
         );
         self.answer(failure_response(&f))
@@ -679,7 +681,7 @@ impl HttpRoute {
                 warn!(
                     route = %self.ctx.route.name,
                     reason = "pool_full",
-                    error = %detail,
+                    error = ?detail,
                     "upstream request failed"
                 );
                 self.answer(own_response(
@@ -750,7 +752,9 @@ impl HttpRoute {
                         m.bytes_from_upstream.inc_by(from);
                         info!(route = %route, bytes_to_upstream = to, bytes_from_upstream = from, "upgraded connection closed")
                     }
-                    Err(e) => info!(route = %route, error = %e, "upgraded connection failed"),
+                    Err(e) => {
+                        info!(route = %route, error = ?e.to_string(), "upgraded connection failed")
+                    }
                 }
             });
             // Run by the app connection's task (serve_conn) after hyper hands over the socket.
@@ -947,7 +951,7 @@ where
         }
     };
     if let Err(e) = result {
-        info!(route = %route.ctx.route.name, error = %e, "app connection ended with an error");
+        info!(route = %route.ctx.route.name, error = ?e.to_string(), "app connection ended with an error");
         return End::Error;
     }
     let Some(tunnel) = tunnel.take() else {
