@@ -481,3 +481,84 @@ async fn bulk_cpu() {
     );
     task.abort();
 }
+
+/// A name that resolves to two addresses, the first of which drops SYNs (a listener with a full
+/// backlog on 127.0.0.1), the second reaching the real upstream (a forwarder on 127.0.0.2 with
+/// the same port): the silent one costs only its share of `--connect-timeout` (half of 6 s
+/// here), so the connection is made in about 3 s instead of failing with a timeout. The name
+/// comes from a hosts file only the sidecar sees (a private mount namespace), so nothing else on
+/// the machine changes. (glibc sorts 127.0.0.1 before 127.0.0.2, so the hole must be there.)
+#[tokio::test(flavor = "multi_thread")]
+async fn a_black_holed_first_address_costs_only_its_share_of_the_timeout() {
+    let pki = Pki::new();
+    let up = Upstream::echo(&pki.server, &pki.ca.der).await;
+    let Some((port, _hole)) = black_hole_at(SocketAddr::from(([127, 0, 0, 1], 0))).await else {
+        eprintln!("skipped: could not make a listener that drops SYNs");
+        return;
+    };
+    let Ok(forwarder) = TcpListener::bind(SocketAddr::from(([127, 0, 0, 2], port))).await else {
+        eprintln!("skipped: 127.0.0.2:{port} is taken");
+        return;
+    };
+    let target = SocketAddr::from(([127, 0, 0, 1], up.port()));
+    let forwarding = tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = forwarder.accept().await {
+            tokio::spawn(async move {
+                if let Ok(mut outbound) = TcpStream::connect(target).await {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                }
+            });
+        }
+    });
+    let hosts = pki.write(
+        "hosts",
+        "127.0.0.1 twoaddr.mtls-test.invalid\n127.0.0.2 twoaddr.mtls-test.invalid\n",
+    );
+    let cmd = run_cmd(&pki, format!("twoaddr.mtls-test.invalid:{port}")).args([
+        "--server-name",
+        "localhost",
+        "--connect-timeout",
+        "6s",
+    ]);
+    let Some(mut proxy) = cmd.spawn_with_hosts(&hosts) else {
+        eprintln!("skipped: needs root and unshare for a private /etc/hosts");
+        forwarding.abort();
+        return;
+    };
+    let started = Instant::now();
+    let mut app: TcpStream = connect(proxy.addr()).await;
+    app.write_all(b"ping").await.expect("write");
+    let mut echo = [0u8; 4];
+    tokio::time::timeout(Duration::from_secs(10), app.read_exact(&mut echo))
+        .await
+        .expect("an answer within 10 s")
+        .expect("the echo, through the second address");
+    assert_eq!(&echo, b"ping");
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(2500) && took < Duration::from_millis(5500),
+        "the silent first address should cost about half of the 6 s, took {took:?}"
+    );
+    drop(app);
+    let line = proxy.wait_conn_lines(1).remove(0);
+    assert_eq!(field(&line, "outcome"), Some("ok"), "{line}");
+    forwarding.abort();
+}
+
+/// A listener on `addr` with a backlog of 0 that never accepts, filled until a connect no longer
+/// completes: SYNs to it go unanswered. Returns its port, and what must live as long as the test.
+async fn black_hole_at(addr: SocketAddr) -> Option<(u16, (socket2::Socket, Vec<TcpStream>))> {
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).ok()?;
+    sock.bind(&addr.into()).ok()?;
+    sock.listen(0).ok()?;
+    let addr = sock.local_addr().ok()?.as_socket()?;
+    let mut held = Vec::new();
+    for _ in 0..16 {
+        match tokio::time::timeout(Duration::from_millis(300), TcpStream::connect(addr)).await {
+            Ok(Ok(c)) => held.push(c),
+            Ok(Err(_)) => return None,
+            Err(_) => return Some((addr.port(), (sock, held))),
+        }
+    }
+    None
+}

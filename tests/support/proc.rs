@@ -108,6 +108,35 @@ impl Cmd {
         self.spawn_command(command, display)
     }
 
+    /// Starts the process with `hosts` in place of `/etc/hosts`, seen by it alone: a private
+    /// mount namespace (`unshare -m`, root only) in which the file is bind-mounted, then `exec`
+    /// of the binary (same pid). The network is the host's, so loopback peers stay reachable.
+    /// `None` when this cannot be done here (not root, no `unshare`).
+    pub fn spawn_with_hosts(&self, hosts: &std::path::Path) -> Option<Sidecar> {
+        let root = Command::new("id").arg("-u").output().ok()?;
+        if String::from_utf8_lossy(&root.stdout).trim() != "0" {
+            return None;
+        }
+        let probe = Command::new("unshare")
+            .args(["--mount", "--propagation", "private", "--", "true"])
+            .status()
+            .ok()?;
+        if !probe.success() {
+            return None;
+        }
+        let mut command = Command::new("unshare");
+        command
+            .args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+            .arg("mount --bind \"$0\" /etc/hosts && exec \"$@\"")
+            .arg(hosts)
+            .arg(BIN)
+            .args(&self.args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped());
+        let display = format!("(/etc/hosts = {}) {}", hosts.display(), self.display());
+        Some(self.spawn_command(command, display).listening())
+    }
+
     /// `command` has its arguments and stdin/stdout; this sets stderr, the environment and the
     /// log collectors.
     fn spawn_command(&self, mut command: Command, cmdline: String) -> Sidecar {
