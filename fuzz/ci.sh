@@ -26,6 +26,16 @@ scratch=$(mktemp -d)
 trap 'rm -rf "$scratch"' EXIT
 for target in $(cargo +nightly fuzz list); do
     mkdir -p "$scratch/$target"
+    # Inputs that once crashed or hung a target replay first (each once, -runs=0).
+    if [ -d "regressions/$target" ]; then
+        echo "fuzz: $target: replaying regressions/$target"
+        if ! cargo +nightly fuzz run "$target" "regressions/$target" -- -runs=0 \
+            -rss_limit_mb=2048 -timeout=10 >"$scratch/$target.regressions.log" 2>&1; then
+            tail -n 60 "$scratch/$target.regressions.log"
+            echo "fuzz: $target FAILED on a committed regression input"
+            exit 1
+        fi
+    fi
     echo "fuzz: $target for ${secs}s"
     # -timeout: one input taking over 10 s is a hang; -rss_limit_mb: over 2 GiB is a leak or an
     # unbounded allocation. libFuzzer exits non-zero on either, and on any panic.

@@ -49,7 +49,8 @@ fn file(flag: &'static str, bytes: Vec<u8>) -> FileBytes {
     FileBytes {
         flag,
         path: PathBuf::from(format!("/fuzz/{}", flag.trim_start_matches('-'))),
-        bytes,
+        bytes: bytes.into(),
+        mode: 0o600,
     }
 }
 
