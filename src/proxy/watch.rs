@@ -46,8 +46,8 @@ impl Expired {
 #[derive(Debug)]
 pub struct ConnWatch {
     header_timeout: Duration,
-    /// `None`: no idle or stall bound (`--idle-timeout 0` is replaced by the HTTP default when
-    /// the config is built, so this only happens for routes built in code).
+    /// `None`: no idle or stall bound (`--idle-timeout 0` given explicitly; left out, HTTP mode
+    /// gets its 300 s default when the config is built).
     idle_timeout: Option<Duration>,
     state: Mutex<State>,
     /// Woken when a deadline moved earlier (a head clock started), so the serving task
