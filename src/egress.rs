@@ -72,11 +72,18 @@ impl ProxyUrl {
             Some((s, rest)) => match s.to_ascii_lowercase().as_str() {
                 "http" => (Scheme::Http, rest),
                 "https" => (Scheme::Https, rest),
-                other => {
+                // Named only when it looks like a scheme: text before a misplaced `://` may be
+                // credentials (`http:/user:secret@proxy://…`, found by fuzzing).
+                other if is_scheme(other) => {
                     return Err(format!(
                         "unsupported proxy scheme {other}://: only http:// and https:// \
                          (HTTP CONNECT) proxies are supported"
                     ));
+                }
+                _ => {
+                    return Err("not a proxy URL: only http://[user:pass@]HOST[:PORT] and \
+                                https://… (HTTP CONNECT) proxies are supported"
+                        .to_string());
                 }
             },
             None => (Scheme::Http, value),
@@ -140,6 +147,14 @@ impl ProxyUrl {
     pub fn has_credentials(&self) -> bool {
         self.credentials.is_some()
     }
+}
+
+/// An RFC 3986 scheme of a sane length: a letter, then letters, digits, `+`, `-`, `.`.
+fn is_scheme(s: &str) -> bool {
+    s.len() <= 16
+        && s.starts_with(|c: char| c.is_ascii_alphabetic())
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
 }
 
 fn parse_port(p: &str) -> Result<u16, String> {
@@ -567,7 +582,13 @@ impl Proxy {
                     let code = answer.code.unwrap_or(0);
                     // The reason phrase is the proxy's text (obs-text lets C1 controls in):
                     // escaped before it reaches a log or `check`'s report.
-                    let reason = escape(answer.reason.unwrap_or("")).into_owned();
+                    // It may be as long as the whole head (16 KiB): a short prefix is kept.
+                    let reason = answer.reason.unwrap_or("");
+                    let reason = match reason.char_indices().nth(MAX_REASON_CHARS) {
+                        Some((cut, _)) => &reason[..cut],
+                        None => reason,
+                    };
+                    let reason = escape(reason).into_owned();
                     if (200..300).contains(&code) {
                         return Ok((format!("{code} {reason}"), buf.split_off(len)));
                     }
@@ -637,6 +658,9 @@ impl Proxy {
 }
 
 /// The first bytes of an answer, safe to log.
+/// How much of a proxy's reason phrase reaches messages.
+const MAX_REASON_CHARS: usize = 128;
+
 fn printable(b: &[u8]) -> String {
     let head = &b[..b.len().min(64)];
     format!("{:?}", String::from_utf8_lossy(head))
@@ -748,6 +772,21 @@ impl AsyncWrite for Transport {
 
 #[cfg(test)]
 mod tests {
+    /// Found by the `proxy_url` fuzz target: the text before a misplaced `://` was echoed as
+    /// the scheme, credentials included.
+    #[test]
+    fn a_misplaced_scheme_separator_never_echoes_credentials() {
+        for url in [
+            "http:/user:secret@proxy.example://",
+            "htp:\u{10}\0//pr!secret@@@@\0ttp://x",
+        ] {
+            let err = ProxyUrl::parse(url).unwrap_err();
+            assert!(!err.contains("secret"), "{err}");
+        }
+        let err = ProxyUrl::parse("socks5://proxy:1080").unwrap_err();
+        assert!(err.contains("socks5://"), "{err}");
+    }
+
     use super::*;
 
     #[test]
@@ -837,6 +876,20 @@ mod tests {
         });
         let got = proxy.connect_tunnel(&mut ours, "up.example:443").await;
         (got, far.await.unwrap())
+    }
+
+    /// Found by the `connect_answer` fuzz target: a reason phrase as long as the head limit
+    /// reached the message (and the log) whole.
+    #[tokio::test]
+    async fn a_long_reason_phrase_is_cut_short() {
+        let mut wire = b"HTTP/1.1 403 ".to_vec();
+        wire.extend(std::iter::repeat_n(b'x', 8000));
+        wire.extend(b"\r\n\r\n");
+        let wire: &'static [u8] = wire.leak();
+        let (got, _) = answer(wire, wire.len()).await;
+        let f = got.unwrap_err();
+        assert!(f.message.len() < 2048, "{} bytes", f.message.len());
+        assert!(f.message.contains("403 xxxx"), "{}", f.message);
     }
 
     #[tokio::test]
