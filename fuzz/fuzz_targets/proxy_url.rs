@@ -24,8 +24,17 @@ fuzz_target!(|data: &[u8]| {
         Ok(url) => format!("{url} {url:?}"),
         Err(e) => e.clone(),
     };
-    if let Some(s) = secret {
-        assert!(!shown.contains(s), "credentials shown: {shown:?}");
+    if let Some(s) = secret
+        && shown.contains(s)
+    {
+        // It may be words of our own message that the fuzzer put in the userinfo: the same URL
+        // with the userinfo masked must then show it too. A leak shows it only when it is there.
+        let masked = text.replacen(s, &"Z".repeat(s.len()), 1);
+        let shown_masked = match ProxyUrl::parse(&masked) {
+            Ok(url) => format!("{url} {url:?}"),
+            Err(e) => e,
+        };
+        assert!(shown_masked.contains(s), "credentials shown: {shown:?}");
     }
     // What is shown parses back to the same proxy (it is what logs and `check` print).
     if let Ok(url) = parsed {
