@@ -26,20 +26,7 @@ fn blocking<T>(f: impl FnOnce() -> T) -> T {
 
 /// `run_cmd` with `--ca` replaced by `ca`.
 fn with_ca(pki: &Pki, ca: &Path) -> Cmd {
-    Cmd::new()
-        .args([
-            "run",
-            "--listen",
-            "127.0.0.1:0",
-            "--upstream",
-            "127.0.0.1:9",
-        ])
-        .arg("--cert")
-        .arg(&pki.client.cert)
-        .arg("--key")
-        .arg(&pki.client.key)
-        .arg("--ca")
-        .arg(ca)
+    run_with("127.0.0.1:9", &pki.client.cert, &pki.client.key, ca)
 }
 
 /// Runs `cmd` expecting exit 2 within [`FAST`]; returns stderr.
@@ -83,20 +70,7 @@ fn a_file_over_64_mib_is_refused_key_and_config() {
     let big = pki.path("big-key.pem");
     let f = std::fs::File::create(&big).unwrap();
     f.set_len(65 << 20).unwrap();
-    let cmd = Cmd::new()
-        .args([
-            "run",
-            "--listen",
-            "127.0.0.1:0",
-            "--upstream",
-            "127.0.0.1:9",
-        ])
-        .arg("--cert")
-        .arg(&pki.client.cert)
-        .arg("--key")
-        .arg(&big)
-        .arg("--ca")
-        .arg(&pki.ca.pem);
+    let cmd = run_with("127.0.0.1:9", &pki.client.cert, &big, &pki.ca.pem);
     let err = refused_fast(&cmd);
     assert!(
         err.contains("--key") && err.contains("big-key.pem") && err.contains("64 MiB"),
@@ -175,22 +149,9 @@ fn expensive_key_at_startup(kdf: Kdf, problem: &str) {
     let pki = Pki::new();
     let key = pki.write("expensive-key.pem", expensive_key(kdf));
     let pw = pki.write("pw.txt", "canary-password\n");
-    let cmd = Cmd::new()
-        .args([
-            "run",
-            "--listen",
-            "127.0.0.1:0",
-            "--upstream",
-            "127.0.0.1:9",
-        ])
-        .arg("--cert")
-        .arg(&pki.client.cert)
-        .arg("--key")
-        .arg(&key)
+    let cmd = run_with("127.0.0.1:9", &pki.client.cert, &key, &pki.ca.pem)
         .arg("--key-password-file")
-        .arg(&pw)
-        .arg("--ca")
-        .arg(&pki.ca.pem);
+        .arg(&pw);
     let err = refused_fast(&cmd);
     assert!(
         err.contains("--key") && err.contains("expensive-key.pem") && err.contains(problem),
@@ -348,23 +309,7 @@ async fn world_readable_key_is_warned_about_once_per_content() {
 fn stale_crl_is_warned_about_at_load() {
     let pki = Pki::new();
     let crl = stale_crl(&pki);
-    let mut proxy = Cmd::new()
-        .args([
-            "run",
-            "--listen",
-            "127.0.0.1:0",
-            "--upstream",
-            "127.0.0.1:9",
-        ])
-        .arg("--cert")
-        .arg(&pki.client.cert)
-        .arg("--key")
-        .arg(&pki.client.key)
-        .arg("--ca")
-        .arg(&pki.ca.pem)
-        .arg("--crl")
-        .arg(&crl)
-        .start();
+    let mut proxy = run_cmd(&pki, "127.0.0.1:9").arg("--crl").arg(&crl).start();
     let line = proxy.wait_for_line("a stale-CRL warning", WAIT, |l| {
         l.contains("WARN") && l.contains("crl") && l.contains("nextUpdate")
     });

@@ -205,21 +205,7 @@ fn newlines_turned_into_spaces_is_explained_with_a_line_number() {
     let pki = Pki::new();
     let key_pem = std::fs::read_to_string(&pki.client.key).unwrap();
     let key = pki.write("echoed.key", key_pem.replace('\n', " "));
-    let err = Cmd::new()
-        .args([
-            "run",
-            "--listen",
-            "127.0.0.1:0",
-            "--upstream",
-            "127.0.0.1:9",
-        ])
-        .arg("--cert")
-        .arg(&pki.client.cert)
-        .arg("--key")
-        .arg(&key)
-        .arg("--ca")
-        .arg(&pki.ca.pem)
-        .startup_error();
+    let err = run_with("127.0.0.1:9", &pki.client.cert, &key, &pki.ca.pem).startup_error();
     assert!(
         err.contains("line 1") && err.contains("newlines"),
         "the error does not say where and what: {err}"

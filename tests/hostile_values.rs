@@ -110,20 +110,7 @@ fn table() -> Vec<(
 }
 
 fn base(pki: &Pki) -> Cmd {
-    Cmd::new()
-        .args([
-            "run",
-            "--listen",
-            "127.0.0.1:0",
-            "--upstream",
-            "127.0.0.1:9",
-        ])
-        .arg("--cert")
-        .arg(&pki.client.cert)
-        .arg("--key")
-        .arg(&pki.client.key)
-        .arg("--ca")
-        .arg(&pki.ca.pem)
+    run_cmd(pki, "127.0.0.1:9")
 }
 
 /// Runs `cmd` to its exit and checks: code 2, no panic, every `wanted` text in stderr.

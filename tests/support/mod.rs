@@ -127,15 +127,26 @@ pub fn is_conn_line(line: &str) -> bool {
 
 /// `mtls-sidecar run` on 127.0.0.1:0 towards `upstream` with the test client identity and CA.
 pub fn run_cmd(pki: &Pki, upstream: impl Display) -> Cmd {
+    run_with(upstream, &pki.client.cert, &pki.client.key, &pki.ca.pem)
+}
+
+/// [`run_cmd`] with the certificate, key and CA files given: for tests that put a broken or
+/// hostile file in place of one of the test PKI's.
+pub fn run_with(
+    upstream: impl Display,
+    cert: &std::path::Path,
+    key: &std::path::Path,
+    ca: &std::path::Path,
+) -> Cmd {
     Cmd::new()
         .args(["run", "--listen", "127.0.0.1:0", "--upstream"])
         .arg(upstream.to_string())
         .arg("--cert")
-        .arg(&pki.client.cert)
+        .arg(cert)
         .arg("--key")
-        .arg(&pki.client.key)
+        .arg(key)
         .arg("--ca")
-        .arg(&pki.ca.pem)
+        .arg(ca)
 }
 
 #[test]
