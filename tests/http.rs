@@ -7,6 +7,7 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use hyper::body::{Bytes, Frame};
 use hyper::{HeaderMap, Version, header};
@@ -291,6 +292,81 @@ async fn h2c_app_bodies_keep_their_sha256() {
         .await;
     let reply = read_reply_within(resp, BIG_WAIT).await;
     assert!(reply.body == pattern(41, LEN), "h2c download altered");
+}
+
+/// 24 concurrent 1 MiB downloads on one h2c app connection, read by the app: the bound on
+/// what one app connection may hold (512 KiB, far less than the 24 MiB in flight) only paces
+/// them; every byte arrives, towards an h2 and an HTTP/1.1 upstream.
+async fn many_downloads_case(alpn: Alpn) {
+    const LEN: usize = 1 << 20;
+    const STREAMS: u64 = 24;
+    let pki = Pki::new();
+    let up = HttpUpstream::start(&pki, alpn).await;
+    let proxy = http_cmd(&pki, format!("localhost:{}", up.port())).start();
+    let client = H2Client::connect(proxy.addr()).await;
+    let mut tasks = tokio::task::JoinSet::new();
+    for seed in 0..STREAMS {
+        let mut client = client.clone();
+        tasks.spawn(async move {
+            let req = h2_req("GET", &format!("/download?len={LEN}&seed={seed}"))
+                .body(empty())
+                .unwrap();
+            let resp = client.send(req).await;
+            (seed, read_reply_within(resp, BIG_WAIT).await)
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        let (seed, reply) = done.expect("download task");
+        assert_eq!(reply.status, 200, "{alpn:?} stream {seed}");
+        assert!(
+            reply.body == pattern(seed, LEN),
+            "{alpn:?} stream {seed}: download altered ({} bytes)",
+            reply.body.len()
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn many_h2c_downloads_at_once_complete_from_an_h2_upstream() {
+    many_downloads_case(Alpn::H2AndHttp11).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn many_h2c_downloads_at_once_complete_from_an_http11_upstream() {
+    many_downloads_case(Alpn::Http11).await;
+}
+
+/// An h2c app that abandons 16 large downloads after their heads (each stream reset with data
+/// queued for it) can still download on the same connection: data dropped with a reset stream
+/// gives its share of the connection's bound back.
+#[tokio::test(flavor = "multi_thread")]
+async fn abandoned_h2c_downloads_give_their_room_back() {
+    let pki = Pki::new();
+    let up = HttpUpstream::start(&pki, Alpn::H2AndHttp11).await;
+    let proxy = http_cmd(&pki, format!("localhost:{}", up.port())).start();
+    let mut client = H2Client::connect(proxy.addr()).await;
+    for round in 0..2 {
+        let mut heads = Vec::new();
+        for i in 0..16 {
+            let req = h2_req("GET", &format!("/download?len=4194304&seed={i}"))
+                .body(empty())
+                .unwrap();
+            heads.push(client.send(req).await);
+        }
+        // Let data pile up for them, then reset them all.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        drop(heads);
+        let req = h2_req("GET", "/download?len=1048576&seed=7")
+            .body(empty())
+            .unwrap();
+        let resp = client.send(req).await;
+        let reply = read_reply_within(resp, BIG_WAIT).await;
+        assert!(
+            reply.body == pattern(7, 1 << 20),
+            "round {round}: download after abandoned ones altered ({} bytes)",
+            reply.body.len()
+        );
+    }
 }
 
 /// The first 64 KiB of a response reach the app while the upstream still holds the rest.

@@ -111,6 +111,108 @@ async fn h2_multiplexes_many_app_connections_on_few_upstream_ones() {
     }
 }
 
+/// An h2c app connection to an h2 upstream gets an upstream connection of its own (its lane:
+/// the windows of that connection bound what a never-reading app makes the proxy hold), used
+/// for all its requests and closed when the app connection closes. HTTP/1.1 app connections
+/// share the route's pool.
+#[tokio::test(flavor = "multi_thread")]
+async fn h2c_app_connections_get_an_upstream_connection_each() {
+    let pki = Pki::new();
+    let up = HttpUpstream::start(&pki, Alpn::H2AndHttp11).await;
+    let proxy = http_cmd(&pki, format!("localhost:{}", up.port())).start();
+    let get = |id: String| {
+        h1_req("GET", "/")
+            .header("x-request-id", id)
+            .body(empty())
+            .unwrap()
+    };
+    assert_eq!(h1_call(proxy.addr(), get("h1-a".into())).await.status, 200);
+    assert_eq!(h1_call(proxy.addr(), get("h1-b".into())).await.status, 200);
+    let shared = up.stats.request("h1-a").conn;
+    assert_eq!(up.stats.request("h1-b").conn, shared, "HTTP/1.1 apps share");
+
+    let mut lanes = Vec::new();
+    let mut apps = Vec::new();
+    for a in 0..2 {
+        let app = H2Client::connect(proxy.addr()).await;
+        let mut tasks = JoinSet::new();
+        for i in 0..3 {
+            let mut app = app.clone();
+            tasks.spawn(async move {
+                let req = h2_req("GET", "/hold")
+                    .header("x-request-id", format!("lane-{a}-{i}"))
+                    .body(empty())
+                    .unwrap();
+                app.call(req).await
+            });
+        }
+        up.stats.wait_requests(2 + 3 * (a + 1)).await;
+        let conns: BTreeSet<usize> = (0..3)
+            .map(|i| up.stats.request(&format!("lane-{a}-{i}")).conn)
+            .collect();
+        assert_eq!(conns.len(), 1, "app {a}'s streams used {conns:?}");
+        let lane = *conns.first().unwrap();
+        assert_ne!(lane, shared, "app {a} used the shared connection");
+        lanes.push(lane);
+        apps.push((app, tasks));
+    }
+    assert_ne!(
+        lanes[0], lanes[1],
+        "two h2c apps shared an upstream connection"
+    );
+    up.release();
+    for (_, tasks) in &mut apps {
+        while let Some(reply) = tasks.join_next().await {
+            assert_eq!(reply.expect("request task").status, 200);
+        }
+    }
+    drop(apps.remove(0));
+    up.stats.wait_closed(lanes[0], WAIT).await;
+    assert!(
+        !up.stats.conn(lanes[1]).closed,
+        "the other app's lane closed"
+    );
+    assert!(
+        !up.stats.conn(shared).closed,
+        "the shared connection closed"
+    );
+}
+
+/// Towards an HTTP/1.1 upstream, one h2c app connection has at most six requests there at
+/// once (each holds an upstream connection); the others wait their turn and all complete.
+#[tokio::test(flavor = "multi_thread")]
+async fn h2c_app_has_six_requests_at_once_at_an_http11_upstream() {
+    let pki = Pki::new();
+    let up = HttpUpstream::start(&pki, Alpn::Http11).await;
+    let proxy = http_cmd(&pki, format!("localhost:{}", up.port())).start();
+    let app = H2Client::connect(proxy.addr()).await;
+    let mut tasks = JoinSet::new();
+    for i in 0..10 {
+        let mut app = app.clone();
+        tasks.spawn(async move {
+            let req = h2_req("GET", "/hold")
+                .header("x-request-id", format!("turn-{i}"))
+                .body(empty())
+                .unwrap();
+            app.call(req).await
+        });
+    }
+    up.stats.wait_requests(6).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        up.stats.request_count(),
+        6,
+        "requests at the upstream at once"
+    );
+    up.release();
+    while let Some(reply) = tasks.join_next().await {
+        let reply = reply.expect("request task");
+        assert_eq!(reply.status, 200, "{reply:?}");
+        assert_eq!(reply.text(), "released\n");
+    }
+    assert_eq!(up.stats.request_count(), 10);
+}
+
 /// The upstream closes each connection right after answering, with no `Connection: close` and
 /// no close_notify. The next request, which the proxy may try on that dead pooled
 /// connection, still gets its 200, and the upstream sees it exactly once.
@@ -344,6 +446,16 @@ async fn reload_case(alpn: Alpn) {
         up.stats.conn(before.conn).client_serial.as_deref(),
         Some(&*a.serial_hex())
     );
+    // An h2c app connection that stays open across the reload (towards an h2 upstream it has an
+    // upstream connection of its own).
+    let h2_get = |id: &str| {
+        h2_req("GET", "/")
+            .header("x-request-id", id)
+            .body(empty())
+            .unwrap()
+    };
+    let mut h2c = H2Client::connect(proxy.addr()).await;
+    assert_eq!(h2c.call(h2_get("before-h2c")).await.status, 200);
 
     live.install(&b);
     proxy.signal("HUP");
@@ -354,10 +466,11 @@ async fn reload_case(alpn: Alpn) {
         })
     });
 
-    // The same app connection, and a new one.
+    // The same app connections, and a new one.
     assert_eq!(client.call(get("after-1")).await.status, 200);
     assert_eq!(h1_call(proxy.addr(), get("after-2")).await.status, 200);
-    for id in ["after-1", "after-2"] {
+    assert_eq!(h2c.call(h2_get("after-h2c")).await.status, 200);
+    for id in ["after-1", "after-2", "after-h2c"] {
         let seen = up.stats.request(id);
         let conn = up.stats.conn(seen.conn);
         assert_eq!(
@@ -393,6 +506,23 @@ async fn reload_closes_idle_old_identity_connections_without_new_requests() {
     .await;
     assert_eq!(reply.status, 200);
     let before = up.stats.request("before");
+    // An h2c app connection that stays open, idle: its own upstream connection (the upstream
+    // speaks h2) must close too.
+    let mut h2c = H2Client::connect(proxy.addr()).await;
+    let reply = h2c
+        .call(
+            h2_req("GET", "/")
+                .header("x-request-id", "before-h2c")
+                .body(empty())
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(reply.status, 200);
+    let before_h2c = up.stats.request("before-h2c");
+    assert_ne!(
+        before_h2c.conn, before.conn,
+        "the h2c app's own upstream connection"
+    );
 
     live.install(&b);
     proxy.signal("HUP");
@@ -409,6 +539,14 @@ async fn reload_closes_idle_old_identity_connections_without_new_requests() {
         || up.stats.conn(before.conn).closed,
     )
     .await;
+    eventually(
+        "after the reload, the idle upstream connection of an open h2c app connection, made \
+         with the old identity, is closed",
+        WAIT,
+        || up.stats.conn(before_h2c.conn).closed,
+    )
+    .await;
+    drop(h2c);
 }
 
 #[tokio::test(flavor = "multi_thread")]

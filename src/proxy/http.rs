@@ -11,7 +11,8 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -25,7 +26,7 @@ use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use prometheus_client::metrics::counter::Counter;
 use rustls::ClientConfig;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -46,6 +47,12 @@ struct Counted<B> {
     /// For a response body: the route whose upstream failed mid-body, logged at warn (the app
     /// only sees its connection or stream cut).
     upstream_of: Option<Arc<RouteCtx>>,
+    /// For a response body of an h2 app connection's request to an HTTP/1.1 upstream: its
+    /// turn among the connection's [`LANE_H1_EXCHANGES`], given back when the body is dropped.
+    _exchange: Option<OwnedSemaphorePermit>,
+    /// For a response body to an h2 app: the app connection's [`Budget`], which every data
+    /// frame passing through is charged to until hyper has written or dropped it.
+    budget: Option<Arc<Budget>>,
 }
 
 impl<B> hyper::body::Body for Counted<B>
@@ -61,11 +68,17 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         let this = self.get_mut();
-        let r = Pin::new(&mut this.inner).poll_frame(cx);
-        match &r {
+        if let Some(budget) = &this.budget {
+            std::task::ready!(budget.poll_room(cx));
+        }
+        let mut r = Pin::new(&mut this.inner).poll_frame(cx);
+        match &mut r {
             Poll::Ready(Some(Ok(frame))) => {
-                if let Some(data) = frame.data_ref() {
+                if let Some(data) = frame.data_mut() {
                     this.counter.inc_by(data.len() as u64);
+                    if let Some(budget) = &this.budget {
+                        *data = budget.charge(std::mem::take(data));
+                    }
                 }
             }
             Poll::Ready(Some(Err(e))) => {
@@ -84,6 +97,78 @@ where
 
     fn size_hint(&self) -> hyper::body::SizeHint {
         self.inner.size_hint()
+    }
+}
+
+/// Response data one h2 app connection may hold in memory at once: taken from the upstream but
+/// not yet written to the app's socket (hyper's per-stream queues, h2's send buffers). With the
+/// lane's connection window on the other side, an app that never reads costs about 1 MiB
+/// however many streams it opens; an app that reads is never held back by it.
+const H2_APP_HELD: usize = 512 * 1024;
+
+/// The bytes of [`H2_APP_HELD`] in use on one app connection, and the streams waiting for room.
+#[derive(Default)]
+struct Budget {
+    live: AtomicUsize,
+    waiting: std::sync::Mutex<Vec<Waker>>,
+}
+
+impl Budget {
+    /// Ready when the connection holds less than [`H2_APP_HELD`]; otherwise the stream is
+    /// woken when data it or another stream handed on has been written or dropped.
+    fn poll_room(&self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.live.load(Ordering::SeqCst) < H2_APP_HELD {
+            return Poll::Ready(());
+        }
+        let Ok(mut waiting) = self.waiting.lock() else {
+            return Poll::Ready(());
+        };
+        // Checked again under the lock: a release in between has already woken the list.
+        if self.live.load(Ordering::SeqCst) < H2_APP_HELD {
+            return Poll::Ready(());
+        }
+        if !waiting.iter().any(|w| w.will_wake(cx.waker())) {
+            waiting.push(cx.waker().clone());
+        }
+        Poll::Pending
+    }
+
+    /// `data`, charged to the budget until the last copy of it is dropped.
+    fn charge(self: &Arc<Self>, data: Bytes) -> Bytes {
+        self.live.fetch_add(data.len(), Ordering::SeqCst);
+        Bytes::from_owner(Charged {
+            data,
+            budget: self.clone(),
+        })
+    }
+
+    fn release(&self, n: usize) {
+        let left = self.live.fetch_sub(n, Ordering::SeqCst) - n;
+        if left < H2_APP_HELD
+            && let Ok(mut waiting) = self.waiting.lock()
+        {
+            for w in waiting.drain(..) {
+                w.wake();
+            }
+        }
+    }
+}
+
+/// Response data in hyper's hands, charged to its connection's [`Budget`].
+struct Charged {
+    data: Bytes,
+    budget: Arc<Budget>,
+}
+
+impl AsRef<[u8]> for Charged {
+    fn as_ref(&self) -> &[u8] {
+        &self.data
+    }
+}
+
+impl Drop for Charged {
+    fn drop(&mut self) {
+        self.budget.release(self.data.len());
     }
 }
 
@@ -185,6 +270,22 @@ const H2_PING_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30)
 /// noticed within 50 s, even while the connection sits idle in the pool.
 const H2_PING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
 
+/// An h2 app connection's own upstream h2 connection (its lane, see [`Lane`]): what all its
+/// streams together may hold unread (the connection window) and each one alone (the stream
+/// window). 512 KiB still moves about 10 MB/s per app connection at 50 ms round trip.
+const LANE_CONN_WINDOW: u32 = 512 * 1024;
+const LANE_STREAM_WINDOW: u32 = 128 * 1024;
+
+/// Requests of one h2 app connection that may be at an HTTP/1.1 upstream at once; the others
+/// wait their turn, as a browser's seventh request to one host does. Each holds an upstream
+/// connection (about 180 KiB while the app does not read its answer).
+const LANE_H1_EXCHANGES: usize = 6;
+
+/// What the route last learned the upstream speaks (from ALPN at each dial); 0 before the
+/// first dial.
+const SPEAKS_H1: u8 = 1;
+const SPEAKS_H2: u8 = 2;
+
 /// The route's HTTP side: the pool in force and what requests are rewritten with.
 pub struct HttpRoute {
     ctx: Arc<RouteCtx>,
@@ -196,6 +297,84 @@ pub struct HttpRoute {
     /// `--pool-max-connections` permits, shared by the pools of every identity: a connection
     /// holds one until it closes, so a reload does not double the bound.
     slots: Arc<Semaphore>,
+    /// `SPEAKS_*`: what the last dial's ALPN agreed.
+    speaks: Arc<Speaks>,
+}
+
+/// What the upstream speaks, as the last dial's ALPN agreed (`SPEAKS_*`), and a signal for
+/// requests that wait for a turn while it is not known yet.
+#[derive(Default)]
+struct Speaks {
+    alpn: AtomicU8,
+    learned: Notify,
+}
+
+impl Speaks {
+    fn get(&self) -> u8 {
+        self.alpn.load(Ordering::Relaxed)
+    }
+
+    fn set(&self, h2: bool) {
+        let now = if h2 { SPEAKS_H2 } else { SPEAKS_H1 };
+        if self.alpn.swap(now, Ordering::Relaxed) != now {
+            self.learned.notify_waiters();
+        }
+    }
+}
+
+/// Receive windows of a pool's upstream h2 connections.
+#[derive(Clone, Copy)]
+struct Windows {
+    stream: u32,
+    conn: u32,
+    h2_only: bool,
+}
+
+/// The shared pool's windows.
+const SHARED: Windows = Windows {
+    stream: UPSTREAM_H2_STREAM_WINDOW,
+    conn: UPSTREAM_H2_CONN_WINDOW,
+    h2_only: false,
+};
+
+/// A lane's windows.
+const LANE: Windows = Windows {
+    stream: LANE_STREAM_WINDOW,
+    conn: LANE_CONN_WINDOW,
+    h2_only: true,
+};
+
+/// What one h2 app connection may hold upstream. On the shared pool each of its up to 100
+/// streams would pin an upstream stream window (h2 upstream: 256 KiB each) or a whole upstream
+/// connection (HTTP/1.1 upstream) while the app does not read, about 20 MiB in all. So an h2
+/// app connection gets, towards an h2 upstream, an upstream connection of its own whose
+/// connection window bounds all its streams together, and towards an HTTP/1.1 upstream at most
+/// [`LANE_H1_EXCHANGES`] requests at once on the shared pool. HTTP/1.1 app connections carry
+/// one request at a time and use the shared pool directly.
+/// On the app side, what its streams hold is bounded by its [`Budget`].
+struct Lane {
+    h1_exchanges: Arc<Semaphore>,
+    pool: std::sync::Mutex<Option<Arc<Pool>>>,
+    budget: Arc<Budget>,
+}
+
+impl Lane {
+    fn new() -> Self {
+        Lane {
+            h1_exchanges: Arc::new(Semaphore::new(LANE_H1_EXCHANGES)),
+            pool: std::sync::Mutex::new(None),
+            budget: Arc::default(),
+        }
+    }
+
+    /// After a reload: drop the pool made with the old identity, so its idle connection closes
+    /// now (busy ones finish their requests first) instead of lingering with a replaced
+    /// certificate.
+    fn retire(&self) {
+        if let Ok(mut pool) = self.pool.lock() {
+            pool.take();
+        }
+    }
 }
 
 struct Pool {
@@ -220,9 +399,11 @@ impl HttpRoute {
         };
         let config = ctx.identity.current();
         let slots = Arc::new(Semaphore::new(ctx.route.http.pool_max_connections));
-        let pool = Pool::new(&ctx, config, &slots);
+        let speaks = Arc::new(Speaks::default());
+        let pool = Pool::new(&ctx, config, &slots, &speaks, SHARED);
         HttpRoute {
             slots,
+            speaks,
             authority: HeaderValue::from_str(&authority)
                 .unwrap_or(HeaderValue::from_static("localhost")),
             // The server name was validated at startup; the fallback only keeps this total.
@@ -254,16 +435,68 @@ impl HttpRoute {
         if Arc::ptr_eq(&current.config, &config) {
             return current.client.clone();
         }
-        let fresh = Arc::new(Pool::new(&self.ctx, config, &self.slots));
+        let fresh = Arc::new(Pool::new(
+            &self.ctx,
+            config,
+            &self.slots,
+            &self.speaks,
+            SHARED,
+        ));
         let client = fresh.client.clone();
         debug!(route = %self.ctx.route.name, "new identity: new upstream pool; idle connections of the old one close");
         self.pool.store(fresh);
         client
     }
+
+    /// The client for one request of an h2 app connection, with the permit it must hold until
+    /// its response ends (HTTP/1.1 upstream; see [`Lane`]). The lane's own pool is made at its
+    /// first request and again after a reload.
+    async fn lane_client(
+        &self,
+        lane: &Lane,
+    ) -> (
+        Client<Connector, Moving<Counted<Incoming>>>,
+        Option<OwnedSemaphorePermit>,
+    ) {
+        while self.speaks.get() != SPEAKS_H2 {
+            // Unknown counts as HTTP/1.1 until a dial has told (no lane is opened for nothing),
+            // but a request waiting for its turn goes on in the lane as soon as it is known.
+            let learned = self.speaks.learned.notified();
+            tokio::pin!(learned);
+            learned.as_mut().enable();
+            if self.speaks.get() == SPEAKS_H2 {
+                break;
+            }
+            tokio::select! {
+                // The semaphore is never closed.
+                permit = lane.h1_exchanges.clone().acquire_owned() => {
+                    return (self.client(), permit.ok());
+                }
+                () = &mut learned => {}
+            }
+        }
+        let config = self.ctx.identity.current();
+        let Ok(mut pool) = lane.pool.lock() else {
+            return (self.client(), None);
+        };
+        if let Some(p) = pool.as_ref().filter(|p| Arc::ptr_eq(&p.config, &config)) {
+            return (p.client.clone(), None);
+        }
+        let fresh = Pool::new(&self.ctx, config, &self.slots, &self.speaks, LANE);
+        let client = fresh.client.clone();
+        *pool = Some(Arc::new(fresh));
+        (client, None)
+    }
 }
 
 impl Pool {
-    fn new(ctx: &Arc<RouteCtx>, config: Arc<ClientConfig>, slots: &Arc<Semaphore>) -> Self {
+    fn new(
+        ctx: &Arc<RouteCtx>,
+        config: Arc<ClientConfig>,
+        slots: &Arc<Semaphore>,
+        speaks: &Arc<Speaks>,
+        windows: Windows,
+    ) -> Self {
         let http = &ctx.route.http;
         let client = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
@@ -273,15 +506,19 @@ impl Pool {
             // A request on a pooled connection that closed before the request was written is
             // sent again on a fresh one (the upstream never saw it).
             .retry_canceled_requests(true)
-            .http2_initial_stream_window_size(UPSTREAM_H2_STREAM_WINDOW)
-            .http2_initial_connection_window_size(UPSTREAM_H2_CONN_WINDOW)
+            .http2_initial_stream_window_size(windows.stream)
+            .http2_initial_connection_window_size(windows.conn)
             .http2_keep_alive_interval(H2_PING_INTERVAL)
             .http2_keep_alive_timeout(H2_PING_TIMEOUT)
             .http2_keep_alive_while_idle(true)
+            // A lane is only opened to an upstream known to speak h2. Saying so makes
+            // concurrent first requests wait for one connection instead of each dialing its own.
+            .http2_only(windows.h2_only)
             .build(Connector {
                 ctx: ctx.clone(),
                 config: config.clone(),
                 slots: slots.clone(),
+                speaks: speaks.clone(),
             });
         Pool { config, client }
     }
@@ -294,6 +531,7 @@ struct Connector {
     ctx: Arc<RouteCtx>,
     config: Arc<ClientConfig>,
     slots: Arc<Semaphore>,
+    speaks: Arc<Speaks>,
 }
 
 impl tower_service::Service<Uri> for Connector {
@@ -309,6 +547,7 @@ impl tower_service::Service<Uri> for Connector {
         let ctx = self.ctx.clone();
         let config = self.config.clone();
         let slots = self.slots.clone();
+        let speaks = self.speaks.clone();
         Box::pin(async move {
             // Waiting for a slot is bounded like a dial; meanwhile the pool hands this request
             // any connection that falls idle.
@@ -333,6 +572,7 @@ impl tower_service::Service<Uri> for Connector {
                         m.upstream_leaf(leaf);
                     }
                     let h2 = conn.alpn_protocol() == Some(b"h2");
+                    speaks.set(h2);
                     m.connection_finished(None);
                     Ok(UpstreamIo {
                         io: TokioIo::new(c.stream),
@@ -565,6 +805,7 @@ impl HttpRoute {
     async fn forward(
         self: Arc<Self>,
         mut req: Request<Incoming>,
+        lane: Arc<Lane>,
     ) -> Result<Response<Body>, Infallible> {
         if is_upgrade(&req) {
             return Ok(self.upgrade(req).await);
@@ -608,6 +849,7 @@ impl HttpRoute {
             use hyper::body::Body as _;
             !req.body().is_end_stream() && req.body().size_hint().exact().is_none()
         };
+        let app_h2 = req.version() == Version::HTTP_2;
         *req.uri_mut() = uri;
         *req.version_mut() = Version::HTTP_11;
         strip_hop_by_hop(req.headers_mut(), false);
@@ -628,10 +870,17 @@ impl HttpRoute {
                 inner,
                 counter: m.bytes_to_upstream.clone(),
                 upstream_of: None,
+                _exchange: None,
+                budget: None,
             };
             Moving::new(counted, idle)
         });
-        let resp = match self.client().request(req).await {
+        let (client, exchange) = if app_h2 {
+            self.lane_client(&lane).await
+        } else {
+            (self.client(), None)
+        };
+        let resp = match client.request(req).await {
             Ok(r) => r,
             Err(e) => return Ok(self.unserved(classify(&e, &self.ctx.server_name))),
         };
@@ -659,6 +908,8 @@ impl HttpRoute {
             inner: body,
             counter: m.bytes_from_upstream.clone(),
             upstream_of: Some(self.ctx.clone()),
+            _exchange: exchange,
+            budget: app_h2.then(|| lane.budget.clone()),
         };
         Ok(self.answer(Response::from_parts(parts, body.boxed())))
     }
@@ -894,13 +1145,16 @@ where
         .max_pending_accept_reset_streams(H2_MAX_PENDING_RESETS)
         .max_local_error_reset_streams(H2_MAX_LOCAL_RESETS);
     let tunnel = TunnelSlot::default();
+    let lane = Arc::new(Lane::new());
+    let mut generations = route.ctx.identity.subscribe();
     let (r, w, slot) = (route.clone(), watch.clone(), tunnel.clone());
+    let l = lane.clone();
     let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
         let open = w.request(req.version());
         req.extensions_mut().insert(slot.clone());
-        let r = r.clone();
+        let (r, lane) = (r.clone(), l.clone());
         async move {
-            let resp = r.forward(req).await?;
+            let resp = r.forward(req, lane).await?;
             Ok::<_, Infallible>(resp.map(|inner| Tracked { inner, _open: open }))
         }
     });
@@ -943,6 +1197,7 @@ where
             }
             _ = cut.cancelled() => return End::Cut,
             () = watch.moved_earlier() => {}
+            Ok(()) = generations.changed() => lane.retire(),
             _ = timer.as_mut(), if wake.is_some() => {
                 if closing.is_some_and(|c| c <= tokio::time::Instant::now()) {
                     return End::Timeout(Expired::Idle);

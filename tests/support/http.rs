@@ -939,7 +939,8 @@ pub async fn h1_call(addr: SocketAddr, req: Request<Body>) -> Reply {
     H1Client::connect(addr).await.call(req).await
 }
 
-/// An h2c (prior knowledge) connection to the proxy.
+/// An h2c (prior knowledge) connection to the proxy; clones share it.
+#[derive(Clone)]
 pub struct H2Client {
     pub sender: hyper::client::conn::http2::SendRequest<Body>,
 }
