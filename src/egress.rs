@@ -19,7 +19,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio_rustls::client::TlsStream;
 
 use crate::bufio::{LazyBufTcp, Pending};
-use crate::upstream::{Class, Failure, escape};
+use crate::failure::{Class, Failure, escape};
 
 /// Longest CONNECT answer header accepted; more is not a proxy talking.
 pub const MAX_ANSWER: usize = 16 * 1024;

@@ -38,6 +38,7 @@ pub mod config;
 pub mod config_file;
 pub mod demo;
 pub mod egress;
+pub mod failure;
 pub mod listen;
 pub mod metrics;
 pub mod notify;

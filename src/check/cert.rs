@@ -8,8 +8,8 @@ use x509_parser::prelude::FromDer;
 use x509_parser::public_key::PublicKey;
 use x509_parser::x509::X509Name;
 
+use crate::failure::escape;
 use crate::tls::identity::{CertInfo, rfc3339};
-use crate::upstream::escape;
 
 const DAY: i64 = 86_400;
 
@@ -40,7 +40,7 @@ impl Summary {
             not_after: rfc3339(info.not_after),
             not_before_unix: info.not_before,
             not_after_unix: info.not_after,
-            // Names come from the peer: printed escaped (see `upstream::escape`).
+            // Names come from the peer: printed escaped (see `failure::escape`).
             subject: escape(&info.subject).into_owned(),
             issuer: escape(&info.issuer).into_owned(),
             sans: info.sans.iter().map(|n| escape(n).into_owned()).collect(),

@@ -20,10 +20,11 @@ use tokio::time::{Instant, timeout_at};
 use crate::bufio::LazyBufTcp;
 use crate::config::{Route, Via};
 use crate::egress::Transport;
+use crate::failure::Failure;
 use crate::resolve::{self, ConnectEnd, Resolver};
 use crate::tls::identity::{self, Loaded};
 use crate::tls::load::Material;
-use crate::upstream::{self, Failure};
+use crate::upstream;
 
 /// How long to wait after a TLS 1.3 handshake for the upstream's verdict on our certificate,
 /// which arrives only after our side is done. A session ticket or data ends the wait early.

@@ -3,7 +3,7 @@
 use rustls::{AlertDescription, CertificateError};
 
 use super::cert::{self, Names, Summary};
-use crate::upstream::{Class, classify_tls};
+use crate::failure::{Class, classify_tls};
 
 /// Where the upstream's chain must lead.
 #[derive(Debug, Clone)]

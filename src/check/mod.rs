@@ -15,9 +15,10 @@ use serde::Serialize;
 
 use crate::cli::CheckFormat;
 use crate::config::{Config, IdentitySource, Route, Via};
+use crate::failure::{Class, Failure, classify_io};
 use crate::tls::identity::{self, now_unix};
 use crate::tls::load;
-use crate::upstream::{Class, Failure, classify_io, server_name_str};
+use crate::upstream::server_name_str;
 use cert::{Hint, Names, Summary};
 use dial::Outcome;
 use explain::{Context, Trust};
@@ -484,8 +485,8 @@ fn out(text: &str) {
     let text: String = text
         .split_inclusive('\n')
         .map(|line| match line.strip_suffix('\n') {
-            Some(l) => format!("{}\n", crate::upstream::escape(l)),
-            None => crate::upstream::escape(line).into_owned(),
+            Some(l) => format!("{}\n", crate::failure::escape(l)),
+            None => crate::failure::escape(line).into_owned(),
         })
         .collect();
     let mut stdout = std::io::stdout().lock();

@@ -33,7 +33,8 @@ use tracing::{debug, info, warn};
 use super::RouteCtx;
 use super::framing;
 use super::watch::{ConnWatch, Expired, InFlight, Watched};
-use crate::upstream::{self, Class, Failure};
+use crate::failure::{self, Class, Failure};
+use crate::upstream;
 
 type Body = BoxBody<Bytes, hyper::Error>;
 
@@ -782,7 +783,7 @@ fn classify(e: &(dyn std::error::Error + 'static), server_name: &str) -> Unserve
             return Unserved::PoolFull(p.to_string());
         }
         if let Some(io) = err.downcast_ref::<std::io::Error>() {
-            return Unserved::Failed(upstream::classify_io(io, server_name));
+            return Unserved::Failed(failure::classify_io(io, server_name));
         }
         if let Some(h) = err.downcast_ref::<hyper::Error>()
             && (h.is_incomplete_message() || h.is_canceled() || h.is_closed())

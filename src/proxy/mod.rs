@@ -18,10 +18,11 @@ use tracing::{info, warn};
 use crate::bufio::AppStream;
 use crate::cli::Mode;
 use crate::config::Route;
+use crate::failure::{Class, Failure};
 use crate::listen::{self, Conn, Listener, LogLimit};
 use crate::metrics::RouteMetrics;
 use crate::tls::identity::Identity;
-use crate::upstream::{self, Class, Failure};
+use crate::upstream;
 
 /// Everything a connection of one route needs, shared by all of them.
 #[derive(Debug)]

@@ -27,8 +27,9 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
 use crate::bufio::{AppStream, READ_CHUNK, read_clearing};
+use crate::failure::{Class, Failure, classify_io};
 use crate::metrics::RouteMetrics;
-use crate::upstream::{Class, Failure, Upstream, classify_io};
+use crate::upstream::Upstream;
 
 /// Bytes moved per read. With one chunk at most pending per direction, this bounds what a
 /// connection whose app stopped reading pins (see the module doc).
