@@ -20,7 +20,7 @@ use tracing::{info, warn};
 use crate::listen::LogLimit;
 use crate::metrics::Metrics;
 use crate::proxy::RouteCtx;
-use crate::tls::identity::{now_unix, rfc3339};
+use crate::tls::cert::{now_unix, rfc3339};
 use crate::tls::reload::Stats;
 
 /// What the endpoints read.

@@ -124,7 +124,7 @@ impl App {
                 let leaf = &loaded.leaf;
                 info!(
                     route = %route.name, subject = ?leaf.subject, issuer = ?leaf.issuer,
-                    serial = %leaf.serial, not_after = %identity::rfc3339(leaf.not_after),
+                    serial = %leaf.serial, not_after = %crate::tls::cert::rfc3339(leaf.not_after),
                     "client identity loaded"
                 );
                 let gauges = members

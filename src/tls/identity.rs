@@ -4,18 +4,16 @@
 //! bring a fresh config and with it a fresh session cache).
 
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
 use rustls::client::danger::ServerCertVerifier;
 use rustls::client::{ResolvesClientCert, WebPkiServerVerifier};
-use rustls::crypto::CryptoProvider;
-use rustls::pki_types::CertificateDer;
 use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, SignatureScheme};
-use sha2::Digest as _;
 
+use super::cert::CertInfo;
 use super::load;
+use super::provider;
 use super::verify::UpstreamVerifier;
 use crate::cli::{Mode, TlsMin};
 use crate::config::{IdentitySource, Route};
@@ -26,94 +24,6 @@ pub enum Error {
     Load(#[from] load::Error),
     #[error("cannot build the TLS client configuration: {0}")]
     Build(String),
-}
-
-/// What an operator wants to know about a loaded client certificate.
-#[derive(Debug, Clone)]
-pub struct CertInfo {
-    pub subject: String,
-    pub issuer: String,
-    /// Lowercase hex without separators.
-    pub serial: String,
-    /// Unix seconds.
-    pub not_before: i64,
-    /// Unix seconds.
-    pub not_after: i64,
-    /// Subject alternative names as `DNS:…`, `IP:…`, `URI:…`, `email:…`.
-    pub sans: Vec<String>,
-    /// SHA-256 of the DER, lowercase hex.
-    pub sha256_fingerprint: String,
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-impl CertInfo {
-    pub fn parse(der: &CertificateDer<'_>) -> Option<Self> {
-        let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
-        Some(CertInfo {
-            subject: cert.subject().to_string(),
-            issuer: cert.issuer().to_string(),
-            serial: hex(cert.raw_serial()),
-            not_before: cert.validity().not_before.timestamp(),
-            not_after: cert.validity().not_after.timestamp(),
-            sans: sans(&cert),
-            sha256_fingerprint: hex(&sha2::Sha256::digest(der.as_ref())),
-        })
-    }
-
-    /// `Err` with a description when `now` is outside the validity period.
-    pub fn check_validity(&self, now: i64) -> Result<(), String> {
-        if now > self.not_after {
-            Err(format!("expired at {}", rfc3339(self.not_after)))
-        } else if now < self.not_before {
-            Err(format!("not valid before {}", rfc3339(self.not_before)))
-        } else {
-            Ok(())
-        }
-    }
-}
-
-fn sans(cert: &x509_parser::certificate::X509Certificate<'_>) -> Vec<String> {
-    use x509_parser::extensions::GeneralName;
-    let Ok(Some(ext)) = cert.subject_alternative_name() else {
-        return Vec::new();
-    };
-    ext.value
-        .general_names
-        .iter()
-        .map(|n| match n {
-            GeneralName::DNSName(d) => format!("DNS:{d}"),
-            GeneralName::URI(u) => format!("URI:{u}"),
-            GeneralName::RFC822Name(e) => format!("email:{e}"),
-            GeneralName::IPAddress(b) => match b.len() {
-                4 => format!(
-                    "IP:{}",
-                    std::net::Ipv4Addr::from(<[u8; 4]>::try_from(*b).unwrap_or_default())
-                ),
-                16 => format!(
-                    "IP:{}",
-                    std::net::Ipv6Addr::from(<[u8; 16]>::try_from(*b).unwrap_or_default())
-                ),
-                _ => format!("IP:{}", hex(b)),
-            },
-            other => format!("{other}"),
-        })
-        .collect()
-}
-
-/// RFC 3339 in UTC for a Unix timestamp.
-pub fn rfc3339(unix: i64) -> String {
-    let t = UNIX_EPOCH + std::time::Duration::from_secs(unix.max(0) as u64);
-    humantime::format_rfc3339_seconds(t).to_string()
-}
-
-pub fn now_unix() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
 }
 
 /// Always presents the one loaded identity. A resolver of our own (rather than
@@ -129,26 +39,6 @@ impl ResolvesClientCert for FixedIdentity {
     fn has_certs(&self) -> bool {
         true
     }
-}
-
-/// The crypto provider every TLS object of the program uses: aws-lc-rs with its default
-/// suites and key exchange (X25519MLKEM768 first), but AES-128-GCM offered before AES-256-GCM,
-/// as browsers and Go's crypto/tls do. AES-128 is not a weak choice, and it decrypts about 15%
-/// faster, which shows directly in CPU per byte of a bulk transfer (see README, "Performance").
-pub fn provider() -> Arc<CryptoProvider> {
-    let mut p = rustls::crypto::aws_lc_rs::default_provider();
-    p.cipher_suites.sort_by_key(|s| {
-        let name = format!("{:?}", s.suite());
-        let aes_rank = if name.contains("AES_128") {
-            0
-        } else if name.contains("AES_256") {
-            1
-        } else {
-            2
-        };
-        (s.tls13().is_none(), aes_rank)
-    });
-    Arc::new(p)
 }
 
 /// A fully built client configuration and what it was built from.
@@ -294,32 +184,5 @@ impl Identity {
     /// Ticks after every publish.
     pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
         self.generation.subscribe()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn aes_128_gcm_is_offered_first_in_each_version() {
-        let names: Vec<String> = provider()
-            .cipher_suites
-            .iter()
-            .map(|s| format!("{:?}", s.suite()))
-            .collect();
-        assert_eq!(names[0], "TLS13_AES_128_GCM_SHA256", "{names:?}");
-        let first12 = names.iter().position(|n| !n.starts_with("TLS13")).unwrap();
-        assert!(names[first12].contains("AES_128_GCM"), "{names:?}");
-        assert!(
-            names[..first12].iter().all(|n| n.starts_with("TLS13")),
-            "{names:?}"
-        );
-        assert_eq!(
-            names.len(),
-            rustls::crypto::aws_lc_rs::default_provider()
-                .cipher_suites
-                .len()
-        );
     }
 }

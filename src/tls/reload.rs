@@ -21,7 +21,8 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use super::identity::{self, Identity, Loaded, now_unix, rfc3339};
+use super::cert::{now_unix, rfc3339};
+use super::identity::{self, Identity, Loaded};
 use super::load::Material;
 use crate::config::Route;
 
