@@ -26,12 +26,12 @@ pub enum Error {
     Build(String),
 }
 
-/// Always presents the one loaded identity. A resolver of our own (rather than
+/// Always presents the one loaded client certificate and key. A resolver of our own (rather than
 /// `with_client_auth_cert`) is where the CA names the upstream asks for become visible.
 #[derive(Debug)]
-struct FixedIdentity(Arc<CertifiedKey>);
+struct FixedClientCert(Arc<CertifiedKey>);
 
-impl ResolvesClientCert for FixedIdentity {
+impl ResolvesClientCert for FixedClientCert {
     fn resolve(&self, _hints: &[&[u8]], _schemes: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
         Some(self.0.clone())
     }
@@ -41,11 +41,14 @@ impl ResolvesClientCert for FixedIdentity {
     }
 }
 
-/// A fully built client configuration and what it was built from.
-#[derive(Debug)]
+/// A fully built client configuration and what it was built from: one generation of a
+/// route's identity, published whole and never changed afterwards.
+#[derive(Debug, Clone)]
 pub struct Loaded {
+    /// What every new upstream connection is made with.
     pub config: Arc<ClientConfig>,
-    pub leaf: CertInfo,
+    /// The client certificate inside `config`, described for `/status`, metrics and logs.
+    pub leaf: Arc<CertInfo>,
     /// Digest of every file's content, to tell a later change from none.
     pub digest: [u8; 32],
     /// Secret files readable by group or others (flag, path, mode), warned about by reload.
@@ -91,7 +94,7 @@ pub fn upstream_verifier(
 pub fn build_from(route: &Route, material: &load::Material) -> Result<Loaded, Error> {
     let (chain, key) = material.identity()?;
     let main_file = route.tls.identity.main_file();
-    let leaf = CertInfo::parse(&chain[0]).ok_or_else(|| {
+    let leaf = CertInfo::parse(&chain[0]).map(Arc::new).ok_or_else(|| {
         Error::Build(format!(
             "{}: the leaf certificate cannot be parsed",
             main_file.display()
@@ -127,7 +130,7 @@ pub fn build_from(route: &Route, material: &load::Material) -> Result<Loaded, Er
         .map_err(|e| Error::Build(e.to_string()))?
         .dangerous()
         .with_custom_certificate_verifier(verifier)
-        .with_client_cert_resolver(Arc::new(FixedIdentity(Arc::new(certified))));
+        .with_client_cert_resolver(Arc::new(FixedClientCert(Arc::new(certified))));
     config.alpn_protocols = match route.mode {
         Mode::Tcp => route.alpn.clone(),
         // The pool speaks whichever the upstream picks.
@@ -149,9 +152,10 @@ pub fn build_from(route: &Route, material: &load::Material) -> Result<Loaded, Er
 /// and keep it for their lifetime; publishing a new one never touches open connections.
 #[derive(Debug)]
 pub struct Identity {
-    current: ArcSwap<ClientConfig>,
-    leaf: ArcSwap<CertInfo>,
-    /// Bumped at every publish, for those who must act on a new identity at once (HTTP mode
+    /// Everything one build produced, behind one pointer: a reader gets the leaf and the
+    /// client config of the same generation, never the new leaf beside the old config.
+    in_force: ArcSwap<Loaded>,
+    /// Bumped after every publish, for those who must act on a new identity at once (HTTP mode
     /// closes the idle pooled connections of the old one).
     generation: tokio::sync::watch::Sender<u64>,
 }
@@ -159,30 +163,124 @@ pub struct Identity {
 impl Identity {
     pub fn new(loaded: &Loaded) -> Self {
         Identity {
-            current: ArcSwap::new(loaded.config.clone()),
-            leaf: ArcSwap::from_pointee(loaded.leaf.clone()),
+            in_force: ArcSwap::from_pointee(loaded.clone()),
             generation: tokio::sync::watch::Sender::new(0),
         }
     }
 
+    /// The whole generation in force, for a reader that needs more than one part of it.
+    pub fn loaded(&self) -> Arc<Loaded> {
+        self.in_force.load_full()
+    }
+
+    /// The client configuration in force.
     pub fn current(&self) -> Arc<ClientConfig> {
-        self.current.load_full()
+        self.in_force.load().config.clone()
     }
 
     /// The leaf certificate of the identity in force.
     pub fn leaf(&self) -> Arc<CertInfo> {
-        self.leaf.load_full()
+        self.in_force.load().leaf.clone()
     }
 
-    /// Make `loaded` the identity for every new connection, in one step.
-    pub fn publish(&self, loaded: &Loaded) {
-        self.leaf.store(Arc::new(loaded.leaf.clone()));
-        self.current.store(loaded.config.clone());
+    /// Make `loaded` the identity for every new connection, in one step. Subscribers hear of
+    /// it only after the store, so one who wakes up reads the new generation.
+    pub fn publish(&self, loaded: Arc<Loaded>) {
+        self.in_force.store(loaded);
         self.generation.send_modify(|g| *g += 1);
     }
 
     /// Ticks after every publish.
     pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
         self.generation.subscribe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use rustls::RootCertStore;
+
+    use super::*;
+    use crate::pki::DevPki;
+
+    /// A generation of its own: a fresh client certificate, `tag` as its digest.
+    fn generation(tag: u8) -> Arc<Loaded> {
+        let pki = DevPki::generate().unwrap();
+        let file = |flag, body: &str| load::FileBytes {
+            flag,
+            path: flag.into(),
+            bytes: body.as_bytes().to_vec().into(),
+            mode: 0o600,
+        };
+        let chain = load::certificates(&file("--cert", &pki.client)).unwrap();
+        let key = load::private_key(&file("--key", &pki.client_key), None).unwrap();
+        let leaf = Arc::new(CertInfo::parse(&chain[0]).unwrap());
+        let certified = CertifiedKey::from_der(chain, key, &provider()).unwrap();
+        let config = ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(RootCertStore::empty())
+            .with_client_cert_resolver(Arc::new(FixedClientCert(Arc::new(certified))));
+        Arc::new(Loaded {
+            config: Arc::new(config),
+            leaf,
+            digest: [tag; 32],
+            loose_permissions: Vec::new(),
+            crl_next_updates: Vec::new(),
+        })
+    }
+
+    /// The serial of the certificate the config would present, and the digest and leaf serial
+    /// the same snapshot names: equal when the snapshot is one generation.
+    fn parts(loaded: &Loaded) -> (String, [u8; 32], String) {
+        let presented = loaded
+            .config
+            .client_auth_cert_resolver
+            .resolve(&[], &[])
+            .unwrap();
+        let serial = CertInfo::parse(&presented.cert[0]).unwrap().serial;
+        (serial, loaded.digest, loaded.leaf.serial.clone())
+    }
+
+    #[test]
+    fn readers_never_see_two_generations_mixed() {
+        let (a, b) = (generation(1), generation(2));
+        assert_ne!(a.leaf.serial, b.leaf.serial);
+        let expected = |digest: [u8; 32]| if digest == a.digest { &a } else { &b };
+        let identity = Identity::new(&a);
+        let done = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                for i in 0..20_000 {
+                    identity.publish(if i % 2 == 0 { b.clone() } else { a.clone() });
+                }
+                done.store(true, Ordering::Release);
+            });
+            let mut reads = 0;
+            while !done.load(Ordering::Acquire) || reads == 0 {
+                let seen = identity.loaded();
+                let (presented, digest, leaf) = parts(&seen);
+                let whole = expected(digest);
+                assert_eq!(presented, whole.leaf.serial, "config of another generation");
+                assert_eq!(leaf, whole.leaf.serial, "leaf of another generation");
+                reads += 1;
+            }
+        });
+    }
+
+    #[test]
+    fn subscribers_wake_to_the_new_generation() {
+        let (a, b) = (generation(1), generation(2));
+        let identity = Identity::new(&a);
+        let mut ticks = identity.subscribe();
+        assert!(!ticks.has_changed().unwrap());
+        identity.publish(b.clone());
+        assert!(ticks.has_changed().unwrap());
+        assert_eq!(*ticks.borrow_and_update(), 1);
+        assert!(Arc::ptr_eq(&identity.loaded(), &b));
+        assert!(Arc::ptr_eq(&identity.current(), &b.config));
+        assert_eq!(identity.leaf().serial, b.leaf.serial);
     }
 }

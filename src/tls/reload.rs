@@ -257,7 +257,8 @@ impl Reloader {
                     self.reported = Some(Ok(digest));
                     return;
                 }
-                self.identity.publish(&loaded);
+                let loaded = Arc::new(loaded);
+                self.identity.publish(loaded.clone());
                 self.crl_next_updates = loaded.crl_next_updates.clone();
                 self.crl_logged = None;
                 for g in &self.expiry_gauges {
