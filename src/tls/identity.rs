@@ -204,18 +204,18 @@ mod tests {
 
     use super::*;
     use crate::pki::DevPki;
+    use crate::tls::file::test_file as file;
 
     /// A generation of its own: a fresh client certificate, `tag` as its digest.
     fn generation(tag: u8) -> Arc<Loaded> {
         let pki = DevPki::generate().unwrap();
-        let file = |flag, body: &str| load::FileBytes {
-            flag,
-            path: flag.into(),
-            bytes: body.as_bytes().to_vec().into(),
-            mode: 0o600,
-        };
-        let chain = load::certificates(&file("--cert", &pki.client)).unwrap();
-        let key = load::private_key(&file("--key", &pki.client_key), None).unwrap();
+        let chain =
+            load::certificates(&file("--cert", "client.pem", pki.client.as_bytes())).unwrap();
+        let key = load::private_key(
+            &file("--key", "client-key.pem", pki.client_key.as_bytes()),
+            None,
+        )
+        .unwrap();
         let leaf = Arc::new(CertInfo::parse(&chain[0]).unwrap());
         let certified = CertifiedKey::from_der(chain, key, &provider()).unwrap();
         let config = ClientConfig::builder_with_provider(provider())

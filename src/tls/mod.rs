@@ -2,7 +2,9 @@
 //! reloading, and the one crypto provider all of them use.
 
 pub mod cert;
+pub mod file;
 pub mod identity;
+pub mod keys;
 pub mod load;
 pub mod reload;
 pub mod verify;
