@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use rustls::pki_types::pem;
 use zeroize::Zeroizing;
 
+/// Why certificate material (or any file read with [`read_bounded`]) cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("cannot read {flag} {}: {source}", path.display())]
@@ -244,8 +245,11 @@ fn pem_problem(bytes: &[u8], e: &pem::Error) -> String {
 /// wiped from memory when the last copy is dropped (they may be a key or a password).
 #[derive(Clone)]
 pub struct FileBytes {
+    /// The flag that named the file (`--key`), so an error says which setting to fix.
     pub flag: &'static str,
+    /// The file as given, for error messages and the content digest.
     pub path: PathBuf,
+    /// The whole content, as read at one moment.
     pub bytes: Zeroizing<Vec<u8>>,
     /// Permission bits when read: a key readable by others is warned about.
     pub mode: u32,

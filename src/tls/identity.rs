@@ -18,6 +18,7 @@ use super::verify::UpstreamVerifier;
 use crate::cli::{Mode, TlsMin};
 use crate::config::{IdentitySource, Route};
 
+/// Why a route's client configuration cannot be built.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(transparent)]

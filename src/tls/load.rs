@@ -33,8 +33,11 @@ pub enum IdentityBytes {
 /// Every file of a route's TLS configuration, read at one moment.
 #[derive(Debug, Clone)]
 pub struct Material {
+    /// The client certificate and key, or the PKCS#12 file, with any password file.
     pub identity: IdentityBytes,
+    /// `--ca`; `None` trusts the system store.
     pub ca: Option<FileBytes>,
+    /// Every `--crl`, in the order given.
     pub crls: Vec<FileBytes>,
 }
 
