@@ -18,7 +18,7 @@ use crate::metrics::Metrics;
 use crate::notify;
 use crate::proxy::{self, Lifecycle, RouteCtx};
 use crate::tls::identity::{self, Identity};
-use crate::tls::reload::{Reloader, Stats};
+use crate::tls::reload::{ReloadOutcomes, Reloader};
 
 /// A startup failure: bad material or an address that cannot be bound. Exit code 2.
 #[derive(Debug, thiserror::Error)]
@@ -60,7 +60,7 @@ pub struct App {
     admin: Option<std::net::TcpListener>,
     metrics: Arc<Metrics>,
     /// Reload outcomes of every route.
-    pub reload_stats: Arc<Stats>,
+    pub reload_stats: Arc<ReloadOutcomes>,
 }
 
 impl App {
@@ -68,7 +68,7 @@ impl App {
     pub async fn bind(config: Config) -> Result<App, StartupError> {
         let metrics = Arc::new(Metrics::new());
         let (ok, failed) = metrics.reload_counters();
-        let reload_stats = Arc::new(Stats::new(ok, failed));
+        let reload_stats = Arc::new(ReloadOutcomes::new(ok, failed));
         // Routes whose TLS settings are the same share one loaded identity and one reload
         // loop; `groups[i]` = (the settings' first route, the identity, its routes' indexes).
         let mut groups: Vec<(usize, Arc<Identity>, identity::Loaded, Vec<usize>)> = Vec::new();
@@ -124,7 +124,7 @@ impl App {
                 let leaf = &loaded.leaf;
                 info!(
                     route = %route.name, subject = ?leaf.subject, issuer = ?leaf.issuer,
-                    serial = %leaf.serial, not_after = %identity::rfc3339(leaf.not_after),
+                    serial = %leaf.serial, not_after = %crate::tls::cert::rfc3339(leaf.not_after),
                     "client identity loaded"
                 );
                 let gauges = members

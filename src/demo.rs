@@ -21,8 +21,8 @@ use crate::app::App;
 use crate::cli::{DemoArgs, TlsMin};
 use crate::config::{self, Checks, Config, IdentitySource, Route, TlsFiles, Upstream};
 use crate::pki::DevPki;
-use crate::tls::identity::{CertInfo, provider};
 use crate::tls::load;
+use crate::tls::{cert::CertInfo, provider};
 
 /// Build the upstream's TLS config: the dev server certificate, client certificates required
 /// and verified against the dev CA.

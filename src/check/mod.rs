@@ -16,7 +16,8 @@ use serde::Serialize;
 use crate::cli::CheckFormat;
 use crate::config::{Config, IdentitySource, Route, Via};
 use crate::failure::{Class, Failure, classify_io};
-use crate::tls::identity::{self, now_unix};
+use crate::tls::cert::{CertInfo, now_unix};
+use crate::tls::identity;
 use crate::tls::load;
 use crate::upstream::server_name_str;
 use cert::{Hint, Names, Summary};
@@ -216,8 +217,7 @@ fn describe_ours(
 ) -> Option<Summary> {
     let leaf = &chain[0];
     let file = identity_file(route);
-    let (Some(summary), Some(info)) = (Summary::parse(leaf, now), identity::CertInfo::parse(leaf))
-    else {
+    let (Some(summary), Some(info)) = (Summary::parse(leaf, now), CertInfo::parse(leaf)) else {
         r.problems
             .push(format!("{file}: the leaf certificate cannot be parsed"));
         return None;
