@@ -285,20 +285,17 @@ impl tower_service::Service<Uri> for Connector {
                     return Err(Box::new(PoolFull { wait, max }) as BoxError);
                 }
             };
-            let mut attempt = upstream::connect(&ctx.route, config.clone()).await;
+            let mut attempt = ctx.connect(config.clone()).await;
             if matches!(&attempt, Err(f) if f.class == Class::Refused) {
-                attempt = upstream::connect(&ctx.route, config).await;
+                attempt = ctx.connect(config).await;
             }
             let m = &ctx.metrics;
             match attempt {
                 Ok(c) => {
-                    m.handshake.observe(c.handshake.as_secs_f64());
-                    let conn = c.stream.get_ref().1;
-                    if let Some(leaf) = conn.peer_certificates().and_then(|p| p.first()) {
-                        m.upstream_leaf(leaf);
-                    }
-                    let h2 = conn.alpn_protocol() == Some(b"h2");
+                    let h2 = c.stream.get_ref().1.alpn_protocol() == Some(b"h2");
                     speaks.set(h2);
+                    // A pooled connection is counted when dialled: its requests are counted
+                    // in `http_requests_total`.
                     m.connection_finished(None);
                     Ok(UpstreamIo {
                         io: TokioIo::new(c.stream),
