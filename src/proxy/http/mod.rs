@@ -110,47 +110,12 @@ impl HttpRoute {
                 refusal.sentence(),
             )));
         }
-        // Built from parts, not by pasting strings: `OPTIONS *` must stay `*`.
-        let mut parts = hyper::http::uri::Parts::default();
-        parts.scheme = Some(hyper::http::uri::Scheme::HTTPS);
-        parts.authority = Some(self.uri_authority.clone());
-        parts.path_and_query = Some(
-            req.uri()
-                .path_and_query()
-                .cloned()
-                .unwrap_or_else(|| hyper::http::uri::PathAndQuery::from_static("/")),
-        );
-        let uri = match Uri::from_parts(parts) {
+        let uri = match self.upstream_uri(&req) {
             Ok(u) => u,
-            Err(e) => {
-                return Ok(self.fail(Failure::new(
-                    Class::Protocol,
-                    format!("bad request target: {e}"),
-                )));
-            }
-        };
-        // hyper sends a GET, HEAD or CONNECT whose body has no known length with an empty
-        // body (`Content-Length: 0` semantics), and an h2 app's body without `content-length`
-        // has none: say `chunked` so every byte reaches an HTTP/1.1 upstream (hyper drops the
-        // header again on h2).
-        let unknown_length = {
-            use hyper::body::Body as _;
-            !req.body().is_end_stream() && req.body().size_hint().exact().is_none()
+            Err(f) => return Ok(self.fail(f)),
         };
         let app_h2 = req.version() == Version::HTTP_2;
-        *req.uri_mut() = uri;
-        *req.version_mut() = Version::HTTP_11;
-        strip_hop_by_hop(req.headers_mut(), false);
-        // The pool derives Host (http/1.1) or :authority (h2) from the URI; a Host header next
-        // to :authority is a duplicate that nginx refuses with 400.
-        req.headers_mut().remove(header::HOST);
-        if unknown_length {
-            req.headers_mut().remove(header::CONTENT_LENGTH);
-            req.headers_mut().insert(
-                header::TRANSFER_ENCODING,
-                HeaderValue::from_static("chunked"),
-            );
-        }
+        rewrite_for_upstream(&mut req, uri);
         let m = &self.ctx.metrics;
         let idle = self.ctx.route.idle_timeout;
         let req = req.map(|inner| {
@@ -174,15 +139,7 @@ impl HttpRoute {
         };
         let (mut parts, body) = resp.into_parts();
         if let Err(refusal) = framing::check_response(&parts.headers) {
-            let te = parts.headers.get(header::TRANSFER_ENCODING);
-            let cl = parts.headers.get(header::CONTENT_LENGTH);
-            warn!(
-                route = %self.ctx.route.name,
-                reason = Class::Protocol.reason(),
-                transfer_encoding = ?te,
-                content_length = ?cl,
-                "upstream answer refused: ambiguous framing"
-            );
+            self.log_ambiguous_framing(&parts.headers);
             // Dropping the body closes that upstream connection: its framing is not trusted.
             drop(body);
             return Ok(self.answer(own_response(
@@ -200,6 +157,34 @@ impl HttpRoute {
             budget: app_h2.then(|| lane.budget.clone()),
         };
         Ok(self.answer(Response::from_parts(parts, body.boxed())))
+    }
+
+    /// The upstream URI of an app's request: our scheme and authority, the app's path and
+    /// query. Built from parts, not by pasting strings: `OPTIONS *` must stay `*`.
+    fn upstream_uri(&self, req: &Request<Incoming>) -> Result<Uri, Failure> {
+        let mut parts = hyper::http::uri::Parts::default();
+        parts.scheme = Some(hyper::http::uri::Scheme::HTTPS);
+        parts.authority = Some(self.uri_authority.clone());
+        parts.path_and_query = Some(
+            req.uri()
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| hyper::http::uri::PathAndQuery::from_static("/")),
+        );
+        Uri::from_parts(parts)
+            .map_err(|e| Failure::new(Class::Protocol, format!("bad request target: {e}")))
+    }
+
+    fn log_ambiguous_framing(&self, headers: &HeaderMap) {
+        let te = headers.get(header::TRANSFER_ENCODING);
+        let cl = headers.get(header::CONTENT_LENGTH);
+        warn!(
+            route = %self.ctx.route.name,
+            reason = Class::Protocol.reason(),
+            transfer_encoding = ?te,
+            content_length = ?cl,
+            "upstream answer refused: ambiguous framing"
+        );
     }
 
     /// Log an upstream failure in full at warn and tell the app only its class.
@@ -306,6 +291,32 @@ impl HttpRoute {
         }
         let (parts, body) = resp.into_parts();
         self.answer(Response::from_parts(parts, body.boxed()))
+    }
+}
+
+/// Turn an app's request head into the upstream's: the new URI, HTTP/1.1 for the pool (it
+/// speaks h2 upstream where ALPN agreed), no hop-by-hop headers and no `Host`.
+fn rewrite_for_upstream(req: &mut Request<Incoming>, uri: Uri) {
+    // hyper sends a GET, HEAD or CONNECT whose body has no known length with an empty
+    // body (`Content-Length: 0` semantics), and an h2 app's body without `content-length`
+    // has none: say `chunked` so every byte reaches an HTTP/1.1 upstream (hyper drops the
+    // header again on h2).
+    let unknown_length = {
+        use hyper::body::Body as _;
+        !req.body().is_end_stream() && req.body().size_hint().exact().is_none()
+    };
+    *req.uri_mut() = uri;
+    *req.version_mut() = Version::HTTP_11;
+    strip_hop_by_hop(req.headers_mut(), false);
+    // The pool derives Host (http/1.1) or :authority (h2) from the URI; a Host header next
+    // to :authority is a duplicate that nginx refuses with 400.
+    req.headers_mut().remove(header::HOST);
+    if unknown_length {
+        req.headers_mut().remove(header::CONTENT_LENGTH);
+        req.headers_mut().insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
     }
 }
 

@@ -98,31 +98,13 @@ pub async fn serve_conn<I>(
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let settings = &route.ctx.route.http;
-    let watch = ConnWatch::new(settings.header_timeout, route.ctx.route.idle_timeout);
-    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        // The watch times heads from accept (hyper's timer would also run between keep-alive
-        // requests and close idle connections at --header-timeout).
-        .header_read_timeout(None)
-        .max_buf_size(MAX_HEADER_BYTES);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(MAX_HEADER_BYTES as u32)
-        .max_concurrent_streams(H2_MAX_STREAMS)
-        .initial_stream_window_size(APP_H2_STREAM_WINDOW)
-        .initial_connection_window_size(APP_H2_CONN_WINDOW)
-        .max_send_buf_size(H2_SEND_BUF)
-        .max_pending_accept_reset_streams(H2_MAX_PENDING_RESETS)
-        .max_local_error_reset_streams(H2_MAX_LOCAL_RESETS);
+    let (settings, idle) = (&route.ctx.route.http, route.ctx.route.idle_timeout);
+    let watch = ConnWatch::new(settings.header_timeout, idle);
+    let builder = server_builder();
     let tunnel = TunnelSlot::default();
     let lane = Arc::new(Lane::new());
     let mut generations = route.ctx.identity.subscribe();
-    let (r, w, slot) = (route.clone(), watch.clone(), tunnel.clone());
-    let l = lane.clone();
+    let (r, w, slot, l) = (route.clone(), watch.clone(), tunnel.clone(), lane.clone());
     let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
         let open = w.request(req.version());
         req.extensions_mut().insert(slot.clone());
@@ -156,10 +138,7 @@ where
                 return End::Timeout(why);
             }
         };
-        let wake = match (next, closing) {
-            (Some(n), Some(c)) => Some(n.min(c)),
-            (n, c) => n.or(c),
-        };
+        let wake = earliest(next, closing);
         if let Some(at) = wake {
             timer.as_mut().reset(at);
         }
@@ -183,14 +162,52 @@ where
         info!(route = %route.ctx.route.name, error = ?e.to_string(), "app connection ended with an error");
         return End::Error;
     }
-    let Some(tunnel) = tunnel.take() else {
+    match tunnel.take() {
+        Some(tunnel) => run_tunnel(tunnel, &watch, &cut).await,
         // Ended by our own polite close of an idle connection, or by the app.
-        return if closing.is_some() {
-            End::Timeout(Expired::Idle)
-        } else {
-            End::Closed
-        };
-    };
+        None if closing.is_some() => End::Timeout(Expired::Idle),
+        None => End::Closed,
+    }
+}
+
+/// The earlier of two optional instants.
+fn earliest(
+    a: Option<tokio::time::Instant>,
+    b: Option<tokio::time::Instant>,
+) -> Option<tokio::time::Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// hyper's server side with our bounds on heads, streams and buffers.
+fn server_builder() -> hyper_util::server::conn::auto::Builder<TokioExecutor> {
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        // The watch times heads from accept (hyper's timer would also run between keep-alive
+        // requests and close idle connections at --header-timeout).
+        .header_read_timeout(None)
+        .max_buf_size(MAX_HEADER_BYTES);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(MAX_HEADER_BYTES as u32)
+        .max_concurrent_streams(H2_MAX_STREAMS)
+        .initial_stream_window_size(APP_H2_STREAM_WINDOW)
+        .initial_connection_window_size(APP_H2_CONN_WINDOW)
+        .max_send_buf_size(H2_SEND_BUF)
+        .max_pending_accept_reset_streams(H2_MAX_PENDING_RESETS)
+        .max_local_error_reset_streams(H2_MAX_LOCAL_RESETS);
+    builder
+}
+
+/// Run an upgraded request's tunnel to its end, under the connection's watch and `cut`.
+async fn run_tunnel(tunnel: Tunnel, watch: &Arc<ConnWatch>, cut: &CancellationToken) -> End {
+    let timer = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(timer);
     let _open = watch.tunnel();
     tokio::pin!(tunnel);
     loop {
