@@ -10,13 +10,14 @@ pub mod tcp;
 mod watch;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use rustls::ClientConfig;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::warn;
+use tracing::{Instrument, Span, warn};
 
 use crate::cli::Mode;
 use crate::config::Route;
@@ -168,6 +169,19 @@ struct Accepted {
     permit: OwnedSemaphorePermit,
 }
 
+/// The next app connection's id, unique in this process, so that all the lines one connection
+/// causes can be picked out of interleaved logs.
+static NEXT_CONN_ID: AtomicU64 = AtomicU64::new(1);
+
+/// The span an app connection's task runs in: every line it causes (from egress, tls and
+/// upstream too) carries the route, the peer and the connection's id. Its fields come first
+/// so that a line's own fields, which tests and log collectors read, keep their values. At
+/// error level so that it is enabled whatever `--log-level` keeps (it is not a line itself).
+fn conn_span(ctx: &RouteCtx, peer: &str) -> Span {
+    let id = NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed);
+    tracing::error_span!("conn", route = %ctx.route.name, peer = %peer, conn_id = id)
+}
+
 /// Serve one accepted connection in its own task, in the route's mode.
 fn spawn_conn(
     ctx: &Arc<RouteCtx>,
@@ -176,31 +190,38 @@ fn spawn_conn(
     life: &Lifecycle,
 ) {
     let Accepted { conn, peer, permit } = accepted;
+    let span = conn_span(ctx, &peer);
     let ctx = ctx.clone();
     let cut = life.cut.clone();
     if let Some(route) = http {
         let (route, stop) = (route.clone(), life.stop_accepting.clone());
-        life.tracker.spawn(async move {
-            // Dropped (and logged) after the connection and any upgraded tunnel of it ended;
-            // the permit goes with it.
-            let mut open = log::HttpConnLog::new(&ctx, peer);
-            open.end = match conn {
-                Conn::Tcp(s) => {
-                    let _ = s.set_nodelay(true);
-                    http::serve_conn(route, s, stop, cut).await
-                }
-                Conn::Unix(s) => http::serve_conn(route, s, stop, cut).await,
-            };
-            drop(open);
-            drop(permit);
-        });
+        life.tracker.spawn(
+            async move {
+                // Dropped (and logged) after the connection and any upgraded tunnel of it ended;
+                // the permit goes with it.
+                let mut open = log::HttpConnLog::new(&ctx, peer);
+                open.end = match conn {
+                    Conn::Tcp(s) => {
+                        let _ = s.set_nodelay(true);
+                        http::serve_conn(route, s, stop, cut).await
+                    }
+                    Conn::Unix(s) => http::serve_conn(route, s, stop, cut).await,
+                };
+                drop(open);
+                drop(permit);
+            }
+            .instrument(span),
+        );
         return;
     }
-    life.tracker.spawn(async move {
-        match conn {
-            Conn::Tcp(s) => tcp::handle(&ctx, s, peer, cut).await,
-            Conn::Unix(s) => tcp::handle(&ctx, s, peer, cut).await,
+    life.tracker.spawn(
+        async move {
+            match conn {
+                Conn::Tcp(s) => tcp::handle(&ctx, s, peer, cut).await,
+                Conn::Unix(s) => tcp::handle(&ctx, s, peer, cut).await,
+            }
+            drop(permit);
         }
-        drop(permit);
-    });
+        .instrument(span),
+    );
 }

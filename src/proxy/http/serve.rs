@@ -9,9 +9,9 @@ use std::time::Duration;
 
 use hyper::Request;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info};
+use tracing::{Instrument, debug, info};
 
 use super::HttpRoute;
 use super::body::Tracked;
@@ -181,9 +181,24 @@ fn earliest(
     }
 }
 
+/// Runs what hyper spawns for an app connection (its h2 streams) in the connection's span, so
+/// their lines carry it too.
+#[derive(Clone, Copy, Debug)]
+struct InConnSpan;
+
+impl<F> hyper::rt::Executor<F> for InConnSpan
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, fut: F) {
+        tokio::spawn(fut.in_current_span());
+    }
+}
+
 /// hyper's server side with our bounds on heads, streams and buffers.
-fn server_builder() -> hyper_util::server::conn::auto::Builder<TokioExecutor> {
-    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+fn server_builder() -> hyper_util::server::conn::auto::Builder<InConnSpan> {
+    let mut builder = hyper_util::server::conn::auto::Builder::new(InConnSpan);
     builder
         .http1()
         .timer(TokioTimer::new())
