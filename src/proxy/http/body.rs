@@ -20,13 +20,15 @@ use crate::proxy::watch::InFlight;
 /// A body that adds the size of every data frame passing through to a counter
 /// (`bytes_total`): one atomic add per frame.
 pub(super) struct Counted<B> {
+    /// The body being counted.
     pub(super) inner: B,
+    /// The route's byte counter for this direction.
     pub(super) counter: Counter,
     /// For a response body: the route whose upstream failed mid-body, logged at warn (the app
     /// only sees its connection or stream cut).
     pub(super) upstream_of: Option<Arc<RouteCtx>>,
     /// For a response body of an h2 app connection's request to an HTTP/1.1 upstream: its
-    /// turn among the connection's [`LANE_H1_EXCHANGES`], given back when the body is dropped.
+    /// turn among the connection's [`LANE_H1_EXCHANGES`](super::pool::LANE_H1_EXCHANGES), given back when the body is dropped.
     pub(super) _exchange: Option<OwnedSemaphorePermit>,
     /// For a response body to an h2 app: the app connection's [`Budget`], which every data
     /// frame passing through is charged to until hyper has written or dropped it.
@@ -87,7 +89,9 @@ const H2_APP_HELD: usize = 512 * 1024;
 /// The bytes of [`H2_APP_HELD`] in use on one app connection, and the streams waiting for room.
 #[derive(Default)]
 pub(super) struct Budget {
+    /// Bytes handed on and not yet written or dropped.
     live: AtomicUsize,
+    /// Streams held back for room, woken when the connection drops under the budget.
     waiting: std::sync::Mutex<Vec<Waker>>,
 }
 
@@ -134,7 +138,9 @@ impl Budget {
 
 /// Response data in hyper's hands, charged to its connection's [`Budget`].
 struct Charged {
+    /// The frame's data as the upstream sent it.
     data: Bytes,
+    /// Released by the data's length when the last copy is dropped.
     budget: Arc<Budget>,
 }
 
@@ -155,7 +161,9 @@ impl Drop for Charged {
 /// connection watch already bounds a silent connection, but an h2 connection stays busy while
 /// one of its streams stalls, so the bound must also be per request.
 pub(super) struct Moving<B> {
+    /// The request body being forwarded.
     inner: B,
+    /// `--idle-timeout`: how long it may go without a frame; `None` when disabled.
     idle: Option<Duration>,
     /// Armed at the first wait, pushed back after every frame (one allocation per body).
     timer: Option<Pin<Box<tokio::time::Sleep>>>,
@@ -227,7 +235,9 @@ where
 
 /// A response body that keeps its request open in the connection's watch until it ends.
 pub(super) struct Tracked<B> {
+    /// The response body as forwarded.
     pub(super) inner: B,
+    /// The request counts as open in the connection's watch until this is dropped.
     pub(super) _open: InFlight,
 }
 

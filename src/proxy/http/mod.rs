@@ -42,11 +42,13 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The route's HTTP side: the pool in force and what requests are rewritten with.
 pub struct HttpRoute {
+    /// The route: settings, identity and metrics.
     ctx: Arc<RouteCtx>,
     /// `Host` / `:authority` sent upstream: the server name, with `:PORT` unless 443.
     authority: HeaderValue,
     /// The authority of every upstream URI.
     uri_authority: hyper::http::uri::Authority,
+    /// The shared pool of the identity in force; swapped for a new one after a reload.
     pool: ArcSwap<Pool>,
     /// `--pool-max-connections` permits, shared by the pools of every identity: a connection
     /// holds one until it closes, so a reload does not double the bound.

@@ -62,7 +62,9 @@ const SPEAKS_H2: u8 = 2;
 /// requests that wait for a turn while it is not known yet.
 #[derive(Default)]
 pub(super) struct Speaks {
+    /// `SPEAKS_*`, or 0 before the first dial.
     alpn: AtomicU8,
+    /// Wakes requests waiting for their HTTP/1.1 turn when ALPN is first learned or changes.
     learned: Notify,
 }
 
@@ -82,8 +84,11 @@ impl Speaks {
 /// Receive windows of a pool's upstream h2 connections.
 #[derive(Clone, Copy)]
 pub(super) struct Windows {
+    /// Receive window of one stream: what a stream whose app does not read can pin.
     stream: u32,
+    /// Receive window of the connection: what all its streams together can pin.
     conn: u32,
+    /// Dial only for h2 (a lane), so concurrent first requests share one connection.
     h2_only: bool,
 }
 
@@ -110,8 +115,11 @@ const LANE: Windows = Windows {
 /// one request at a time and use the shared pool directly.
 /// On the app side, what its streams hold is bounded by its [`Budget`].
 pub(super) struct Lane {
+    /// Turns of [`LANE_H1_EXCHANGES`] for requests to an HTTP/1.1 upstream.
     h1_exchanges: Arc<Semaphore>,
+    /// The lane's own pool (h2 upstream), made at its first request and again after a reload.
     pool: std::sync::Mutex<Option<Arc<Pool>>>,
+    /// What the connection's response data may hold in hyper's hands.
     pub(super) budget: Arc<Budget>,
 }
 
@@ -137,6 +145,7 @@ impl Lane {
 pub(super) struct Pool {
     /// The identity the pool's connections were made with.
     config: Arc<ClientConfig>,
+    /// hyper-util's pooled client; clones share the pool.
     client: Client<Connector, Moving<Counted<Incoming>>>,
 }
 
@@ -254,9 +263,13 @@ impl Pool {
 /// upstream refused the connection (the request has not been sent anywhere yet).
 #[derive(Clone)]
 pub(super) struct Connector {
+    /// The route to dial, and where the handshake metrics go.
     ctx: Arc<RouteCtx>,
+    /// The identity of the pool this connector dials for.
     config: Arc<ClientConfig>,
+    /// The route's `--pool-max-connections` permits; a dial waits for one.
     slots: Arc<Semaphore>,
+    /// Told what each dial's ALPN agreed.
     speaks: Arc<Speaks>,
 }
 
@@ -314,7 +327,9 @@ impl tower_service::Service<Uri> for Connector {
 
 /// A pooled upstream connection, telling the pool which protocol ALPN agreed.
 pub(super) struct UpstreamIo {
+    /// The TLS stream to the upstream.
     io: TokioIo<upstream::Upstream>,
+    /// ALPN agreed h2: the pool speaks h2 on it.
     h2: bool,
     /// This connection's `--pool-max-connections` slot, given back when it closes.
     _slot: OwnedSemaphorePermit,
@@ -374,6 +389,8 @@ impl hyper::rt::Write for UpstreamIo {
      all --pool-max-connections {max} are busy"
 )]
 pub(super) struct PoolFull {
+    /// `--connect-timeout`, for the message.
     wait: std::time::Duration,
+    /// `--pool-max-connections`, for the message.
     max: usize,
 }
