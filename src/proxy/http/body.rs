@@ -28,7 +28,8 @@ pub(super) struct Counted<B> {
     /// only sees its connection or stream cut).
     pub(super) upstream_of: Option<Arc<RouteCtx>>,
     /// For a response body of an h2 app connection's request to an HTTP/1.1 upstream: its
-    /// turn among the connection's [`LANE_H1_EXCHANGES`](super::pool::LANE_H1_EXCHANGES), given back when the body is dropped.
+    /// turn among the connection's `LANE_H1_EXCHANGES` (see `pool`), given back when the body
+    /// is dropped.
     pub(super) _exchange: Option<OwnedSemaphorePermit>,
     /// For a response body to an h2 app: the app connection's [`Budget`], which every data
     /// frame passing through is charged to until hyper has written or dropped it.
