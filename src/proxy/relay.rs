@@ -289,3 +289,53 @@ impl<N: AppStream, F: AsyncRead + AsyncWrite + Unpin> Future for Relay<'_, N, F>
         r
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use prometheus_client::metrics::counter::Counter;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::UnixStream;
+
+    use super::{Error, Moved, Relay};
+
+    /// Bytes go both ways, each side's end is passed on as a half-close, and the counts and
+    /// totals agree.
+    #[tokio::test]
+    async fn relays_both_ways_with_half_close() {
+        let (mut near, mut app) = UnixStream::pair().unwrap();
+        let (mut far, mut peer) = tokio::io::duplex(64 * 1024);
+        let (out, back) = (Counter::default(), Counter::default());
+        let mut moved = Moved::default();
+        let relay = Relay::new(&mut near, &mut far, &mut moved, (&out, &back), None);
+        let ends = async {
+            app.write_all(b"ping").await.unwrap();
+            app.shutdown().await.unwrap();
+            let mut got = Vec::new();
+            peer.read_to_end(&mut got).await.unwrap();
+            assert_eq!(got, b"ping");
+            peer.write_all(b"pong!").await.unwrap();
+            peer.shutdown().await.unwrap();
+            let mut got = Vec::new();
+            app.read_to_end(&mut got).await.unwrap();
+            assert_eq!(got, b"pong!");
+        };
+        let (r, ()) = tokio::join!(relay, ends);
+        r.unwrap();
+        assert_eq!((moved.near_to_far, moved.far_to_near), (4, 5));
+        assert_eq!((out.get(), back.get()), (4, 5));
+    }
+
+    /// Nothing moving for the idle limit ends the relay with `Idle`.
+    #[tokio::test]
+    async fn silence_ends_it_at_the_idle_limit() {
+        let (mut near, _app) = UnixStream::pair().unwrap();
+        let (mut far, _peer) = tokio::io::duplex(1024);
+        let (out, back) = (Counter::default(), Counter::default());
+        let mut moved = Moved::default();
+        let limit = Duration::from_millis(50);
+        let relay = Relay::new(&mut near, &mut far, &mut moved, (&out, &back), Some(limit));
+        assert!(matches!(relay.await, Err(Error::Idle(d)) if d == limit));
+    }
+}
