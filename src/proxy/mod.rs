@@ -6,7 +6,7 @@ mod framing;
 pub mod http;
 mod log;
 pub mod relay;
-pub mod tcp;
+mod tcp;
 mod watch;
 
 use std::sync::Arc;
