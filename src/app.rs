@@ -39,17 +39,6 @@ pub enum StartupError {
     Admin(listen::Error),
 }
 
-/// Whether two routes can share one identity: same files and every setting that goes into the
-/// TLS client configuration.
-fn same_tls(a: &crate::config::Route, b: &crate::config::Route) -> bool {
-    a.tls == b.tls
-        && a.checks == b.checks
-        && a.tls_min == b.tls_min
-        && a.mode == b.mode
-        && a.alpn == b.alpn
-        && a.reload_interval == b.reload_interval
-}
-
 /// A bound, loaded program, ready to serve.
 pub struct App {
     config: Config,
@@ -76,13 +65,13 @@ impl App {
         for (i, route) in config.routes.iter().enumerate() {
             if let Some(g) = groups
                 .iter_mut()
-                .find(|g| same_tls(&config.routes[g.0], route))
+                .find(|g| config.routes[g.0].tls == route.tls)
             {
                 g.3.push(i);
                 identities.push(g.1.clone());
                 continue;
             }
-            let l = identity::build(route).map_err(|source| StartupError::Tls {
+            let l = identity::build(&route.tls).map_err(|source| StartupError::Tls {
                 route: route.name.clone(),
                 source,
             })?;
@@ -115,15 +104,14 @@ impl App {
         let reloaders = groups
             .into_iter()
             .map(|(first, id, loaded, members)| {
-                let mut route = config.routes[first].clone();
-                route.name = members
+                let name = members
                     .iter()
                     .map(|&m| config.routes[m].name.as_str())
                     .collect::<Vec<_>>()
                     .join(",");
                 let leaf = &loaded.leaf;
                 info!(
-                    route = %route.name, subject = ?leaf.subject, issuer = ?leaf.issuer,
+                    route = %name, subject = ?leaf.subject, issuer = ?leaf.issuer,
                     serial = %leaf.serial, not_after = %identity::rfc3339(leaf.not_after),
                     "client identity loaded"
                 );
@@ -131,7 +119,8 @@ impl App {
                     .iter()
                     .map(|&m| routes[m].0.metrics.client_expiry.clone())
                     .collect();
-                Reloader::new(route, id, reload_stats.clone(), gauges, &loaded)
+                let settings = config.routes[first].tls.clone();
+                Reloader::new(name, settings, id, reload_stats.clone(), gauges, &loaded)
             })
             .collect();
         let admin = match &config.admin {

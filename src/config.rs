@@ -10,8 +10,9 @@ use std::time::Duration;
 
 use rustls::pki_types::ServerName;
 
-use crate::cli::{MAX_CONNECTIONS, Mode, POOL_MAX_CONNECTIONS, POOL_MAX_IDLE, RunArgs, TlsMin};
+use crate::cli::{MAX_CONNECTIONS, Mode, POOL_MAX_CONNECTIONS, POOL_MAX_IDLE, RunArgs};
 use crate::egress::{NoProxy, Proxy, ProxyUrl, Scheme};
+use crate::tls::{Checks, IdentitySource, Settings, TlsFiles};
 
 /// Everything `run` needs, validated.
 #[derive(Debug, Clone)]
@@ -73,20 +74,13 @@ pub struct Route {
     pub upstream: Upstream,
     /// SNI and verification name; an IP address sends no SNI and is matched against IP SANs.
     pub server_name: ServerName<'static>,
-    /// Client identity and upstream trust, loaded by `tls::load`.
-    pub tls: TlsFiles,
-    /// Checks on the upstream leaf on top of chain and name verification.
-    pub checks: Checks,
-    /// How often the TLS files are compared for change; `None` = only on SIGHUP.
-    pub reload_interval: Option<Duration>,
-    /// ALPN protocols offered upstream (tcp mode; http mode offers h2 and http/1.1).
-    pub alpn: Vec<Vec<u8>>,
+    /// Client identity, upstream trust and protocol settings: what `tls::identity` builds
+    /// the client configuration from.
+    pub tls: Settings,
     /// Byte stream or HTTP.
     pub mode: Mode,
     /// HTTP mode's bounds.
     pub http: HttpSettings,
-    /// Lowest TLS version offered.
-    pub tls_min: TlsMin,
     /// Bound on resolve + TCP connect (+ proxy CONNECT) + TLS handshake.
     pub connect_timeout: Duration,
     /// Straight to the upstream, or through an HTTP CONNECT proxy.
@@ -120,49 +114,6 @@ impl Default for HttpSettings {
             pool_max_connections: 1024,
         }
     }
-}
-
-/// Files that make a route's TLS client configuration.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct TlsFiles {
-    pub identity: IdentitySource,
-    /// `None` = the system trust store (honours `SSL_CERT_FILE`).
-    pub ca: Option<PathBuf>,
-    /// CRLs applied to the upstream chain.
-    pub crls: Vec<PathBuf>,
-}
-
-/// Where the client certificate and key come from.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum IdentitySource {
-    Pem {
-        cert: PathBuf,
-        key: PathBuf,
-        key_password: Option<PathBuf>,
-    },
-    Pkcs12 {
-        file: PathBuf,
-        password: Option<PathBuf>,
-    },
-}
-
-impl IdentitySource {
-    /// The file an operator knows the identity by (for logs).
-    pub fn main_file(&self) -> &std::path::Path {
-        match self {
-            IdentitySource::Pem { cert, .. } => cert,
-            IdentitySource::Pkcs12 { file, .. } => file,
-        }
-    }
-}
-
-/// Extra requirements on the upstream leaf, never instead of chain and name verification.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Checks {
-    /// The leaf must carry one of these URI SANs (when not empty).
-    pub uri_sans: Vec<String>,
-    /// SHA-256 of the leaf's SubjectPublicKeyInfo must be one of these (when not empty).
-    pub pins: Vec<[u8; 32]>,
 }
 
 /// An upstream address kept as a name so DNS changes are followed at every dial.
@@ -497,17 +448,24 @@ pub fn route_from_args(name: String, args: &RunArgs) -> Result<Route, Error> {
         allow_non_loopback: args.allow_non_loopback,
         upstream: upstream.clone(),
         server_name,
-        tls: TlsFiles {
-            identity,
-            ca: args.ca.clone(),
-            crls: args.crl.clone(),
+        tls: Settings {
+            files: TlsFiles {
+                identity,
+                ca: args.ca.clone(),
+                crls: args.crl.clone(),
+            },
+            checks: Checks {
+                uri_sans: args.verify_uri_san.clone(),
+                pins,
+            },
+            tls_min: args.tls_min,
+            alpn: match args.mode {
+                Mode::Tcp => alpn,
+                // The pool speaks whichever the upstream picks.
+                Mode::Http => vec![b"h2".to_vec(), b"http/1.1".to_vec()],
+            },
+            reload_interval: (!reload.is_zero()).then_some(reload),
         },
-        checks: Checks {
-            uri_sans: args.verify_uri_san.clone(),
-            pins,
-        },
-        reload_interval: (!reload.is_zero()).then_some(reload),
-        alpn,
         mode: args.mode,
         http: HttpSettings {
             header_timeout: parse_duration("--header-timeout", &args.header_timeout)?,
@@ -515,7 +473,6 @@ pub fn route_from_args(name: String, args: &RunArgs) -> Result<Route, Error> {
             pool_max_idle: args.pool_max_idle,
             pool_max_connections: args.pool_max_connections,
         },
-        tls_min: args.tls_min,
         connect_timeout,
         via: parse_via(args, &upstream)?,
         idle_timeout: idle_timeout(args.mode, idle),

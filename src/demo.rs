@@ -19,10 +19,11 @@ use tracing::debug;
 
 use crate::app::App;
 use crate::cli::{DemoArgs, TlsMin};
-use crate::config::{self, Checks, Config, IdentitySource, Route, TlsFiles, Upstream};
+use crate::config::{self, Config, Route, Upstream};
 use crate::pki::DevPki;
 use crate::tls::identity::{CertInfo, provider};
 use crate::tls::load;
+use crate::tls::{Checks, IdentitySource, Settings, TlsFiles};
 
 /// Build the upstream's TLS config: the dev server certificate, client certificates required
 /// and verified against the dev CA.
@@ -125,22 +126,24 @@ pub async fn run(
             port: up_addr.port(),
         },
         server_name: config::parse_server_name("--server-name", "localhost")?,
-        tls: TlsFiles {
-            identity: IdentitySource::Pem {
-                cert: dir.path().join("client.pem"),
-                key: dir.path().join("client-key.pem"),
-                key_password: None,
+        tls: Settings {
+            files: TlsFiles {
+                identity: IdentitySource::Pem {
+                    cert: dir.path().join("client.pem"),
+                    key: dir.path().join("client-key.pem"),
+                    key_password: None,
+                },
+                ca: Some(dir.path().join("ca.pem")),
+                crls: vec![],
             },
-            ca: Some(dir.path().join("ca.pem")),
-            crls: vec![],
+            checks: Checks::default(),
+            tls_min: TlsMin::V12,
+            alpn: vec![],
+            reload_interval: Some(Duration::from_secs(5)),
         },
-        checks: Checks::default(),
-        reload_interval: Some(Duration::from_secs(5)),
-        alpn: vec![],
         mode: crate::cli::Mode::Tcp,
         http: crate::config::HttpSettings::default(),
         via: crate::config::Via::Direct,
-        tls_min: TlsMin::V12,
         connect_timeout: Duration::from_secs(5),
         idle_timeout: None,
         max_connections: 10_000,

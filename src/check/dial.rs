@@ -141,7 +141,7 @@ pub fn client_config(
     loaded: &Loaded,
     seen: &Shared,
 ) -> Result<Arc<ClientConfig>, String> {
-    let verifier = identity::upstream_verifier(route, material).map_err(|e| e.to_string())?;
+    let verifier = identity::upstream_verifier(&route.tls, material).map_err(|e| e.to_string())?;
     let mut config = (*loaded.config).clone();
     config
         .dangerous()

@@ -14,8 +14,9 @@ mod text;
 use serde::Serialize;
 
 use crate::cli::CheckFormat;
-use crate::config::{Config, IdentitySource, Route, Via};
+use crate::config::{Config, Route, Via};
 use crate::failure::{Class, Failure, classify_io};
+use crate::tls::IdentitySource;
 use crate::tls::identity::{self, now_unix};
 use crate::tls::load;
 use crate::upstream::server_name_str;
@@ -200,7 +201,7 @@ impl RouteReport {
 }
 
 fn identity_file(route: &Route) -> String {
-    match &route.tls.identity {
+    match &route.tls.files.identity {
         IdentitySource::Pem { cert, .. } => format!("--cert {}", cert.display()),
         IdentitySource::Pkcs12 { file, .. } => format!("--pkcs12 {}", file.display()),
     }
@@ -302,7 +303,7 @@ fn trust_line(trust: &Trust) -> String {
 async fn check_route(route: &Route) -> RouteReport {
     let now = now_unix();
     let mut r = RouteReport::new(route);
-    let material = match load::Material::read(&route.tls) {
+    let material = match load::Material::read(&route.tls.files) {
         Ok(m) => m,
         Err(e) => return r.fail(e.to_string()),
     };
@@ -313,7 +314,7 @@ async fn check_route(route: &Route) -> RouteReport {
     };
     let our_names: Vec<Names> = ours.iter().filter_map(Names::of).collect();
     let our_leaf = describe_ours(route, &ours, &our_names, now, &mut r);
-    let loaded = match identity::build_from(route, &material) {
+    let loaded = match identity::build_from(&route.tls, &material) {
         Ok(l) => l,
         Err(e) => return r.fail(e.to_string()),
     };
