@@ -1,7 +1,5 @@
-//! The typed, validated configuration. Raw CLI values (and, later, the TOML file) are turned
-//! into [`Config`] here and nowhere else, so the rest of the program never sees an unchecked
-//! string. The program is modelled as a list of routes from the start: flags make one route
-//! named `default`.
+//! Flag-shaped values to a [`Route`]: the `run` flags themselves, or a config file's route
+//! merged with its `[defaults]` (see `load`), so a key means exactly what its flag means.
 
 use std::net::{IpAddr, Ipv6Addr, SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
@@ -10,160 +8,10 @@ use std::time::Duration;
 
 use rustls::pki_types::ServerName;
 
+use super::{Error, HttpSettings, ListenAddr, Route, Upstream, Via, invalid};
 use crate::cli::{MAX_CONNECTIONS, Mode, POOL_MAX_CONNECTIONS, POOL_MAX_IDLE, RunArgs};
 use crate::egress::{NoProxy, Proxy, ProxyUrl, Scheme};
 use crate::tls::{Checks, IdentitySource, Settings, TlsFiles};
-
-/// Everything `run` needs, validated.
-#[derive(Debug, Clone)]
-pub struct Config {
-    /// One entry per listener; flags make exactly one, named `default`.
-    pub routes: Vec<Route>,
-    /// How long to keep accepting after SIGTERM (for apps that still call out while stopping).
-    pub shutdown_delay: Duration,
-    /// How long in-flight connections may run after the listeners close.
-    pub drain_timeout: Duration,
-    /// The admin listener (`/healthz`, `/readyz`, `/metrics`, `/status`), if any.
-    pub admin: Option<Admin>,
-}
-
-/// The admin listener's settings.
-#[derive(Debug, Clone)]
-pub struct Admin {
-    /// Any address (it lends no identity), or a systemd socket.
-    pub listen: ListenAddr,
-    /// Whether `POST /shutdown` may begin a graceful shutdown.
-    pub allow_shutdown: bool,
-}
-
-/// Where a listener comes from.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ListenAddr {
-    Tcp(SocketAddr),
-    /// A unix socket file created (and removed) by us.
-    Unix(PathBuf),
-    /// A socket passed by systemd, by its `FileDescriptorName`.
-    Systemd(String),
-}
-
-impl std::fmt::Display for ListenAddr {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            ListenAddr::Tcp(a) => write!(f, "{a}"),
-            ListenAddr::Unix(p) => write!(f, "unix:{}", p.display()),
-            ListenAddr::Systemd(n) => write!(f, "systemd:{n}"),
-        }
-    }
-}
-
-/// One plaintext listener and the upstream it forwards to.
-#[derive(Debug, Clone)]
-pub struct Route {
-    /// Label in logs (and later metrics); unique.
-    pub name: String,
-    /// Where to accept plaintext; already checked against the loopback rule.
-    pub listen: ListenAddr,
-    /// Permissions of a `unix:` listener's socket file.
-    pub listen_mode: u32,
-    /// Local users allowed on a `unix:` listener (SO_PEERCRED); empty = anyone who can open it.
-    pub allow_uids: Vec<u32>,
-    /// `--allow-non-loopback`, kept for a systemd socket whose address is known only once it
-    /// has been taken (`listen::Listener::check_rules`).
-    pub allow_non_loopback: bool,
-    /// Upstream `HOST:PORT` as the user wrote it; resolved at every dial.
-    pub upstream: Upstream,
-    /// SNI and verification name; an IP address sends no SNI and is matched against IP SANs.
-    pub server_name: ServerName<'static>,
-    /// Client identity, upstream trust and protocol settings: what `tls::identity` builds
-    /// the client configuration from.
-    pub tls: Settings,
-    /// Byte stream or HTTP.
-    pub mode: Mode,
-    /// HTTP mode's bounds.
-    pub http: HttpSettings,
-    /// Bound on resolve + TCP connect (+ proxy CONNECT) + TLS handshake.
-    pub connect_timeout: Duration,
-    /// Straight to the upstream, or through an HTTP CONNECT proxy.
-    pub via: Via,
-    /// Close a connection silent both ways for this long; `None` = never.
-    pub idle_timeout: Option<Duration>,
-    /// Concurrent plaintext connections; extra ones wait in the kernel backlog.
-    pub max_connections: usize,
-}
-
-/// Bounds of HTTP mode.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HttpSettings {
-    /// Time an app connection may take to send a request's headers.
-    pub header_timeout: Duration,
-    /// Pooled upstream connections idle this long are closed.
-    pub pool_idle_timeout: Duration,
-    /// Idle upstream connections kept.
-    pub pool_max_idle: usize,
-    /// Upstream connections open at once (a semaphore in the pool's connector), so one app
-    /// opening many streams cannot make as many upstream connections.
-    pub pool_max_connections: usize,
-}
-
-impl Default for HttpSettings {
-    fn default() -> Self {
-        HttpSettings {
-            header_timeout: Duration::from_secs(10),
-            pool_idle_timeout: Duration::from_secs(90),
-            pool_max_idle: 64,
-            pool_max_connections: 1024,
-        }
-    }
-}
-
-/// An upstream address kept as a name so DNS changes are followed at every dial.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Upstream {
-    pub host: String,
-    pub port: u16,
-}
-
-impl std::fmt::Display for Upstream {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if self.host.contains(':') {
-            write!(f, "[{}]:{}", self.host, self.port)
-        } else {
-            write!(f, "{}:{}", self.host, self.port)
-        }
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("invalid {flag} {value:?}: {reason}")]
-    Invalid {
-        flag: &'static str,
-        value: String,
-        reason: String,
-    },
-    #[error(
-        "refusing to listen on {addr} (route {route}): it is not a loopback address, and anyone \
-         who can reach it borrows this client identity; pass --allow-non-loopback if that is meant"
-    )]
-    NonLoopback { addr: String, route: String },
-    #[error(transparent)]
-    Load(#[from] crate::tls::load::Error),
-    #[error("{}:{line}: key `{key}`: {message}", path.display())]
-    File {
-        path: PathBuf,
-        line: usize,
-        key: String,
-        message: String,
-    },
-}
-
-fn invalid(flag: &'static str, value: &str, reason: impl Into<String>) -> Error {
-    Error::Invalid {
-        flag,
-        value: value.to_string(),
-        reason: reason.into(),
-    }
-}
 
 /// The longest duration any flag takes. A year is beyond every sensible timeout, and it keeps
 /// `Instant + duration` (and tokio's timer wheel) far from overflow, so no deadline computed
@@ -497,18 +345,6 @@ fn idle_timeout(mode: Mode, idle: Option<Duration>) -> Option<Duration> {
     }
 }
 
-/// How a route reaches its upstream.
-#[derive(Debug, Clone)]
-pub enum Via {
-    Direct,
-    /// A proxy is configured, but the upstream's host matches `--no-proxy`.
-    Bypass {
-        proxy: String,
-        entry: String,
-    },
-    Proxy(Arc<Proxy>),
-}
-
 /// A proxy URL for messages: credentials replaced by `***`.
 fn redact_url(url: &str) -> String {
     match url.rsplit_once('@') {
@@ -590,33 +426,6 @@ fn parse_via(args: &RunArgs, upstream: &Upstream) -> Result<Via, Error> {
         },
         None => Via::Proxy(Arc::new(proxy)),
     })
-}
-
-impl Config {
-    /// Build the configuration: one route named `default` from the flags, or every route of
-    /// `--config FILE`.
-    pub fn from_run_args(args: &RunArgs) -> Result<Self, Error> {
-        let (routes, file_admin) = match &args.config {
-            Some(path) => {
-                let file = crate::config_file::load(path, args.proxy_auth_file.as_deref())?;
-                (file.routes, file.admin)
-            }
-            None => (vec![route_from_args("default".into(), args)?], None),
-        };
-        let admin = match &args.admin {
-            Some(a) => Some(Admin {
-                listen: parse_admin(a)?,
-                allow_shutdown: args.admin_allow_shutdown,
-            }),
-            None => file_admin,
-        };
-        Ok(Config {
-            routes,
-            shutdown_delay: parse_duration("--shutdown-delay", &args.shutdown_delay)?,
-            drain_timeout: parse_duration("--drain-timeout", &args.drain_timeout)?,
-            admin,
-        })
-    }
 }
 
 #[cfg(test)]
