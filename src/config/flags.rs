@@ -178,7 +178,8 @@ pub fn parse_pin(value: &str) -> Result<[u8; 32], Error> {
 }
 
 /// Build one route from flag-shaped values (the flags themselves, or a config file's route
-/// merged with its defaults).
+/// merged with its defaults). The checks run in a fixed order, so a route with several wrong
+/// values always reports the same one.
 pub fn route_from_args(name: String, args: &RunArgs) -> Result<Route, Error> {
     let listen = parse_listen(&args.listen, args.allow_non_loopback, &name)?;
     let upstream = match &args.upstream {
@@ -207,8 +208,52 @@ pub fn route_from_args(name: String, args: &RunArgs) -> Result<Route, Error> {
             "must be above 0",
         ));
     }
-    // Checked again here (clap already did) because routes are also built from code (`demo`),
-    // and a value past the semaphore's limit would panic in the accept loop after READY.
+    check_counts(args)?;
+    let alpn = parse_alpn(args)?;
+    let files = tls_files(args)?;
+    let checks = parse_checks(args)?;
+    check_allow_uid(args, &listen)?;
+    let reload = parse_duration("--reload-interval", &args.reload_interval)?;
+    let listen_mode = parse_mode(&args.listen_mode)?;
+    let tls = Settings {
+        files,
+        checks,
+        tls_min: args.tls_min,
+        alpn: match args.mode {
+            Mode::Tcp => alpn,
+            // The pool speaks whichever the upstream picks.
+            Mode::Http => vec![b"h2".to_vec(), b"http/1.1".to_vec()],
+        },
+        reload_interval: (!reload.is_zero()).then_some(reload),
+    };
+    let http = HttpSettings {
+        header_timeout: parse_duration("--header-timeout", &args.header_timeout)?,
+        pool_idle_timeout: parse_duration("--pool-idle-timeout", &args.pool_idle_timeout)?,
+        pool_max_idle: args.pool_max_idle,
+        pool_max_connections: args.pool_max_connections,
+    };
+    Ok(Route {
+        name,
+        listen,
+        listen_mode,
+        allow_uids: args.allow_uid.clone(),
+        allow_non_loopback: args.allow_non_loopback,
+        via: parse_via(args, &upstream)?,
+        upstream,
+        server_name,
+        tls,
+        mode: args.mode,
+        http,
+        connect_timeout,
+        idle_timeout: idle_timeout(args.mode, idle),
+        max_connections: args.max_connections,
+    })
+}
+
+/// The numeric flags' ranges, checked again here (clap already did) because routes are also
+/// built from code (`demo`), and a value past the semaphore's limit would panic in the accept
+/// loop after READY.
+fn check_counts(args: &RunArgs) -> Result<(), Error> {
     if !MAX_CONNECTIONS.contains(&(args.max_connections as u64)) {
         return Err(invalid(
             "--max-connections",
@@ -230,6 +275,11 @@ pub fn route_from_args(name: String, args: &RunArgs) -> Result<Route, Error> {
             "must be a whole number from 1 to 100000",
         ));
     }
+    Ok(())
+}
+
+/// `--alpn`, each protocol as the bytes sent.
+fn parse_alpn(args: &RunArgs) -> Result<Vec<Vec<u8>>, Error> {
     let mut alpn = Vec::new();
     for p in &args.alpn {
         if p.is_empty() || p.len() > 255 {
@@ -237,6 +287,11 @@ pub fn route_from_args(name: String, args: &RunArgs) -> Result<Route, Error> {
         }
         alpn.push(p.as_bytes().to_vec());
     }
+    Ok(alpn)
+}
+
+/// The client identity (`--pkcs12`, or `--cert` and `--key`) and the upstream trust files.
+fn tls_files(args: &RunArgs) -> Result<TlsFiles, Error> {
     let identity = match (&args.pkcs12, &args.cert, &args.key) {
         (Some(file), _, _) => IdentitySource::Pkcs12 {
             file: file.clone(),
@@ -255,6 +310,15 @@ pub fn route_from_args(name: String, args: &RunArgs) -> Result<Route, Error> {
             ));
         }
     };
+    Ok(TlsFiles {
+        identity,
+        ca: args.ca.clone(),
+        crls: args.crl.clone(),
+    })
+}
+
+/// `--pin-sha256` and `--verify-uri-san`.
+fn parse_checks(args: &RunArgs) -> Result<Checks, Error> {
     let mut pins = Vec::new();
     for p in &args.pin_sha256 {
         pins.push(parse_pin(p)?);
@@ -268,8 +332,15 @@ pub fn route_from_args(name: String, args: &RunArgs) -> Result<Route, Error> {
             ));
         }
     }
-    // SO_PEERCRED exists only on unix sockets: with TCP the list could never be checked, and
-    // ignoring it would let every peer in.
+    Ok(Checks {
+        uri_sans: args.verify_uri_san.clone(),
+        pins,
+    })
+}
+
+/// `--allow-uid` only with a unix listener: SO_PEERCRED exists only on unix sockets, so with
+/// TCP the list could never be checked, and ignoring it would let every peer in.
+fn check_allow_uid(args: &RunArgs, listen: &ListenAddr) -> Result<(), Error> {
     if !args.allow_uid.is_empty() && matches!(listen, ListenAddr::Tcp(_)) {
         return Err(invalid(
             "--allow-uid",
@@ -286,47 +357,7 @@ pub fn route_from_args(name: String, args: &RunArgs) -> Result<Route, Error> {
             ),
         ));
     }
-    let reload = parse_duration("--reload-interval", &args.reload_interval)?;
-    let listen_mode = parse_mode(&args.listen_mode)?;
-    let route = Route {
-        name,
-        listen,
-        listen_mode,
-        allow_uids: args.allow_uid.clone(),
-        allow_non_loopback: args.allow_non_loopback,
-        upstream: upstream.clone(),
-        server_name,
-        tls: Settings {
-            files: TlsFiles {
-                identity,
-                ca: args.ca.clone(),
-                crls: args.crl.clone(),
-            },
-            checks: Checks {
-                uri_sans: args.verify_uri_san.clone(),
-                pins,
-            },
-            tls_min: args.tls_min,
-            alpn: match args.mode {
-                Mode::Tcp => alpn,
-                // The pool speaks whichever the upstream picks.
-                Mode::Http => vec![b"h2".to_vec(), b"http/1.1".to_vec()],
-            },
-            reload_interval: (!reload.is_zero()).then_some(reload),
-        },
-        mode: args.mode,
-        http: HttpSettings {
-            header_timeout: parse_duration("--header-timeout", &args.header_timeout)?,
-            pool_idle_timeout: parse_duration("--pool-idle-timeout", &args.pool_idle_timeout)?,
-            pool_max_idle: args.pool_max_idle,
-            pool_max_connections: args.pool_max_connections,
-        },
-        connect_timeout,
-        via: parse_via(args, &upstream)?,
-        idle_timeout: idle_timeout(args.mode, idle),
-        max_connections: args.max_connections,
-    };
-    Ok(route)
+    Ok(())
 }
 
 /// HTTP mode's idle bound when `--idle-timeout` is not given: an app connection with no request
