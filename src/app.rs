@@ -12,7 +12,8 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::admin::{self, AdminState};
-use crate::config::Config;
+use crate::config::{Config, Via};
+use crate::egress::Proxy;
 use crate::listen::{self, Listener, SystemdFds};
 use crate::metrics::Metrics;
 use crate::notify;
@@ -69,14 +70,16 @@ struct IdentityGroup {
 }
 
 impl App {
-    /// Load every route's identity, then bind every listener. Nothing is served yet.
+    /// Open every route's proxy and load its identity, then bind every listener. Nothing is
+    /// served yet.
     pub async fn bind(config: Config) -> Result<App, StartupError> {
         let metrics = Arc::new(Metrics::new());
         let (ok, failed) = metrics.reload_counters();
         let reload_stats = Arc::new(Stats::new(ok, failed));
+        let proxies = config.open_proxies()?;
         let (identities, groups) = load_identities(&config)?;
         let mut systemd = SystemdFds::from_env();
-        let routes = bind_routes(&config, identities, &metrics, &mut systemd).await?;
+        let routes = bind_routes(&config, proxies, identities, &metrics, &mut systemd).await?;
         let reloaders = groups
             .into_iter()
             .map(|g| reloader(&config, &routes, &reload_stats, g))
@@ -130,20 +133,20 @@ impl App {
         let mut accept_loops = Vec::new();
         for (ctx, listener) in self.routes {
             info!(route = %ctx.route.name, addr = %ctx.listen, upstream = %ctx.upstream, "listening");
-            match &ctx.route.via {
-                crate::config::Via::Direct => {}
-                crate::config::Via::Proxy(p) => info!(
+            match (&ctx.route.via, &ctx.proxy) {
+                (Via::Proxy(_), Some(p)) => info!(
                     route = %ctx.route.name,
                     proxy = %p.url,
                     credentials = %p.credentials_source(),
                     "upstream reached through the proxy (CONNECT)"
                 ),
-                crate::config::Via::Bypass { proxy, entry } => info!(
+                (Via::Bypass { proxy, entry }, _) => info!(
                     route = %ctx.route.name,
-                    proxy = %proxy,
+                    proxy = %proxy.url,
                     no_proxy = %entry,
                     "upstream bypasses the proxy (no-proxy match)"
                 ),
+                _ => {}
             }
             accept_loops.push(tokio::spawn(proxy::serve(ctx, listener, life.clone())));
         }
@@ -214,15 +217,18 @@ fn load_identities(
     Ok((identities, groups))
 }
 
-/// Bind every route's listener and check its rules, then make each route's shared state.
+/// Bind every route's listener and check its rules, then make each route's shared state
+/// with its opened proxy and its identity.
 async fn bind_routes(
     config: &Config,
+    proxies: Vec<Option<Arc<Proxy>>>,
     identities: Vec<Arc<Identity>>,
     metrics: &Metrics,
     systemd: &mut SystemdFds,
 ) -> Result<Vec<(Arc<RouteCtx>, Listener)>, StartupError> {
     let mut routes = Vec::with_capacity(config.routes.len());
-    for (route, identity) in config.routes.iter().zip(identities) {
+    let each = config.routes.iter().zip(proxies).zip(identities);
+    for ((route, proxy), identity) in each {
         let bind_err = |source| StartupError::Bind {
             route: route.name.clone(),
             source,
@@ -239,7 +245,13 @@ async fn bind_routes(
             .map_err(bind_err)?;
         let route_metrics = metrics.route(&route.name);
         route_metrics.client_expiry.set(identity.leaf().not_after);
-        let ctx = RouteCtx::new(route.clone(), identity, route_metrics, listener.describe());
+        let ctx = RouteCtx::new(
+            route.clone(),
+            proxy,
+            identity,
+            route_metrics,
+            listener.describe(),
+        );
         routes.push((Arc::new(ctx), listener));
     }
     Ok(routes)

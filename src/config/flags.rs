@@ -3,14 +3,13 @@
 
 use std::net::{IpAddr, Ipv6Addr, SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use rustls::pki_types::ServerName;
 
-use super::{Error, HttpSettings, ListenAddr, Route, Upstream, Via, invalid};
+use super::{Error, HttpSettings, ListenAddr, ProxySettings, Route, Upstream, Via, invalid};
 use crate::cli::{MAX_CONNECTIONS, Mode, POOL_MAX_CONNECTIONS, POOL_MAX_IDLE, RunArgs};
-use crate::egress::{NoProxy, Proxy, ProxyUrl, Scheme};
+use crate::egress::{NoProxy, ProxyUrl, Scheme};
 use crate::tls::{Checks, IdentitySource, Settings, TlsFiles};
 
 /// The longest duration any flag takes. A year is beyond every sensible timeout, and it keeps
@@ -424,8 +423,8 @@ fn parse_via(args: &RunArgs, upstream: &Upstream) -> Result<Via, Error> {
         return Ok(Via::Direct);
     };
     let url = ProxyUrl::parse(&raw).map_err(|r| invalid(flag, &redact_url(&raw), r))?;
-    let tls = match url.scheme {
-        Scheme::Https => Some(crate::egress::proxy_tls(args.proxy_ca.as_deref())?),
+    let ca = match url.scheme {
+        Scheme::Https => args.proxy_ca.clone(),
         Scheme::Http => {
             if let Some(ca) = &args.proxy_ca {
                 tracing::warn!(
@@ -437,13 +436,12 @@ fn parse_via(args: &RunArgs, upstream: &Upstream) -> Result<Via, Error> {
             None
         }
     };
-    let display = url.to_string();
-    let auth_file = args.proxy_auth_file.clone();
-    let auth_shown = auth_file
-        .as_ref()
-        .map_or(String::new(), |p| p.display().to_string());
-    let proxy = Proxy::new(url, auth_file, tls)
-        .map_err(|r| invalid("--proxy-auth-file", &auth_shown, r))?;
+    let proxy = ProxySettings {
+        url,
+        ca,
+        auth_file: args.proxy_auth_file.clone(),
+        auth_file_set_at: None,
+    };
     let (list, list_flag) = match (&args.no_proxy, args.proxy_from_env) {
         (Some(l), _) => (l.clone(), "--no-proxy"),
         (None, true) => (env("NO_PROXY").unwrap_or_default(), "NO_PROXY"),
@@ -452,10 +450,10 @@ fn parse_via(args: &RunArgs, upstream: &Upstream) -> Result<Via, Error> {
     let no_proxy = NoProxy::parse(&list).map_err(|r| invalid(list_flag, &list, r))?;
     Ok(match no_proxy.matching(&upstream.host) {
         Some(entry) => Via::Bypass {
-            proxy: display,
+            proxy,
             entry: entry.to_string(),
         },
-        None => Via::Proxy(Arc::new(proxy)),
+        None => Via::Proxy(proxy),
     })
 }
 

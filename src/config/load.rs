@@ -12,7 +12,7 @@ use clap::{CommandFactory, FromArgMatches, Parser};
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::{Admin, Config, Error, Route, parse_admin, parse_duration, route_from_args};
+use super::{Admin, Config, Error, Route, Via, parse_admin, parse_duration, route_from_args};
 use crate::cli::RunArgs;
 
 impl Config {
@@ -417,7 +417,7 @@ fn file_route(
     if args.proxy_auth_file.is_none() {
         args.proxy_auth_file = proxy_auth_file.map(Path::to_path_buf);
     }
-    route_from_args(name, &args).map_err(|e| match &e {
+    let mut route = route_from_args(name, &args).map_err(|e| match &e {
         Error::Invalid {
             flag,
             value,
@@ -431,7 +431,12 @@ fn file_route(
             src.error(line, &key, e.to_string())
         }
         _ => e,
-    })
+    })?;
+    if let Via::Proxy(proxy) | Via::Bypass { proxy, .. } = &mut route.via {
+        let (line, _) = line_for_flag("--proxy-auth-file");
+        proxy.auth_file_set_at = Some((src.path.to_path_buf(), line));
+    }
+    Ok(route)
 }
 
 /// The command line a route's merged keys stand for (after a dummy program name).

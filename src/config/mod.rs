@@ -15,7 +15,7 @@ use std::time::Duration;
 use rustls::pki_types::ServerName;
 
 use crate::cli::Mode;
-use crate::egress::Proxy;
+use crate::egress::{Proxy, ProxyUrl, Scheme};
 use crate::tls::Settings;
 
 mod flags;
@@ -183,8 +183,72 @@ pub enum Via {
     Direct,
     /// A proxy is configured, but the upstream's host matches `--no-proxy`.
     Bypass {
-        proxy: String,
+        /// The proxy not taken, still opened at startup so its settings are checked as for
+        /// any other route.
+        proxy: ProxySettings,
+        /// The `--no-proxy` entry that matched.
         entry: String,
     },
-    Proxy(Arc<Proxy>),
+    Proxy(ProxySettings),
+}
+
+/// A route's HTTP CONNECT proxy as configured; [`ProxySettings::open`] reads its files and
+/// makes the `egress::Proxy` that tunnels.
+#[derive(Debug, Clone)]
+pub struct ProxySettings {
+    /// `--proxy` (or `HTTPS_PROXY`), parsed; credentials in it are kept out of `Display`.
+    pub url: ProxyUrl,
+    /// `--proxy-ca` of an `https://` proxy; `None` = the system trust store (and always for
+    /// a plain `http://` proxy, which has no certificate).
+    pub ca: Option<PathBuf>,
+    /// `--proxy-auth-file`, read when the proxy is opened.
+    pub auth_file: Option<PathBuf>,
+    /// Where a config file set the auth file (file, line), so that a problem with it names
+    /// them as every other config file error does.
+    pub auth_file_set_at: Option<(PathBuf, usize)>,
+}
+
+impl ProxySettings {
+    /// Read the proxy's CA and credentials and make the proxy that tunnels.
+    pub fn open(&self) -> Result<Proxy, Error> {
+        let tls = match self.url.scheme {
+            Scheme::Https => Some(crate::egress::proxy_tls(self.ca.as_deref())?),
+            Scheme::Http => None,
+        };
+        let auth_shown = self
+            .auth_file
+            .as_ref()
+            .map_or(String::new(), |p| p.display().to_string());
+        Proxy::new(self.url.clone(), self.auth_file.clone(), tls).map_err(|reason| {
+            match &self.auth_file_set_at {
+                Some((path, line)) => Error::File {
+                    path: path.clone(),
+                    line: *line,
+                    key: "proxy_auth_file".into(),
+                    message: format!("invalid value {auth_shown:?}: {reason}"),
+                },
+                None => invalid("--proxy-auth-file", &auth_shown, reason),
+            }
+        })
+    }
+}
+
+impl Config {
+    /// Open every route's proxy, in route order: the live proxy of each route that tunnels
+    /// (`None` for the others). A bypassed proxy is opened too and dropped, so its files are
+    /// checked as they are for a route that uses it.
+    pub fn open_proxies(&self) -> Result<Vec<Option<Arc<Proxy>>>, Error> {
+        let mut proxies = Vec::with_capacity(self.routes.len());
+        for route in &self.routes {
+            proxies.push(match &route.via {
+                Via::Direct => None,
+                Via::Bypass { proxy, .. } => {
+                    proxy.open()?;
+                    None
+                }
+                Via::Proxy(settings) => Some(Arc::new(settings.open()?)),
+            });
+        }
+        Ok(proxies)
+    }
 }

@@ -560,9 +560,10 @@ impl tower_service::Service<Uri> for Connector {
                     return Err(Box::new(PoolFull { wait, max }) as BoxError);
                 }
             };
-            let mut attempt = upstream::connect(&ctx.route, config.clone()).await;
+            let mut attempt =
+                upstream::connect(&ctx.route, ctx.proxy.as_deref(), config.clone()).await;
             if matches!(&attempt, Err(f) if f.class == Class::Refused) {
-                attempt = upstream::connect(&ctx.route, config).await;
+                attempt = upstream::connect(&ctx.route, ctx.proxy.as_deref(), config).await;
             }
             let m = &ctx.metrics;
             match attempt {
@@ -955,10 +956,13 @@ impl HttpRoute {
     async fn upgrade(self: Arc<Self>, mut req: Request<Incoming>) -> Response<Body> {
         let mut config = (*self.ctx.identity.current()).clone();
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
-        let conn = match upstream::connect(&self.ctx.route, Arc::new(config)).await {
-            Ok(c) => c,
-            Err(f) => return self.fail(f),
-        };
+        let conn =
+            match upstream::connect(&self.ctx.route, self.ctx.proxy.as_deref(), Arc::new(config))
+                .await
+            {
+                Ok(c) => c,
+                Err(f) => return self.fail(f),
+            };
         let (mut sender, connection) =
             match hyper::client::conn::http1::handshake(TokioIo::new(conn.stream)).await {
                 Ok(x) => x,

@@ -18,6 +18,7 @@ use tracing::{info, warn};
 use crate::bufio::AppStream;
 use crate::cli::Mode;
 use crate::config::Route;
+use crate::egress::Proxy;
 use crate::failure::{Class, Failure};
 use crate::listen::{self, Conn, Listener, LogLimit};
 use crate::metrics::RouteMetrics;
@@ -28,6 +29,8 @@ use crate::upstream;
 #[derive(Debug)]
 pub struct RouteCtx {
     pub route: Route,
+    /// The route's opened proxy when it tunnels (`route.via` is only its settings).
+    pub proxy: Option<Arc<Proxy>>,
     pub identity: Arc<Identity>,
     /// `server_name` rendered once for messages.
     pub server_name: String,
@@ -42,6 +45,7 @@ pub struct RouteCtx {
 impl RouteCtx {
     pub fn new(
         route: Route,
+        proxy: Option<Arc<Proxy>>,
         identity: Arc<Identity>,
         metrics: RouteMetrics,
         listen: String,
@@ -50,6 +54,7 @@ impl RouteCtx {
             server_name: upstream::server_name_str(&route),
             upstream: route.upstream.to_string(),
             route,
+            proxy,
             identity,
             metrics,
             listen,
@@ -268,7 +273,7 @@ async fn handle<A: AppSocket>(ctx: &RouteCtx, mut app: A, peer: String, cut: Can
     app.set_nodelay();
     let config = ctx.identity.current();
     let connected = tokio::select! {
-        c = upstream::connect(&ctx.route, config) => c,
+        c = upstream::connect(&ctx.route, ctx.proxy.as_deref(), config) => c,
         _ = cut.cancelled() => Err(Failure::new(Class::Drain, "cut at shutdown before the upstream answered")),
     };
     let mut up = match connected {
