@@ -126,21 +126,7 @@ pub async fn run(
             port: up_addr.port(),
         },
         server_name: config::parse_server_name("--server-name", "localhost")?,
-        tls: Settings {
-            files: TlsFiles {
-                identity: IdentitySource::Pem {
-                    cert: dir.path().join("client.pem"),
-                    key: dir.path().join("client-key.pem"),
-                    key_password: None,
-                },
-                ca: Some(dir.path().join("ca.pem")),
-                crls: vec![],
-            },
-            checks: Checks::default(),
-            tls_min: TlsMin::V12,
-            alpn: vec![],
-            reload_interval: Some(Duration::from_secs(5)),
-        },
+        tls: demo_tls(dir.path()),
         mode: crate::cli::Mode::Tcp,
         http: crate::config::HttpSettings::default(),
         via: crate::config::Via::Direct,
@@ -175,4 +161,24 @@ pub async fn run(
     app.run(shutdown, hup).await;
     drop(dir);
     Ok(())
+}
+
+/// The demo route's TLS settings: the client identity and CA of the throwaway PKI in `dir`,
+/// reloaded every 5 s like a real deployment's.
+fn demo_tls(dir: &std::path::Path) -> Settings {
+    Settings {
+        files: TlsFiles {
+            identity: IdentitySource::Pem {
+                cert: dir.join("client.pem"),
+                key: dir.join("client-key.pem"),
+                key_password: None,
+            },
+            ca: Some(dir.join("ca.pem")),
+            crls: vec![],
+        },
+        checks: Checks::default(),
+        tls_min: TlsMin::V12,
+        alpn: vec![],
+        reload_interval: Some(Duration::from_secs(5)),
+    }
 }

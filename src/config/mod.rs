@@ -180,6 +180,7 @@ fn invalid(flag: &'static str, value: &str, reason: impl Into<String>) -> Error 
 /// How a route reaches its upstream.
 #[derive(Debug, Clone)]
 pub enum Via {
+    /// Straight to the upstream: no proxy is configured.
     Direct,
     /// A proxy is configured, but the upstream's host matches `--no-proxy`.
     Bypass {
@@ -189,6 +190,7 @@ pub enum Via {
         /// The `--no-proxy` entry that matched.
         entry: String,
     },
+    /// Through the proxy: CONNECT with the upstream's name, which the proxy resolves.
     Proxy(ProxySettings),
 }
 
