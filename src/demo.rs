@@ -19,10 +19,11 @@ use tracing::debug;
 
 use crate::app::App;
 use crate::cli::{DemoArgs, TlsMin};
-use crate::config::{self, Checks, Config, IdentitySource, Route, TlsFiles, Upstream};
+use crate::config::{self, Config, Route, Upstream};
 use crate::pki::DevPki;
 use crate::tls::load;
-use crate::tls::{cert::CertInfo, provider};
+use crate::tls::cert::CertInfo;
+use crate::tls::{Checks, IdentitySource, Settings, TlsFiles, provider};
 
 /// Build the upstream's TLS config: the dev server certificate, client certificates required
 /// and verified against the dev CA.
@@ -125,22 +126,10 @@ pub async fn run(
             port: up_addr.port(),
         },
         server_name: config::parse_server_name("--server-name", "localhost")?,
-        tls: TlsFiles {
-            identity: IdentitySource::Pem {
-                cert: dir.path().join("client.pem"),
-                key: dir.path().join("client-key.pem"),
-                key_password: None,
-            },
-            ca: Some(dir.path().join("ca.pem")),
-            crls: vec![],
-        },
-        checks: Checks::default(),
-        reload_interval: Some(Duration::from_secs(5)),
-        alpn: vec![],
+        tls: demo_tls(dir.path()),
         mode: crate::cli::Mode::Tcp,
         http: crate::config::HttpSettings::default(),
         via: crate::config::Via::Direct,
-        tls_min: TlsMin::V12,
         connect_timeout: Duration::from_secs(5),
         idle_timeout: None,
         max_connections: 10_000,
@@ -172,4 +161,24 @@ pub async fn run(
     app.run(shutdown, hup).await;
     drop(dir);
     Ok(())
+}
+
+/// The demo route's TLS settings: the client identity and CA of the throwaway PKI in `dir`,
+/// reloaded every 5 s like a real deployment's.
+fn demo_tls(dir: &std::path::Path) -> Settings {
+    Settings {
+        files: TlsFiles {
+            identity: IdentitySource::Pem {
+                cert: dir.join("client.pem"),
+                key: dir.join("client-key.pem"),
+                key_password: None,
+            },
+            ca: Some(dir.join("ca.pem")),
+            crls: vec![],
+        },
+        checks: Checks::default(),
+        tls_min: TlsMin::V12,
+        alpn: vec![],
+        reload_interval: Some(Duration::from_secs(5)),
+    }
 }

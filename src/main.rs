@@ -106,7 +106,11 @@ fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(e) => return fail(Exit::Startup, e),
             };
-            if rt.block_on(mtls_sidecar::check::run(&config, args.format)) {
+            let proxies = match config.open_proxies() {
+                Ok(p) => p,
+                Err(e) => return fail(Exit::Startup, e),
+            };
+            if rt.block_on(mtls_sidecar::check::run(&config, &proxies, args.format)) {
                 Exit::Ok.into()
             } else {
                 Exit::Runtime.into()

@@ -21,6 +21,7 @@ use tracing::{Instrument, Span, warn};
 
 use crate::cli::Mode;
 use crate::config::Route;
+use crate::egress::Proxy;
 use crate::failure::Failure;
 use crate::listen::{self, Conn, Listener, LogLimit};
 use crate::metrics::RouteMetrics;
@@ -32,6 +33,8 @@ use crate::upstream;
 pub struct RouteCtx {
     /// The route's settings: upstream, timeouts, mode and limits.
     pub route: Route,
+    /// The route's opened proxy when it tunnels (`route.via` is only its settings).
+    pub proxy: Option<Arc<Proxy>>,
     /// The client identity in force; each connection takes a snapshot when it dials.
     pub identity: Arc<Identity>,
     /// `server_name` rendered once for messages.
@@ -47,6 +50,7 @@ pub struct RouteCtx {
 impl RouteCtx {
     pub fn new(
         route: Route,
+        proxy: Option<Arc<Proxy>>,
         identity: Arc<Identity>,
         metrics: RouteMetrics,
         listen: String,
@@ -55,6 +59,7 @@ impl RouteCtx {
             server_name: upstream::server_name_str(&route),
             upstream: route.upstream.to_string(),
             route,
+            proxy,
             identity,
             metrics,
             listen,
@@ -66,7 +71,7 @@ impl RouteCtx {
     /// the connection is counted by its owner when it ends (the access log in byte-stream
     /// mode, the pool's connector in HTTP mode), which also sees failures that come after.
     pub async fn connect(&self, config: Arc<ClientConfig>) -> Result<upstream::Connected, Failure> {
-        let c = upstream::connect(&self.route, config).await?;
+        let c = upstream::connect(&self.route, self.proxy.as_deref(), config).await?;
         self.metrics.handshake.observe(c.handshake.as_secs_f64());
         if let Some(leaf) = c
             .stream

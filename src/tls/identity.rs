@@ -11,12 +11,12 @@ use rustls::client::{ResolvesClientCert, WebPkiServerVerifier};
 use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, SignatureScheme};
 
+use super::Settings;
 use super::cert::CertInfo;
-use super::load;
+use super::load::{self, IdentitySource};
 use super::provider;
 use super::verify::UpstreamVerifier;
-use crate::cli::{Mode, TlsMin};
-use crate::config::{IdentitySource, Route};
+use crate::cli::TlsMin;
 
 /// Why a route's client configuration cannot be built.
 #[derive(Debug, thiserror::Error)]
@@ -58,17 +58,17 @@ pub struct Loaded {
     pub crl_next_updates: Vec<(std::path::PathBuf, i64)>,
 }
 
-/// Read every file of a route and build a complete client configuration from that one
+/// Read every file of `settings` and build a complete client configuration from that one
 /// snapshot. Nothing is published here: the caller decides.
-pub fn build(route: &Route) -> Result<Loaded, Error> {
-    let material = load::Material::read(&route.tls)?;
-    build_from(route, &material)
+pub fn build(settings: &Settings) -> Result<Loaded, Error> {
+    let material = load::Material::read(&settings.files)?;
+    build_from(settings, &material)
 }
 
 /// The upstream verifier of a route: webpki's chain, name and CRL checks with the trust of
 /// `material`, then the route's extra checks.
 pub fn upstream_verifier(
-    route: &Route,
+    settings: &Settings,
     material: &load::Material,
 ) -> Result<Arc<UpstreamVerifier>, Error> {
     let roots = match &material.ca {
@@ -85,16 +85,16 @@ pub fn upstream_verifier(
         .map_err(|e| Error::Build(format!("upstream verifier: {e}")))?;
     Ok(Arc::new(UpstreamVerifier::new(
         webpki,
-        route.checks.clone(),
+        settings.checks.clone(),
     )))
 }
 
 /// Parse a snapshot, check the key belongs to the certificate, and build the whole client
 /// configuration (verifier with CRLs and extra checks, protocol versions, ALPN, a fresh
 /// session cache).
-pub fn build_from(route: &Route, material: &load::Material) -> Result<Loaded, Error> {
+pub fn build_from(settings: &Settings, material: &load::Material) -> Result<Loaded, Error> {
     let (chain, key) = material.identity()?;
-    let main_file = route.tls.identity.main_file();
+    let main_file = settings.files.identity.main_file();
     let leaf = CertInfo::parse(&chain[0]).map(Arc::new).ok_or_else(|| {
         Error::Build(format!(
             "{}: the leaf certificate cannot be parsed",
@@ -104,7 +104,7 @@ pub fn build_from(route: &Route, material: &load::Material) -> Result<Loaded, Er
 
     let provider = provider();
     let certified = CertifiedKey::from_der(chain, key, &provider).map_err(|e| {
-        let (cert, key) = match &route.tls.identity {
+        let (cert, key) = match &settings.files.identity {
             IdentitySource::Pem { cert, key, .. } => (cert.clone(), key.clone()),
             IdentitySource::Pkcs12 { file, .. } => (file.clone(), file.clone()),
         };
@@ -120,9 +120,9 @@ pub fn build_from(route: &Route, material: &load::Material) -> Result<Loaded, Er
         }
     })?;
 
-    let verifier: Arc<dyn ServerCertVerifier> = upstream_verifier(route, material)?;
+    let verifier: Arc<dyn ServerCertVerifier> = upstream_verifier(settings, material)?;
 
-    let versions: &[&rustls::SupportedProtocolVersion] = match route.tls_min {
+    let versions: &[&rustls::SupportedProtocolVersion] = match settings.tls_min {
         TlsMin::V12 => &[&rustls::version::TLS13, &rustls::version::TLS12],
         TlsMin::V13 => &[&rustls::version::TLS13],
     };
@@ -132,11 +132,7 @@ pub fn build_from(route: &Route, material: &load::Material) -> Result<Loaded, Er
         .dangerous()
         .with_custom_certificate_verifier(verifier)
         .with_client_cert_resolver(Arc::new(FixedClientCert(Arc::new(certified))));
-    config.alpn_protocols = match route.mode {
-        Mode::Tcp => route.alpn.clone(),
-        // The pool speaks whichever the upstream picks.
-        Mode::Http => vec![b"h2".to_vec(), b"http/1.1".to_vec()],
-    };
+    config.alpn_protocols = settings.alpn.clone();
     // Resumption (tickets and TLS 1.2 session IDs) is on by default: repeat connections to the
     // upstream skip the full handshake where it allows. Each build has its own session cache,
     // so a new identity never rides on a ticket made with the old one.

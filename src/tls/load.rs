@@ -14,7 +14,6 @@ use sha2::{Digest, Sha256};
 
 pub use super::file::{Error, FileBytes, MAX_FILE_BYTES, read_bounded};
 pub use super::keys::{pkcs12, private_key};
-use crate::config::{IdentitySource, TlsFiles};
 
 /// Where the client identity comes from, as read.
 #[derive(Debug, Clone)]
@@ -28,6 +27,41 @@ pub enum IdentityBytes {
         file: FileBytes,
         password: Option<FileBytes>,
     },
+}
+
+/// Files that make a route's TLS client configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct TlsFiles {
+    /// The client certificate and key.
+    pub identity: IdentitySource,
+    /// `None` = the system trust store (honours `SSL_CERT_FILE`).
+    pub ca: Option<PathBuf>,
+    /// CRLs applied to the upstream chain.
+    pub crls: Vec<PathBuf>,
+}
+
+/// Where the client certificate and key come from.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum IdentitySource {
+    Pem {
+        cert: PathBuf,
+        key: PathBuf,
+        key_password: Option<PathBuf>,
+    },
+    Pkcs12 {
+        file: PathBuf,
+        password: Option<PathBuf>,
+    },
+}
+
+impl IdentitySource {
+    /// The file an operator knows the identity by (for logs).
+    pub fn main_file(&self) -> &std::path::Path {
+        match self {
+            IdentitySource::Pem { cert, .. } => cert,
+            IdentitySource::Pkcs12 { file, .. } => file,
+        }
+    }
 }
 
 /// Every file of a route's TLS configuration, read at one moment.

@@ -1,6 +1,13 @@
 //! TLS material: loading from disk, building the client configuration, upstream checks,
 //! reloading, and the one crypto provider all of them use.
 
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::crypto::CryptoProvider;
+
+use crate::cli::TlsMin;
+
 pub mod cert;
 pub mod file;
 pub mod identity;
@@ -9,9 +16,26 @@ pub mod load;
 pub mod reload;
 pub mod verify;
 
-use std::sync::Arc;
+pub use load::{IdentitySource, TlsFiles};
+pub use verify::Checks;
 
-use rustls::crypto::CryptoProvider;
+/// Everything a route's TLS client configuration is built from. Routes with equal settings
+/// share one loaded identity and one reload loop, so every field that changes the built
+/// configuration (or how it is reloaded) belongs here and nowhere else.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    /// Client identity and upstream trust, read by `tls::load`.
+    pub files: TlsFiles,
+    /// Checks on the upstream leaf on top of chain and name verification.
+    pub checks: Checks,
+    /// Lowest TLS version offered.
+    pub tls_min: TlsMin,
+    /// ALPN protocols offered upstream, as sent: `--alpn` in tcp mode, h2 and http/1.1 in
+    /// http mode (the pool speaks whichever the upstream picks).
+    pub alpn: Vec<Vec<u8>>,
+    /// How often the files are compared for change; `None` = only on SIGHUP.
+    pub reload_interval: Option<Duration>,
+}
 
 /// The crypto provider every TLS object of the program uses: aws-lc-rs with its default
 /// suites and key exchange (X25519MLKEM768 first), but AES-128-GCM offered before AES-256-GCM,

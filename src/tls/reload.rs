@@ -21,10 +21,10 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
+use super::Settings;
 use super::cert::{now_unix, rfc3339};
 use super::identity::{self, Identity, Loaded};
 use super::load::Material;
-use crate::config::Route;
 
 /// How far ahead an expiring client certificate is warned about.
 const EXPIRY_WARNING: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -80,11 +80,13 @@ impl ReloadOutcomes {
 
 /// The reload loop of one route's identity.
 pub struct Reloader {
-    /// Whose files are polled: their paths, the reload interval, and the name every line carries.
-    route: Route,
+    /// The names of the routes sharing this identity, joined by `,`, for every log line.
+    name: String,
+    /// What the identity is built from: the files polled and the settings of every rebuild.
+    settings: Settings,
     /// Where a successful reload is published, and the leaf in force for the expiry warning.
     identity: Arc<Identity>,
-    /// Where every attempt's outcome is counted.
+    /// Where every attempt's outcome is counted, for `/metrics` and `/status`.
     outcomes: Arc<ReloadOutcomes>,
     /// `client_cert_expiry_timestamp_seconds` of every route sharing this identity.
     expiry_gauges: Vec<Gauge>,
@@ -106,14 +108,16 @@ pub struct Reloader {
 
 impl Reloader {
     pub fn new(
-        route: Route,
+        name: String,
+        settings: Settings,
         identity: Arc<Identity>,
         outcomes: Arc<ReloadOutcomes>,
         expiry_gauges: Vec<Gauge>,
         loaded: &Loaded,
     ) -> Self {
         let r = Reloader {
-            route,
+            name,
+            settings,
             identity,
             outcomes,
             expiry_gauges,
@@ -133,7 +137,7 @@ impl Reloader {
     fn warn_loose_permissions(&self, loaded: &Loaded) {
         for (flag, path, mode) in &loaded.loose_permissions {
             warn!(
-                route = %self.route.name, flag = %flag, file = %path.display(),
+                route = %self.name, flag = %flag, file = %path.display(),
                 mode = %format!("{mode:04o}"),
                 "secret file is readable by group or others; chmod 600 it"
             );
@@ -161,7 +165,7 @@ impl Reloader {
         self.crl_logged = Some(Instant::now());
         for (path, next) in stale {
             warn!(
-                route = %self.route.name, file = %path.display(), next_update = %rfc3339(*next),
+                route = %self.name, file = %path.display(), next_update = %rfc3339(*next),
                 "crl is past its nextUpdate (stale); refresh it: revocations since are unknown"
             );
         }
@@ -169,7 +173,7 @@ impl Reloader {
 
     /// Poll until `stop`; `hup` ticks on every SIGHUP.
     pub async fn run(mut self, mut hup: watch::Receiver<u64>, stop: CancellationToken) {
-        let period = self.route.reload_interval.unwrap_or(EXPIRY_CHECK);
+        let period = self.settings.reload_interval.unwrap_or(EXPIRY_CHECK);
         let mut hup_open = true;
         self.check_expiry();
         self.check_crls();
@@ -182,7 +186,7 @@ impl Reloader {
                 }
                 _ = stop.cancelled() => return,
             };
-            if forced || self.route.reload_interval.is_some() {
+            if forced || self.settings.reload_interval.is_some() {
                 self.poll(forced).await;
             }
             self.check_expiry();
@@ -192,7 +196,7 @@ impl Reloader {
 
     /// Every file as it is now, or why they cannot be read (the warn line's message).
     async fn read(&self) -> Result<Box<Material>, String> {
-        let files = self.route.tls.clone();
+        let files = self.settings.files.clone();
         let read = tokio::task::spawn_blocking(move || Material::read(&files)).await;
         match read {
             Ok(Ok(m)) => Ok(Box::new(m)),
@@ -236,9 +240,9 @@ impl Reloader {
         forced: bool,
         recheck: bool,
     ) {
-        let route = self.route.clone();
+        let settings = self.settings.clone();
         let built =
-            tokio::task::spawn_blocking(move || identity::build_from(&route, &material)).await;
+            tokio::task::spawn_blocking(move || identity::build_from(&settings, &material)).await;
         let result = match built {
             Ok(r) => r.map_err(|e| {
                 (
@@ -254,7 +258,7 @@ impl Reloader {
                     self.key_mismatch_seen = None;
                     self.fail(format!(
                         "{}: the new certificate is {why}; keeping the current one",
-                        self.route.tls.identity.main_file().display()
+                        self.settings.files.identity.main_file().display()
                     ));
                     self.reported_broken = Some(Ok(digest));
                     return;
@@ -272,7 +276,7 @@ impl Reloader {
                 self.outcomes.record(None);
                 let leaf = &loaded.leaf;
                 info!(
-                    route = %self.route.name, subject = ?leaf.subject, serial = %leaf.serial,
+                    route = %self.name, subject = ?leaf.subject, serial = %leaf.serial,
                     not_after = %rfc3339(leaf.not_after), "identity reloaded"
                 );
                 self.warn_loose_permissions(&loaded);
@@ -280,9 +284,9 @@ impl Reloader {
             }
             // The first sighting of a mismatch may be a writer between its two steps: look
             // again at the next poll before calling it a failure.
-            Err((msg, true)) if !forced && !recheck && self.route.reload_interval.is_some() => {
+            Err((msg, true)) if !forced && !recheck && self.settings.reload_interval.is_some() => {
                 debug!(
-                    route = %self.route.name, error = ?msg,
+                    route = %self.name, error = ?msg,
                     "certificate and key do not match yet; checking again at the next poll"
                 );
                 self.key_mismatch_seen = Some(digest);
@@ -296,7 +300,7 @@ impl Reloader {
     }
 
     fn fail(&self, msg: String) {
-        warn!(route = %self.route.name, error = ?msg, "identity reload failed; keeping the current identity");
+        warn!(route = %self.name, error = ?msg, "identity reload failed; keeping the current identity");
         self.outcomes.record(Some(msg));
     }
 
@@ -317,16 +321,22 @@ impl Reloader {
             return;
         }
         self.expiry_logged = Some((Instant::now(), leaf.serial.clone()));
-        let file = self.route.tls.identity.main_file().display().to_string();
+        let file = self
+            .settings
+            .files
+            .identity
+            .main_file()
+            .display()
+            .to_string();
         if let Err(why) = leaf.check_validity(now) {
             error!(
-                route = %self.route.name, file = %file, subject = ?leaf.subject, problem = ?why,
+                route = %self.name, file = %file, subject = ?leaf.subject, problem = ?why,
                 "client certificate is outside its validity period (expired or not yet valid); \
                  the upstream will likely refuse it"
             );
         } else {
             warn!(
-                route = %self.route.name, file = %file, subject = ?leaf.subject,
+                route = %self.name, file = %file, subject = ?leaf.subject,
                 not_after = %rfc3339(leaf.not_after), hours_left = left / 3600,
                 "client certificate expires soon"
             );

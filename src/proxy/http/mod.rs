@@ -229,7 +229,7 @@ impl HttpRoute {
     async fn upgrade(self: Arc<Self>, mut req: Request<Incoming>) -> Response<Body> {
         let mut config = (*self.ctx.identity.current()).clone();
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
-        let conn = match upstream::connect(&self.ctx.route, Arc::new(config)).await {
+        let conn = match upstream::connect(&self.ctx.route, self.ctx.proxy.as_deref(), Arc::new(config)).await {
             Ok(c) => c,
             Err(f) => return self.fail(f),
         };
