@@ -8,18 +8,16 @@
 use std::io;
 use std::net::IpAddr;
 use std::path::PathBuf;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::task::{Context, Poll};
 
 use base64::Engine as _;
 use rustls::ClientConfig;
 use rustls::pki_types::ServerName;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_rustls::client::TlsStream;
 
-use crate::bufio::{LazyBufTcp, Pending};
 use crate::failure::{Class, Failure, escape};
+use crate::transport::Transport;
 
 /// Longest CONNECT answer header accepted; more is not a proxy talking.
 pub const MAX_ANSWER: usize = 16 * 1024;
@@ -467,8 +465,8 @@ impl Proxy {
     pub async fn tls_to_proxy(
         &self,
         config: Arc<ClientConfig>,
-        tcp: LazyBufTcp,
-    ) -> Result<TlsStream<LazyBufTcp>, Failure> {
+        tcp: Transport,
+    ) -> Result<TlsStream<Transport>, Failure> {
         let name = ServerName::try_from(self.url.host.clone())
             .map_err(|e| Failure::new(Class::ProxyTls, format!("proxy host name: {e}")))?;
         tokio_rustls::TlsConnector::from(config)
@@ -664,110 +662,6 @@ const MAX_REASON_CHARS: usize = 128;
 fn printable(b: &[u8]) -> String {
     let head = &b[..b.len().min(64)];
     format!("{:?}", String::from_utf8_lossy(head))
-}
-
-/// What the upstream TLS session runs over.
-pub enum Transport {
-    /// TCP to the upstream, or to a plain `http://` proxy after CONNECT (bytes the proxy sent
-    /// past its answer are already in the socket's buffer).
-    Tcp(LazyBufTcp),
-    /// TLS to an `https://` proxy after CONNECT, with the bytes read past its answer.
-    Tls(Box<Prefixed<TlsStream<LazyBufTcp>>>),
-}
-
-impl std::fmt::Debug for Transport {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Transport::Tcp(_) => f.write_str("Transport::Tcp"),
-            Transport::Tls(_) => f.write_str("Transport::Tls"),
-        }
-    }
-}
-
-/// A stream with bytes already read from it put back in front.
-pub struct Prefixed<S> {
-    pub inner: S,
-    rest: Pending,
-}
-
-impl<S> Prefixed<S> {
-    pub fn new(inner: S, rest: Vec<u8>) -> Self {
-        Prefixed {
-            inner,
-            rest: Pending::new(rest),
-        }
-    }
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        out: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        if this.rest.drain_into(out) {
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut this.inner).poll_read(cx, out)
-    }
-}
-
-macro_rules! delegate_write {
-    ($self:ident, $s:ident => $e:expr) => {
-        match $self.get_mut() {
-            Transport::Tcp($s) => {
-                let $s = Pin::new($s);
-                $e
-            }
-            Transport::Tls(t) => {
-                let $s = Pin::new(&mut t.inner);
-                $e
-            }
-        }
-    };
-}
-
-impl AsyncRead for Transport {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        out: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Transport::Tcp(s) => Pin::new(s).poll_read(cx, out),
-            Transport::Tls(t) => Pin::new(&mut **t).poll_read(cx, out),
-        }
-    }
-}
-
-impl AsyncWrite for Transport {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, b: &[u8]) -> Poll<io::Result<usize>> {
-        delegate_write!(self, s => s.poll_write(cx, b))
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        delegate_write!(self, s => s.poll_write_vectored(cx, bufs))
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        match self {
-            Transport::Tcp(s) => s.is_write_vectored(),
-            Transport::Tls(t) => t.inner.is_write_vectored(),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        delegate_write!(self, s => s.poll_flush(cx))
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        delegate_write!(self, s => s.poll_shutdown(cx))
-    }
 }
 
 #[cfg(test)]

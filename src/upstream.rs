@@ -11,11 +11,11 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
-use crate::bufio::LazyBufTcp;
 use crate::config::{Route, Via};
-use crate::egress::{Prefixed, Proxy, Transport};
+use crate::egress::Proxy;
 use crate::failure::{Class, Failure, classify_io};
 use crate::resolve::{self, Resolver};
+use crate::transport::Transport;
 
 type Deadline = tokio::time::Instant;
 
@@ -140,7 +140,7 @@ pub async fn open(
         )
         .await?;
         return Ok(Opened {
-            transport: Transport::Tcp(LazyBufTcp::new(tcp)),
+            transport: Transport::tcp(tcp),
             addr,
             proxy_answer: None,
         });
@@ -155,20 +155,22 @@ pub async fn open(
     )
     .await?;
     let target = route.upstream.to_string();
-    let mut tcp = LazyBufTcp::new(tcp);
+    let mut tcp = Transport::tcp(tcp);
     let (transport, answer) = match proxy.tls() {
         Some(config) => {
             *phase = "TLS handshake with the proxy";
             let mut tls = proxy.tls_to_proxy(config, tcp).await?;
             *phase = "CONNECT exchange with the proxy";
             let (answer, rest) = proxy.connect_tunnel(&mut tls, &target).await?;
-            (Transport::Tls(Box::new(Prefixed::new(tls, rest))), answer)
+            let mut tunnel = Transport::tls(tls);
+            tunnel.unread(rest);
+            (tunnel, answer)
         }
         None => {
             *phase = "CONNECT exchange with the proxy";
             let (answer, rest) = proxy.connect_tunnel(&mut tcp, &target).await?;
             tcp.unread(rest);
-            (Transport::Tcp(tcp), answer)
+            (tcp, answer)
         }
     };
     Ok(Opened {

@@ -17,13 +17,12 @@ use rustls::{SignatureScheme, SupportedCipherSuite};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::{Instant, timeout_at};
 
-use crate::bufio::LazyBufTcp;
 use crate::config::{Route, Via};
-use crate::egress::Transport;
 use crate::failure::Failure;
 use crate::resolve::{self, ConnectEnd, Resolver};
 use crate::tls::identity::{self, Loaded};
 use crate::tls::load::Material;
+use crate::transport::Transport;
 use crate::upstream;
 
 /// How long to wait after a TLS 1.3 handshake for the upstream's verdict on our certificate,
@@ -304,7 +303,7 @@ impl Dial {
             Err(ConnectEnd::Deadline { at }) => return Err(timeout("connect", Some(at))),
             Err(ConnectEnd::AllFailed) => return Err(Outcome::NoConnection),
         };
-        Ok(Transport::Tcp(LazyBufTcp::new(tcp)))
+        Ok(Transport::tcp(tcp))
     }
 
     fn ends(mut self, outcome: Outcome) -> Dial {

@@ -15,13 +15,13 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use crate::bufio::AppStream;
 use crate::cli::Mode;
 use crate::config::Route;
 use crate::failure::{Class, Failure};
 use crate::listen::{self, Conn, Listener, LogLimit};
 use crate::metrics::RouteMetrics;
 use crate::tls::identity::Identity;
+use crate::transport::AppStream;
 use crate::upstream;
 
 /// Everything a connection of one route needs, shared by all of them.

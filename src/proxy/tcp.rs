@@ -26,9 +26,9 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
-use crate::bufio::{AppStream, READ_CHUNK, read_clearing};
 use crate::failure::{Class, Failure, classify_io};
 use crate::metrics::RouteMetrics;
+use crate::transport::{AppStream, READ_CHUNK, read_clearing};
 use crate::upstream::Upstream;
 
 /// Bytes moved per read. With one chunk at most pending per direction, this bounds what a
