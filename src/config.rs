@@ -654,7 +654,7 @@ fn parse_via(args: &RunArgs, upstream: &Upstream) -> Result<Via, Error> {
     let Some(raw) = raw.filter(|p| !p.trim().is_empty()) else {
         return Ok(Via::Direct);
     };
-    let url = ProxyUrl::parse(&raw).map_err(|r| invalid(flag, &redact_url(&raw), r))?;
+    let url = ProxyUrl::parse(&raw).map_err(|r| invalid(flag, &redact_url(&raw), r.to_string()))?;
     let tls = match url.scheme {
         Scheme::Https => Some(crate::egress::proxy_tls(args.proxy_ca.as_deref())?),
         Scheme::Http => {
@@ -674,13 +674,13 @@ fn parse_via(args: &RunArgs, upstream: &Upstream) -> Result<Via, Error> {
         .as_ref()
         .map_or(String::new(), |p| p.display().to_string());
     let proxy = Proxy::new(url, auth_file, tls)
-        .map_err(|r| invalid("--proxy-auth-file", &auth_shown, r))?;
+        .map_err(|r| invalid("--proxy-auth-file", &auth_shown, r.to_string()))?;
     let (list, list_flag) = match (&args.no_proxy, args.proxy_from_env) {
         (Some(l), _) => (l.clone(), "--no-proxy"),
         (None, true) => (env("NO_PROXY").unwrap_or_default(), "NO_PROXY"),
         (None, false) => (String::new(), "--no-proxy"),
     };
-    let no_proxy = NoProxy::parse(&list).map_err(|r| invalid(list_flag, &list, r))?;
+    let no_proxy = NoProxy::parse(&list).map_err(|r| invalid(list_flag, &list, r.to_string()))?;
     Ok(match no_proxy.matching(&upstream.host) {
         Some(entry) => Via::Bypass {
             proxy: display,

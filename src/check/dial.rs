@@ -1,7 +1,8 @@
-//! One dial for `check`: resolve, connect to each address in turn, and a TLS handshake driven by
-//! hand, so that everything seen on the way survives a failure: the upstream's chain (recorded
-//! by a verifier wrapped around the route's real one, so verdicts are identical), whether it
-//! asked for a client certificate and which CA names it gave, and the negotiated parameters.
+//! One dial for `check`: [`upstream::open`] (resolve, connect to each address in turn, or the
+//! proxy's tunnel) with a [`Trace`] of what it saw, and a TLS handshake driven by hand, so that
+//! everything seen on the way survives a failure: the upstream's chain (recorded by a verifier
+//! wrapped around the route's real one, so verdicts are identical), whether it asked for a
+//! client certificate and which CA names it gave, and the negotiated parameters.
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -17,13 +18,13 @@ use rustls::{SignatureScheme, SupportedCipherSuite};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::{Instant, timeout_at};
 
-use crate::config::{Route, Via};
+use crate::config::Route;
 use crate::failure::Failure;
-use crate::resolve::{self, ConnectEnd, Resolver};
+use crate::resolve;
 use crate::tls::identity::{self, Loaded};
 use crate::tls::load::Material;
 use crate::transport::Transport;
-use crate::upstream;
+use crate::upstream::{self, Trace, Unreached};
 
 /// How long to wait after a TLS 1.3 handshake for the upstream's verdict on our certificate,
 /// which arrives only after our side is done. A session ticket or data ends the wait early.
@@ -219,24 +220,18 @@ pub async fn dial(route: &Route, config: Arc<ClientConfig>) -> Dial {
         negotiated: Negotiated::default(),
         outcome: Outcome::NoConnection,
     };
-    let transport = if let Via::Proxy(_) = &route.via {
-        let mut phase = "resolve the proxy";
-        match timeout_at(deadline, upstream::open(route, deadline, &mut phase)).await {
-            Err(_) => return d.ends(Outcome::Proxy(upstream::timed_out(route, phase))),
-            Ok(Err(f)) => return d.ends(Outcome::Proxy(f)),
-            Ok(Ok(o)) => {
-                d.tunnel = Some((
-                    upstream::hop(route, o.addr),
-                    o.proxy_answer.unwrap_or_default(),
-                ));
-                o.transport
-            }
-        }
-    } else {
-        match d.connect_direct(route, deadline).await {
-            Ok(t) => t,
-            Err(outcome) => return d.ends(outcome),
-        }
+    let mut trace = Trace::default();
+    let opened = upstream::open(route, deadline, Some(&mut trace)).await;
+    d.dns = trace.dns;
+    d.attempts = trace.attempts;
+    d.connected = trace.connected;
+    d.tunnel = trace.tunnel;
+    let transport = match opened {
+        Ok(o) => o.transport,
+        Err(Unreached::Dns { reason, .. }) => return d.ends(Outcome::Dns(reason)),
+        Err(Unreached::NoConnection(_)) => return d.ends(Outcome::NoConnection),
+        Err(Unreached::Timeout { phase, at }) => return d.ends(Outcome::Timeout { phase, at }),
+        Err(Unreached::Proxy(f)) => return d.ends(Outcome::Proxy(f)),
     };
     let conn = match ClientConnection::new(config, route.server_name.clone()) {
         Ok(c) => c,
@@ -252,7 +247,7 @@ pub async fn dial(route: &Route, config: Arc<ClientConfig>) -> Dial {
     d.negotiated = s.negotiated();
     let outcome = match handshake {
         Err(_) => Outcome::Timeout {
-            phase: "tls handshake",
+            phase: upstream::HANDSHAKE_PHASE,
             at: d.connected,
         },
         Ok(Err(Fail::Tls(e))) => Outcome::Handshake(e),
@@ -269,43 +264,6 @@ pub async fn dial(route: &Route, config: Arc<ClientConfig>) -> Dial {
 }
 
 impl Dial {
-    /// Resolve and connect to each address in turn, recording what happened.
-    async fn connect_direct(
-        &mut self,
-        route: &Route,
-        deadline: Instant,
-    ) -> Result<Transport, Outcome> {
-        let d = self;
-        let host = route.upstream.host.as_str();
-        let timeout = |phase, at| Outcome::Timeout { phase, at };
-        let addrs = match Resolver::global()
-            .lookup(host, route.upstream.port, deadline)
-            .await
-        {
-            Err(resolve::Error::Timeout) => return Err(timeout("resolve", None)),
-            Err(resolve::Error::Lookup(e)) => return Err(Outcome::Dns(e.to_string())),
-            Err(e) => return Err(Outcome::Dns(e.to_string())),
-            Ok(a) => a,
-        };
-        for a in &addrs {
-            if !d.dns.contains(&a.ip()) {
-                d.dns.push(a.ip());
-            }
-        }
-        if addrs.is_empty() {
-            return Err(Outcome::Dns("no address".into()));
-        }
-        let tcp = match resolve::connect_each(&addrs, deadline, &mut d.attempts).await {
-            Ok((tcp, addr)) => {
-                d.connected = Some(addr);
-                tcp
-            }
-            Err(ConnectEnd::Deadline { at }) => return Err(timeout("connect", Some(at))),
-            Err(ConnectEnd::AllFailed) => return Err(Outcome::NoConnection),
-        };
-        Ok(Transport::tcp(tcp))
-    }
-
     fn ends(mut self, outcome: Outcome) -> Dial {
         self.outcome = outcome;
         self
