@@ -44,7 +44,9 @@ pub fn server_name_str(route: &Route) -> String {
 
 /// An established upstream connection.
 pub struct Connected {
+    /// What the connection relays into.
     pub stream: Upstream,
+    /// How long the TLS handshake took, for the handshake-duration metric.
     pub handshake: Duration,
 }
 
@@ -162,31 +164,43 @@ async fn dial(
             phase: connect_phase,
             at: Some(at),
         }),
-        // Every address failed: report the last one, and how many others.
-        Err(ConnectEnd::AllFailed) => {
-            // `connect_each` records every address that failed, and there was at least one.
-            let Some((addr, e)) = attempts.last() else {
-                return Err(Unreached::Timeout {
-                    phase: connect_phase,
-                    at: None,
-                });
-            };
-            let others = match attempts.len() - 1 {
-                0 => String::new(),
-                n => format!("; {n} other address(es) failed too"),
-            };
-            let f = classify_io(e, "");
-            let message = match proxy {
-                Some(_) => format!("cannot connect to {}: {e} ({addr}){others}", what()),
-                None => format!("{} ({addr}){others}", f.message),
-            };
-            Err(Unreached::NoConnection(fail(f.class, message)))
-        }
+        Err(ConnectEnd::AllFailed) => Err(all_failed(attempts, proxy, connect_phase)),
     }
+}
+
+/// Every address failed: the last one's failure, and how many others.
+fn all_failed(
+    attempts: &[(SocketAddr, io::Error)],
+    proxy: Option<&Proxy>,
+    connect_phase: &'static str,
+) -> Unreached {
+    // `connect_each` records every address that failed, and there was at least one.
+    let Some((addr, e)) = attempts.last() else {
+        return Unreached::Timeout {
+            phase: connect_phase,
+            at: None,
+        };
+    };
+    let others = match attempts.len() - 1 {
+        0 => String::new(),
+        n => format!("; {n} other address(es) failed too"),
+    };
+    let f = classify_io(e, "");
+    Unreached::NoConnection(match proxy {
+        Some(p) => Failure::new(
+            Class::ProxyUnreachable,
+            format!(
+                "cannot connect to the proxy {}: {e} ({addr}){others}",
+                p.url
+            ),
+        ),
+        None => Failure::new(f.class, format!("{} ({addr}){others}", f.message)),
+    })
 }
 
 /// A byte stream to the upstream, ready for its TLS handshake.
 pub struct Opened {
+    /// What the TLS session runs over.
     pub transport: Transport,
     /// The address connected to: the upstream's, or the proxy's.
     pub addr: SocketAddr,

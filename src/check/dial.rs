@@ -196,15 +196,21 @@ pub enum Outcome {
     Proxy(Failure),
 }
 
+/// Everything `check` reports of one dial: the [`Trace`] of reaching the upstream, then the
+/// handshake.
 #[derive(Debug)]
 pub struct Dial {
+    /// The upstream's addresses as resolved (direct routes).
     pub dns: Vec<IpAddr>,
     /// Addresses that could not be connected, and why.
     pub attempts: Vec<(SocketAddr, io::Error)>,
+    /// The upstream address connected to (direct routes): where the handshake ran.
     pub connected: Option<SocketAddr>,
     /// Through a proxy: how the tunnel was reached and the proxy's answer to CONNECT.
     pub tunnel: Option<(String, String)>,
+    /// What the handshake agreed on, as far as it got.
     pub negotiated: Negotiated,
+    /// How the dial ended: the route's verdict comes from it.
     pub outcome: Outcome,
 }
 
@@ -278,8 +284,11 @@ enum Fail {
 
 /// A client connection driven by hand over a TCP stream or a proxy's tunnel.
 struct Session {
+    /// Driven by hand so that what it saw survives a failed handshake.
     conn: ClientConnection,
+    /// TCP to the upstream, or the proxy's tunnel.
     io: Transport,
+    /// What one read from `io` may bring (one TLS record).
     buf: Vec<u8>,
     /// rustls refused more input: the upstream's close_notify has arrived.
     peer_closed: bool,

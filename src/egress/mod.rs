@@ -123,7 +123,9 @@ enum Auth {
 
 /// A route's proxy, ready to dial through.
 pub struct Proxy {
+    /// Where the proxy is; without credentials (they moved to `auth`), so safe to show.
     pub url: ProxyUrl,
+    /// The `Proxy-Authorization` sent with CONNECT, if any.
     auth: Auth,
     /// TLS to an `https://` proxy: the system roots or `--proxy-ca`.
     tls: Option<Arc<ClientConfig>>,

@@ -14,9 +14,12 @@ pub enum Scheme {
 /// A proxy URL taken apart. `user:pass` stays out of `Debug` and `Display`.
 #[derive(Clone, PartialEq, Eq)]
 pub struct ProxyUrl {
+    /// Whether the hop to the proxy itself is TLS.
     pub scheme: Scheme,
-    /// Without brackets for IPv6.
+    /// Where to connect, and the name an `https://` proxy's certificate must hold. Without
+    /// brackets for IPv6.
     pub host: String,
+    /// Where to connect (80 or 443 when the URL names none).
     pub port: u16,
     /// Percent-decoded `user:pass` from the URL.
     pub(super) credentials: Option<String>,
