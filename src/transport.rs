@@ -51,7 +51,7 @@ macro_rules! app_stream {
 app_stream!(TcpStream);
 app_stream!(UnixStream);
 
-/// Run `read` (a non-blocking read of at most `cap` bytes from `tcp`) so that a short read
+/// Run `read` (a non-blocking read of at most `cap` bytes from `sock`) so that a short read
 /// clears tokio's readiness: a TCP read that returns less than asked has emptied the receive
 /// queue, so the next wait goes to epoll instead of a `read` that would only say EAGAIN. This
 /// is what tokio's own `poll_read` does; it saves a syscall per burst. Data arriving meanwhile
