@@ -215,4 +215,53 @@ mod tests {
             assert!(ProxyUrl::parse(bad).is_err(), "{bad} should be refused");
         }
     }
+
+    /// The texts `egress::Error` replaced, word for word (they reach startup errors).
+    #[test]
+    fn messages_read_as_before() {
+        let cases = [
+            (
+                "socks5://h:1080",
+                "unsupported proxy scheme socks5://: only http:// and https:// (HTTP CONNECT) \
+                 proxies are supported",
+            ),
+            (
+                "a%b://h",
+                "not a proxy URL: only http://[user:pass@]HOST[:PORT] and https://… (HTTP \
+                 CONNECT) proxies are supported",
+            ),
+            ("http://h:1/p", "a proxy URL has no path, query or fragment"),
+            (
+                "http://u@h",
+                "credentials in a proxy URL are written user:password@",
+            ),
+            (
+                "http://[::1",
+                "an IPv6 proxy address needs its closing bracket",
+            ),
+            ("http://[zz]", "\"zz\" is not an IPv6 address"),
+            ("http://[::1]x", "expected :PORT after ]"),
+            (
+                "http://a:b:80",
+                "an IPv6 proxy address is written in brackets: http://[::1]:3128",
+            ),
+            ("http://:80", "the proxy URL has no host"),
+            ("http://a_b c", "\"a_b c\" is not a valid host name"),
+            ("http://h:0", "\"0\" is not a port number (1-65535)"),
+            (
+                "http://user:secret",
+                "what follows the last ':' is not a port number (1-65535); credentials are \
+                 written user:password@HOST",
+            ),
+            ("http://a%zz:b@h", "a bad %-escape in the proxy credentials"),
+            ("http://a%ff:b@h", "the proxy credentials are not UTF-8"),
+        ];
+        for (url, message) in cases {
+            assert_eq!(
+                ProxyUrl::parse(url).unwrap_err().to_string(),
+                message,
+                "{url}"
+            );
+        }
+    }
 }
