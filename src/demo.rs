@@ -21,8 +21,8 @@ use crate::app::App;
 use crate::cli::{DemoArgs, TlsMin};
 use crate::config::{self, Config, Route, Upstream};
 use crate::pki::DevPki;
-use crate::tls::load;
 use crate::tls::cert::CertInfo;
+use crate::tls::load;
 use crate::tls::{Checks, IdentitySource, Settings, TlsFiles, provider};
 
 /// Build the upstream's TLS config: the dev server certificate, client certificates required

@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use super::RouteCtx;
 use super::log::AccessLog;
 use super::relay::{self, Relay};
-use crate::bufio::AppStream;
+use crate::transport::AppStream;
 use crate::failure::{Class, Failure, classify_io};
 
 /// What a connection needs from the app's socket beyond relaying.
