@@ -84,12 +84,12 @@ pub enum Unreached {
 
 impl Unreached {
     /// The failure a connection reports.
-    pub fn into_failure(self, route: &Route) -> Failure {
+    pub fn into_failure(self, route: &Route, proxy: Option<&Proxy>) -> Failure {
         match self {
             Unreached::Dns { failure, .. }
             | Unreached::NoConnection(failure)
             | Unreached::Proxy(failure) => failure,
-            Unreached::Timeout { phase, .. } => timed_out(route, phase),
+            Unreached::Timeout { phase, .. } => timed_out(route, proxy, phase),
         }
     }
 }
@@ -244,7 +244,7 @@ pub async fn open(
     };
     let (tcp, addr) = dial(&proxy.url.host, proxy.url.port, Some(proxy), deadline, None)
         .await
-        .map_err(|e| Unreached::Proxy(e.into_failure(route)))?;
+        .map_err(|e| Unreached::Proxy(e.into_failure(route, Some(proxy))))?;
     let target = route.upstream.to_string();
     let (transport, answer) = tunnel::open(proxy, tcp, &target, deadline, |phase| {
         timed_out(route, Some(proxy), phase)
@@ -282,7 +282,7 @@ pub async fn connect(
     let deadline = resolve::deadline_after(route.connect_timeout);
     let opened = open(route, proxy, deadline, None)
         .await
-        .map_err(|e| e.into_failure(route))?;
+        .map_err(|e| e.into_failure(route, proxy))?;
     let started = Instant::now();
     let addr = opened.addr;
     let handshake = TlsConnector::from(config).connect(route.server_name.clone(), opened.transport);

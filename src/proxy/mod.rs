@@ -26,7 +26,6 @@ use crate::failure::Failure;
 use crate::listen::{self, Conn, Listener, LogLimit};
 use crate::metrics::RouteMetrics;
 use crate::tls::identity::Identity;
-use crate::transport::AppStream;
 use crate::upstream;
 
 /// Everything a connection of one route needs, shared by all of them.
