@@ -1,6 +1,6 @@
 //! Command-line surface: clap derive structs, env fallbacks and help text. The only logic here is
 //! the range-checked value parsers clap calls;
-//! `config` turns these raw values into a validated [`crate::config::Config`].
+//! `config` turns these raw values into a validated `config::Config`.
 
 use std::ops::RangeInclusive;
 use std::path::PathBuf;

@@ -1,32 +1,48 @@
 //! mtls-sidecar: listens in plaintext on localhost and forwards each connection over mutual TLS,
 //! presenting the app's client certificate and verifying the upstream.
 //!
-//! # Layout
+//! # Layout: layers, each importing only from the ones below it
 //!
-//! - `cli`: clap structs: flags, env fallbacks, help text; no logic
-//! - `config`: the typed, validated [`config::Config`] (a list of routes) built from the flags
-//! - `app`: load identities, bind listeners, serve, drain; exit-code-2 startup errors
-//! - `check`: the `check` command: validate, dial once, explain failures (text or JSON)
-//! - `config_file`: `--config FILE`, TOML routes with `[defaults]`; errors with file and line
-//! - `admin`: `/healthz`, `/readyz`, `/metrics`, `/status`, `POST /shutdown`, on its own thread
-//! - `listen`: TCP, unix-socket (mode, stale file, peer uid) and systemd-passed listeners
-//! - `metrics`: prometheus-client families and per-route handles
-//! - `notify`: systemd READY / RELOADING / STOPPING / WATCHDOG
-//! - `wait`: the `wait` command, polling `/readyz`
-//! - `signal`: SIGTERM/SIGINT to a shutdown token; a second signal exits at once
-//! - `tls::load`: PEM chain, key and CA loading with errors that name the file
-//! - `tls::identity`: the route's whole rustls client config, published behind an `ArcSwap`
-//! - `tls::reload`: poll files by content and on SIGHUP; all-or-nothing reload; expiry warnings
-//! - `tls::verify`: CRL, URI SAN and SPKI pin checks on top of webpki's chain and name checks
+//! ```text
+//!  main, demo ............ the binary; demo = a built-in mTLS upstream with the proxy in front
+//!  app ................... open proxies, load identities, bind listeners, serve, drain; exit 2
+//!  admin, check .......... /healthz /readyz /metrics /status POST /shutdown; the `check` command
+//!  proxy ................. accept loop, limits, access log; tcp mode (relay), http mode (pool)
+//!  upstream, listen ...... dial: resolve, connect, tunnel, handshake; TCP/unix/systemd listeners
+//!  config ................ routes from flags and TOML files: plain values, no live objects
+//!  egress, metrics ....... HTTP CONNECT proxies (URL, --no-proxy, tunnel); prometheus families
+//!  failure ............... Class and Failure: every way a connection fails, classified
+//!  tls ................... Settings, files, keys, verify, identity (one snapshot), reload
+//!  cli, transport, resolve, notify, signal, telemetry, pki, wait ... values and I/O helpers
+//! ```
+//!
+//! `python3 ../shared/tools/module-cycles.py src` (run by `.ci/run`) keeps it one-way.
+//!
+//! - `cli`: clap structs, env fallbacks, help text and the value parsers with their ranges
+//! - `transport`: the upstream byte stream (TCP or a proxy's TLS) read in 32 KiB syscalls with a
+//!   buffer only while data waits; `ReadySocket`, the app sockets the relay drives by readiness
 //! - `resolve`: lookups on their own bounded threads; connects with a per-address share; keepalive
-//! - `upstream`: resolve, connect each address in turn, handshake; failure classification
-//! - `egress`: HTTP CONNECT proxies (`--proxy`): URL, credentials, `--no-proxy`, the tunnel
-//! - `bufio`: upstream socket reads in 32 KiB syscalls with a buffer only while data waits
-//! - `proxy`: accept loop, connection limit, access-log line per connection
-//! - `proxy::tcp`: byte-stream relay with half-close both ways and the idle timeout
-//! - `pki`: `dev-pki`, a throwaway CA, server and client certificate (rcgen)
-//! - `demo`: a built-in mTLS upstream with the proxy in front of it
-//! - `telemetry`: tracing-subscriber set-up, text or JSON
+//! - `tls`: `Settings` (files, checks, versions, ALPN, reload interval) and the crypto provider;
+//!   `tls::file` bounded reads, `tls::load` PEM chains, CAs, CRLs and the `Material` snapshot,
+//!   `tls::keys` private keys, KDF bounds and PKCS#12, `tls::cert` certificate facts,
+//!   `tls::verify` CRL/URI SAN/pin checks on top of webpki, `tls::identity` the client config
+//!   published as one `Arc<Loaded>`, `tls::reload` polling, SIGHUP, all-or-nothing reloads
+//! - `failure`: `Class`, `Failure`, TLS and I/O error classification, escaping of peer text
+//! - `egress`: `egress::url`, `egress::no_proxy`, `egress::tunnel` (CONNECT, auth, proxy TLS)
+//! - `metrics`: prometheus-client families and per-route handles
+//! - `config`: `config` types and errors, `config::flags` (`run` flags to a route),
+//!   `config::load` (`--config FILE`, TOML routes with `[defaults]`, errors with file and line)
+//! - `upstream`: resolve, connect each address in turn or tunnel, handshake, each phase bounded
+//!   by `--connect-timeout`; a `Trace` of it for `check`
+//! - `listen`: TCP, unix-socket (mode, stale file, peer uid) and systemd-passed listeners
+//! - `proxy`: `RouteCtx` (one dial path for both modes), the accept loop, `proxy::log` (access
+//!   lines), `proxy::relay` (the byte relay, generic over both sides), `proxy::tcp` (tcp mode),
+//!   `proxy::http` (pool, lanes, bodies, serving), `proxy::watch` (HTTP timeouts),
+//!   `proxy::framing`
+//! - `check`: validate, dial once through `upstream`, explain failures (text or JSON)
+//! - `admin`: the admin endpoints, on their own thread
+//! - `app`: startup and the serve/drain lifecycle; `notify` systemd READY/RELOADING/STOPPING;
+//!   `signal` SIGTERM/SIGINT; `wait` the `wait` command; `pki` `dev-pki`; `telemetry` logging
 #![forbid(unsafe_code)]
 
 pub mod admin;

@@ -18,8 +18,9 @@ use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
 use tokio_rustls::client::TlsStream;
 
-/// The readiness-based operations the relay needs from the app's socket, TCP or unix.
-pub trait AppStream: AsyncWrite + Unpin + Send {
+/// A plaintext socket the relay drives by readiness (TCP or unix, the app's side): it waits
+/// until the socket can take or give bytes, then moves them without blocking.
+pub trait ReadySocket: AsyncWrite + Unpin + Send {
     fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
     fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
     fn try_read(&self, buf: &mut [u8]) -> io::Result<usize>;
@@ -29,7 +30,7 @@ pub trait AppStream: AsyncWrite + Unpin + Send {
 
 macro_rules! app_stream {
     ($t:ty) => {
-        impl AppStream for $t {
+        impl ReadySocket for $t {
             fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
                 <$t>::poll_read_ready(self, cx)
             }
@@ -57,7 +58,7 @@ app_stream!(UnixStream);
 /// is what tokio's own `poll_read` does; it saves a syscall per burst. Data arriving meanwhile
 /// raises a new edge, which tokio's readiness tick keeps from being lost.
 pub fn read_clearing(
-    sock: &impl AppStream,
+    sock: &impl ReadySocket,
     cap: usize,
     read: impl FnOnce() -> io::Result<usize>,
 ) -> io::Result<usize> {

@@ -12,7 +12,7 @@
 //! the relay waits until the other side can take data, so back-pressure stays in the kernel
 //! and in rustls instead of in our memory. What a near side that stopped reading can pin is
 //! therefore bounded: this direction's `pending` (under one chunk), the far socket reader's
-//! leftover (under one chunk, `bufio`) and rustls' own bounded buffers; measured in
+//! leftover (under one chunk, `transport`) and rustls' own bounded buffers; measured in
 //! `tests/hostile_conn.rs` (`stalled_apps_cost_bounded_memory`).
 
 use std::cell::RefCell;
@@ -26,15 +26,13 @@ use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
-use crate::transport::{AppStream, READ_CHUNK, read_clearing};
-
-/// Bytes moved per read. With one chunk at most pending per direction, this bounds what a
-/// connection whose near side stopped reading pins (see the module doc).
-const CHUNK: usize = READ_CHUNK;
+use crate::transport::{READ_CHUNK, ReadySocket, read_clearing};
 
 thread_local! {
-    /// The per-worker scratch buffer (see the module doc).
-    static SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0u8; CHUNK].into_boxed_slice());
+    /// The per-worker scratch buffer (see the module doc): [`READ_CHUNK`] bytes moved per read.
+    /// With one chunk at most pending per direction, this bounds what a connection whose near
+    /// side stopped reading pins.
+    static SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0u8; READ_CHUNK].into_boxed_slice());
 }
 
 /// Bytes moved each way, for the caller's log line.
@@ -95,7 +93,7 @@ impl Dir {
 }
 
 /// The relay future: resolves when both directions have ended, or with the first error.
-pub struct Relay<'a, N: AppStream, F> {
+pub struct Relay<'a, N: ReadySocket, F> {
     /// The near side: read when readable and written when writable without an extra buffer,
     /// so its back-pressure stays in the kernel.
     near: &'a mut N,
@@ -117,7 +115,7 @@ pub struct Relay<'a, N: AppStream, F> {
     last_activity: Instant,
 }
 
-impl<'a, N: AppStream, F: AsyncRead + AsyncWrite + Unpin> Relay<'a, N, F> {
+impl<'a, N: ReadySocket, F: AsyncRead + AsyncWrite + Unpin> Relay<'a, N, F> {
     pub fn new(
         near: &'a mut N,
         far: &'a mut F,
@@ -271,7 +269,7 @@ impl<'a, N: AppStream, F: AsyncRead + AsyncWrite + Unpin> Relay<'a, N, F> {
     }
 }
 
-impl<N: AppStream, F: AsyncRead + AsyncWrite + Unpin> Future for Relay<'_, N, F> {
+impl<N: ReadySocket, F: AsyncRead + AsyncWrite + Unpin> Future for Relay<'_, N, F> {
     type Output = Result<(), Error>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {

@@ -15,10 +15,10 @@ use super::RouteCtx;
 use super::log::AccessLog;
 use super::relay::{self, Relay};
 use crate::failure::{Class, Failure, classify_io};
-use crate::transport::AppStream;
+use crate::transport::ReadySocket;
 
 /// What a connection needs from the app's socket beyond relaying.
-pub(super) trait AppSocket: AppStream {
+pub(super) trait AppSocket: ReadySocket {
     fn set_nodelay(&self);
     /// End with a reset where the transport has one.
     fn abort(&self);
