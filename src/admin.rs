@@ -20,14 +20,14 @@ use tracing::{info, warn};
 use crate::listen::LogLimit;
 use crate::metrics::Metrics;
 use crate::proxy::RouteCtx;
-use crate::tls::identity::{now_unix, rfc3339};
-use crate::tls::reload::Stats;
+use crate::tls::cert::{now_unix, rfc3339};
+use crate::tls::reload::ReloadOutcomes;
 
 /// What the endpoints read.
 pub struct AdminState {
     routes: Vec<Arc<RouteCtx>>,
     metrics: Arc<Metrics>,
-    reload: Arc<Stats>,
+    reload: Arc<ReloadOutcomes>,
     /// Set at the first moment of shutdown: `/readyz` answers 503 from then on.
     pub shutting_down: AtomicBool,
     /// Cancelling it begins the same graceful shutdown as SIGTERM.
@@ -39,7 +39,7 @@ impl AdminState {
     pub fn new(
         routes: Vec<Arc<RouteCtx>>,
         metrics: Arc<Metrics>,
-        reload: Arc<Stats>,
+        reload: Arc<ReloadOutcomes>,
         shutdown: CancellationToken,
         allow_shutdown: bool,
     ) -> Self {

@@ -12,13 +12,14 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::admin::{self, AdminState};
-use crate::config::Config;
+use crate::config::{Config, Via};
+use crate::egress::Proxy;
 use crate::listen::{self, Listener, SystemdFds};
 use crate::metrics::Metrics;
 use crate::notify;
 use crate::proxy::{self, Lifecycle, RouteCtx};
 use crate::tls::identity::{self, Identity};
-use crate::tls::reload::{Reloader, Stats};
+use crate::tls::reload::{ReloadOutcomes, Reloader};
 
 /// A startup failure: bad material or an address that cannot be bound. Exit code 2.
 #[derive(Debug, thiserror::Error)]
@@ -39,122 +40,51 @@ pub enum StartupError {
     Admin(listen::Error),
 }
 
-/// Whether two routes can share one identity: same files and every setting that goes into the
-/// TLS client configuration.
-fn same_tls(a: &crate::config::Route, b: &crate::config::Route) -> bool {
-    a.tls == b.tls
-        && a.checks == b.checks
-        && a.tls_min == b.tls_min
-        && a.mode == b.mode
-        && a.alpn == b.alpn
-        && a.reload_interval == b.reload_interval
-}
-
 /// A bound, loaded program, ready to serve.
 pub struct App {
+    /// Kept for what `run` still needs: the shutdown delay, the drain timeout and whether the
+    /// admin listener may shut the program down.
     config: Config,
+    /// Each route's shared state with its bound listener, served by `run` in config order.
     routes: Vec<(Arc<RouteCtx>, Listener)>,
-    /// One reload loop per route, started by `run`.
+    /// One reload loop per shared identity, started by `run`.
     reloaders: Vec<Reloader>,
     /// The admin listener, bound but not yet served.
     admin: Option<std::net::TcpListener>,
+    /// Every metric family, registered once, served at `/metrics`.
     metrics: Arc<Metrics>,
     /// Reload outcomes of every route.
-    pub reload_stats: Arc<Stats>,
+    pub reload_stats: Arc<ReloadOutcomes>,
+}
+
+/// Routes whose TLS settings are equal share one loaded identity and one reload loop.
+struct IdentityGroup {
+    /// The group's first route, whose settings (equal to the others') the reloader keeps.
+    first: usize,
+    /// The identity every route of the group serves with.
+    identity: Arc<Identity>,
+    /// What the identity was first loaded from, the reloader's starting point.
+    loaded: identity::Loaded,
+    /// Indexes (into `config.routes`) of the routes sharing it.
+    members: Vec<usize>,
 }
 
 impl App {
-    /// Load every route's identity, then bind every listener. Nothing is served yet.
+    /// Open every route's proxy and load its identity, then bind every listener. Nothing is
+    /// served yet.
     pub async fn bind(config: Config) -> Result<App, StartupError> {
         let metrics = Arc::new(Metrics::new());
         let (ok, failed) = metrics.reload_counters();
-        let reload_stats = Arc::new(Stats::new(ok, failed));
-        // Routes whose TLS settings are the same share one loaded identity and one reload
-        // loop; `groups[i]` = (the settings' first route, the identity, its routes' indexes).
-        let mut groups: Vec<(usize, Arc<Identity>, identity::Loaded, Vec<usize>)> = Vec::new();
-        let mut identities = Vec::with_capacity(config.routes.len());
-        for (i, route) in config.routes.iter().enumerate() {
-            if let Some(g) = groups
-                .iter_mut()
-                .find(|g| same_tls(&config.routes[g.0], route))
-            {
-                g.3.push(i);
-                identities.push(g.1.clone());
-                continue;
-            }
-            let l = identity::build(route).map_err(|source| StartupError::Tls {
-                route: route.name.clone(),
-                source,
-            })?;
-            let id = Arc::new(Identity::new(&l));
-            identities.push(id.clone());
-            groups.push((i, id, l, vec![i]));
-        }
+        let reload_stats = Arc::new(ReloadOutcomes::new(ok, failed));
+        let proxies = config.open_proxies()?;
+        let (identities, groups) = load_identities(&config)?;
         let mut systemd = SystemdFds::from_env();
-        let mut routes = Vec::with_capacity(config.routes.len());
-        for (route, identity) in config.routes.iter().zip(identities) {
-            let bind_err = |source| StartupError::Bind {
-                route: route.name.clone(),
-                source,
-            };
-            let listener = Listener::bind(&route.listen, route.listen_mode, &mut systemd)
-                .await
-                .map_err(bind_err)?;
-            listener
-                .check_rules(
-                    &route.listen,
-                    route.allow_non_loopback,
-                    !route.allow_uids.is_empty(),
-                )
-                .map_err(bind_err)?;
-            let route_metrics = metrics.route(&route.name);
-            route_metrics.client_expiry.set(identity.leaf().not_after);
-            let ctx = RouteCtx::new(route.clone(), identity, route_metrics, listener.describe());
-            routes.push((Arc::new(ctx), listener));
-        }
+        let routes = bind_routes(&config, proxies, identities, &metrics, &mut systemd).await?;
         let reloaders = groups
             .into_iter()
-            .map(|(first, id, loaded, members)| {
-                let mut route = config.routes[first].clone();
-                route.name = members
-                    .iter()
-                    .map(|&m| config.routes[m].name.as_str())
-                    .collect::<Vec<_>>()
-                    .join(",");
-                let leaf = &loaded.leaf;
-                info!(
-                    route = %route.name, subject = ?leaf.subject, issuer = ?leaf.issuer,
-                    serial = %leaf.serial, not_after = %identity::rfc3339(leaf.not_after),
-                    "client identity loaded"
-                );
-                let gauges = members
-                    .iter()
-                    .map(|&m| routes[m].0.metrics.client_expiry.clone())
-                    .collect();
-                Reloader::new(route, id, reload_stats.clone(), gauges, &loaded)
-            })
+            .map(|g| reloader(&config, &routes, &reload_stats, g))
             .collect();
-        let admin = match &config.admin {
-            None => None,
-            Some(a) => {
-                let l = Listener::bind(&a.listen, 0o600, &mut systemd)
-                    .await
-                    .map_err(StartupError::Admin)?;
-                let tcp = l.into_tcp().ok_or_else(|| {
-                    StartupError::Admin(listen::Error::Bind {
-                        addr: a.listen.to_string(),
-                        source: std::io::Error::other("the admin listener must be a TCP socket"),
-                    })
-                })?;
-                let std = tcp.into_std().map_err(|source| {
-                    StartupError::Admin(listen::Error::Bind {
-                        addr: a.listen.to_string(),
-                        source,
-                    })
-                })?;
-                Some(std)
-            }
-        };
+        let admin = bind_admin(&config, &mut systemd).await?;
         Ok(App {
             config,
             routes,
@@ -203,20 +133,20 @@ impl App {
         let mut accept_loops = Vec::new();
         for (ctx, listener) in self.routes {
             info!(route = %ctx.route.name, addr = %ctx.listen, upstream = %ctx.upstream, "listening");
-            match &ctx.route.via {
-                crate::config::Via::Direct => {}
-                crate::config::Via::Proxy(p) => info!(
+            match (&ctx.route.via, &ctx.proxy) {
+                (Via::Proxy(_), Some(p)) => info!(
                     route = %ctx.route.name,
                     proxy = %p.url,
                     credentials = %p.credentials_source(),
                     "upstream reached through the proxy (CONNECT)"
                 ),
-                crate::config::Via::Bypass { proxy, entry } => info!(
+                (Via::Bypass { proxy, entry }, _) => info!(
                     route = %ctx.route.name,
-                    proxy = %proxy,
+                    proxy = %proxy.url,
                     no_proxy = %entry,
                     "upstream bypasses the proxy (no-proxy match)"
                 ),
+                _ => {}
             }
             accept_loops.push(tokio::spawn(proxy::serve(ctx, listener, life.clone())));
         }
@@ -253,4 +183,138 @@ impl App {
         }
         info!("shutdown complete");
     }
+}
+
+/// Load every route's identity, once per distinct TLS settings: the identity of each route
+/// (in config order) and the groups sharing one.
+fn load_identities(
+    config: &Config,
+) -> Result<(Vec<Arc<Identity>>, Vec<IdentityGroup>), StartupError> {
+    let mut groups: Vec<IdentityGroup> = Vec::new();
+    let mut identities = Vec::with_capacity(config.routes.len());
+    for (i, route) in config.routes.iter().enumerate() {
+        if let Some(g) = groups
+            .iter_mut()
+            .find(|g| config.routes[g.first].tls == route.tls)
+        {
+            g.members.push(i);
+            identities.push(g.identity.clone());
+            continue;
+        }
+        let loaded = identity::build(&route.tls).map_err(|source| StartupError::Tls {
+            route: route.name.clone(),
+            source,
+        })?;
+        let id = Arc::new(Identity::new(&loaded));
+        identities.push(id.clone());
+        groups.push(IdentityGroup {
+            first: i,
+            identity: id,
+            loaded,
+            members: vec![i],
+        });
+    }
+    Ok((identities, groups))
+}
+
+/// Bind every route's listener and check its rules, then make each route's shared state
+/// with its opened proxy and its identity.
+async fn bind_routes(
+    config: &Config,
+    proxies: Vec<Option<Arc<Proxy>>>,
+    identities: Vec<Arc<Identity>>,
+    metrics: &Metrics,
+    systemd: &mut SystemdFds,
+) -> Result<Vec<(Arc<RouteCtx>, Listener)>, StartupError> {
+    let mut routes = Vec::with_capacity(config.routes.len());
+    let each = config.routes.iter().zip(proxies).zip(identities);
+    for ((route, proxy), identity) in each {
+        let bind_err = |source| StartupError::Bind {
+            route: route.name.clone(),
+            source,
+        };
+        let listener = Listener::bind(&route.listen, route.listen_mode, systemd)
+            .await
+            .map_err(bind_err)?;
+        listener
+            .check_rules(
+                &route.listen,
+                route.allow_non_loopback,
+                !route.allow_uids.is_empty(),
+            )
+            .map_err(bind_err)?;
+        let route_metrics = metrics.route(&route.name);
+        route_metrics.client_expiry.set(identity.leaf().not_after);
+        let ctx = RouteCtx::new(
+            route.clone(),
+            proxy,
+            identity,
+            route_metrics,
+            listener.describe(),
+        );
+        routes.push((Arc::new(ctx), listener));
+    }
+    Ok(routes)
+}
+
+/// The reload loop of one identity group, named after all its routes; logs the identity
+/// loaded.
+fn reloader(
+    config: &Config,
+    routes: &[(Arc<RouteCtx>, Listener)],
+    reload_stats: &Arc<ReloadOutcomes>,
+    group: IdentityGroup,
+) -> Reloader {
+    let name = group
+        .members
+        .iter()
+        .map(|&m| config.routes[m].name.as_str())
+        .collect::<Vec<_>>()
+        .join(",");
+    let leaf = &group.loaded.leaf;
+    info!(
+        route = %name, subject = ?leaf.subject, issuer = ?leaf.issuer,
+        serial = %leaf.serial, not_after = %crate::tls::cert::rfc3339(leaf.not_after),
+        "client identity loaded"
+    );
+    let gauges = group
+        .members
+        .iter()
+        .map(|&m| routes[m].0.metrics.client_expiry.clone())
+        .collect();
+    let settings = config.routes[group.first].tls.clone();
+    Reloader::new(
+        name,
+        settings,
+        group.identity,
+        reload_stats.clone(),
+        gauges,
+        &group.loaded,
+    )
+}
+
+/// Bind the admin listener, if any: a TCP socket (an address, or a systemd socket).
+async fn bind_admin(
+    config: &Config,
+    systemd: &mut SystemdFds,
+) -> Result<Option<std::net::TcpListener>, StartupError> {
+    let Some(a) = &config.admin else {
+        return Ok(None);
+    };
+    let l = Listener::bind(&a.listen, 0o600, systemd)
+        .await
+        .map_err(StartupError::Admin)?;
+    let tcp = l.into_tcp().ok_or_else(|| {
+        StartupError::Admin(listen::Error::Bind {
+            addr: a.listen.to_string(),
+            source: std::io::Error::other("the admin listener must be a TCP socket"),
+        })
+    })?;
+    let std = tcp.into_std().map_err(|source| {
+        StartupError::Admin(listen::Error::Bind {
+            addr: a.listen.to_string(),
+            source,
+        })
+    })?;
+    Ok(Some(std))
 }

@@ -1,6 +1,8 @@
-//! Command-line surface: clap derive structs, env fallbacks and help text. No logic lives here;
+//! Command-line surface: clap derive structs, env fallbacks and help text. The only logic here is
+//! the range-checked value parsers clap calls;
 //! `config` turns these raw values into a validated [`crate::config::Config`].
 
+use std::ops::RangeInclusive;
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -91,7 +93,7 @@ pub struct RunArgs {
         value_name = "UID",
         value_delimiter = ',',
         allow_negative_numbers = true,
-        value_parser = crate::config::parse_uid
+        value_parser = parse_uid
     )]
     pub allow_uid: Vec<u32>,
 
@@ -276,7 +278,7 @@ pub struct RunArgs {
         default_value_t = 64,
         value_name = "N",
         allow_negative_numbers = true,
-        value_parser = crate::config::parse_pool_max_idle
+        value_parser = parse_pool_max_idle
     )]
     pub pool_max_idle: usize,
 
@@ -289,7 +291,7 @@ pub struct RunArgs {
         default_value_t = 1024,
         value_name = "N",
         allow_negative_numbers = true,
-        value_parser = crate::config::parse_pool_max_connections
+        value_parser = parse_pool_max_connections
     )]
     pub pool_max_connections: usize,
 
@@ -321,7 +323,7 @@ pub struct RunArgs {
         default_value_t = 10_000,
         value_name = "N",
         allow_negative_numbers = true,
-        value_parser = crate::config::parse_max_connections
+        value_parser = parse_max_connections
     )]
     pub max_connections: usize,
 
@@ -495,6 +497,64 @@ pub struct DemoArgs {
     pub log: LogArgs,
 }
 
+// Value parsers of the numeric flags. They live here, beside the flags, because clap calls
+// them; `config` checks the same ranges again for routes built from code.
+
+/// The range of `--max-connections`: each connection costs a task and two sockets, so a
+/// million is already past what one process serves; the upper bound also keeps the value far
+/// below what tokio's semaphore accepts (it panics above `usize::MAX >> 3`).
+pub const MAX_CONNECTIONS: RangeInclusive<u64> = 1..=1_000_000;
+
+/// The range of `--pool-max-idle` (idle upstream connections kept per route; 0 keeps none).
+pub const POOL_MAX_IDLE: RangeInclusive<u64> = 0..=10_000;
+
+/// The range of `--pool-max-connections` (upstream connections per route): beyond it the cap
+/// would bound nothing.
+pub const POOL_MAX_CONNECTIONS: RangeInclusive<u64> = 1..=100_000;
+
+/// The range of `--allow-uid`: `u32::MAX` is `(uid_t)-1`, which names no user.
+pub const ALLOW_UID: RangeInclusive<u64> = 0..=(u32::MAX as u64 - 1);
+
+/// A whole number inside `range`; the message (clap puts the flag before it) says the range.
+fn ranged(value: &str, range: &RangeInclusive<u64>) -> Result<u64, String> {
+    let out_of_range = || {
+        format!(
+            "must be a whole number from {} to {}",
+            range.start(),
+            range.end()
+        )
+    };
+    // Digits only: a sign or a huge number is out of range, not a different error.
+    let v = value.trim();
+    if v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(out_of_range());
+    }
+    v.parse::<u64>()
+        .ok()
+        .filter(|n| range.contains(n))
+        .ok_or_else(out_of_range)
+}
+
+/// clap value parser of `--max-connections`.
+pub fn parse_max_connections(value: &str) -> Result<usize, String> {
+    ranged(value, &MAX_CONNECTIONS).and_then(|n| usize::try_from(n).map_err(|e| e.to_string()))
+}
+
+/// clap value parser of `--pool-max-idle`.
+pub fn parse_pool_max_idle(value: &str) -> Result<usize, String> {
+    ranged(value, &POOL_MAX_IDLE).and_then(|n| usize::try_from(n).map_err(|e| e.to_string()))
+}
+
+/// clap value parser of `--pool-max-connections`.
+pub fn parse_pool_max_connections(value: &str) -> Result<usize, String> {
+    ranged(value, &POOL_MAX_CONNECTIONS).and_then(|n| usize::try_from(n).map_err(|e| e.to_string()))
+}
+
+/// clap value parser of `--allow-uid`.
+pub fn parse_uid(value: &str) -> Result<u32, String> {
+    ranged(value, &ALLOW_UID).and_then(|n| u32::try_from(n).map_err(|e| e.to_string()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -504,5 +564,28 @@ mod tests {
     fn cli_is_consistent() {
         Cli::command().debug_assert();
         Cli::command_hiding_env().debug_assert();
+    }
+
+    #[test]
+    fn numbers_have_ranges() {
+        assert_eq!(parse_max_connections("1"), Ok(1));
+        assert_eq!(parse_max_connections("1000000"), Ok(1_000_000));
+        for bad in [
+            "0",
+            "1000001",
+            "-1",
+            "+5",
+            "",
+            "2305843009213693952",
+            "1e3",
+            "99999999999999999999999",
+        ] {
+            let err = parse_max_connections(bad).unwrap_err();
+            assert!(err.contains("from 1 to 1000000"), "{bad}: {err}");
+        }
+        assert_eq!(parse_pool_max_idle("0"), Ok(0));
+        assert!(parse_pool_max_idle("10001").is_err());
+        assert_eq!(parse_uid("4294967294"), Ok(u32::MAX - 1));
+        assert!(parse_uid("4294967295").is_err());
     }
 }

@@ -18,10 +18,11 @@ use tracing::debug;
 
 use crate::app::{App, StartupError};
 use crate::cli::{DemoArgs, TlsMin};
-use crate::config::{self, Checks, Config, IdentitySource, Route, TlsFiles, Upstream};
+use crate::config::{self, Config, Route, Upstream};
 use crate::pki::{self, DevPki};
-use crate::tls::identity::{CertInfo, provider};
+use crate::tls::cert::CertInfo;
 use crate::tls::load;
+use crate::tls::{Checks, IdentitySource, Settings, TlsFiles, provider};
 
 /// Why the demo did not start or stopped early. `Config` and `Startup` are the same
 /// mistakes `run` reports with exit code 2 (a bad `--listen`, a port in use); the rest are
@@ -197,7 +198,21 @@ fn proxy_route(args: &DemoArgs, dir: &std::path::Path, upstream_port: u16) -> Re
             port: upstream_port,
         },
         server_name: config::parse_server_name("--server-name", "localhost")?,
-        tls: TlsFiles {
+        tls: demo_tls(dir),
+        mode: crate::cli::Mode::Tcp,
+        http: crate::config::HttpSettings::default(),
+        via: crate::config::Via::Direct,
+        connect_timeout: Duration::from_secs(5),
+        idle_timeout: None,
+        max_connections: 10_000,
+    })
+}
+
+/// The demo route's TLS settings: the client identity and CA of the throwaway PKI in `dir`,
+/// reloaded every 5 s like a real deployment's.
+fn demo_tls(dir: &std::path::Path) -> Settings {
+    Settings {
+        files: TlsFiles {
             identity: IdentitySource::Pem {
                 cert: dir.join("client.pem"),
                 key: dir.join("client-key.pem"),
@@ -207,14 +222,8 @@ fn proxy_route(args: &DemoArgs, dir: &std::path::Path, upstream_port: u16) -> Re
             crls: vec![],
         },
         checks: Checks::default(),
-        reload_interval: Some(Duration::from_secs(5)),
-        alpn: vec![],
-        mode: crate::cli::Mode::Tcp,
-        http: crate::config::HttpSettings::default(),
-        via: crate::config::Via::Direct,
         tls_min: TlsMin::V12,
-        connect_timeout: Duration::from_secs(5),
-        idle_timeout: None,
-        max_connections: 10_000,
-    })
+        alpn: vec![],
+        reload_interval: Some(Duration::from_secs(5)),
+    }
 }

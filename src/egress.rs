@@ -308,7 +308,7 @@ pub fn proxy_tls(
             "the system trust store".to_string(),
         ),
     };
-    let mut config = ClientConfig::builder_with_provider(crate::tls::identity::provider())
+    let mut config = ClientConfig::builder_with_provider(crate::tls::provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| load::Error::BadCa {
             flag: "--proxy-ca",

@@ -35,7 +35,6 @@ pub mod bufio;
 pub mod check;
 pub mod cli;
 pub mod config;
-pub mod config_file;
 pub mod demo;
 pub mod egress;
 pub mod failure;

@@ -116,7 +116,11 @@ fn check(rt: &tokio::runtime::Runtime, args: &CheckArgs) -> ExitCode {
         Ok(c) => c,
         Err(e) => return fail(Exit::Startup, e),
     };
-    if rt.block_on(mtls_sidecar::check::run(&config, args.format)) {
+    let proxies = match config.open_proxies() {
+        Ok(p) => p,
+        Err(e) => return fail(Exit::Startup, e),
+    };
+    if rt.block_on(mtls_sidecar::check::run(&config, &proxies, args.format)) {
         Exit::Ok.into()
     } else {
         Exit::Runtime.into()

@@ -12,7 +12,7 @@ use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
 use crate::bufio::LazyBufTcp;
-use crate::config::{Route, Via};
+use crate::config::Route;
 use crate::egress::{Prefixed, Proxy, Transport};
 use crate::failure::{Class, Failure, classify_io};
 use crate::resolve::{self, Resolver};
@@ -111,25 +111,27 @@ pub struct Opened {
 
 /// How a stream connected to `addr` reached the upstream, for messages: `ADDR`, or
 /// `via proxy URL at ADDR`.
-pub fn hop(route: &Route, addr: SocketAddr) -> String {
-    match &route.via {
-        Via::Proxy(p) => format!("via proxy {} at {addr}", p.url),
-        _ => addr.to_string(),
+pub fn hop(proxy: Option<&Proxy>, addr: SocketAddr) -> String {
+    match proxy {
+        Some(p) => format!("via proxy {} at {addr}", p.url),
+        None => addr.to_string(),
     }
 }
 
 /// The byte stream the upstream TLS session runs over: TCP to the upstream, or a tunnel
-/// through the route's proxy (CONNECT with the upstream's name, resolved by the proxy).
+/// through the route's proxy, `proxy` (CONNECT with the upstream's name, resolved by the
+/// proxy).
 ///
 /// Callers bound it by `deadline` (`--connect-timeout` from the start of the dial): the
 /// lookup and each connect are sized from it, and when it passes this future stays pending
 /// so that the caller's own timeout reports the phase.
 pub async fn open(
     route: &Route,
+    proxy: Option<&Proxy>,
     deadline: Deadline,
     phase: &mut &'static str,
 ) -> Result<Opened, Failure> {
-    let Via::Proxy(proxy) = &route.via else {
+    let Some(proxy) = proxy else {
         *phase = "resolve";
         let (tcp, addr) = dial(
             &route.upstream.host,
@@ -179,10 +181,10 @@ pub async fn open(
 }
 
 /// `--connect-timeout` ran out while in `phase`.
-pub fn timed_out(route: &Route, phase: &str) -> Failure {
-    let via = match &route.via {
-        Via::Proxy(p) => format!(", via proxy {}", p.url),
-        _ => String::new(),
+pub fn timed_out(route: &Route, proxy: Option<&Proxy>, phase: &str) -> Failure {
+    let via = match proxy {
+        Some(p) => format!(", via proxy {}", p.url),
+        None => String::new(),
     };
     Failure::new(
         Class::Timeout,
@@ -194,12 +196,16 @@ pub fn timed_out(route: &Route, phase: &str) -> Failure {
 }
 
 /// Resolve, connect (each address in turn; through the proxy if any) and handshake, all within
-/// `--connect-timeout`.
-pub async fn connect(route: &Route, config: Arc<ClientConfig>) -> Result<Connected, Failure> {
+/// `--connect-timeout`. `proxy` is the route's opened proxy, if it tunnels.
+pub async fn connect(
+    route: &Route,
+    proxy: Option<&Proxy>,
+    config: Arc<ClientConfig>,
+) -> Result<Connected, Failure> {
     let deadline = resolve::deadline_after(route.connect_timeout);
     let mut phase = "resolve";
     let attempt = async {
-        let opened = open(route, deadline, &mut phase).await?;
+        let opened = open(route, proxy, deadline, &mut phase).await?;
         phase = "tls handshake";
         let started = Instant::now();
         let addr = opened.addr;
@@ -214,7 +220,7 @@ pub async fn connect(route: &Route, config: Arc<ClientConfig>) -> Result<Connect
                         format!("the upstream closed the connection during the TLS handshake: {e}"),
                     );
                 }
-                f.message = format!("{} ({})", f.message, hop(route, addr));
+                f.message = format!("{} ({})", f.message, hop(proxy, addr));
                 f
             })?;
         Ok(Connected {
@@ -224,6 +230,6 @@ pub async fn connect(route: &Route, config: Arc<ClientConfig>) -> Result<Connect
     };
     match tokio::time::timeout_at(deadline, attempt).await {
         Ok(r) => r,
-        Err(_) => Err(timed_out(route, phase)),
+        Err(_) => Err(timed_out(route, proxy, phase)),
     }
 }

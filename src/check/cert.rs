@@ -9,7 +9,7 @@ use x509_parser::public_key::PublicKey;
 use x509_parser::x509::X509Name;
 
 use crate::failure::escape;
-use crate::tls::identity::{CertInfo, rfc3339};
+use crate::tls::cert::{CertInfo, rfc3339};
 
 const DAY: i64 = 86_400;
 

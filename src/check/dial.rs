@@ -18,7 +18,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::{Instant, timeout_at};
 
 use crate::bufio::LazyBufTcp;
-use crate::config::{Route, Via};
+use crate::config::Route;
+use crate::egress::Proxy;
 use crate::egress::Transport;
 use crate::failure::Failure;
 use crate::resolve::{self, ConnectEnd, Resolver};
@@ -141,7 +142,7 @@ pub fn client_config(
     loaded: &Loaded,
     seen: &Shared,
 ) -> Result<Arc<ClientConfig>, String> {
-    let verifier = identity::upstream_verifier(route, material).map_err(|e| e.to_string())?;
+    let verifier = identity::upstream_verifier(&route.tls, material).map_err(|e| e.to_string())?;
     let mut config = (*loaded.config).clone();
     config
         .dangerous()
@@ -210,7 +211,7 @@ pub struct Dial {
 
 /// Resolve, connect and handshake within `--connect-timeout`, then wait briefly for a late
 /// verdict on our certificate.
-pub async fn dial(route: &Route, config: Arc<ClientConfig>) -> Dial {
+pub async fn dial(route: &Route, proxy: Option<&Proxy>, config: Arc<ClientConfig>) -> Dial {
     let deadline = resolve::deadline_after(route.connect_timeout);
     let mut d = Dial {
         dns: Vec::new(),
@@ -220,14 +221,14 @@ pub async fn dial(route: &Route, config: Arc<ClientConfig>) -> Dial {
         negotiated: Negotiated::default(),
         outcome: Outcome::NoConnection,
     };
-    let transport = if let Via::Proxy(_) = &route.via {
+    let transport = if proxy.is_some() {
         let mut phase = "resolve the proxy";
-        match timeout_at(deadline, upstream::open(route, deadline, &mut phase)).await {
-            Err(_) => return d.ends(Outcome::Proxy(upstream::timed_out(route, phase))),
+        match timeout_at(deadline, upstream::open(route, proxy, deadline, &mut phase)).await {
+            Err(_) => return d.ends(Outcome::Proxy(upstream::timed_out(route, proxy, phase))),
             Ok(Err(f)) => return d.ends(Outcome::Proxy(f)),
             Ok(Ok(o)) => {
                 d.tunnel = Some((
-                    upstream::hop(route, o.addr),
+                    upstream::hop(proxy, o.addr),
                     o.proxy_answer.unwrap_or_default(),
                 ));
                 o.transport

@@ -14,9 +14,12 @@ mod report;
 mod text;
 
 use crate::cli::CheckFormat;
-use crate::config::{Config, IdentitySource, Route, Via};
+use crate::config::{Config, Route};
+use crate::egress::Proxy;
 use crate::failure::{Class, Failure, classify_io};
-use crate::tls::identity::{self, now_unix};
+use crate::tls::IdentitySource;
+use crate::tls::cert::{CertInfo, now_unix};
+use crate::tls::identity;
 use crate::tls::load;
 use cert::{Hint, Names, Summary};
 use dial::Outcome;
@@ -27,23 +30,31 @@ pub use report::{ChainLink, ClientCertificate, ProxyReport, Report, RouteReport,
 const EXPIRY_NOTE_DAYS: i64 = 7;
 
 /// Check every route and print the report; `true` only if every route passed.
-pub async fn run(config: &Config, format: CheckFormat) -> bool {
+/// `proxies` are the routes' opened proxies, in route order (`Config::open_proxies`).
+pub async fn run(
+    config: &Config,
+    proxies: &[Option<std::sync::Arc<Proxy>>],
+    format: CheckFormat,
+) -> bool {
     // Every route is dialled at once, so the whole check ends within the longest
     // --connect-timeout (+ the verdict wait), however many routes there are; reports are
     // still printed in route order, each as soon as it and those before it are done.
     let handles: Vec<_> = config
         .routes
         .iter()
-        .map(|route| {
+        .zip(proxies)
+        .map(|(route, proxy)| {
             let route = route.clone();
-            tokio::spawn(async move { check_route(&route).await })
+            let proxy = proxy.clone();
+            tokio::spawn(async move { check_route(&route, proxy.as_deref()).await })
         })
         .collect();
     let mut routes = Vec::new();
-    for (route, handle) in config.routes.iter().zip(handles) {
+    for ((route, proxy), handle) in config.routes.iter().zip(proxies).zip(handles) {
         let report = match handle.await {
             Ok(report) => report,
-            Err(e) => RouteReport::new(route).fail(format!("internal error while checking: {e}")),
+            Err(e) => RouteReport::new(route, proxy.as_deref())
+                .fail(format!("internal error while checking: {e}")),
         };
         if format == CheckFormat::Text {
             out(&text::render(&report));
@@ -64,7 +75,7 @@ pub async fn run(config: &Config, format: CheckFormat) -> bool {
 }
 
 fn identity_file(route: &Route) -> String {
-    match &route.tls.identity {
+    match &route.tls.files.identity {
         IdentitySource::Pem { cert, .. } => format!("--cert {}", cert.display()),
         IdentitySource::Pkcs12 { file, .. } => format!("--pkcs12 {}", file.display()),
     }
@@ -80,8 +91,7 @@ fn describe_ours(
 ) -> Option<Summary> {
     let leaf = &chain[0];
     let file = identity_file(route);
-    let (Some(summary), Some(info)) = (Summary::parse(leaf, now), identity::CertInfo::parse(leaf))
-    else {
+    let (Some(summary), Some(info)) = (Summary::parse(leaf, now), CertInfo::parse(leaf)) else {
         r.problems
             .push(format!("{file}: the leaf certificate cannot be parsed"));
         return None;
@@ -163,10 +173,10 @@ fn trust_line(trust: &Trust) -> String {
     format!("{} ({count}: {names})", trust.label())
 }
 
-async fn check_route(route: &Route) -> RouteReport {
+async fn check_route(route: &Route, proxy: Option<&Proxy>) -> RouteReport {
     let now = now_unix();
-    let mut r = RouteReport::new(route);
-    let material = match load::Material::read(&route.tls) {
+    let mut r = RouteReport::new(route, proxy);
+    let material = match load::Material::read(&route.tls.files) {
         Ok(m) => m,
         Err(e) => return r.fail(e.to_string()),
     };
@@ -177,7 +187,7 @@ async fn check_route(route: &Route) -> RouteReport {
     };
     let our_names: Vec<Names> = ours.iter().filter_map(Names::of).collect();
     let our_leaf = describe_ours(route, &ours, &our_names, now, &mut r);
-    let loaded = match identity::build_from(route, &material) {
+    let loaded = match identity::build_from(&route.tls, &material) {
         Ok(l) => l,
         Err(e) => return r.fail(e.to_string()),
     };
@@ -189,7 +199,7 @@ async fn check_route(route: &Route) -> RouteReport {
         Ok(c) => c,
         Err(e) => return r.fail(e),
     };
-    let d = dial::dial(route, config).await;
+    let d = dial::dial(route, proxy, config).await;
     let seen = std::mem::take(&mut *seen.lock().unwrap_or_else(|p| p.into_inner()));
 
     record_dial(&mut r, &d);
@@ -217,7 +227,7 @@ async fn check_route(route: &Route) -> RouteReport {
         hints: &r.accepted_cas,
         now,
     };
-    let problem = judge(route, &d, seen.requested, &hints, &cx, &mut r.notes);
+    let problem = judge(route, proxy, &d, seen.requested, &hints, &cx, &mut r.notes);
     r.problems.extend(problem);
     r.finish()
 }
@@ -261,6 +271,7 @@ fn tls_info(negotiated: &dial::Negotiated) -> Option<TlsInfo> {
 /// go to `notes`.
 fn judge(
     route: &Route,
+    proxy: Option<&Proxy>,
     d: &dial::Dial,
     requested: bool,
     hints: &[Hint],
@@ -297,7 +308,7 @@ fn judge(
              --connect-timeout {limit}: is it a TLS port? (a plaintext server waits for a \
              request and never answers a TLS hello)"
         )),
-        Outcome::Proxy(f) => Some(proxy_problem(route, f)),
+        Outcome::Proxy(f) => Some(proxy_problem(proxy, f)),
         Outcome::Handshake(e) | Outcome::Rejected(e) => Some(explain::tls_failure(e, cx)),
         Outcome::HandshakeIo(why) => Some(format!(
             "the upstream at {at} ended the connection during the TLS handshake ({why}) without \
@@ -381,13 +392,13 @@ fn out(text: &str) {
 }
 
 /// The proxy hop's failure, with what to do about it.
-fn proxy_problem(route: &Route, f: &Failure) -> String {
+fn proxy_problem(proxy: Option<&Proxy>, f: &Failure) -> String {
     let hint = match f.class {
         Class::ProxyUnreachable => {
             ": is the proxy running, and are the host and port of --proxy right?"
         }
-        Class::ProxyTls => match &route.via {
-            Via::Proxy(p) if f.message.contains("unknown issuer") => {
+        Class::ProxyTls => match proxy {
+            Some(p) if f.message.contains("unknown issuer") => {
                 if p.trust.starts_with("--proxy-ca") {
                     ": is --proxy-ca the CA that issued the proxy's certificate?"
                 } else {

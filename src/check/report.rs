@@ -5,6 +5,7 @@ use serde::Serialize;
 
 use super::cert::Summary;
 use crate::config::{Route, Via};
+use crate::egress::Proxy;
 use crate::upstream::server_name_str;
 
 /// The whole report, as `--format json` prints it.
@@ -115,7 +116,7 @@ pub struct ChainLink {
 }
 
 impl RouteReport {
-    pub(super) fn new(route: &Route) -> RouteReport {
+    pub(super) fn new(route: &Route, proxy: Option<&Proxy>) -> RouteReport {
         RouteReport {
             name: route.name.clone(),
             upstream: route.upstream.to_string(),
@@ -123,17 +124,16 @@ impl RouteReport {
             ok: false,
             client_certificate: None,
             trust: None,
-            proxy: match &route.via {
-                Via::Direct => None,
-                Via::Bypass { proxy, entry } => Some(ProxyReport {
-                    url: proxy.clone(),
+            proxy: match (&route.via, proxy) {
+                (Via::Bypass { proxy, entry }, _) => Some(ProxyReport {
+                    url: proxy.url.to_string(),
                     credentials: None,
                     bypassed_by: Some(entry.clone()),
                     request: None,
                     connected: None,
                     answer: None,
                 }),
-                Via::Proxy(p) => Some(ProxyReport {
+                (Via::Proxy(_), Some(p)) => Some(ProxyReport {
                     url: p.url.to_string(),
                     credentials: Some(p.credentials_source()),
                     bypassed_by: None,
@@ -141,6 +141,7 @@ impl RouteReport {
                     connected: None,
                     answer: None,
                 }),
+                _ => None,
             },
             dns: Vec::new(),
             connected: None,

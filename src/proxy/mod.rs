@@ -1,24 +1,28 @@
-//! Accepting plaintext connections: the per-route accept loop, the connection limit, and the
-//! one access-log line per connection (written from `Drop`, so no path can forget it).
+//! Accepting plaintext connections: the per-route accept loop, the connection limit, and what
+//! every connection of a route shares ([`RouteCtx`], which also dials the upstream for both
+//! modes).
 
 mod framing;
 pub mod http;
-pub mod tcp;
+mod log;
+pub mod relay;
+mod tcp;
 mod watch;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
-use tokio::net::TcpStream;
-use tokio::sync::Semaphore;
+use rustls::ClientConfig;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn};
+use tracing::{Instrument, Span, warn};
 
-use crate::bufio::AppStream;
 use crate::cli::Mode;
 use crate::config::Route;
-use crate::failure::{Class, Failure};
+use crate::egress::Proxy;
+use crate::failure::Failure;
 use crate::listen::{self, Conn, Listener, LogLimit};
 use crate::metrics::RouteMetrics;
 use crate::tls::identity::Identity;
@@ -27,7 +31,11 @@ use crate::upstream;
 /// Everything a connection of one route needs, shared by all of them.
 #[derive(Debug)]
 pub struct RouteCtx {
+    /// The route's settings: upstream, timeouts, mode and limits.
     pub route: Route,
+    /// The route's opened proxy when it tunnels (`route.via` is only its settings).
+    pub proxy: Option<Arc<Proxy>>,
+    /// The client identity in force; each connection takes a snapshot when it dials.
     pub identity: Arc<Identity>,
     /// `server_name` rendered once for messages.
     pub server_name: String,
@@ -42,6 +50,7 @@ pub struct RouteCtx {
 impl RouteCtx {
     pub fn new(
         route: Route,
+        proxy: Option<Arc<Proxy>>,
         identity: Arc<Identity>,
         metrics: RouteMetrics,
         listen: String,
@@ -50,10 +59,30 @@ impl RouteCtx {
             server_name: upstream::server_name_str(&route),
             upstream: route.upstream.to_string(),
             route,
+            proxy,
             identity,
             metrics,
             listen,
         }
+    }
+
+    /// Dial the upstream with `config` (resolve, connect, TLS handshake) and record what a
+    /// completed handshake tells: its duration and the upstream leaf's expiry. The outcome of
+    /// the connection is counted by its owner when it ends (the access log in byte-stream
+    /// mode, the pool's connector in HTTP mode), which also sees failures that come after.
+    pub async fn connect(&self, config: Arc<ClientConfig>) -> Result<upstream::Connected, Failure> {
+        let c = upstream::connect(&self.route, self.proxy.as_deref(), config).await?;
+        self.metrics.handshake.observe(c.handshake.as_secs_f64());
+        if let Some(leaf) = c
+            .stream
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|p| p.first())
+        {
+            self.metrics.upstream_leaf(leaf);
+        }
+        Ok(c)
     }
 }
 
@@ -99,46 +128,12 @@ pub async fn serve(ctx: Arc<RouteCtx>, listener: Listener, life: Lifecycle) {
                 backoff = Duration::from_millis(5);
                 if !listen::uid_allowed(&ctx.route.allow_uids, uid) {
                     if let Some(suppressed) = refusal_log.allow() {
-                        match uid {
-                            Some(uid) => warn!(
-                                route = %ctx.route.name, uid, suppressed,
-                                "refused a unix connection: uid not in --allow-uid"
-                            ),
-                            None => warn!(
-                                route = %ctx.route.name, peer = %peer, suppressed,
-                                "refused a connection: its uid cannot be read, and --allow-uid is set"
-                            ),
-                        }
+                        log_refusal(&ctx, uid, &peer, suppressed);
                     }
                     continue;
                 }
-                let ctx = ctx.clone();
-                let cut = life.cut.clone();
-                if let Some(route) = &http {
-                    let (route, stop) = (route.clone(), life.stop_accepting.clone());
-                    life.tracker.spawn(async move {
-                        // Dropped (and logged) after the connection and any upgraded tunnel of
-                        // it ended; the permit goes with it.
-                        let mut open = HttpConnLog::new(&ctx, peer);
-                        open.end = match conn {
-                            Conn::Tcp(s) => {
-                                let _ = s.set_nodelay(true);
-                                http::serve_conn(route, s, stop, cut).await
-                            }
-                            Conn::Unix(s) => http::serve_conn(route, s, stop, cut).await,
-                        };
-                        drop(open);
-                        drop(permit);
-                    });
-                    continue;
-                }
-                life.tracker.spawn(async move {
-                    match conn {
-                        Conn::Tcp(s) => handle(&ctx, s, peer, cut).await,
-                        Conn::Unix(s) => handle(&ctx, s, peer, cut).await,
-                    }
-                    drop(permit);
-                });
+                let accepted = Accepted { conn, peer, permit };
+                spawn_conn(&ctx, http.as_ref(), accepted, &life);
             }
             Err(e) => {
                 // Usually out of file descriptors: back off instead of spinning, and keep going.
@@ -155,158 +150,83 @@ pub async fn serve(ctx: Arc<RouteCtx>, listener: Listener, life: Lifecycle) {
     }
 }
 
-/// HTTP mode's record of one app connection (requests are counted in `http_requests_total`);
-/// logs itself when dropped.
-struct HttpConnLog<'a> {
-    ctx: &'a RouteCtx,
+/// A peer whose uid is not allowed was dropped unserved.
+fn log_refusal(ctx: &RouteCtx, uid: Option<u32>, peer: &str, suppressed: u64) {
+    match uid {
+        Some(uid) => warn!(
+            route = %ctx.route.name, uid, suppressed,
+            "refused a unix connection: uid not in --allow-uid"
+        ),
+        None => warn!(
+            route = %ctx.route.name, peer = %peer, suppressed,
+            "refused a connection: its uid cannot be read, and --allow-uid is set"
+        ),
+    }
+}
+
+/// An accepted app connection and the `--max-connections` slot it holds until it ends.
+struct Accepted {
+    /// The app's socket.
+    conn: Conn,
+    /// The app's address, as logs show it.
     peer: String,
-    started: Instant,
-    /// How it ended: closed, error, cut, or which timeout closed it.
-    end: http::End,
+    /// Given back when the connection's task ends, so the next one can be accepted.
+    permit: OwnedSemaphorePermit,
 }
 
-impl<'a> HttpConnLog<'a> {
-    fn new(ctx: &'a RouteCtx, peer: String) -> Self {
-        ctx.metrics.active.inc();
-        HttpConnLog {
-            ctx,
-            peer,
-            started: Instant::now(),
-            // Only a panic in the connection task leaves this in place.
-            end: http::End::Error,
-        }
-    }
+/// The next app connection's id, unique in this process, so that all the lines one connection
+/// causes can be picked out of interleaved logs.
+static NEXT_CONN_ID: AtomicU64 = AtomicU64::new(1);
+
+/// The span an app connection's task runs in: every line it causes (from egress, tls and
+/// upstream too) carries the route, the peer and the connection's id. Its fields come first
+/// so that a line's own fields, which tests and log collectors read, keep their values. At
+/// error level so that it is enabled whatever `--log-level` keeps (it is not a line itself).
+fn conn_span(ctx: &RouteCtx, peer: &str) -> Span {
+    let id = NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed);
+    tracing::error_span!("conn", route = %ctx.route.name, peer = %peer, conn_id = id)
 }
 
-impl Drop for HttpConnLog<'_> {
-    fn drop(&mut self) {
-        self.ctx.metrics.active.dec();
-        info!(
-            route = %self.ctx.route.name, peer = %self.peer, upstream = %self.ctx.upstream,
-            duration_ms = self.started.elapsed().as_millis() as u64, mode = "http",
-            end = self.end.as_str(), "app connection closed"
-        );
-    }
-}
-
-/// The access-log record of one connection; logs itself when dropped.
-struct AccessLog<'a> {
-    ctx: &'a RouteCtx,
-    peer: String,
-    started: Instant,
-    counters: tcp::Counters,
-    failure: Option<Failure>,
-}
-
-impl Drop for AccessLog<'_> {
-    fn drop(&mut self) {
-        let m = &self.ctx.metrics;
-        m.active.dec();
-        m.connection_finished(self.failure.as_ref().map(|f| f.class));
-        let c = &self.counters;
-        let duration_ms = self.started.elapsed().as_millis() as u64;
-        let route = &self.ctx.route.name;
-        let upstream = &self.ctx.upstream;
-        match &self.failure {
-            None => info!(
-                route = %route, peer = %self.peer, upstream = %upstream,
-                bytes_to_upstream = c.to_upstream, bytes_from_upstream = c.from_upstream,
-                duration_ms, outcome = %"ok", "connection"
-            ),
-            Some(f) if !f.class.is_fault() => info!(
-                route = %route, peer = %self.peer, upstream = %upstream,
-                bytes_to_upstream = c.to_upstream, bytes_from_upstream = c.from_upstream,
-                duration_ms, outcome = %f.class.outcome(), reason = %f.class.reason(),
-                error = ?f.message, "connection"
-            ),
-            Some(f) => warn!(
-                route = %route, peer = %self.peer, upstream = %upstream,
-                bytes_to_upstream = c.to_upstream, bytes_from_upstream = c.from_upstream,
-                duration_ms, outcome = %f.class.outcome(), reason = %f.class.reason(),
-                error = ?f.message, "connection"
-            ),
-        }
-    }
-}
-
-/// Abort the app's connection with a reset rather than a FIN, so a mid-stream failure upstream
-/// is not mistaken by the app for a clean end of data.
-fn reset(app: &TcpStream) {
-    let _ = socket2::SockRef::from(app).set_linger(Some(Duration::ZERO));
-}
-
-/// What a connection needs from the app's socket beyond relaying.
-trait AppSocket: AppStream {
-    fn set_nodelay(&self);
-    /// End with a reset where the transport has one.
-    fn abort(&self);
-}
-
-impl AppSocket for TcpStream {
-    fn set_nodelay(&self) {
-        let _ = TcpStream::set_nodelay(self, true);
-    }
-    fn abort(&self) {
-        reset(self);
-    }
-}
-
-impl AppSocket for tokio::net::UnixStream {
-    fn set_nodelay(&self) {}
-    fn abort(&self) {}
-}
-
-async fn handle<A: AppSocket>(ctx: &RouteCtx, mut app: A, peer: String, cut: CancellationToken) {
-    ctx.metrics.active.inc();
-    let mut log = AccessLog {
-        ctx,
-        peer,
-        started: Instant::now(),
-        counters: tcp::Counters::default(),
-        failure: None,
-    };
-    app.set_nodelay();
-    let config = ctx.identity.current();
-    let connected = tokio::select! {
-        c = upstream::connect(&ctx.route, config) => c,
-        _ = cut.cancelled() => Err(Failure::new(Class::Drain, "cut at shutdown before the upstream answered")),
-    };
-    let mut up = match connected {
-        Ok(c) => {
-            ctx.metrics.handshake.observe(c.handshake.as_secs_f64());
-            if let Some(leaf) = c
-                .stream
-                .get_ref()
-                .1
-                .peer_certificates()
-                .and_then(|p| p.first())
-            {
-                ctx.metrics.upstream_leaf(leaf);
+/// Serve one accepted connection in its own task, in the route's mode.
+fn spawn_conn(
+    ctx: &Arc<RouteCtx>,
+    http: Option<&Arc<http::HttpRoute>>,
+    accepted: Accepted,
+    life: &Lifecycle,
+) {
+    let Accepted { conn, peer, permit } = accepted;
+    let span = conn_span(ctx, &peer);
+    let ctx = ctx.clone();
+    let cut = life.cut.clone();
+    if let Some(route) = http {
+        let (route, stop) = (route.clone(), life.stop_accepting.clone());
+        life.tracker.spawn(
+            async move {
+                // Dropped (and logged) after the connection and any upgraded tunnel of it ended;
+                // the permit goes with it.
+                let mut open = log::HttpConnLog::new(&ctx, peer);
+                open.end = match conn {
+                    Conn::Tcp(s) => {
+                        let _ = s.set_nodelay(true);
+                        http::serve_conn(route, s, stop, cut).await
+                    }
+                    Conn::Unix(s) => http::serve_conn(route, s, stop, cut).await,
+                };
+                drop(open);
+                drop(permit);
             }
-            c.stream
-        }
-        Err(f) => {
-            // Nothing was sent to the app; dropping it closes the connection at once.
-            log.failure = Some(f);
-            return;
-        }
-    };
-    let relay = tcp::Relay::new(
-        &mut app,
-        &mut up,
-        &mut log.counters,
-        &ctx.metrics,
-        &ctx.server_name,
-        ctx.route.idle_timeout,
-    );
-    let result = tokio::select! {
-        r = relay => r,
-        _ = cut.cancelled() => Err(Failure::new(Class::Drain, "cut: still open when --drain-timeout ran out")),
-    };
-    if let Err(f) = result {
-        if f.class.is_fault() {
-            app.abort();
-        }
-        log.failure = Some(f);
+            .instrument(span),
+        );
+        return;
     }
+    life.tracker.spawn(
+        async move {
+            match conn {
+                Conn::Tcp(s) => tcp::handle(&ctx, s, peer, cut).await,
+                Conn::Unix(s) => tcp::handle(&ctx, s, peer, cut).await,
+            }
+            drop(permit);
+        }
+        .instrument(span),
+    );
 }

@@ -4,22 +4,21 @@
 //! bring a fresh config and with it a fresh session cache).
 
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
 use rustls::client::danger::ServerCertVerifier;
 use rustls::client::{ResolvesClientCert, WebPkiServerVerifier};
-use rustls::crypto::CryptoProvider;
-use rustls::pki_types::CertificateDer;
 use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, SignatureScheme};
-use sha2::Digest as _;
 
-use super::load;
+use super::Settings;
+use super::cert::CertInfo;
+use super::load::{self, IdentitySource};
+use super::provider;
 use super::verify::UpstreamVerifier;
-use crate::cli::{Mode, TlsMin};
-use crate::config::{IdentitySource, Route};
+use crate::cli::TlsMin;
 
+/// Why a route's client configuration cannot be built.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(transparent)]
@@ -28,100 +27,12 @@ pub enum Error {
     Build(String),
 }
 
-/// What an operator wants to know about a loaded client certificate.
-#[derive(Debug, Clone)]
-pub struct CertInfo {
-    pub subject: String,
-    pub issuer: String,
-    /// Lowercase hex without separators.
-    pub serial: String,
-    /// Unix seconds.
-    pub not_before: i64,
-    /// Unix seconds.
-    pub not_after: i64,
-    /// Subject alternative names as `DNS:…`, `IP:…`, `URI:…`, `email:…`.
-    pub sans: Vec<String>,
-    /// SHA-256 of the DER, lowercase hex.
-    pub sha256_fingerprint: String,
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-impl CertInfo {
-    pub fn parse(der: &CertificateDer<'_>) -> Option<Self> {
-        let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
-        Some(CertInfo {
-            subject: cert.subject().to_string(),
-            issuer: cert.issuer().to_string(),
-            serial: hex(cert.raw_serial()),
-            not_before: cert.validity().not_before.timestamp(),
-            not_after: cert.validity().not_after.timestamp(),
-            sans: sans(&cert),
-            sha256_fingerprint: hex(&sha2::Sha256::digest(der.as_ref())),
-        })
-    }
-
-    /// `Err` with a description when `now` is outside the validity period.
-    pub fn check_validity(&self, now: i64) -> Result<(), String> {
-        if now > self.not_after {
-            Err(format!("expired at {}", rfc3339(self.not_after)))
-        } else if now < self.not_before {
-            Err(format!("not valid before {}", rfc3339(self.not_before)))
-        } else {
-            Ok(())
-        }
-    }
-}
-
-fn sans(cert: &x509_parser::certificate::X509Certificate<'_>) -> Vec<String> {
-    use x509_parser::extensions::GeneralName;
-    let Ok(Some(ext)) = cert.subject_alternative_name() else {
-        return Vec::new();
-    };
-    ext.value
-        .general_names
-        .iter()
-        .map(|n| match n {
-            GeneralName::DNSName(d) => format!("DNS:{d}"),
-            GeneralName::URI(u) => format!("URI:{u}"),
-            GeneralName::RFC822Name(e) => format!("email:{e}"),
-            GeneralName::IPAddress(b) => match b.len() {
-                4 => format!(
-                    "IP:{}",
-                    std::net::Ipv4Addr::from(<[u8; 4]>::try_from(*b).unwrap_or_default())
-                ),
-                16 => format!(
-                    "IP:{}",
-                    std::net::Ipv6Addr::from(<[u8; 16]>::try_from(*b).unwrap_or_default())
-                ),
-                _ => format!("IP:{}", hex(b)),
-            },
-            other => format!("{other}"),
-        })
-        .collect()
-}
-
-/// RFC 3339 in UTC for a Unix timestamp.
-pub fn rfc3339(unix: i64) -> String {
-    let t = UNIX_EPOCH + std::time::Duration::from_secs(unix.max(0) as u64);
-    humantime::format_rfc3339_seconds(t).to_string()
-}
-
-pub fn now_unix() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
-
-/// Always presents the one loaded identity. A resolver of our own (rather than
+/// Always presents the one loaded client certificate and key. A resolver of our own (rather than
 /// `with_client_auth_cert`) is where the CA names the upstream asks for become visible.
 #[derive(Debug)]
-struct FixedIdentity(Arc<CertifiedKey>);
+struct FixedClientCert(Arc<CertifiedKey>);
 
-impl ResolvesClientCert for FixedIdentity {
+impl ResolvesClientCert for FixedClientCert {
     fn resolve(&self, _hints: &[&[u8]], _schemes: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
         Some(self.0.clone())
     }
@@ -131,31 +42,14 @@ impl ResolvesClientCert for FixedIdentity {
     }
 }
 
-/// The crypto provider every TLS object of the program uses: aws-lc-rs with its default
-/// suites and key exchange (X25519MLKEM768 first), but AES-128-GCM offered before AES-256-GCM,
-/// as browsers and Go's crypto/tls do. AES-128 is not a weak choice, and it decrypts about 15%
-/// faster, which shows directly in CPU per byte of a bulk transfer (see README, "Performance").
-pub fn provider() -> Arc<CryptoProvider> {
-    let mut p = rustls::crypto::aws_lc_rs::default_provider();
-    p.cipher_suites.sort_by_key(|s| {
-        let name = format!("{:?}", s.suite());
-        let aes_rank = if name.contains("AES_128") {
-            0
-        } else if name.contains("AES_256") {
-            1
-        } else {
-            2
-        };
-        (s.tls13().is_none(), aes_rank)
-    });
-    Arc::new(p)
-}
-
-/// A fully built client configuration and what it was built from.
-#[derive(Debug)]
+/// A fully built client configuration and what it was built from: one generation of a
+/// route's identity, published whole and never changed afterwards.
+#[derive(Debug, Clone)]
 pub struct Loaded {
+    /// What every new upstream connection is made with.
     pub config: Arc<ClientConfig>,
-    pub leaf: CertInfo,
+    /// The client certificate inside `config`, described for `/status`, metrics and logs.
+    pub leaf: Arc<CertInfo>,
     /// Digest of every file's content, to tell a later change from none.
     pub digest: [u8; 32],
     /// Secret files readable by group or others (flag, path, mode), warned about by reload.
@@ -164,17 +58,17 @@ pub struct Loaded {
     pub crl_next_updates: Vec<(std::path::PathBuf, i64)>,
 }
 
-/// Read every file of a route and build a complete client configuration from that one
+/// Read every file of `settings` and build a complete client configuration from that one
 /// snapshot. Nothing is published here: the caller decides.
-pub fn build(route: &Route) -> Result<Loaded, Error> {
-    let material = load::Material::read(&route.tls)?;
-    build_from(route, &material)
+pub fn build(settings: &Settings) -> Result<Loaded, Error> {
+    let material = load::Material::read(&settings.files)?;
+    build_from(settings, &material)
 }
 
 /// The upstream verifier of a route: webpki's chain, name and CRL checks with the trust of
 /// `material`, then the route's extra checks.
 pub fn upstream_verifier(
-    route: &Route,
+    settings: &Settings,
     material: &load::Material,
 ) -> Result<Arc<UpstreamVerifier>, Error> {
     let roots = match &material.ca {
@@ -191,17 +85,17 @@ pub fn upstream_verifier(
         .map_err(|e| Error::Build(format!("upstream verifier: {e}")))?;
     Ok(Arc::new(UpstreamVerifier::new(
         webpki,
-        route.checks.clone(),
+        settings.checks.clone(),
     )))
 }
 
 /// Parse a snapshot, check the key belongs to the certificate, and build the whole client
 /// configuration (verifier with CRLs and extra checks, protocol versions, ALPN, a fresh
 /// session cache).
-pub fn build_from(route: &Route, material: &load::Material) -> Result<Loaded, Error> {
+pub fn build_from(settings: &Settings, material: &load::Material) -> Result<Loaded, Error> {
     let (chain, key) = material.identity()?;
-    let main_file = route.tls.identity.main_file();
-    let leaf = CertInfo::parse(&chain[0]).ok_or_else(|| {
+    let main_file = settings.files.identity.main_file();
+    let leaf = CertInfo::parse(&chain[0]).map(Arc::new).ok_or_else(|| {
         Error::Build(format!(
             "{}: the leaf certificate cannot be parsed",
             main_file.display()
@@ -210,7 +104,7 @@ pub fn build_from(route: &Route, material: &load::Material) -> Result<Loaded, Er
 
     let provider = provider();
     let certified = CertifiedKey::from_der(chain, key, &provider).map_err(|e| {
-        let (cert, key) = match &route.tls.identity {
+        let (cert, key) = match &settings.files.identity {
             IdentitySource::Pem { cert, key, .. } => (cert.clone(), key.clone()),
             IdentitySource::Pkcs12 { file, .. } => (file.clone(), file.clone()),
         };
@@ -226,9 +120,9 @@ pub fn build_from(route: &Route, material: &load::Material) -> Result<Loaded, Er
         }
     })?;
 
-    let verifier: Arc<dyn ServerCertVerifier> = upstream_verifier(route, material)?;
+    let verifier: Arc<dyn ServerCertVerifier> = upstream_verifier(settings, material)?;
 
-    let versions: &[&rustls::SupportedProtocolVersion] = match route.tls_min {
+    let versions: &[&rustls::SupportedProtocolVersion] = match settings.tls_min {
         TlsMin::V12 => &[&rustls::version::TLS13, &rustls::version::TLS12],
         TlsMin::V13 => &[&rustls::version::TLS13],
     };
@@ -237,12 +131,8 @@ pub fn build_from(route: &Route, material: &load::Material) -> Result<Loaded, Er
         .map_err(|e| Error::Build(e.to_string()))?
         .dangerous()
         .with_custom_certificate_verifier(verifier)
-        .with_client_cert_resolver(Arc::new(FixedIdentity(Arc::new(certified))));
-    config.alpn_protocols = match route.mode {
-        Mode::Tcp => route.alpn.clone(),
-        // The pool speaks whichever the upstream picks.
-        Mode::Http => vec![b"h2".to_vec(), b"http/1.1".to_vec()],
-    };
+        .with_client_cert_resolver(Arc::new(FixedClientCert(Arc::new(certified))));
+    config.alpn_protocols = settings.alpn.clone();
     // Resumption (tickets and TLS 1.2 session IDs) is on by default: repeat connections to the
     // upstream skip the full handshake where it allows. Each build has its own session cache,
     // so a new identity never rides on a ticket made with the old one.
@@ -259,9 +149,10 @@ pub fn build_from(route: &Route, material: &load::Material) -> Result<Loaded, Er
 /// and keep it for their lifetime; publishing a new one never touches open connections.
 #[derive(Debug)]
 pub struct Identity {
-    current: ArcSwap<ClientConfig>,
-    leaf: ArcSwap<CertInfo>,
-    /// Bumped at every publish, for those who must act on a new identity at once (HTTP mode
+    /// Everything one build produced, behind one pointer: a reader gets the leaf and the
+    /// client config of the same generation, never the new leaf beside the old config.
+    in_force: ArcSwap<Loaded>,
+    /// Bumped after every publish, for those who must act on a new identity at once (HTTP mode
     /// closes the idle pooled connections of the old one).
     generation: tokio::sync::watch::Sender<u64>,
 }
@@ -269,25 +160,30 @@ pub struct Identity {
 impl Identity {
     pub fn new(loaded: &Loaded) -> Self {
         Identity {
-            current: ArcSwap::new(loaded.config.clone()),
-            leaf: ArcSwap::from_pointee(loaded.leaf.clone()),
+            in_force: ArcSwap::from_pointee(loaded.clone()),
             generation: tokio::sync::watch::Sender::new(0),
         }
     }
 
+    /// The whole generation in force, for a reader that needs more than one part of it.
+    pub fn loaded(&self) -> Arc<Loaded> {
+        self.in_force.load_full()
+    }
+
+    /// The client configuration in force.
     pub fn current(&self) -> Arc<ClientConfig> {
-        self.current.load_full()
+        self.in_force.load().config.clone()
     }
 
     /// The leaf certificate of the identity in force.
     pub fn leaf(&self) -> Arc<CertInfo> {
-        self.leaf.load_full()
+        self.in_force.load().leaf.clone()
     }
 
-    /// Make `loaded` the identity for every new connection, in one step.
-    pub fn publish(&self, loaded: &Loaded) {
-        self.leaf.store(Arc::new(loaded.leaf.clone()));
-        self.current.store(loaded.config.clone());
+    /// Make `loaded` the identity for every new connection, in one step. Subscribers hear of
+    /// it only after the store, so one who wakes up reads the new generation.
+    pub fn publish(&self, loaded: Arc<Loaded>) {
+        self.in_force.store(loaded);
         self.generation.send_modify(|g| *g += 1);
     }
 
@@ -299,27 +195,89 @@ impl Identity {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use rustls::RootCertStore;
+
     use super::*;
+    use crate::pki::DevPki;
+    use crate::tls::file::test_file as file;
+
+    /// A generation of its own: a fresh client certificate, `tag` as its digest.
+    fn generation(tag: u8) -> Arc<Loaded> {
+        let pki = DevPki::generate().unwrap();
+        let chain =
+            load::certificates(&file("--cert", "client.pem", pki.client.as_bytes())).unwrap();
+        let key = load::private_key(
+            &file("--key", "client-key.pem", pki.client_key.as_bytes()),
+            None,
+        )
+        .unwrap();
+        let leaf = Arc::new(CertInfo::parse(&chain[0]).unwrap());
+        let certified = CertifiedKey::from_der(chain, key, &provider()).unwrap();
+        let config = ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(RootCertStore::empty())
+            .with_client_cert_resolver(Arc::new(FixedClientCert(Arc::new(certified))));
+        Arc::new(Loaded {
+            config: Arc::new(config),
+            leaf,
+            digest: [tag; 32],
+            loose_permissions: Vec::new(),
+            crl_next_updates: Vec::new(),
+        })
+    }
+
+    /// The serial of the certificate the config would present, and the digest and leaf serial
+    /// the same snapshot names: equal when the snapshot is one generation.
+    fn parts(loaded: &Loaded) -> (String, [u8; 32], String) {
+        let presented = loaded
+            .config
+            .client_auth_cert_resolver
+            .resolve(&[], &[])
+            .unwrap();
+        let serial = CertInfo::parse(&presented.cert[0]).unwrap().serial;
+        (serial, loaded.digest, loaded.leaf.serial.clone())
+    }
 
     #[test]
-    fn aes_128_gcm_is_offered_first_in_each_version() {
-        let names: Vec<String> = provider()
-            .cipher_suites
-            .iter()
-            .map(|s| format!("{:?}", s.suite()))
-            .collect();
-        assert_eq!(names[0], "TLS13_AES_128_GCM_SHA256", "{names:?}");
-        let first12 = names.iter().position(|n| !n.starts_with("TLS13")).unwrap();
-        assert!(names[first12].contains("AES_128_GCM"), "{names:?}");
-        assert!(
-            names[..first12].iter().all(|n| n.starts_with("TLS13")),
-            "{names:?}"
-        );
-        assert_eq!(
-            names.len(),
-            rustls::crypto::aws_lc_rs::default_provider()
-                .cipher_suites
-                .len()
-        );
+    fn readers_never_see_two_generations_mixed() {
+        let (a, b) = (generation(1), generation(2));
+        assert_ne!(a.leaf.serial, b.leaf.serial);
+        let expected = |digest: [u8; 32]| if digest == a.digest { &a } else { &b };
+        let identity = Identity::new(&a);
+        let done = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                for i in 0..20_000 {
+                    identity.publish(if i % 2 == 0 { b.clone() } else { a.clone() });
+                }
+                done.store(true, Ordering::Release);
+            });
+            let mut reads = 0;
+            while !done.load(Ordering::Acquire) || reads == 0 {
+                let seen = identity.loaded();
+                let (presented, digest, leaf) = parts(&seen);
+                let whole = expected(digest);
+                assert_eq!(presented, whole.leaf.serial, "config of another generation");
+                assert_eq!(leaf, whole.leaf.serial, "leaf of another generation");
+                reads += 1;
+            }
+        });
+    }
+
+    #[test]
+    fn subscribers_wake_to_the_new_generation() {
+        let (a, b) = (generation(1), generation(2));
+        let identity = Identity::new(&a);
+        let mut ticks = identity.subscribe();
+        assert!(!ticks.has_changed().unwrap());
+        identity.publish(b.clone());
+        assert!(ticks.has_changed().unwrap());
+        assert_eq!(*ticks.borrow_and_update(), 1);
+        assert!(Arc::ptr_eq(&identity.loaded(), &b));
+        assert!(Arc::ptr_eq(&identity.current(), &b.config));
+        assert_eq!(identity.leaf().serial, b.leaf.serial);
     }
 }

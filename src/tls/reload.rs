@@ -8,7 +8,7 @@
 //! check the key belongs to the certificate and the certificate's validity period, build a
 //! complete new client configuration (with a fresh session cache), and only then publish it.
 //! On any failure the old identity stays, one warn line names the file and the problem, and the
-//! failure is counted in [`Stats`]. All of this runs on the blocking pool, off the connection
+//! failure is counted in [`ReloadOutcomes`]. All of this runs on the blocking pool, off the connection
 //! path: connections only ever load the published `Arc`.
 
 use std::sync::{Arc, Mutex};
@@ -21,9 +21,10 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use super::identity::{self, Identity, Loaded, now_unix, rfc3339};
+use super::Settings;
+use super::cert::{now_unix, rfc3339};
+use super::identity::{self, Identity, Loaded};
 use super::load::Material;
-use crate::config::Route;
 
 /// How far ahead an expiring client certificate is warned about.
 const EXPIRY_WARNING: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -32,12 +33,15 @@ const EXPIRY_REPEAT: Duration = Duration::from_secs(24 * 3600);
 /// Without periodic reloads, how often the expiry is still looked at.
 const EXPIRY_CHECK: Duration = Duration::from_secs(3600);
 
-/// Reload outcomes, in one place: the counters are the `reloads_total` series, and `/status`
-/// shows the last one.
+/// Reload outcomes of every route, in one place: the counters are the `reloads_total` series,
+/// and `/status` shows the last one.
 #[derive(Debug)]
-pub struct Stats {
+pub struct ReloadOutcomes {
+    /// Reloads that published new material (`reloads_total{result="success"}`).
     pub successes: Counter,
+    /// Reloads that kept the old identity (`reloads_total{result="failure"}`).
     pub failures: Counter,
+    /// The latest of either, for `/status`.
     pub last: Mutex<Option<LastReload>>,
 }
 
@@ -49,9 +53,9 @@ pub struct LastReload {
     pub error: Option<String>,
 }
 
-impl Stats {
+impl ReloadOutcomes {
     pub fn new(successes: Counter, failures: Counter) -> Self {
-        Stats {
+        ReloadOutcomes {
             successes,
             failures,
             last: Mutex::new(None),
@@ -74,26 +78,25 @@ impl Stats {
     }
 }
 
-/// What a poll found, before any judgement.
-enum Found {
-    Unreadable(String),
-    Read(Box<Material>, [u8; 32]),
-}
-
 /// The reload loop of one route's identity.
 pub struct Reloader {
-    route: Route,
+    /// The names of the routes sharing this identity, joined by `,`, for every log line.
+    name: String,
+    /// What the identity is built from: the files polled and the settings of every rebuild.
+    settings: Settings,
+    /// Where a successful reload is published, and the leaf in force for the expiry warning.
     identity: Arc<Identity>,
-    stats: Arc<Stats>,
+    /// Where every attempt's outcome is counted, for `/metrics` and `/status`.
+    outcomes: Arc<ReloadOutcomes>,
     /// `client_cert_expiry_timestamp_seconds` of every route sharing this identity.
     expiry_gauges: Vec<Gauge>,
     /// Digest of the files in force.
     in_force: [u8; 32],
     /// Content (or read error) already reported as broken: not reported again until it changes.
-    reported: Option<Result<[u8; 32], String>>,
+    reported_broken: Option<Result<[u8; 32], String>>,
     /// Content whose certificate and key did not match at the last poll: a writer may be
     /// between its two steps. A second poll that sees the same content makes it a failure.
-    mismatch: Option<[u8; 32]>,
+    key_mismatch_seen: Option<[u8; 32]>,
     /// When the expiry warning was last logged, and for which serial.
     expiry_logged: Option<(Instant, String)>,
     /// Each CRL in force with its nextUpdate, for the stale-CRL warning.
@@ -105,20 +108,22 @@ pub struct Reloader {
 
 impl Reloader {
     pub fn new(
-        route: Route,
+        name: String,
+        settings: Settings,
         identity: Arc<Identity>,
-        stats: Arc<Stats>,
+        outcomes: Arc<ReloadOutcomes>,
         expiry_gauges: Vec<Gauge>,
         loaded: &Loaded,
     ) -> Self {
         let r = Reloader {
-            route,
+            name,
+            settings,
             identity,
-            stats,
+            outcomes,
             expiry_gauges,
             in_force: loaded.digest,
-            reported: None,
-            mismatch: None,
+            reported_broken: None,
+            key_mismatch_seen: None,
             expiry_logged: None,
             crl_next_updates: loaded.crl_next_updates.clone(),
             crl_logged: None,
@@ -132,7 +137,7 @@ impl Reloader {
     fn warn_loose_permissions(&self, loaded: &Loaded) {
         for (flag, path, mode) in &loaded.loose_permissions {
             warn!(
-                route = %self.route.name, flag = %flag, file = %path.display(),
+                route = %self.name, flag = %flag, file = %path.display(),
                 mode = %format!("{mode:04o}"),
                 "secret file is readable by group or others; chmod 600 it"
             );
@@ -160,7 +165,7 @@ impl Reloader {
         self.crl_logged = Some(Instant::now());
         for (path, next) in stale {
             warn!(
-                route = %self.route.name, file = %path.display(), next_update = %rfc3339(*next),
+                route = %self.name, file = %path.display(), next_update = %rfc3339(*next),
                 "crl is past its nextUpdate (stale); refresh it: revocations since are unknown"
             );
         }
@@ -168,7 +173,7 @@ impl Reloader {
 
     /// Poll until `stop`; `hup` ticks on every SIGHUP.
     pub async fn run(mut self, mut hup: watch::Receiver<u64>, stop: CancellationToken) {
-        let period = self.route.reload_interval.unwrap_or(EXPIRY_CHECK);
+        let period = self.settings.reload_interval.unwrap_or(EXPIRY_CHECK);
         let mut hup_open = true;
         self.check_expiry();
         self.check_crls();
@@ -181,7 +186,7 @@ impl Reloader {
                 }
                 _ = stop.cancelled() => return,
             };
-            if forced || self.route.reload_interval.is_some() {
+            if forced || self.settings.reload_interval.is_some() {
                 self.poll(forced).await;
             }
             self.check_expiry();
@@ -189,34 +194,36 @@ impl Reloader {
         }
     }
 
-    async fn read(&self) -> Found {
-        let files = self.route.tls.clone();
+    /// Every file as it is now, or why they cannot be read (the warn line's message).
+    async fn read(&self) -> Result<Box<Material>, String> {
+        let files = self.settings.files.clone();
         let read = tokio::task::spawn_blocking(move || Material::read(&files)).await;
         match read {
-            Ok(Ok(m)) => {
-                let digest = m.digest();
-                Found::Read(Box::new(m), digest)
-            }
-            Ok(Err(e)) => Found::Unreadable(e.to_string()),
-            Err(e) => Found::Unreadable(format!("reload task failed: {e}")),
+            Ok(Ok(m)) => Ok(Box::new(m)),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(e) => Err(format!("reload task failed: {e}")),
         }
     }
 
     /// One reload attempt. Unchanged content does nothing unless `forced` (SIGHUP).
     pub async fn poll(&mut self, forced: bool) {
-        let (material, digest) = match self.read().await {
-            Found::Unreadable(msg) => {
+        let material = match self.read().await {
+            Err(msg) => {
                 let key = Err(msg.clone());
-                if forced || self.reported.as_ref() != Some(&key) {
+                if forced || self.reported_broken.as_ref() != Some(&key) {
                     self.fail(msg);
-                    self.reported = Some(key);
+                    self.reported_broken = Some(key);
                 }
                 return;
             }
-            Found::Read(m, d) => (m, d),
+            Ok(m) => m,
         };
-        let recheck = self.mismatch == Some(digest);
-        if !forced && !recheck && (digest == self.in_force || self.reported == Some(Ok(digest))) {
+        let digest = material.digest();
+        let recheck = self.key_mismatch_seen == Some(digest);
+        if !forced
+            && !recheck
+            && (digest == self.in_force || self.reported_broken == Some(Ok(digest)))
+        {
             return;
         }
         // systemd (Type=notify-reload) hears of every attempt, successful or not.
@@ -233,9 +240,9 @@ impl Reloader {
         forced: bool,
         recheck: bool,
     ) {
-        let route = self.route.clone();
+        let settings = self.settings.clone();
         let built =
-            tokio::task::spawn_blocking(move || identity::build_from(&route, &material)).await;
+            tokio::task::spawn_blocking(move || identity::build_from(&settings, &material)).await;
         let result = match built {
             Ok(r) => r.map_err(|e| {
                 (
@@ -248,27 +255,28 @@ impl Reloader {
         match result {
             Ok(loaded) => {
                 if let Err(why) = loaded.leaf.check_validity(now_unix()) {
-                    self.mismatch = None;
+                    self.key_mismatch_seen = None;
                     self.fail(format!(
                         "{}: the new certificate is {why}; keeping the current one",
-                        self.route.tls.identity.main_file().display()
+                        self.settings.files.identity.main_file().display()
                     ));
-                    self.reported = Some(Ok(digest));
+                    self.reported_broken = Some(Ok(digest));
                     return;
                 }
-                self.identity.publish(&loaded);
+                let loaded = Arc::new(loaded);
+                self.identity.publish(loaded.clone());
                 self.crl_next_updates = loaded.crl_next_updates.clone();
                 self.crl_logged = None;
                 for g in &self.expiry_gauges {
                     g.set(loaded.leaf.not_after);
                 }
                 self.in_force = digest;
-                self.reported = None;
-                self.mismatch = None;
-                self.stats.record(None);
+                self.reported_broken = None;
+                self.key_mismatch_seen = None;
+                self.outcomes.record(None);
                 let leaf = &loaded.leaf;
                 info!(
-                    route = %self.route.name, subject = ?leaf.subject, serial = %leaf.serial,
+                    route = %self.name, subject = ?leaf.subject, serial = %leaf.serial,
                     not_after = %rfc3339(leaf.not_after), "identity reloaded"
                 );
                 self.warn_loose_permissions(&loaded);
@@ -276,24 +284,24 @@ impl Reloader {
             }
             // The first sighting of a mismatch may be a writer between its two steps: look
             // again at the next poll before calling it a failure.
-            Err((msg, true)) if !forced && !recheck && self.route.reload_interval.is_some() => {
+            Err((msg, true)) if !forced && !recheck && self.settings.reload_interval.is_some() => {
                 debug!(
-                    route = %self.route.name, error = ?msg,
+                    route = %self.name, error = ?msg,
                     "certificate and key do not match yet; checking again at the next poll"
                 );
-                self.mismatch = Some(digest);
+                self.key_mismatch_seen = Some(digest);
             }
             Err((msg, _)) => {
-                self.mismatch = None;
+                self.key_mismatch_seen = None;
                 self.fail(msg);
-                self.reported = Some(Ok(digest));
+                self.reported_broken = Some(Ok(digest));
             }
         }
     }
 
     fn fail(&self, msg: String) {
-        warn!(route = %self.route.name, error = ?msg, "identity reload failed; keeping the current identity");
-        self.stats.record(Some(msg));
+        warn!(route = %self.name, error = ?msg, "identity reload failed; keeping the current identity");
+        self.outcomes.record(Some(msg));
     }
 
     /// Warn (daily) when the certificate in force expires within 7 days; error once expired or
@@ -313,16 +321,22 @@ impl Reloader {
             return;
         }
         self.expiry_logged = Some((Instant::now(), leaf.serial.clone()));
-        let file = self.route.tls.identity.main_file().display().to_string();
+        let file = self
+            .settings
+            .files
+            .identity
+            .main_file()
+            .display()
+            .to_string();
         if let Err(why) = leaf.check_validity(now) {
             error!(
-                route = %self.route.name, file = %file, subject = ?leaf.subject, problem = ?why,
+                route = %self.name, file = %file, subject = ?leaf.subject, problem = ?why,
                 "client certificate is outside its validity period (expired or not yet valid); \
                  the upstream will likely refuse it"
             );
         } else {
             warn!(
-                route = %self.route.name, file = %file, subject = ?leaf.subject,
+                route = %self.name, file = %file, subject = ?leaf.subject,
                 not_after = %rfc3339(leaf.not_after), hours_left = left / 3600,
                 "client certificate expires soon"
             );

@@ -10,7 +10,14 @@ use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{CertificateError, DigitallySignedStruct, OtherError, SignatureScheme};
 use sha2::{Digest, Sha256};
 
-use crate::config::Checks;
+/// Extra requirements on the upstream leaf, never instead of chain and name verification.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Checks {
+    /// The leaf must carry one of these URI SANs (when not empty).
+    pub uri_sans: Vec<String>,
+    /// SHA-256 of the leaf's SubjectPublicKeyInfo must be one of these (when not empty).
+    pub pins: Vec<[u8; 32]>,
+}
 
 /// Why an extra check refused the upstream; carried inside `rustls::Error` so the connection
 /// failure can be classified.

@@ -1,218 +1,16 @@
-//! The typed, validated configuration. Raw CLI values (and, later, the TOML file) are turned
-//! into [`Config`] here and nowhere else, so the rest of the program never sees an unchecked
-//! string. The program is modelled as a list of routes from the start: flags make one route
-//! named `default`.
+//! Flag-shaped values to a [`Route`]: the `run` flags themselves, or a config file's route
+//! merged with its `[defaults]` (see `load`), so a key means exactly what its flag means.
 
 use std::net::{IpAddr, Ipv6Addr, SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use rustls::pki_types::ServerName;
 
-use crate::cli::{Mode, RunArgs, TlsMin};
-use crate::egress::{NoProxy, Proxy, ProxyUrl, Scheme};
-
-/// Everything `run` needs, validated.
-#[derive(Debug, Clone)]
-pub struct Config {
-    /// One entry per listener; flags make exactly one, named `default`.
-    pub routes: Vec<Route>,
-    /// How long to keep accepting after SIGTERM (for apps that still call out while stopping).
-    pub shutdown_delay: Duration,
-    /// How long in-flight connections may run after the listeners close.
-    pub drain_timeout: Duration,
-    /// The admin listener (`/healthz`, `/readyz`, `/metrics`, `/status`), if any.
-    pub admin: Option<Admin>,
-}
-
-/// The admin listener's settings.
-#[derive(Debug, Clone)]
-pub struct Admin {
-    /// Any address (it lends no identity), or a systemd socket.
-    pub listen: ListenAddr,
-    /// Whether `POST /shutdown` may begin a graceful shutdown.
-    pub allow_shutdown: bool,
-}
-
-/// Where a listener comes from.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ListenAddr {
-    Tcp(SocketAddr),
-    /// A unix socket file created (and removed) by us.
-    Unix(PathBuf),
-    /// A socket passed by systemd, by its `FileDescriptorName`.
-    Systemd(String),
-}
-
-impl std::fmt::Display for ListenAddr {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            ListenAddr::Tcp(a) => write!(f, "{a}"),
-            ListenAddr::Unix(p) => write!(f, "unix:{}", p.display()),
-            ListenAddr::Systemd(n) => write!(f, "systemd:{n}"),
-        }
-    }
-}
-
-/// One plaintext listener and the upstream it forwards to.
-#[derive(Debug, Clone)]
-pub struct Route {
-    /// Label in logs (and later metrics); unique.
-    pub name: String,
-    /// Where to accept plaintext; already checked against the loopback rule.
-    pub listen: ListenAddr,
-    /// Permissions of a `unix:` listener's socket file.
-    pub listen_mode: u32,
-    /// Local users allowed on a `unix:` listener (SO_PEERCRED); empty = anyone who can open it.
-    pub allow_uids: Vec<u32>,
-    /// `--allow-non-loopback`, kept for a systemd socket whose address is known only once it
-    /// has been taken (`listen::Listener::check_rules`).
-    pub allow_non_loopback: bool,
-    /// Upstream `HOST:PORT` as the user wrote it; resolved at every dial.
-    pub upstream: Upstream,
-    /// SNI and verification name; an IP address sends no SNI and is matched against IP SANs.
-    pub server_name: ServerName<'static>,
-    /// Client identity and upstream trust, loaded by `tls::load`.
-    pub tls: TlsFiles,
-    /// Checks on the upstream leaf on top of chain and name verification.
-    pub checks: Checks,
-    /// How often the TLS files are compared for change; `None` = only on SIGHUP.
-    pub reload_interval: Option<Duration>,
-    /// ALPN protocols offered upstream (tcp mode; http mode offers h2 and http/1.1).
-    pub alpn: Vec<Vec<u8>>,
-    /// Byte stream or HTTP.
-    pub mode: Mode,
-    /// HTTP mode's bounds.
-    pub http: HttpSettings,
-    /// Lowest TLS version offered.
-    pub tls_min: TlsMin,
-    /// Bound on resolve + TCP connect (+ proxy CONNECT) + TLS handshake.
-    pub connect_timeout: Duration,
-    /// Straight to the upstream, or through an HTTP CONNECT proxy.
-    pub via: Via,
-    /// Close a connection silent both ways for this long; `None` = never.
-    pub idle_timeout: Option<Duration>,
-    /// Concurrent plaintext connections; extra ones wait in the kernel backlog.
-    pub max_connections: usize,
-}
-
-/// Bounds of HTTP mode.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HttpSettings {
-    /// Time an app connection may take to send a request's headers.
-    pub header_timeout: Duration,
-    /// Pooled upstream connections idle this long are closed.
-    pub pool_idle_timeout: Duration,
-    /// Idle upstream connections kept.
-    pub pool_max_idle: usize,
-    /// Upstream connections open at once (a semaphore in the pool's connector), so one app
-    /// opening many streams cannot make as many upstream connections.
-    pub pool_max_connections: usize,
-}
-
-impl Default for HttpSettings {
-    fn default() -> Self {
-        HttpSettings {
-            header_timeout: Duration::from_secs(10),
-            pool_idle_timeout: Duration::from_secs(90),
-            pool_max_idle: 64,
-            pool_max_connections: 1024,
-        }
-    }
-}
-
-/// Files that make a route's TLS client configuration.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct TlsFiles {
-    pub identity: IdentitySource,
-    /// `None` = the system trust store (honours `SSL_CERT_FILE`).
-    pub ca: Option<PathBuf>,
-    /// CRLs applied to the upstream chain.
-    pub crls: Vec<PathBuf>,
-}
-
-/// Where the client certificate and key come from.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum IdentitySource {
-    Pem {
-        cert: PathBuf,
-        key: PathBuf,
-        key_password: Option<PathBuf>,
-    },
-    Pkcs12 {
-        file: PathBuf,
-        password: Option<PathBuf>,
-    },
-}
-
-impl IdentitySource {
-    /// The file an operator knows the identity by (for logs).
-    pub fn main_file(&self) -> &std::path::Path {
-        match self {
-            IdentitySource::Pem { cert, .. } => cert,
-            IdentitySource::Pkcs12 { file, .. } => file,
-        }
-    }
-}
-
-/// Extra requirements on the upstream leaf, never instead of chain and name verification.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Checks {
-    /// The leaf must carry one of these URI SANs (when not empty).
-    pub uri_sans: Vec<String>,
-    /// SHA-256 of the leaf's SubjectPublicKeyInfo must be one of these (when not empty).
-    pub pins: Vec<[u8; 32]>,
-}
-
-/// An upstream address kept as a name so DNS changes are followed at every dial.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Upstream {
-    pub host: String,
-    pub port: u16,
-}
-
-impl std::fmt::Display for Upstream {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if self.host.contains(':') {
-            write!(f, "[{}]:{}", self.host, self.port)
-        } else {
-            write!(f, "{}:{}", self.host, self.port)
-        }
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("invalid {flag} {value:?}: {reason}")]
-    Invalid {
-        flag: &'static str,
-        value: String,
-        reason: String,
-    },
-    #[error(
-        "refusing to listen on {addr} (route {route}): it is not a loopback address, and anyone \
-         who can reach it borrows this client identity; pass --allow-non-loopback if that is meant"
-    )]
-    NonLoopback { addr: String, route: String },
-    #[error(transparent)]
-    Load(#[from] crate::tls::load::Error),
-    #[error("{}:{line}: key `{key}`: {message}", path.display())]
-    File {
-        path: PathBuf,
-        line: usize,
-        key: String,
-        message: String,
-    },
-}
-
-fn invalid(flag: &'static str, value: &str, reason: impl Into<String>) -> Error {
-    Error::Invalid {
-        flag,
-        value: value.to_string(),
-        reason: reason.into(),
-    }
-}
+use super::{Error, HttpSettings, ListenAddr, ProxySettings, Route, Upstream, Via, invalid};
+use crate::cli::{MAX_CONNECTIONS, Mode, POOL_MAX_CONNECTIONS, POOL_MAX_IDLE, RunArgs};
+use crate::egress::{NoProxy, ProxyUrl, Scheme};
+use crate::tls::{Checks, IdentitySource, Settings, TlsFiles};
 
 /// The longest duration any flag takes. A year is beyond every sensible timeout, and it keeps
 /// `Instant + duration` (and tokio's timer wheel) far from overflow, so no deadline computed
@@ -235,61 +33,6 @@ pub fn parse_duration(flag: &'static str, value: &str) -> Result<Duration, Error
         return Err(invalid(flag, value, format!("too long ({DURATION_RANGE})")));
     }
     Ok(d)
-}
-
-/// The range of `--max-connections`: each connection costs a task and two sockets, so a
-/// million is already past what one process serves; the upper bound also keeps the value far
-/// below what tokio's semaphore accepts (it panics above `usize::MAX >> 3`).
-pub const MAX_CONNECTIONS: std::ops::RangeInclusive<u64> = 1..=1_000_000;
-
-/// The range of `--pool-max-idle` (idle upstream connections kept per route; 0 keeps none).
-pub const POOL_MAX_IDLE: std::ops::RangeInclusive<u64> = 0..=10_000;
-
-/// The range of `--pool-max-connections` (upstream connections per route): beyond it the cap
-/// would bound nothing.
-pub const POOL_MAX_CONNECTIONS: std::ops::RangeInclusive<u64> = 1..=100_000;
-
-/// The range of `--allow-uid`: `u32::MAX` is `(uid_t)-1`, which names no user.
-pub const ALLOW_UID: std::ops::RangeInclusive<u64> = 0..=(u32::MAX as u64 - 1);
-
-/// A whole number inside `range`; the message (clap puts the flag before it) says the range.
-fn ranged(value: &str, range: &std::ops::RangeInclusive<u64>) -> Result<u64, String> {
-    let out_of_range = || {
-        format!(
-            "must be a whole number from {} to {}",
-            range.start(),
-            range.end()
-        )
-    };
-    // Digits only: a sign or a huge number is out of range, not a different error.
-    let v = value.trim();
-    if v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(out_of_range());
-    }
-    v.parse::<u64>()
-        .ok()
-        .filter(|n| range.contains(n))
-        .ok_or_else(out_of_range)
-}
-
-/// clap value parser of `--max-connections`.
-pub fn parse_max_connections(value: &str) -> Result<usize, String> {
-    ranged(value, &MAX_CONNECTIONS).and_then(|n| usize::try_from(n).map_err(|e| e.to_string()))
-}
-
-/// clap value parser of `--pool-max-idle`.
-pub fn parse_pool_max_idle(value: &str) -> Result<usize, String> {
-    ranged(value, &POOL_MAX_IDLE).and_then(|n| usize::try_from(n).map_err(|e| e.to_string()))
-}
-
-/// clap value parser of `--pool-max-connections`.
-pub fn parse_pool_max_connections(value: &str) -> Result<usize, String> {
-    ranged(value, &POOL_MAX_CONNECTIONS).and_then(|n| usize::try_from(n).map_err(|e| e.to_string()))
-}
-
-/// clap value parser of `--allow-uid`.
-pub fn parse_uid(value: &str) -> Result<u32, String> {
-    ranged(value, &ALLOW_UID).and_then(|n| u32::try_from(n).map_err(|e| e.to_string()))
 }
 
 /// Split `HOST:PORT` or `[V6]:PORT`.
@@ -434,7 +177,8 @@ pub fn parse_pin(value: &str) -> Result<[u8; 32], Error> {
 }
 
 /// Build one route from flag-shaped values (the flags themselves, or a config file's route
-/// merged with its defaults).
+/// merged with its defaults). The checks run in a fixed order, so a route with several wrong
+/// values always reports the same one.
 pub fn route_from_args(name: String, args: &RunArgs) -> Result<Route, Error> {
     let listen = parse_listen(&args.listen, args.allow_non_loopback, &name)?;
     let upstream = match &args.upstream {
@@ -463,8 +207,52 @@ pub fn route_from_args(name: String, args: &RunArgs) -> Result<Route, Error> {
             "must be above 0",
         ));
     }
-    // Checked again here (clap already did) because routes are also built from code (`demo`),
-    // and a value past the semaphore's limit would panic in the accept loop after READY.
+    check_counts(args)?;
+    let alpn = parse_alpn(args)?;
+    let files = tls_files(args)?;
+    let checks = parse_checks(args)?;
+    check_allow_uid(args, &listen)?;
+    let reload = parse_duration("--reload-interval", &args.reload_interval)?;
+    let listen_mode = parse_mode(&args.listen_mode)?;
+    let tls = Settings {
+        files,
+        checks,
+        tls_min: args.tls_min,
+        alpn: match args.mode {
+            Mode::Tcp => alpn,
+            // The pool speaks whichever the upstream picks.
+            Mode::Http => vec![b"h2".to_vec(), b"http/1.1".to_vec()],
+        },
+        reload_interval: (!reload.is_zero()).then_some(reload),
+    };
+    let http = HttpSettings {
+        header_timeout: parse_duration("--header-timeout", &args.header_timeout)?,
+        pool_idle_timeout: parse_duration("--pool-idle-timeout", &args.pool_idle_timeout)?,
+        pool_max_idle: args.pool_max_idle,
+        pool_max_connections: args.pool_max_connections,
+    };
+    Ok(Route {
+        name,
+        listen,
+        listen_mode,
+        allow_uids: args.allow_uid.clone(),
+        allow_non_loopback: args.allow_non_loopback,
+        via: parse_via(args, &upstream)?,
+        upstream,
+        server_name,
+        tls,
+        mode: args.mode,
+        http,
+        connect_timeout,
+        idle_timeout: idle_timeout(args.mode, idle),
+        max_connections: args.max_connections,
+    })
+}
+
+/// The numeric flags' ranges, checked again here (clap already did) because routes are also
+/// built from code (`demo`), and a value past the semaphore's limit would panic in the accept
+/// loop after READY.
+fn check_counts(args: &RunArgs) -> Result<(), Error> {
     if !MAX_CONNECTIONS.contains(&(args.max_connections as u64)) {
         return Err(invalid(
             "--max-connections",
@@ -486,6 +274,11 @@ pub fn route_from_args(name: String, args: &RunArgs) -> Result<Route, Error> {
             "must be a whole number from 1 to 100000",
         ));
     }
+    Ok(())
+}
+
+/// `--alpn`, each protocol as the bytes sent.
+fn parse_alpn(args: &RunArgs) -> Result<Vec<Vec<u8>>, Error> {
     let mut alpn = Vec::new();
     for p in &args.alpn {
         if p.is_empty() || p.len() > 255 {
@@ -493,6 +286,11 @@ pub fn route_from_args(name: String, args: &RunArgs) -> Result<Route, Error> {
         }
         alpn.push(p.as_bytes().to_vec());
     }
+    Ok(alpn)
+}
+
+/// The client identity (`--pkcs12`, or `--cert` and `--key`) and the upstream trust files.
+fn tls_files(args: &RunArgs) -> Result<TlsFiles, Error> {
     let identity = match (&args.pkcs12, &args.cert, &args.key) {
         (Some(file), _, _) => IdentitySource::Pkcs12 {
             file: file.clone(),
@@ -511,6 +309,15 @@ pub fn route_from_args(name: String, args: &RunArgs) -> Result<Route, Error> {
             ));
         }
     };
+    Ok(TlsFiles {
+        identity,
+        ca: args.ca.clone(),
+        crls: args.crl.clone(),
+    })
+}
+
+/// `--pin-sha256` and `--verify-uri-san`.
+fn parse_checks(args: &RunArgs) -> Result<Checks, Error> {
     let mut pins = Vec::new();
     for p in &args.pin_sha256 {
         pins.push(parse_pin(p)?);
@@ -524,8 +331,15 @@ pub fn route_from_args(name: String, args: &RunArgs) -> Result<Route, Error> {
             ));
         }
     }
-    // SO_PEERCRED exists only on unix sockets: with TCP the list could never be checked, and
-    // ignoring it would let every peer in.
+    Ok(Checks {
+        uri_sans: args.verify_uri_san.clone(),
+        pins,
+    })
+}
+
+/// `--allow-uid` only with a unix listener: SO_PEERCRED exists only on unix sockets, so with
+/// TCP the list could never be checked, and ignoring it would let every peer in.
+fn check_allow_uid(args: &RunArgs, listen: &ListenAddr) -> Result<(), Error> {
     if !args.allow_uid.is_empty() && matches!(listen, ListenAddr::Tcp(_)) {
         return Err(invalid(
             "--allow-uid",
@@ -542,41 +356,7 @@ pub fn route_from_args(name: String, args: &RunArgs) -> Result<Route, Error> {
             ),
         ));
     }
-    let reload = parse_duration("--reload-interval", &args.reload_interval)?;
-    let listen_mode = parse_mode(&args.listen_mode)?;
-    let route = Route {
-        name,
-        listen,
-        listen_mode,
-        allow_uids: args.allow_uid.clone(),
-        allow_non_loopback: args.allow_non_loopback,
-        upstream: upstream.clone(),
-        server_name,
-        tls: TlsFiles {
-            identity,
-            ca: args.ca.clone(),
-            crls: args.crl.clone(),
-        },
-        checks: Checks {
-            uri_sans: args.verify_uri_san.clone(),
-            pins,
-        },
-        reload_interval: (!reload.is_zero()).then_some(reload),
-        alpn,
-        mode: args.mode,
-        http: HttpSettings {
-            header_timeout: parse_duration("--header-timeout", &args.header_timeout)?,
-            pool_idle_timeout: parse_duration("--pool-idle-timeout", &args.pool_idle_timeout)?,
-            pool_max_idle: args.pool_max_idle,
-            pool_max_connections: args.pool_max_connections,
-        },
-        tls_min: args.tls_min,
-        connect_timeout,
-        via: parse_via(args, &upstream)?,
-        idle_timeout: idle_timeout(args.mode, idle),
-        max_connections: args.max_connections,
-    };
-    Ok(route)
+    Ok(())
 }
 
 /// HTTP mode's idle bound when `--idle-timeout` is not given: an app connection with no request
@@ -593,18 +373,6 @@ fn idle_timeout(mode: Mode, idle: Option<Duration>) -> Option<Duration> {
         (None, Mode::Http) => Some(HTTP_IDLE_TIMEOUT),
         (None, Mode::Tcp) => None,
     }
-}
-
-/// How a route reaches its upstream.
-#[derive(Debug, Clone)]
-pub enum Via {
-    Direct,
-    /// A proxy is configured, but the upstream's host matches `--no-proxy`.
-    Bypass {
-        proxy: String,
-        entry: String,
-    },
-    Proxy(Arc<Proxy>),
 }
 
 /// A proxy URL for messages: credentials replaced by `***`.
@@ -655,8 +423,8 @@ fn parse_via(args: &RunArgs, upstream: &Upstream) -> Result<Via, Error> {
         return Ok(Via::Direct);
     };
     let url = ProxyUrl::parse(&raw).map_err(|r| invalid(flag, &redact_url(&raw), r))?;
-    let tls = match url.scheme {
-        Scheme::Https => Some(crate::egress::proxy_tls(args.proxy_ca.as_deref())?),
+    let ca = match url.scheme {
+        Scheme::Https => args.proxy_ca.clone(),
         Scheme::Http => {
             if let Some(ca) = &args.proxy_ca {
                 tracing::warn!(
@@ -668,13 +436,12 @@ fn parse_via(args: &RunArgs, upstream: &Upstream) -> Result<Via, Error> {
             None
         }
     };
-    let display = url.to_string();
-    let auth_file = args.proxy_auth_file.clone();
-    let auth_shown = auth_file
-        .as_ref()
-        .map_or(String::new(), |p| p.display().to_string());
-    let proxy = Proxy::new(url, auth_file, tls)
-        .map_err(|r| invalid("--proxy-auth-file", &auth_shown, r))?;
+    let proxy = ProxySettings {
+        url,
+        ca,
+        auth_file: args.proxy_auth_file.clone(),
+        auth_file_set_at: None,
+    };
     let (list, list_flag) = match (&args.no_proxy, args.proxy_from_env) {
         (Some(l), _) => (l.clone(), "--no-proxy"),
         (None, true) => (env("NO_PROXY").unwrap_or_default(), "NO_PROXY"),
@@ -683,38 +450,11 @@ fn parse_via(args: &RunArgs, upstream: &Upstream) -> Result<Via, Error> {
     let no_proxy = NoProxy::parse(&list).map_err(|r| invalid(list_flag, &list, r))?;
     Ok(match no_proxy.matching(&upstream.host) {
         Some(entry) => Via::Bypass {
-            proxy: display,
+            proxy,
             entry: entry.to_string(),
         },
-        None => Via::Proxy(Arc::new(proxy)),
+        None => Via::Proxy(proxy),
     })
-}
-
-impl Config {
-    /// Build the configuration: one route named `default` from the flags, or every route of
-    /// `--config FILE`.
-    pub fn from_run_args(args: &RunArgs) -> Result<Self, Error> {
-        let (routes, file_admin) = match &args.config {
-            Some(path) => {
-                let file = crate::config_file::load(path, args.proxy_auth_file.as_deref())?;
-                (file.routes, file.admin)
-            }
-            None => (vec![route_from_args("default".into(), args)?], None),
-        };
-        let admin = match &args.admin {
-            Some(a) => Some(Admin {
-                listen: parse_admin(a)?,
-                allow_shutdown: args.admin_allow_shutdown,
-            }),
-            None => file_admin,
-        };
-        Ok(Config {
-            routes,
-            shutdown_delay: parse_duration("--shutdown-delay", &args.shutdown_delay)?,
-            drain_timeout: parse_duration("--drain-timeout", &args.drain_timeout)?,
-            admin,
-        })
-    }
 }
 
 #[cfg(test)]
@@ -740,29 +480,6 @@ mod tests {
             let err = parse_duration("--x", huge).unwrap_err().to_string();
             assert!(err.contains("--x") && err.contains("365d"), "{err}");
         }
-    }
-
-    #[test]
-    fn numbers_have_ranges() {
-        assert_eq!(parse_max_connections("1"), Ok(1));
-        assert_eq!(parse_max_connections("1000000"), Ok(1_000_000));
-        for bad in [
-            "0",
-            "1000001",
-            "-1",
-            "+5",
-            "",
-            "2305843009213693952",
-            "1e3",
-            "99999999999999999999999",
-        ] {
-            let err = parse_max_connections(bad).unwrap_err();
-            assert!(err.contains("from 1 to 1000000"), "{bad}: {err}");
-        }
-        assert_eq!(parse_pool_max_idle("0"), Ok(0));
-        assert!(parse_pool_max_idle("10001").is_err());
-        assert_eq!(parse_uid("4294967294"), Ok(u32::MAX - 1));
-        assert!(parse_uid("4294967295").is_err());
     }
 
     #[test]
