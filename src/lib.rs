@@ -31,7 +31,6 @@
 
 pub mod admin;
 pub mod app;
-pub mod bufio;
 pub mod check;
 pub mod cli;
 pub mod config;
@@ -47,5 +46,6 @@ pub mod resolve;
 pub mod signal;
 pub mod telemetry;
 pub mod tls;
+pub mod transport;
 pub mod upstream;
 pub mod wait;

@@ -1,23 +1,34 @@
-//! Reaching the upstream: resolve (at every dial), connect to each address in turn, TLS
-//! handshake, all under `--connect-timeout`. How each way can fail is classified in
-//! [`crate::failure`].
+//! Reaching the upstream: resolve (at every dial), connect to each address in turn (to the
+//! upstream, or to the route's proxy and then through its tunnel), TLS handshake. Every phase
+//! ends by one deadline, `--connect-timeout` from the start of the dial, and a phase that does
+//! not is named in the failure. How each way can fail is classified in [`crate::failure`].
 
-use std::net::SocketAddr;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rustls::ClientConfig;
 use tokio::net::TcpStream;
+use tokio::time::timeout_at;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
-use crate::bufio::LazyBufTcp;
 use crate::config::Route;
-use crate::egress::{Prefixed, Proxy, Transport};
+use crate::egress::{Proxy, tunnel};
 use crate::failure::{Class, Failure, classify_io};
-use crate::resolve::{self, Resolver};
+use crate::resolve::{self, ConnectEnd, Resolver};
+use crate::transport::Transport;
 
 type Deadline = tokio::time::Instant;
+
+/// The phases of `--connect-timeout`, as failures and `check` name them. Through a proxy, the
+/// CONNECT tunnel adds its own ([`tunnel::PROXY_TLS_PHASE`], [`tunnel::CONNECT_PHASE`]).
+pub const RESOLVE_PHASE: &str = "resolve";
+pub const CONNECT_PHASE: &str = "connect";
+pub const HANDSHAKE_PHASE: &str = "tls handshake";
+const RESOLVE_PROXY_PHASE: &str = "resolve the proxy";
+const CONNECT_PROXY_PHASE: &str = "connect to the proxy";
 
 /// The upstream TLS stream a connection relays into.
 pub type Upstream = TlsStream<Transport>;
@@ -33,19 +44,70 @@ pub fn server_name_str(route: &Route) -> String {
 
 /// An established upstream connection.
 pub struct Connected {
+    /// What the connection relays into.
     pub stream: Upstream,
+    /// How long the TLS handshake took, for the handshake-duration metric.
     pub handshake: Duration,
 }
 
-/// Resolve `host` and connect to each address in turn (see [`crate::resolve`]), all before
-/// `deadline`. For the proxy (`proxy` set) every failure is `ProxyUnreachable`.
+/// What `check` reports of a dial, recorded on the way; connections record nothing.
+#[derive(Debug, Default)]
+pub struct Trace {
+    /// The upstream's addresses as resolved, each once. Direct routes only: through a proxy,
+    /// the proxy resolves the upstream's name.
+    pub dns: Vec<IpAddr>,
+    /// Upstream addresses that could not be connected, and why, in the order tried.
+    pub attempts: Vec<(SocketAddr, io::Error)>,
+    /// The upstream address connected to (direct routes).
+    pub connected: Option<SocketAddr>,
+    /// Through a proxy: how the tunnel was reached ([`path_to_upstream`]) and the proxy's
+    /// answer to CONNECT (`200 Connection established`).
+    pub tunnel: Option<(String, String)>,
+}
+
+/// Why no byte stream to the upstream was opened.
+#[derive(Debug)]
+pub enum Unreached {
+    /// The upstream's name did not resolve: `reason` as the resolver gave it, `failure` as a
+    /// connection reports it.
+    Dns { reason: String, failure: Failure },
+    /// Every upstream address failed (the trace's attempts say how): the last one's failure.
+    NoConnection(Failure),
+    /// `--connect-timeout` ran out in `phase`, while connecting to `at` if it says so.
+    Timeout {
+        phase: &'static str,
+        at: Option<SocketAddr>,
+    },
+    /// The proxy hop failed: unreachable, TLS, refused CONNECT, 407, not HTTP, or timed out.
+    Proxy(Failure),
+}
+
+impl Unreached {
+    /// The failure a connection reports.
+    pub fn into_failure(self, route: &Route, proxy: Option<&Proxy>) -> Failure {
+        match self {
+            Unreached::Dns { failure, .. }
+            | Unreached::NoConnection(failure)
+            | Unreached::Proxy(failure) => failure,
+            Unreached::Timeout { phase, .. } => timed_out(route, proxy, phase),
+        }
+    }
+}
+
+/// Resolve `host` and connect to each address in turn (see [`crate::resolve`]), both bounded by
+/// `deadline`. For the proxy (`proxy` set) every failure is `ProxyUnreachable`. What happened
+/// is recorded in `trace`, if any.
 async fn dial(
     host: &str,
     port: u16,
     proxy: Option<&Proxy>,
     deadline: Deadline,
-    phase: &mut &'static str,
-) -> Result<(TcpStream, SocketAddr), Failure> {
+    mut trace: Option<&mut Trace>,
+) -> Result<(TcpStream, SocketAddr), Unreached> {
+    let (resolve_phase, connect_phase) = match proxy {
+        Some(_) => (RESOLVE_PROXY_PHASE, CONNECT_PROXY_PHASE),
+        None => (RESOLVE_PHASE, CONNECT_PHASE),
+    };
     // Messages are made only when something failed: nothing here allocates on success.
     let what = || match proxy {
         Some(p) => format!("the proxy {}", p.url),
@@ -55,63 +117,98 @@ async fn dial(
         Some(_) => Failure::new(Class::ProxyUnreachable, message),
         None => Failure::new(class, message),
     };
+    // The lookup ends by `deadline` on its own.
     let addrs = match Resolver::global().lookup(host, port, deadline).await {
         Ok(a) => a,
-        // Out of time: the caller's timeout names the phase.
-        Err(resolve::Error::Timeout) => return std::future::pending().await,
+        Err(resolve::Error::Timeout) => {
+            return Err(Unreached::Timeout {
+                phase: resolve_phase,
+                at: None,
+            });
+        }
         Err(e) => {
-            return Err(fail(
-                Class::Dns,
-                format!("cannot resolve {} host {host}: {e}", what()),
-            ));
+            return Err(Unreached::Dns {
+                failure: fail(
+                    Class::Dns,
+                    format!("cannot resolve {} host {host}: {e}", what()),
+                ),
+                reason: e.to_string(),
+            });
         }
     };
+    if let Some(t) = trace.as_deref_mut() {
+        for a in &addrs {
+            if !t.dns.contains(&a.ip()) {
+                t.dns.push(a.ip());
+            }
+        }
+    }
     if addrs.is_empty() {
-        return Err(fail(
-            Class::Dns,
-            format!("{} host {host} resolved to no address", what()),
-        ));
+        return Err(Unreached::Dns {
+            failure: fail(
+                Class::Dns,
+                format!("{} host {host} resolved to no address", what()),
+            ),
+            reason: "no address".into(),
+        });
     }
-    *phase = if proxy.is_some() {
-        "connect to the proxy"
-    } else {
-        "connect"
+    let mut untraced = Vec::new();
+    let attempts = match trace {
+        Some(t) => &mut t.attempts,
+        None => &mut untraced,
     };
-    let mut attempts = Vec::new();
-    match resolve::connect_each(&addrs, deadline, &mut attempts).await {
-        Ok(found) => return Ok(found),
-        // Out of time: the caller's timeout names the phase.
-        Err(resolve::ConnectEnd::Deadline { .. }) => return std::future::pending().await,
-        Err(resolve::ConnectEnd::AllFailed) => {}
+    // Each connect ends by `deadline` on its own.
+    match resolve::connect_each(&addrs, deadline, attempts).await {
+        Ok(found) => Ok(found),
+        Err(ConnectEnd::Deadline { at }) => Err(Unreached::Timeout {
+            phase: connect_phase,
+            at: Some(at),
+        }),
+        Err(ConnectEnd::AllFailed) => Err(all_failed(attempts, proxy, connect_phase)),
     }
-    // Every address failed: report the last one, and how many others.
-    let Some((e, addr)) = attempts.pop().map(|(a, e)| (e, a)) else {
-        return std::future::pending().await;
+}
+
+/// Every address failed: the last one's failure, and how many others.
+fn all_failed(
+    attempts: &[(SocketAddr, io::Error)],
+    proxy: Option<&Proxy>,
+    connect_phase: &'static str,
+) -> Unreached {
+    // `connect_each` records every address that failed, and there was at least one.
+    let Some((addr, e)) = attempts.last() else {
+        return Unreached::Timeout {
+            phase: connect_phase,
+            at: None,
+        };
     };
-    let others = match attempts.len() {
+    let others = match attempts.len() - 1 {
         0 => String::new(),
         n => format!("; {n} other address(es) failed too"),
     };
-    let f = classify_io(&e, "");
-    let message = match proxy {
-        Some(_) => format!("cannot connect to {}: {e} ({addr}){others}", what()),
-        None => format!("{} ({addr}){others}", f.message),
-    };
-    Err(fail(f.class, message))
+    let f = classify_io(e, "");
+    Unreached::NoConnection(match proxy {
+        Some(p) => Failure::new(
+            Class::ProxyUnreachable,
+            format!(
+                "cannot connect to the proxy {}: {e} ({addr}){others}",
+                p.url
+            ),
+        ),
+        None => Failure::new(f.class, format!("{} ({addr}){others}", f.message)),
+    })
 }
 
 /// A byte stream to the upstream, ready for its TLS handshake.
 pub struct Opened {
+    /// What the TLS session runs over.
     pub transport: Transport,
     /// The address connected to: the upstream's, or the proxy's.
     pub addr: SocketAddr,
-    /// The proxy's answer to CONNECT (`200 Connection established`), if through one.
-    pub proxy_answer: Option<String>,
 }
 
 /// How a stream connected to `addr` reached the upstream, for messages: `ADDR`, or
 /// `via proxy URL at ADDR`.
-pub fn hop(proxy: Option<&Proxy>, addr: SocketAddr) -> String {
+pub fn path_to_upstream(proxy: Option<&Proxy>, addr: SocketAddr) -> String {
     match proxy {
         Some(p) => format!("via proxy {} at {addr}", p.url),
         None => addr.to_string(),
@@ -119,65 +216,45 @@ pub fn hop(proxy: Option<&Proxy>, addr: SocketAddr) -> String {
 }
 
 /// The byte stream the upstream TLS session runs over: TCP to the upstream, or a tunnel
-/// through the route's proxy, `proxy` (CONNECT with the upstream's name, resolved by the
-/// proxy).
-///
-/// Callers bound it by `deadline` (`--connect-timeout` from the start of the dial): the
-/// lookup and each connect are sized from it, and when it passes this future stays pending
-/// so that the caller's own timeout reports the phase.
+/// through the route's opened proxy, `proxy` (CONNECT with the upstream's name, resolved by
+/// the proxy). Every phase ends by `deadline`; what happened is recorded in `trace`, if any.
 pub async fn open(
     route: &Route,
     proxy: Option<&Proxy>,
     deadline: Deadline,
-    phase: &mut &'static str,
-) -> Result<Opened, Failure> {
+    mut trace: Option<&mut Trace>,
+) -> Result<Opened, Unreached> {
     let Some(proxy) = proxy else {
-        *phase = "resolve";
-        let (tcp, addr) = dial(
-            &route.upstream.host,
-            route.upstream.port,
+        let upstream = &route.upstream;
+        let dialled = dial(
+            &upstream.host,
+            upstream.port,
             None,
             deadline,
-            phase,
-        )
-        .await?;
+            trace.as_deref_mut(),
+        );
+        let (tcp, addr) = dialled.await?;
+        if let Some(t) = trace {
+            t.connected = Some(addr);
+        }
         return Ok(Opened {
-            transport: Transport::Tcp(LazyBufTcp::new(tcp)),
+            transport: Transport::tcp(tcp),
             addr,
-            proxy_answer: None,
         });
     };
-    *phase = "resolve the proxy";
-    let (tcp, addr) = dial(
-        &proxy.url.host,
-        proxy.url.port,
-        Some(proxy),
-        deadline,
-        phase,
-    )
-    .await?;
+    let (tcp, addr) = dial(&proxy.url.host, proxy.url.port, Some(proxy), deadline, None)
+        .await
+        .map_err(|e| Unreached::Proxy(e.into_failure(route, Some(proxy))))?;
     let target = route.upstream.to_string();
-    let mut tcp = LazyBufTcp::new(tcp);
-    let (transport, answer) = match proxy.tls() {
-        Some(config) => {
-            *phase = "TLS handshake with the proxy";
-            let mut tls = proxy.tls_to_proxy(config, tcp).await?;
-            *phase = "CONNECT exchange with the proxy";
-            let (answer, rest) = proxy.connect_tunnel(&mut tls, &target).await?;
-            (Transport::Tls(Box::new(Prefixed::new(tls, rest))), answer)
-        }
-        None => {
-            *phase = "CONNECT exchange with the proxy";
-            let (answer, rest) = proxy.connect_tunnel(&mut tcp, &target).await?;
-            tcp.unread(rest);
-            (Transport::Tcp(tcp), answer)
-        }
-    };
-    Ok(Opened {
-        transport,
-        addr,
-        proxy_answer: Some(answer),
+    let (transport, answer) = tunnel::open(proxy, tcp, &target, deadline, |phase| {
+        timed_out(route, Some(proxy), phase)
     })
+    .await
+    .map_err(Unreached::Proxy)?;
+    if let Some(t) = trace {
+        t.tunnel = Some((path_to_upstream(Some(proxy), addr), answer));
+    }
+    Ok(Opened { transport, addr })
 }
 
 /// `--connect-timeout` ran out while in `phase`.
@@ -203,33 +280,28 @@ pub async fn connect(
     config: Arc<ClientConfig>,
 ) -> Result<Connected, Failure> {
     let deadline = resolve::deadline_after(route.connect_timeout);
-    let mut phase = "resolve";
-    let attempt = async {
-        let opened = open(route, proxy, deadline, &mut phase).await?;
-        phase = "tls handshake";
-        let started = Instant::now();
-        let addr = opened.addr;
-        let stream = TlsConnector::from(config)
-            .connect(route.server_name.clone(), opened.transport)
-            .await
-            .map_err(|e| {
-                let mut f = classify_io(&e, &server_name_str(route));
-                if f.class == Class::Reset || f.class == Class::Io {
-                    f = Failure::new(
-                        Class::Protocol,
-                        format!("the upstream closed the connection during the TLS handshake: {e}"),
-                    );
-                }
-                f.message = format!("{} ({})", f.message, hop(proxy, addr));
-                f
-            })?;
-        Ok(Connected {
-            stream,
-            handshake: started.elapsed(),
-        })
-    };
-    match tokio::time::timeout_at(deadline, attempt).await {
-        Ok(r) => r,
-        Err(_) => Err(timed_out(route, proxy, phase)),
-    }
+    let opened = open(route, proxy, deadline, None)
+        .await
+        .map_err(|e| e.into_failure(route, proxy))?;
+    let started = Instant::now();
+    let addr = opened.addr;
+    let handshake = TlsConnector::from(config).connect(route.server_name.clone(), opened.transport);
+    let stream = timeout_at(deadline, handshake)
+        .await
+        .map_err(|_| timed_out(route, proxy, HANDSHAKE_PHASE))?
+        .map_err(|e| {
+            let mut f = classify_io(&e, &server_name_str(route));
+            if f.class == Class::Reset || f.class == Class::Io {
+                f = Failure::new(
+                    Class::Protocol,
+                    format!("the upstream closed the connection during the TLS handshake: {e}"),
+                );
+            }
+            f.message = format!("{} ({})", f.message, path_to_upstream(proxy, addr));
+            f
+        })?;
+    Ok(Connected {
+        stream,
+        handshake: started.elapsed(),
+    })
 }

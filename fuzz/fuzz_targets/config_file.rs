@@ -7,7 +7,7 @@ use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
 
-/// One scratch file, rewritten for each input: `config_file::load` takes a path.
+/// One scratch file, rewritten for each input: `config::load::load` takes a path.
 fn scratch() -> &'static PathBuf {
     static DIR: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
     &DIR.get_or_init(|| {
@@ -36,7 +36,7 @@ fuzz_target!(
         if std::fs::write(path, data).is_err() {
             return;
         }
-        if let Err(e) = mtls_sidecar::config_file::load(path, None) {
+        if let Err(e) = mtls_sidecar::config::load::load(path, None) {
             // Formatting the error is part of what an operator sees: it must not panic.
             let _ = e.to_string();
         }

@@ -29,7 +29,7 @@ fuzz_target!(|data: &[u8]| {
         .map(|(u, _)| u);
     let shown = match &parsed {
         Ok(url) => format!("{url} {url:?}"),
-        Err(e) => e.clone(),
+        Err(e) => e.to_string(),
     };
     if let Some(s) = secret
         && shown.contains(s)
@@ -39,7 +39,7 @@ fuzz_target!(|data: &[u8]| {
         let masked = text.replacen(s, &"Z".repeat(s.len()), 1);
         let shown_masked = match ProxyUrl::parse(&masked) {
             Ok(url) => format!("{url} {url:?}"),
-            Err(e) => e,
+            Err(e) => e.to_string(),
         };
         assert!(shown_masked.contains(s), "credentials shown: {shown:?}");
     }

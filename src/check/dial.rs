@@ -1,7 +1,8 @@
-//! One dial for `check`: resolve, connect to each address in turn, and a TLS handshake driven by
-//! hand, so that everything seen on the way survives a failure: the upstream's chain (recorded
-//! by a verifier wrapped around the route's real one, so verdicts are identical), whether it
-//! asked for a client certificate and which CA names it gave, and the negotiated parameters.
+//! One dial for `check`: [`upstream::open`] (resolve, connect to each address in turn, or the
+//! proxy's tunnel) with a [`Trace`] of what it saw, and a TLS handshake driven by hand, so that
+//! everything seen on the way survives a failure: the upstream's chain (recorded by a verifier
+//! wrapped around the route's real one, so verdicts are identical), whether it asked for a
+//! client certificate and which CA names it gave, and the negotiated parameters.
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -17,15 +18,14 @@ use rustls::{SignatureScheme, SupportedCipherSuite};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::{Instant, timeout_at};
 
-use crate::bufio::LazyBufTcp;
 use crate::config::Route;
 use crate::egress::Proxy;
-use crate::egress::Transport;
 use crate::failure::Failure;
-use crate::resolve::{self, ConnectEnd, Resolver};
+use crate::resolve;
 use crate::tls::identity::{self, Loaded};
 use crate::tls::load::Material;
-use crate::upstream;
+use crate::transport::Transport;
+use crate::upstream::{self, Trace, Unreached};
 
 /// How long to wait after a TLS 1.3 handshake for the upstream's verdict on our certificate,
 /// which arrives only after our side is done. A session ticket or data ends the wait early.
@@ -197,15 +197,21 @@ pub enum Outcome {
     Proxy(Failure),
 }
 
+/// Everything `check` reports of one dial: the [`Trace`] of reaching the upstream, then the
+/// handshake.
 #[derive(Debug)]
 pub struct Dial {
+    /// The upstream's addresses as resolved (direct routes).
     pub dns: Vec<IpAddr>,
     /// Addresses that could not be connected, and why.
     pub attempts: Vec<(SocketAddr, io::Error)>,
+    /// The upstream address connected to (direct routes): where the handshake ran.
     pub connected: Option<SocketAddr>,
     /// Through a proxy: how the tunnel was reached and the proxy's answer to CONNECT.
     pub tunnel: Option<(String, String)>,
+    /// What the handshake agreed on, as far as it got.
     pub negotiated: Negotiated,
+    /// How the dial ended: the route's verdict comes from it.
     pub outcome: Outcome,
 }
 
@@ -221,24 +227,18 @@ pub async fn dial(route: &Route, proxy: Option<&Proxy>, config: Arc<ClientConfig
         negotiated: Negotiated::default(),
         outcome: Outcome::NoConnection,
     };
-    let transport = if proxy.is_some() {
-        let mut phase = "resolve the proxy";
-        match timeout_at(deadline, upstream::open(route, proxy, deadline, &mut phase)).await {
-            Err(_) => return d.ends(Outcome::Proxy(upstream::timed_out(route, proxy, phase))),
-            Ok(Err(f)) => return d.ends(Outcome::Proxy(f)),
-            Ok(Ok(o)) => {
-                d.tunnel = Some((
-                    upstream::hop(proxy, o.addr),
-                    o.proxy_answer.unwrap_or_default(),
-                ));
-                o.transport
-            }
-        }
-    } else {
-        match d.connect_direct(route, deadline).await {
-            Ok(t) => t,
-            Err(outcome) => return d.ends(outcome),
-        }
+    let mut trace = Trace::default();
+    let opened = upstream::open(route, proxy, deadline, Some(&mut trace)).await;
+    d.dns = trace.dns;
+    d.attempts = trace.attempts;
+    d.connected = trace.connected;
+    d.tunnel = trace.tunnel;
+    let transport = match opened {
+        Ok(o) => o.transport,
+        Err(Unreached::Dns { reason, .. }) => return d.ends(Outcome::Dns(reason)),
+        Err(Unreached::NoConnection(_)) => return d.ends(Outcome::NoConnection),
+        Err(Unreached::Timeout { phase, at }) => return d.ends(Outcome::Timeout { phase, at }),
+        Err(Unreached::Proxy(f)) => return d.ends(Outcome::Proxy(f)),
     };
     let conn = match ClientConnection::new(config, route.server_name.clone()) {
         Ok(c) => c,
@@ -254,7 +254,7 @@ pub async fn dial(route: &Route, proxy: Option<&Proxy>, config: Arc<ClientConfig
     d.negotiated = s.negotiated();
     let outcome = match handshake {
         Err(_) => Outcome::Timeout {
-            phase: "tls handshake",
+            phase: upstream::HANDSHAKE_PHASE,
             at: d.connected,
         },
         Ok(Err(Fail::Tls(e))) => Outcome::Handshake(e),
@@ -271,43 +271,6 @@ pub async fn dial(route: &Route, proxy: Option<&Proxy>, config: Arc<ClientConfig
 }
 
 impl Dial {
-    /// Resolve and connect to each address in turn, recording what happened.
-    async fn connect_direct(
-        &mut self,
-        route: &Route,
-        deadline: Instant,
-    ) -> Result<Transport, Outcome> {
-        let d = self;
-        let host = route.upstream.host.as_str();
-        let timeout = |phase, at| Outcome::Timeout { phase, at };
-        let addrs = match Resolver::global()
-            .lookup(host, route.upstream.port, deadline)
-            .await
-        {
-            Err(resolve::Error::Timeout) => return Err(timeout("resolve", None)),
-            Err(resolve::Error::Lookup(e)) => return Err(Outcome::Dns(e.to_string())),
-            Err(e) => return Err(Outcome::Dns(e.to_string())),
-            Ok(a) => a,
-        };
-        for a in &addrs {
-            if !d.dns.contains(&a.ip()) {
-                d.dns.push(a.ip());
-            }
-        }
-        if addrs.is_empty() {
-            return Err(Outcome::Dns("no address".into()));
-        }
-        let tcp = match resolve::connect_each(&addrs, deadline, &mut d.attempts).await {
-            Ok((tcp, addr)) => {
-                d.connected = Some(addr);
-                tcp
-            }
-            Err(ConnectEnd::Deadline { at }) => return Err(timeout("connect", Some(at))),
-            Err(ConnectEnd::AllFailed) => return Err(Outcome::NoConnection),
-        };
-        Ok(Transport::Tcp(LazyBufTcp::new(tcp)))
-    }
-
     fn ends(mut self, outcome: Outcome) -> Dial {
         self.outcome = outcome;
         self
@@ -322,8 +285,11 @@ enum Fail {
 
 /// A client connection driven by hand over a TCP stream or a proxy's tunnel.
 struct Session {
+    /// Driven by hand so that what it saw survives a failed handshake.
     conn: ClientConnection,
+    /// TCP to the upstream, or the proxy's tunnel.
     io: Transport,
+    /// What one read from `io` may bring (one TLS record).
     buf: Vec<u8>,
     /// rustls refused more input: the upstream's close_notify has arrived.
     peer_closed: bool,

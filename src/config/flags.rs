@@ -422,7 +422,7 @@ fn parse_via(args: &RunArgs, upstream: &Upstream) -> Result<Via, Error> {
     let Some(raw) = raw.filter(|p| !p.trim().is_empty()) else {
         return Ok(Via::Direct);
     };
-    let url = ProxyUrl::parse(&raw).map_err(|r| invalid(flag, &redact_url(&raw), r))?;
+    let url = ProxyUrl::parse(&raw).map_err(|r| invalid(flag, &redact_url(&raw), r.to_string()))?;
     let ca = match url.scheme {
         Scheme::Https => args.proxy_ca.clone(),
         Scheme::Http => {
@@ -447,7 +447,7 @@ fn parse_via(args: &RunArgs, upstream: &Upstream) -> Result<Via, Error> {
         (None, true) => (env("NO_PROXY").unwrap_or_default(), "NO_PROXY"),
         (None, false) => (String::new(), "--no-proxy"),
     };
-    let no_proxy = NoProxy::parse(&list).map_err(|r| invalid(list_flag, &list, r))?;
+    let no_proxy = NoProxy::parse(&list).map_err(|r| invalid(list_flag, &list, r.to_string()))?;
     Ok(match no_proxy.matching(&upstream.host) {
         Some(entry) => Via::Bypass {
             proxy,

@@ -43,7 +43,7 @@ impl Config {
 }
 
 /// What a config file yields.
-struct FileConfig {
+pub struct FileConfig {
     /// Every `[[route]]`, merged with `[defaults]` and validated, in file order.
     routes: Vec<Route>,
     /// `[admin]`, unless `--admin` overrides it.
@@ -221,7 +221,7 @@ struct RouteCommandLine {
 
 /// Load and validate a config file. `proxy_auth_file` (`--proxy-auth-file` or
 /// `MTLS_SIDECAR_PROXY_AUTH_FILE`) applies to every route that does not name its own.
-fn load(path: &Path, proxy_auth_file: Option<&Path>) -> Result<FileConfig, Error> {
+pub fn load(path: &Path, proxy_auth_file: Option<&Path>) -> Result<FileConfig, Error> {
     let text = read_text(path)?;
     let src = Source { path, text: &text };
     let file = parse_toml(&src)?;

@@ -19,7 +19,7 @@ use crate::egress::{Proxy, ProxyUrl, Scheme};
 use crate::tls::Settings;
 
 mod flags;
-mod load;
+pub mod load;
 
 pub use flags::{
     HTTP_IDLE_TIMEOUT, MAX_DURATION, parse_admin, parse_duration, parse_listen, parse_mode,
@@ -229,7 +229,7 @@ impl ProxySettings {
                     key: "proxy_auth_file".into(),
                     message: format!("invalid value {auth_shown:?}: {reason}"),
                 },
-                None => invalid("--proxy-auth-file", &auth_shown, reason),
+                None => invalid("--proxy-auth-file", &auth_shown, reason.to_string()),
             }
         })
     }

@@ -26,7 +26,7 @@ use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
-use crate::bufio::{AppStream, READ_CHUNK, read_clearing};
+use crate::transport::{AppStream, READ_CHUNK, read_clearing};
 
 /// Bytes moved per read. With one chunk at most pending per direction, this bounds what a
 /// connection whose near side stopped reading pins (see the module doc).

@@ -14,8 +14,8 @@ use tokio_util::sync::CancellationToken;
 use super::RouteCtx;
 use super::log::AccessLog;
 use super::relay::{self, Relay};
-use crate::bufio::AppStream;
 use crate::failure::{Class, Failure, classify_io};
+use crate::transport::AppStream;
 
 /// What a connection needs from the app's socket beyond relaying.
 pub(super) trait AppSocket: AppStream {

@@ -229,10 +229,13 @@ impl HttpRoute {
     async fn upgrade(self: Arc<Self>, mut req: Request<Incoming>) -> Response<Body> {
         let mut config = (*self.ctx.identity.current()).clone();
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
-        let conn = match upstream::connect(&self.ctx.route, self.ctx.proxy.as_deref(), Arc::new(config)).await {
-            Ok(c) => c,
-            Err(f) => return self.fail(f),
-        };
+        let conn =
+            match upstream::connect(&self.ctx.route, self.ctx.proxy.as_deref(), Arc::new(config))
+                .await
+            {
+                Ok(c) => c,
+                Err(f) => return self.fail(f),
+            };
         let (mut sender, connection) =
             match hyper::client::conn::http1::handshake(TokioIo::new(conn.stream)).await {
                 Ok(x) => x,

@@ -1,7 +1,8 @@
-//! [`LazyBufTcp`]: the upstream socket as rustls sees it.
+//! [`Transport`]: the byte stream the upstream TLS session runs over (TCP to the upstream, or a
+//! tunnel through an egress proxy), and what the tcp relay needs from the app's socket.
 //!
 //! rustls asks for at most 4 KiB per `read_tls` call, so a 16 KiB TLS record would cost four
-//! `read` syscalls. This wrapper reads up to [`READ_CHUNK`] bytes per syscall into a fresh
+//! `read` syscalls. A TCP [`Transport`] reads up to [`READ_CHUNK`] bytes per syscall into a fresh
 //! buffer, hands rustls what it asked for, and keeps the buffer with the rest only while it
 //! holds unread bytes: an idle connection carries no buffer at all, and one whose reader
 //! stalled pins at most `READ_CHUNK` bytes here. The rest is not copied (an earlier version
@@ -15,6 +16,7 @@ use std::task::{Context, Poll, ready};
 
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
+use tokio_rustls::client::TlsStream;
 
 /// The readiness-based operations the relay needs from the app's socket, TCP or unix.
 pub trait AppStream: AsyncWrite + Unpin + Send {
@@ -49,7 +51,7 @@ macro_rules! app_stream {
 app_stream!(TcpStream);
 app_stream!(UnixStream);
 
-/// Run `read` (a non-blocking read of at most `cap` bytes from `tcp`) so that a short read
+/// Run `read` (a non-blocking read of at most `cap` bytes from `sock`) so that a short read
 /// clears tokio's readiness: a TCP read that returns less than asked has emptied the receive
 /// queue, so the next wait goes to epoll instead of a `read` that would only say EAGAIN. This
 /// is what tokio's own `poll_read` does; it saves a syscall per burst. Data arriving meanwhile
@@ -87,7 +89,7 @@ pub const READ_CHUNK: usize = 32 * 1024;
 /// Bytes already read and not yet handed on, in front of a stream; holds no allocation when
 /// empty.
 #[derive(Debug, Default)]
-pub struct Pending {
+struct Pending {
     /// `None` when drained.
     buf: Option<Vec<u8>>,
     /// How much of `buf` has been handed out.
@@ -95,14 +97,8 @@ pub struct Pending {
 }
 
 impl Pending {
-    pub fn new(bytes: Vec<u8>) -> Self {
-        let mut p = Pending::default();
-        p.unread(bytes);
-        p
-    }
-
     /// Put bytes back in front of what is still pending.
-    pub fn unread(&mut self, mut bytes: Vec<u8>) {
+    fn unread(&mut self, mut bytes: Vec<u8>) {
         if bytes.is_empty() {
             return;
         }
@@ -115,7 +111,7 @@ impl Pending {
 
     /// Copy pending bytes into `out`, freeing the buffer once it is drained; `false` when
     /// nothing was pending.
-    pub fn drain_into(&mut self, out: &mut ReadBuf<'_>) -> bool {
+    fn drain_into(&mut self, out: &mut ReadBuf<'_>) -> bool {
         let Some(buf) = &self.buf else { return false };
         let n = out.remaining().min(buf.len() - self.pos);
         out.put_slice(&buf[self.pos..self.pos + n]);
@@ -127,7 +123,8 @@ impl Pending {
         true
     }
 
-    pub fn is_empty(&self) -> bool {
+    #[cfg(test)]
+    fn is_empty(&self) -> bool {
         self.buf.is_none()
     }
 
@@ -141,33 +138,75 @@ impl Pending {
     }
 }
 
+/// What the upstream TLS session runs over, with the bytes already read from it and not yet
+/// handed on in front.
 #[derive(Debug)]
-pub struct LazyBufTcp {
-    tcp: TcpStream,
-    /// Bytes read from the socket and not yet handed to rustls.
+pub struct Transport {
+    /// The stream itself.
+    link: Link,
+    /// Read and not yet handed on: the rest of a [`READ_CHUNK`] read, or what an egress proxy
+    /// sent after its answer to CONNECT (it already belongs to the tunnel). Read first.
     pending: Pending,
 }
 
-impl LazyBufTcp {
-    pub fn new(tcp: TcpStream) -> Self {
-        LazyBufTcp {
-            tcp,
+#[derive(Debug)]
+enum Link {
+    /// TCP to the upstream, or to a plain `http://` proxy.
+    Tcp(TcpStream),
+    /// TLS to an `https://` proxy, over a TCP transport.
+    Tls(Box<TlsStream<Transport>>),
+}
+
+impl Transport {
+    pub fn tcp(tcp: TcpStream) -> Self {
+        Transport {
+            link: Link::Tcp(tcp),
             pending: Pending::default(),
         }
     }
 
-    pub fn get_ref(&self) -> &TcpStream {
-        &self.tcp
+    /// A TLS session with an `https://` proxy, to run CONNECT over.
+    pub fn tls(tls: TlsStream<Transport>) -> Self {
+        Transport {
+            link: Link::Tls(Box::new(tls)),
+            pending: Pending::default(),
+        }
     }
 
-    /// Put bytes back in front of whatever is still buffered: an HTTP proxy's answer to CONNECT
-    /// may arrive together with the first bytes of the tunnel.
+    /// Put bytes back in front of whatever is still pending: an egress proxy's answer to
+    /// CONNECT may arrive together with the first bytes of the tunnel.
     pub fn unread(&mut self, bytes: Vec<u8>) {
         self.pending.unread(bytes);
     }
 }
 
-impl AsyncRead for LazyBufTcp {
+/// Read up to [`READ_CHUNK`] bytes from `tcp` in one syscall; what `out` cannot take is kept in
+/// `pending`.
+fn poll_read_chunk(
+    tcp: &TcpStream,
+    pending: &mut Pending,
+    cx: &mut Context<'_>,
+    out: &mut ReadBuf<'_>,
+) -> Poll<io::Result<()>> {
+    loop {
+        ready!(tcp.poll_read_ready(cx))?;
+        let mut buf = Vec::with_capacity(READ_CHUNK);
+        match read_clearing(tcp, READ_CHUNK, || tcp.try_read_buf(&mut buf)) {
+            Ok(n) => {
+                // At the end of the stream `out` is left untouched.
+                let taken = n.min(out.remaining());
+                out.put_slice(&buf[..taken]);
+                pending.keep(buf, taken);
+                return Poll::Ready(Ok(()));
+            }
+            // Readiness was stale; poll_read_ready registers for the next wake-up.
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Poll::Ready(Err(e)),
+        }
+    }
+}
+
+impl AsyncRead for Transport {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -177,29 +216,32 @@ impl AsyncRead for LazyBufTcp {
         if this.pending.drain_into(out) {
             return Poll::Ready(Ok(()));
         }
-        loop {
-            ready!(this.tcp.poll_read_ready(cx))?;
-            let tcp = &this.tcp;
-            let mut buf = Vec::with_capacity(READ_CHUNK);
-            match read_clearing(tcp, READ_CHUNK, || tcp.try_read_buf(&mut buf)) {
-                Ok(n) => {
-                    // At the end of the stream `out` is left untouched.
-                    let taken = n.min(out.remaining());
-                    out.put_slice(&buf[..taken]);
-                    this.pending.keep(buf, taken);
-                    return Poll::Ready(Ok(()));
-                }
-                // Readiness was stale; poll_read_ready registers for the next wake-up.
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Poll::Ready(Err(e)),
-            }
+        match &mut this.link {
+            Link::Tcp(tcp) => poll_read_chunk(tcp, &mut this.pending, cx, out),
+            Link::Tls(tls) => Pin::new(&mut **tls).poll_read(cx, out),
         }
     }
 }
 
-impl AsyncWrite for LazyBufTcp {
+/// Run `$e` with `$s` bound to the pinned stream under a [`Transport`].
+macro_rules! delegate_write {
+    ($self:ident, $s:ident => $e:expr) => {
+        match &mut $self.get_mut().link {
+            Link::Tcp($s) => {
+                let $s = Pin::new($s);
+                $e
+            }
+            Link::Tls(t) => {
+                let $s = Pin::new(&mut **t);
+                $e
+            }
+        }
+    };
+}
+
+impl AsyncWrite for Transport {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, b: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().tcp).poll_write(cx, b)
+        delegate_write!(self, s => s.poll_write(cx, b))
     }
 
     fn poll_write_vectored(
@@ -207,19 +249,22 @@ impl AsyncWrite for LazyBufTcp {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().tcp).poll_write_vectored(cx, bufs)
+        delegate_write!(self, s => s.poll_write_vectored(cx, bufs))
     }
 
     fn is_write_vectored(&self) -> bool {
-        true
+        match &self.link {
+            Link::Tcp(_) => true,
+            Link::Tls(t) => t.is_write_vectored(),
+        }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().tcp).poll_flush(cx)
+        delegate_write!(self, s => s.poll_flush(cx))
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().tcp).poll_shutdown(cx)
+        delegate_write!(self, s => s.poll_shutdown(cx))
     }
 }
 
@@ -238,7 +283,7 @@ mod tests {
             let (mut s, _) = listener.accept().await.unwrap();
             s.write_all(&sent).await.unwrap();
         });
-        let mut r = LazyBufTcp::new(TcpStream::connect(addr).await.unwrap());
+        let mut r = Transport::tcp(TcpStream::connect(addr).await.unwrap());
         let mut got = Vec::new();
         let mut chunk = [0u8; 1000];
         loop {
@@ -261,7 +306,7 @@ mod tests {
             let (mut s, _) = listener.accept().await.unwrap();
             s.write_all(b" world").await.unwrap();
         });
-        let mut r = LazyBufTcp::new(TcpStream::connect(addr).await.unwrap());
+        let mut r = Transport::tcp(TcpStream::connect(addr).await.unwrap());
         r.unread(b"hello".to_vec());
         let mut got = Vec::new();
         r.read_to_end(&mut got).await.unwrap();
