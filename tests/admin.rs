@@ -38,20 +38,7 @@ fn m(name: &str) -> String {
 /// A `run` command on 127.0.0.1:0 with these identity files, the test CA and an admin
 /// listener on 127.0.0.1:0.
 fn cmd_with(upstream: impl std::fmt::Display, cert: &Path, key: &Path, ca: &Path) -> Cmd {
-    identity_cmd(upstream, cert, key, ca).args(["--admin", "127.0.0.1:0"])
-}
-
-/// A `run` command on 127.0.0.1:0 with these identity files and the test CA.
-fn identity_cmd(upstream: impl std::fmt::Display, cert: &Path, key: &Path, ca: &Path) -> Cmd {
-    Cmd::new()
-        .args(["run", "--listen", "127.0.0.1:0", "--upstream"])
-        .arg(upstream.to_string())
-        .arg("--cert")
-        .arg(cert)
-        .arg("--key")
-        .arg(key)
-        .arg("--ca")
-        .arg(ca)
+    run_cmd_files(upstream, cert, key, ca).args(["--admin", "127.0.0.1:0"])
 }
 
 fn admin_cmd(pki: &Pki, upstream: impl std::fmt::Display) -> Cmd {
@@ -564,7 +551,7 @@ async fn readyz_is_503_with_an_expired_client_certificate() {
     let expired = pki.client_expired();
     // The admin address from the environment, as every option can be given.
     let (mut proxy, admin) = start(
-        &identity_cmd("127.0.0.1:9", &expired.cert, &expired.key, &pki.ca.pem)
+        &run_cmd_files("127.0.0.1:9", &expired.cert, &expired.key, &pki.ca.pem)
             .env("MTLS_SIDECAR_ADMIN", "127.0.0.1:0"),
     );
     let ready = get(admin, "/readyz").await;

@@ -14,16 +14,7 @@ use crate::support::admin::{admin_addr, get};
 use crate::support::*;
 
 fn proxy_cmd(pki: &Pki, upstream: SocketAddr, admin: &str) -> Cmd {
-    Cmd::new()
-        .args(["run", "--listen", "127.0.0.1:0", "--upstream"])
-        .arg(upstream.to_string())
-        .arg("--cert")
-        .arg(&pki.client.cert)
-        .arg("--key")
-        .arg(&pki.client.key)
-        .arg("--ca")
-        .arg(&pki.ca.pem)
-        .args(["--admin", admin, "--admin-allow-shutdown"])
+    run_cmd(pki, upstream).args(["--admin", admin, "--admin-allow-shutdown"])
 }
 
 /// Sends a raw request and returns the status code of the answer (`None`: no answer at all).

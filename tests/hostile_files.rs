@@ -26,7 +26,7 @@ fn blocking<T>(f: impl FnOnce() -> T) -> T {
 
 /// `run_cmd` with `--ca` replaced by `ca`.
 fn with_ca(pki: &Pki, ca: &Path) -> Cmd {
-    run_with("127.0.0.1:9", &pki.client.cert, &pki.client.key, ca)
+    run_cmd_files("127.0.0.1:9", &pki.client.cert, &pki.client.key, ca)
 }
 
 /// Runs `cmd` expecting exit 2 within [`FAST`]; returns stderr.
@@ -70,7 +70,7 @@ fn a_file_over_64_mib_is_refused_key_and_config() {
     let big = pki.path("big-key.pem");
     let f = std::fs::File::create(&big).unwrap();
     f.set_len(65 << 20).unwrap();
-    let cmd = run_with("127.0.0.1:9", &pki.client.cert, &big, &pki.ca.pem);
+    let cmd = run_cmd_files("127.0.0.1:9", &pki.client.cert, &big, &pki.ca.pem);
     let err = refused_fast(&cmd);
     assert!(
         err.contains("--key") && err.contains("big-key.pem") && err.contains("64 MiB"),
@@ -149,7 +149,7 @@ fn expensive_key_at_startup(kdf: Kdf, problem: &str) {
     let pki = Pki::new();
     let key = pki.write("expensive-key.pem", expensive_key(kdf));
     let pw = pki.write("pw.txt", "canary-password\n");
-    let cmd = run_with("127.0.0.1:9", &pki.client.cert, &key, &pki.ca.pem)
+    let cmd = run_cmd_files("127.0.0.1:9", &pki.client.cert, &key, &pki.ca.pem)
         .arg("--key-password-file")
         .arg(&pw);
     let err = refused_fast(&cmd);
@@ -181,17 +181,9 @@ async fn failed_reload_keeps_serving(write_bad: impl FnOnce(&Pki, &Path, &Path),
     let pw = pki.write("pw.txt", "pw\n");
     std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o600)).unwrap();
     let up = Upstream::echo(&pki.server, &pki.ca.der).await;
-    let mut proxy = Cmd::new()
-        .args(["run", "--listen", "127.0.0.1:0", "--upstream"])
-        .arg(up.addr.to_string())
-        .arg("--cert")
-        .arg(&pki.client.cert)
-        .arg("--key")
-        .arg(&key)
+    let mut proxy = run_cmd_files(up.addr, &pki.client.cert, &key, &ca)
         .arg("--key-password-file")
         .arg(&pw)
-        .arg("--ca")
-        .arg(&ca)
         .args(["--reload-interval", "200ms"])
         .start();
     accepted(&mut proxy, &up).await;
@@ -265,15 +257,7 @@ async fn world_readable_key_is_warned_about_once_per_content() {
     atomic_copy(&pki.client.key, &key);
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
     let up = Upstream::echo(&pki.server, &pki.ca.der).await;
-    let mut proxy = Cmd::new()
-        .args(["run", "--listen", "127.0.0.1:0", "--upstream"])
-        .arg(up.addr.to_string())
-        .arg("--cert")
-        .arg(&pki.client.cert)
-        .arg("--key")
-        .arg(&key)
-        .arg("--ca")
-        .arg(&pki.ca.pem)
+    let mut proxy = run_cmd_files(up.addr, &pki.client.cert, &key, &pki.ca.pem)
         .args(["--reload-interval", "200ms"])
         .start();
     let line = blocking(|| {

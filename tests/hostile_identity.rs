@@ -10,36 +10,20 @@ use std::time::{Duration, Instant};
 
 use crate::support::*;
 
+/// `run` with the test identity and no `--listen`: each test passes its own.
 fn run_cmd(pki: &Pki) -> Cmd {
-    Cmd::new()
-        .args(["run", "--upstream", "127.0.0.1:9"])
-        .arg("--cert")
-        .arg(&pki.client.cert)
-        .arg("--key")
-        .arg(&pki.client.key)
-        .arg("--ca")
-        .arg(&pki.ca.pem)
+    run_cmd_files_on(
+        None,
+        "127.0.0.1:9",
+        &pki.client.cert,
+        &pki.client.key,
+        &pki.ca.pem,
+    )
 }
 
 /// A TCP listener bound by the test as systemd would have, on `addr` (nothing connects to it).
 fn passed_socket(addr: &str) -> OwnedFd {
     OwnedFd::from(std::net::TcpListener::bind(addr).expect("bind"))
-}
-
-/// Waits for the process to exit with code 2 without listening; returns its stderr.
-fn expect_exit_2(mut proxy: Sidecar) -> String {
-    let status = proxy.wait_exit(WAIT);
-    proxy.wait_output_closed();
-    if status.code() != Some(2) {
-        proxy.fail(&format!("exit status {status}, expected code 2"));
-    }
-    assert_eq!(
-        proxy.count_lines(|l| l.contains("listening") && field(l, "addr").is_some()),
-        0,
-        "{}",
-        proxy.stderr()
-    );
-    proxy.stderr()
 }
 
 #[test]
@@ -48,7 +32,7 @@ fn systemd_tcp_socket_on_a_non_loopback_address_needs_allow_non_loopback() {
     let proxy = run_cmd(&pki)
         .args(["--listen", "systemd:app"])
         .spawn_activated(vec![("app", passed_socket("0.0.0.0:0"))]);
-    let stderr = expect_exit_2(proxy);
+    let stderr = proxy.startup_error();
     assert!(
         stderr.contains("--allow-non-loopback") && stderr.contains("systemd:app"),
         "{stderr}"
@@ -105,7 +89,7 @@ fn allow_uid_with_a_tcp_listener_is_a_usage_error() {
     let proxy = run_cmd(&pki)
         .args(["--listen", "systemd:app", "--allow-uid", "0"])
         .spawn_activated(vec![("app", passed_socket("127.0.0.1:0"))]);
-    let stderr = expect_exit_2(proxy);
+    let stderr = proxy.startup_error();
     assert!(
         stderr.contains("--allow-uid") && stderr.contains("systemd:app"),
         "{stderr}"

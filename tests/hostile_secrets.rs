@@ -205,7 +205,7 @@ fn newlines_turned_into_spaces_is_explained_with_a_line_number() {
     let pki = Pki::new();
     let key_pem = std::fs::read_to_string(&pki.client.key).unwrap();
     let key = pki.write("echoed.key", key_pem.replace('\n', " "));
-    let err = run_with("127.0.0.1:9", &pki.client.cert, &key, &pki.ca.pem).startup_error();
+    let err = run_cmd_files("127.0.0.1:9", &pki.client.cert, &key, &pki.ca.pem).startup_error();
     assert!(
         err.contains("line 1") && err.contains("newlines"),
         "the error does not say where and what: {err}"
@@ -223,22 +223,8 @@ async fn a_broken_key_at_reload_stays_out_of_logs_status_and_metrics() {
     let key = pki.path("live-key.pem");
     atomic_copy(&pki.client.key, &key);
     let up = Upstream::echo(&pki.server, &pki.ca.der).await;
-    let mut proxy = Cmd::new()
-        .args([
-            "run",
-            "--log-level",
-            "trace",
-            "--listen",
-            "127.0.0.1:0",
-            "--upstream",
-        ])
-        .arg(up.addr.to_string())
-        .arg("--cert")
-        .arg(&pki.client.cert)
-        .arg("--key")
-        .arg(&key)
-        .arg("--ca")
-        .arg(&pki.ca.pem)
+    let mut proxy = run_cmd_files(up.addr, &pki.client.cert, &key, &pki.ca.pem)
+        .args(["--log-level", "trace"])
         .args(["--reload-interval", "200ms", "--admin", "127.0.0.1:0"])
         .start();
     let admin = admin_addr(&mut proxy);

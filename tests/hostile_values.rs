@@ -223,15 +223,7 @@ fn wait_timeout_extremes_are_usage_errors() {
 async fn the_largest_values_in_range_serve_normally() {
     let pki = Pki::new();
     let up = Upstream::echo(&pki.server, &pki.ca.der).await;
-    let mut proxy = Cmd::new()
-        .args(["run", "--listen", "127.0.0.1:0", "--upstream"])
-        .arg(up.addr.to_string())
-        .arg("--cert")
-        .arg(&pki.client.cert)
-        .arg("--key")
-        .arg(&pki.client.key)
-        .arg("--ca")
-        .arg(&pki.ca.pem)
+    let mut proxy = run_cmd(&pki, up.addr)
         .args([
             "--max-connections",
             "1000000",

@@ -405,23 +405,13 @@ async fn pool_max_idle_caps_idle_upstream_connections() {
 
 /// http mode towards `localhost:port` with the rotating identity `live`, reloaded on SIGHUP only.
 fn live_cmd(pki: &Pki, live: &LiveIdentity, port: u16) -> Cmd {
-    Cmd::new()
-        .args([
-            "run",
-            "--mode",
-            "http",
-            "--listen",
-            "127.0.0.1:0",
-            "--upstream",
-        ])
-        .arg(format!("localhost:{port}"))
-        .arg("--cert")
-        .arg(&live.cert)
-        .arg("--key")
-        .arg(&live.key)
-        .arg("--ca")
-        .arg(&pki.ca.pem)
-        .args(["--reload-interval", "0"])
+    run_cmd_files(
+        format!("localhost:{port}"),
+        &live.cert,
+        &live.key,
+        &pki.ca.pem,
+    )
+    .args(["--mode", "http", "--reload-interval", "0"])
 }
 
 /// After SIGHUP with a new client certificate, new requests go over connections made with

@@ -6,21 +6,9 @@ use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
 
 use crate::support::pki::Identity;
+use crate::support::refused::assert_failed;
 use crate::support::upstream::{server_config, server_config_tls12};
 use crate::support::*;
-
-/// Checks a failed connection's log line.
-fn assert_failed(line: &str, outcome: &str, reason: &str) {
-    assert_eq!(field(line, "outcome"), Some(outcome), "outcome in: {line}");
-    assert_eq!(field(line, "reason"), Some(reason), "reason in: {line}");
-    assert!(
-        line.contains("WARN"),
-        "a failed connection logs at WARN: {line}"
-    );
-    assert!(field(line, "error").is_some(), "no error= in: {line}");
-    assert_eq!(field(line, "route"), Some("default"), "{line}");
-    assert_eq!(num_field(line, "bytes_from_upstream"), 0, "{line}");
-}
 
 /// Sends a request through a proxy towards `up`, expects the connection refused without data,
 /// and returns the access log line.

@@ -6,7 +6,7 @@
 //! certificate, also where the upstream would resume a session made with the old one), while a
 //! connection opened before keeps carrying data both ways.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -24,19 +24,6 @@ use crate::support::pki::{Identity, LeafSpec, serial_of};
 use crate::support::refused::{accepted, assert_failed, refused};
 use crate::support::upstream::server_config;
 use crate::support::*;
-
-/// A `run` command on 127.0.0.1:0 with these identity and CA files.
-fn cmd_with(upstream: impl std::fmt::Display, cert: &Path, key: &Path, ca: &Path) -> Cmd {
-    Cmd::new()
-        .args(["run", "--listen", "127.0.0.1:0", "--upstream"])
-        .arg(upstream.to_string())
-        .arg("--cert")
-        .arg(cert)
-        .arg("--key")
-        .arg(key)
-        .arg("--ca")
-        .arg(ca)
-}
 
 /// Lets other tasks run on this worker while a blocking wait on the proxy's log goes on.
 fn blocking<T>(f: impl FnOnce() -> T) -> T {
@@ -164,7 +151,7 @@ async fn atomic_rename_rotation_beats_session_resumption() {
     let (a, b) = (client(&pki, "rename-a"), client(&pki, "rename-b"));
     let live = LiveIdentity::new(pki.dir.path(), &a);
     let up = resuming_upstream(&pki).await;
-    let mut proxy = cmd_with(up.addr, &live.cert, &live.key, &pki.ca.pem)
+    let mut proxy = run_cmd_files(up.addr, &live.cert, &live.key, &pki.ca.pem)
         .args(["--server-name", "localhost", "--reload-interval", "200ms"])
         .start();
 
@@ -206,7 +193,7 @@ async fn kubernetes_data_symlink_swap() {
     };
     let mut vol = SecretVolume::new(&pki.path("secret"), &files(&a));
     let up = Upstream::echo(&pki.server, &pki.ca.der).await;
-    let mut proxy = cmd_with(
+    let mut proxy = run_cmd_files(
         up.addr,
         &vol.path("tls.crt"),
         &vol.path("tls.key"),
@@ -234,7 +221,7 @@ async fn sighup_reloads_when_polling_is_off() {
     let (a, b) = (client(&pki, "hup-a"), client(&pki, "hup-b"));
     let live = LiveIdentity::new(pki.dir.path(), &a);
     let up = resuming_upstream(&pki).await;
-    let mut proxy = cmd_with(up.addr, &live.cert, &live.key, &pki.ca.pem)
+    let mut proxy = run_cmd_files(up.addr, &live.cert, &live.key, &pki.ca.pem)
         .args(["--server-name", "localhost", "--reload-interval", "0"])
         .start();
 
@@ -292,10 +279,10 @@ async fn ca_rotation_trusts_the_new_ca_only() {
     let new_up = Upstream::echo(&new_server, &pki.ca.der).await;
     let interval = ["--reload-interval", "200ms"];
     let (cert, key) = (&pki.client.cert, &pki.client.key);
-    let mut to_old = cmd_with(old_up.addr, cert, key, &ca_file)
+    let mut to_old = run_cmd_files(old_up.addr, cert, key, &ca_file)
         .args(interval)
         .start();
-    let mut to_new = cmd_with(new_up.addr, cert, key, &ca_file)
+    let mut to_new = run_cmd_files(new_up.addr, cert, key, &ca_file)
         .args(interval)
         .start();
 
@@ -339,7 +326,7 @@ async fn broken_rotation(kind: Break) {
     let ca_file = pki.path("live-ca.pem");
     atomic_copy(&pki.ca.pem, &ca_file);
     let up = Upstream::echo(&pki.server, &pki.ca.der).await;
-    let mut proxy = cmd_with(up.addr, &live.cert, &live.key, &ca_file)
+    let mut proxy = run_cmd_files(up.addr, &live.cert, &live.key, &ca_file)
         .args(["--reload-interval", "200ms"])
         .start();
     let held = open_held(&proxy).await;
@@ -495,7 +482,7 @@ async fn two_step_writer_50ms_apart_logs_no_warning() {
     let (a, b) = (client(&pki, "step-a"), client(&pki, "step-b"));
     let live = LiveIdentity::new(pki.dir.path(), &a);
     let up = Upstream::echo(&pki.server, &pki.ca.der).await;
-    let mut proxy = cmd_with(up.addr, &live.cert, &live.key, &pki.ca.pem)
+    let mut proxy = run_cmd_files(up.addr, &live.cert, &live.key, &pki.ca.pem)
         .args(["--reload-interval", "1s"])
         .start();
 
@@ -523,7 +510,7 @@ async fn mismatch_resolved_by_the_next_poll_is_debug_only() {
     let (a, b) = (client(&pki, "straddle-a"), client(&pki, "straddle-b"));
     let live = LiveIdentity::new(pki.dir.path(), &a);
     let up = Upstream::echo(&pki.server, &pki.ca.der).await;
-    let mut proxy = cmd_with(up.addr, &live.cert, &live.key, &pki.ca.pem)
+    let mut proxy = run_cmd_files(up.addr, &live.cert, &live.key, &pki.ca.pem)
         .args(["--reload-interval", "500ms", "--log-level", "debug"])
         .start();
 
@@ -543,7 +530,7 @@ async fn persistent_mismatch_is_debug_first_then_warn() {
     let (a, b) = (client(&pki, "persist-a"), client(&pki, "persist-b"));
     let live = LiveIdentity::new(pki.dir.path(), &a);
     let up = Upstream::echo(&pki.server, &pki.ca.der).await;
-    let mut proxy = cmd_with(up.addr, &live.cert, &live.key, &pki.ca.pem)
+    let mut proxy = run_cmd_files(up.addr, &live.cert, &live.key, &pki.ca.pem)
         .args(["--reload-interval", "300ms", "--log-level", "debug"])
         .start();
 
@@ -622,7 +609,7 @@ async fn rotation_under_load_loses_no_byte() {
     let (a, b) = (client(&pki, "load-a"), client(&pki, "load-b"));
     let live = LiveIdentity::new(pki.dir.path(), &a);
     let up = Upstream::echo(&pki.server, &pki.ca.der).await;
-    let mut proxy = cmd_with(up.addr, &live.cert, &live.key, &pki.ca.pem)
+    let mut proxy = run_cmd_files(up.addr, &live.cert, &live.key, &pki.ca.pem)
         .args(["--reload-interval", "0"])
         .start();
 
@@ -688,7 +675,7 @@ fn proxy_with_client_expiring_in(pki: &Pki, upstream: &str, days: i64) -> Sideca
         ..LeafSpec::client("expiring")
     };
     let id = pki.leaf(&pki.ca, "expiring", spec);
-    cmd_with(upstream, &id.cert, &id.key, &pki.ca.pem).start()
+    run_cmd_files(upstream, &id.cert, &id.key, &pki.ca.pem).start()
 }
 
 fn is_expiry_warning(line: &str) -> bool {

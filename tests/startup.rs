@@ -3,7 +3,6 @@
 
 use std::io::{Read, Write};
 use std::path::Path;
-use std::time::{Duration, Instant};
 
 use crate::support::pki::{CLIENT_CN, KeyFormat};
 use crate::support::upstream::server_config_from_pem;
@@ -11,33 +10,6 @@ use crate::support::*;
 
 /// Upstream for proxies that never dial it.
 const NOWHERE: &str = "127.0.0.1:9";
-
-/// Runs `cmd`, which must exit with code 2 without ever listening; returns its stderr.
-fn startup_error(cmd: Cmd) -> String {
-    let mut sidecar = cmd.spawn();
-    let deadline = Instant::now() + WAIT;
-    let status = loop {
-        if let Some(status) = sidecar.try_exit() {
-            break status;
-        }
-        if sidecar
-            .stderr_lines()
-            .iter()
-            .any(|l| l.contains("listening"))
-        {
-            sidecar.fail("it started listening instead of refusing to start");
-        }
-        if Instant::now() >= deadline {
-            sidecar.fail("still running: expected a startup error");
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    };
-    sidecar.wait_output_closed();
-    if status.code() != Some(2) {
-        sidecar.fail(&format!("exit status {status}, expected code 2"));
-    }
-    sidecar.stderr()
-}
 
 fn assert_mentions(stderr: &str, what: impl AsRef<str>) {
     let what = what.as_ref();
@@ -51,31 +23,16 @@ fn path_str(p: &Path) -> String {
     p.display().to_string()
 }
 
-/// A `run` command whose cert, key and CA files can be swapped one at a time.
+/// A `run` command towards nowhere whose cert, key and CA files can be swapped one at a time.
 fn run_with(cert: &Path, key: &Path, ca: &Path) -> Cmd {
-    run_to(NOWHERE, cert, key, ca)
-}
-
-fn run_to(upstream: &str, cert: &Path, key: &Path, ca: &Path) -> Cmd {
-    run_on("127.0.0.1:0", upstream, cert, key, ca)
-}
-
-fn run_on(listen: &str, upstream: &str, cert: &Path, key: &Path, ca: &Path) -> Cmd {
-    Cmd::new()
-        .args(["run", "--listen", listen, "--upstream", upstream])
-        .arg("--cert")
-        .arg(cert)
-        .arg("--key")
-        .arg(key)
-        .arg("--ca")
-        .arg(ca)
+    run_cmd_files(NOWHERE, cert, key, ca)
 }
 
 #[test]
 fn missing_cert_file() {
     let pki = Pki::new();
     let cert = pki.path("no-such-cert.pem");
-    let err = startup_error(run_with(&cert, &pki.client.key, &pki.ca.pem));
+    let err = run_with(&cert, &pki.client.key, &pki.ca.pem).startup_error();
     assert_mentions(&err, path_str(&cert));
 }
 
@@ -83,7 +40,7 @@ fn missing_cert_file() {
 fn missing_key_file() {
     let pki = Pki::new();
     let key = pki.path("no-such-key.pem");
-    let err = startup_error(run_with(&pki.client.cert, &key, &pki.ca.pem));
+    let err = run_with(&pki.client.cert, &key, &pki.ca.pem).startup_error();
     assert_mentions(&err, path_str(&key));
 }
 
@@ -91,7 +48,7 @@ fn missing_key_file() {
 fn missing_ca_file() {
     let pki = Pki::new();
     let ca = pki.path("no-such-ca.pem");
-    let err = startup_error(run_with(&pki.client.cert, &pki.client.key, &ca));
+    let err = run_with(&pki.client.cert, &pki.client.key, &ca).startup_error();
     assert_mentions(&err, path_str(&ca));
 }
 
@@ -101,7 +58,7 @@ fn unreadable_key_file() {
     let pki = Pki::new();
     let key = pki.path("key-is-a-directory.pem");
     std::fs::create_dir(&key).unwrap();
-    let err = startup_error(run_with(&pki.client.cert, &key, &pki.ca.pem));
+    let err = run_with(&pki.client.cert, &key, &pki.ca.pem).startup_error();
     assert_mentions(&err, path_str(&key));
 }
 
@@ -112,7 +69,7 @@ fn cert_file_without_a_certificate() {
         "cert-holds-a-key.pem",
         std::fs::read(&pki.client.key).unwrap(),
     );
-    let err = startup_error(run_with(&cert, &pki.client.key, &pki.ca.pem));
+    let err = run_with(&cert, &pki.client.key, &pki.ca.pem).startup_error();
     assert_mentions(&err, path_str(&cert));
 }
 
@@ -123,7 +80,7 @@ fn key_file_without_a_key() {
         "key-holds-a-cert.pem",
         std::fs::read(&pki.client.cert).unwrap(),
     );
-    let err = startup_error(run_with(&pki.client.cert, &key, &pki.ca.pem));
+    let err = run_with(&pki.client.cert, &key, &pki.ca.pem).startup_error();
     assert_mentions(&err, path_str(&key));
 }
 
@@ -134,7 +91,7 @@ fn cert_file_with_garbage() {
         "garbage-cert.pem",
         "this is not a certificate\n\x00\x01\x02",
     );
-    let err = startup_error(run_with(&cert, &pki.client.key, &pki.ca.pem));
+    let err = run_with(&cert, &pki.client.key, &pki.ca.pem).startup_error();
     assert_mentions(&err, path_str(&cert));
 }
 
@@ -144,7 +101,7 @@ fn cert_file_with_broken_pem() {
     let pki = Pki::new();
     let body = "-----BEGIN CERTIFICATE-----\n!!!! not base64 !!!!\n-----END CERTIFICATE-----\n";
     let cert = pki.write("broken-cert.pem", body);
-    let err = startup_error(run_with(&cert, &pki.client.key, &pki.ca.pem));
+    let err = run_with(&cert, &pki.client.key, &pki.ca.pem).startup_error();
     assert_mentions(&err, path_str(&cert));
 }
 
@@ -153,14 +110,14 @@ fn key_file_with_garbage() {
     let pki = Pki::new();
     let body = "-----BEGIN PRIVATE KEY-----\nAAAAAAAAAAAAAAAA\n-----END PRIVATE KEY-----\n";
     let key = pki.write("garbage-key.pem", body);
-    let err = startup_error(run_with(&pki.client.cert, &key, &pki.ca.pem));
+    let err = run_with(&pki.client.cert, &key, &pki.ca.pem).startup_error();
     assert_mentions(&err, path_str(&key));
 }
 
 #[test]
 fn key_that_does_not_belong_to_the_cert() {
     let pki = Pki::new();
-    let err = startup_error(run_with(&pki.client.cert, &pki.server.key, &pki.ca.pem));
+    let err = run_with(&pki.client.cert, &pki.server.key, &pki.ca.pem).startup_error();
     let key = path_str(&pki.server.key);
     let cert = path_str(&pki.client.cert);
     assert!(
@@ -173,7 +130,7 @@ fn key_that_does_not_belong_to_the_cert() {
 fn ca_file_without_certificates() {
     let pki = Pki::new();
     let ca = pki.write("empty-ca.pem", "");
-    let err = startup_error(run_with(&pki.client.cert, &pki.client.key, &ca));
+    let err = run_with(&pki.client.cert, &pki.client.key, &ca).startup_error();
     assert_mentions(&err, path_str(&ca));
 }
 
@@ -182,7 +139,7 @@ fn ca_file_with_garbage() {
     let pki = Pki::new();
     let body = "-----BEGIN CERTIFICATE-----\nAAAAAAAAAAAAAAAA\n-----END CERTIFICATE-----\n";
     let ca = pki.write("garbage-ca.pem", body);
-    let err = startup_error(run_with(&pki.client.cert, &pki.client.key, &ca));
+    let err = run_with(&pki.client.cert, &pki.client.key, &ca).startup_error();
     assert_mentions(&err, path_str(&ca));
 }
 
@@ -190,7 +147,7 @@ fn ca_file_with_garbage() {
 fn non_loopback_listen_needs_allow_non_loopback() {
     let pki = Pki::new();
     let (cert, key, ca) = (&pki.client.cert, &pki.client.key, &pki.ca.pem);
-    let err = startup_error(run_on("0.0.0.0:0", NOWHERE, cert, key, ca));
+    let err = run_cmd_files_on(Some("0.0.0.0:0"), NOWHERE, cert, key, ca).startup_error();
     assert_mentions(&err, "--allow-non-loopback");
 }
 
@@ -200,7 +157,7 @@ fn listen_port_in_use() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap().to_string();
     let (cert, key, ca) = (&pki.client.cert, &pki.client.key, &pki.ca.pem);
-    let err = startup_error(run_on(&addr, NOWHERE, cert, key, ca));
+    let err = run_cmd_files_on(Some(&addr), NOWHERE, cert, key, ca).startup_error();
     assert_mentions(&err, &addr);
 }
 
@@ -214,7 +171,7 @@ fn missing_upstream_is_a_usage_error() {
         .arg(&pki.client.key)
         .arg("--ca")
         .arg(&pki.ca.pem);
-    let err = startup_error(cmd);
+    let err = cmd.startup_error();
     assert_mentions(&err, "--upstream");
 }
 
@@ -241,7 +198,7 @@ async fn key_format_works(format: KeyFormat) {
         }
     };
     let up = Upstream::echo(&pki.server, &pki.ca.der).await;
-    let proxy = run_to(&up.addr.to_string(), &id.cert, &id.key, &pki.ca.pem).start();
+    let proxy = run_cmd_files(up.addr, &id.cert, &id.key, &pki.ca.pem).start();
     assert_eq!(exchange(proxy.addr(), b"key".to_vec()).await, b"key");
     let conns = up.stats.conns();
     assert_eq!(conns[0].client_der.as_deref(), Some(id.der.as_ref()));
@@ -318,7 +275,7 @@ async fn dev_pki_output_is_accepted_by_run() {
     let up = Upstream::start(cfg, vec![Behavior::Echo]).await;
     // By name and by IP: the server certificate is for localhost and 127.0.0.1.
     for upstream in [format!("localhost:{}", up.port()), up.addr.to_string()] {
-        let proxy = run_to(&upstream, &client, &client_key, &ca).start();
+        let proxy = run_cmd_files(&upstream, &client, &client_key, &ca).start();
         assert_eq!(exchange(proxy.addr(), b"dev".to_vec()).await, b"dev");
     }
     let conns = up.stats.conns();

@@ -298,17 +298,15 @@ async fn socket_activation_serves_on_the_passed_listener() {
     let pki = Pki::new();
     let up = Upstream::echo(&pki.server, &pki.ca.der).await;
     let (addr, fd) = bound_listener();
-    let proxy = Cmd::new()
-        .args(["run", "--listen", "systemd:app", "--upstream"])
-        .arg(up.addr.to_string())
-        .arg("--cert")
-        .arg(&pki.client.cert)
-        .arg("--key")
-        .arg(&pki.client.key)
-        .arg("--ca")
-        .arg(&pki.ca.pem)
-        .spawn_activated(vec![("app", fd)])
-        .listening();
+    let proxy = run_cmd_files_on(
+        Some("systemd:app"),
+        up.addr,
+        &pki.client.cert,
+        &pki.client.key,
+        &pki.ca.pem,
+    )
+    .spawn_activated(vec![("app", fd)])
+    .listening();
     assert_eq!(
         proxy.addr(),
         addr,
@@ -344,16 +342,15 @@ async fn socket_activation_for_the_admin_listener_too() {
     assert!(proxy.count_lines(is_admin_line) == 1);
 }
 
+/// `run` with the test identity and no `--listen`: each test passes its own.
 fn run_cmd_without_listen(pki: &Pki, upstream: SocketAddr) -> Cmd {
-    Cmd::new()
-        .args(["run", "--upstream"])
-        .arg(upstream.to_string())
-        .arg("--cert")
-        .arg(&pki.client.cert)
-        .arg("--key")
-        .arg(&pki.client.key)
-        .arg("--ca")
-        .arg(&pki.ca.pem)
+    run_cmd_files_on(
+        None,
+        upstream,
+        &pki.client.cert,
+        &pki.client.key,
+        &pki.ca.pem,
+    )
 }
 
 /// A name that was not passed is a startup error that names it, not a fresh bind.
@@ -361,23 +358,13 @@ fn run_cmd_without_listen(pki: &Pki, upstream: SocketAddr) -> Cmd {
 fn socket_activation_with_an_unknown_name_is_a_startup_error() {
     let pki = Pki::new();
     let (_, fd) = bound_listener();
-    let mut proxy = run_cmd_without_listen(&pki, "127.0.0.1:9".parse().unwrap())
+    let stderr = run_cmd_without_listen(&pki, "127.0.0.1:9".parse().unwrap())
         .args(["--listen", "systemd:nosuchname"])
-        .spawn_activated(vec![("app", fd)]);
-    let status = proxy.wait_exit(WAIT);
-    proxy.wait_output_closed();
-    if status.code() != Some(2) {
-        proxy.fail(&format!("exit status {status}, expected code 2"));
-    }
-    let stderr = proxy.stderr();
+        .spawn_activated(vec![("app", fd)])
+        .startup_error();
     assert!(
         stderr.contains("nosuchname"),
         "the error does not name it: {stderr}"
-    );
-    assert_eq!(
-        proxy.count_lines(|l| l.contains("listening") && field(l, "addr").is_some()),
-        0,
-        "{stderr}"
     );
 }
 

@@ -3,8 +3,9 @@
 //!
 //! # Layout
 //!
-//! - `support`: test PKI, in-process mTLS upstreams, an HTTP CONNECT proxy, the handle that runs
-//!   the binary, socket helpers
+//! - `support`: test PKI, in-process mTLS upstreams (`support::http` for http mode: the hyper and
+//!   hand-written upstreams, app-side clients), an HTTP CONNECT proxy, the handle that runs the
+//!   binary (`run_cmd`, `run_cmd_files`, `Cmd::startup_error`), socket helpers
 //! - `tcp`: byte integrity, full duplex, half-close, concurrency, SNI and client identity, resumption
 //! - `refusal`: failed upstream connections and the `reason=` each one logs
 //! - `startup`: startup errors (exit 2), key formats, environment variables, `dev-pki`, `demo`
@@ -27,8 +28,8 @@
 //! - `http_errors`: the proxy's own 502/504 answers and retries, 431, slow-header clients
 //! - `hostile_admin`: `POST /shutdown` only local and without `Origin`, the admin connection cap
 //!   and head timeout, rate-limited accept errors
-//! - `hostile_httpsrv`: http mode against hostile apps: silent and slow heads, idle keep-alive,
-//!   stalled bodies, upgrade tunnels under `--max-connections` and drain, h2 stream, header and
+//! - `hostile_httpsrv`: http mode's app side: silent, dribbling and preface-only connections, idle
+//!   and stalled ones, upgrade tunnels under `--max-connections` and drain, h2 stream, header and
 //!   reset bounds, memory of an app that never reads
 //! - `hostile_identity`: systemd sockets and the loopback rule, `--allow-uid` with TCP, refusal
 //!   log rate limit
@@ -40,13 +41,12 @@
 //! - `hostile_fuzz_regressions`: inputs the fuzz targets found, through the binary
 //! - `hostile_conn`: `check` after close_notify and against silent peers, memory of stalled tcp
 //!   connections, TCP keepalive, escaped peer certificate text
-//! - `hostile_httpsrv`: http mode's app side: silent, dribbling and preface-only connections, idle
-//!   and stalled ones, upgrade tunnels under the limits, h2 stream, header and reset bounds
 //! - `hostile_httpup`: http mode's upstream side: ambiguous framing, bodies of unknown length,
 //!   `OPTIONS *`, the pool cap, never-reading apps, PINGs, content-free 502 bodies
 //! - `proxy`: egress through an HTTP CONNECT proxy (`--proxy`, `--proxy-ca`, `--proxy-auth-file`,
-//!   `--no-proxy`, `--proxy-from-env`): tunnels to names only the proxy resolves, credentials,
-//!   bypass lists, every failure class, http mode, config files, startup errors
+//!   `--no-proxy`, `--proxy-from-env`), one file per subtopic: `tunnel` (names only the proxy
+//!   resolves), `credentials`, `bypass`, `failures` (every failure class), `http_mode`,
+//!   `config_file`, `startup`
 
 mod support;
 

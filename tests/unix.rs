@@ -29,18 +29,13 @@ fn socket_dir() -> (TempDir, PathBuf) {
 }
 
 fn unix_cmd(pki: &Pki, upstream: impl std::fmt::Display, path: &Path) -> Cmd {
-    Cmd::new()
-        .arg("run")
-        .arg("--listen")
-        .arg(format!("unix:{}", path.display()))
-        .arg("--upstream")
-        .arg(upstream.to_string())
-        .arg("--cert")
-        .arg(&pki.client.cert)
-        .arg("--key")
-        .arg(&pki.client.key)
-        .arg("--ca")
-        .arg(&pki.ca.pem)
+    run_cmd_files_on(
+        Some(&format!("unix:{}", path.display())),
+        upstream,
+        &pki.client.cert,
+        &pki.client.key,
+        &pki.ca.pem,
+    )
 }
 
 /// Spawns and waits for `listening route=default addr=unix:PATH`.

@@ -264,30 +264,7 @@ fn alert(a: AlertDescription, e: &rustls::Error, cx: &Context<'_>) -> String {
          from a CA it accepts"
     );
     let why = match a {
-        A::UnknownCA => {
-            let path = cert::follow(cx.ours);
-            let top = path.last().map(|&i| &cx.ours[i]);
-            match top {
-                Some(t) if t.self_signed() && path.len() > 1 => format!(
-                    "its trust store does not contain our root CA, {}{accepts}{fix}",
-                    t.subject
-                ),
-                Some(t) if t.self_signed() => format!(
-                    "it does not trust our self-signed certificate, {}{accepts}; add it to the \
-                     CAs the upstream trusts for clients",
-                    t.subject
-                ),
-                Some(t) if path.len() > 1 => format!(
-                    "its trust store does not contain {}, the issuer at the top of the chain we \
-                     send (which ends at {}){accepts}{fix}",
-                    t.issuer, t.subject
-                ),
-                _ => format!(
-                    "its trust store does not contain the issuer of our certificate, \
-                     {our_anchor}{accepts}{fix}"
-                ),
-            }
-        }
+        A::UnknownCA => unknown_ca(cx, &our_anchor, &accepts, &fix),
         A::CertificateExpired => match cx.our_leaf {
             Some(l) if l.expired(cx.now) => format!(
                 "our certificate {} (not after {}): renew it",
@@ -349,6 +326,33 @@ fn alert(a: AlertDescription, e: &rustls::Error, cx: &Context<'_>) -> String {
         _ => return classify_tls(e, cx.server_name).message,
     };
     format!("the upstream rejected our client certificate (alert {name}): {why}")
+}
+
+/// `unknown_ca`: which certificate of the chain we send the upstream lacks, named by where
+/// that chain ends (a root, our self-signed leaf, or an intermediate whose issuer we omit).
+fn unknown_ca(cx: &Context<'_>, our_anchor: &str, accepts: &str, fix: &str) -> String {
+    let path = cert::follow(cx.ours);
+    let top = path.last().map(|&i| &cx.ours[i]);
+    match top {
+        Some(t) if t.self_signed() && path.len() > 1 => format!(
+            "its trust store does not contain our root CA, {}{accepts}{fix}",
+            t.subject
+        ),
+        Some(t) if t.self_signed() => format!(
+            "it does not trust our self-signed certificate, {}{accepts}; add it to the \
+             CAs the upstream trusts for clients",
+            t.subject
+        ),
+        Some(t) if path.len() > 1 => format!(
+            "its trust store does not contain {}, the issuer at the top of the chain we \
+             send (which ends at {}){accepts}{fix}",
+            t.issuer, t.subject
+        ),
+        _ => format!(
+            "its trust store does not contain the issuer of our certificate, \
+             {our_anchor}{accepts}{fix}"
+        ),
+    }
 }
 
 #[cfg(test)]

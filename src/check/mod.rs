@@ -4,115 +4,30 @@
 //! - `cert`: certificate facts (names, validity in days, key type, where a chain ends)
 //! - `dial`: resolve, connect, a hand-driven handshake that records what the upstream showed
 //! - `explain`: failures in words: which side rejected what, and what to do
+//! - `report`: the report's types, as `--format json` prints them
 //! - `text`: the human-readable report
 
 mod cert;
 mod dial;
 mod explain;
+mod report;
 mod text;
 
-use serde::Serialize;
-
 use crate::cli::CheckFormat;
-use crate::config::{Config, Route, Via};
+use crate::config::{Config, Route};
 use crate::egress::Proxy;
 use crate::failure::{Class, Failure, classify_io};
 use crate::tls::IdentitySource;
 use crate::tls::cert::{CertInfo, now_unix};
 use crate::tls::identity;
 use crate::tls::load;
-use crate::upstream::server_name_str;
 use cert::{Hint, Names, Summary};
 use dial::Outcome;
 use explain::{Context, Trust};
+pub use report::{ChainLink, ClientCertificate, ProxyReport, Report, RouteReport, TlsInfo};
 
 /// A client certificate expiring sooner than this gets a note.
 const EXPIRY_NOTE_DAYS: i64 = 7;
-
-/// The whole report, as `--format json` prints it.
-#[derive(Debug, Serialize)]
-pub struct Report {
-    pub routes: Vec<RouteReport>,
-    pub ok: bool,
-}
-
-/// One route's findings.
-#[derive(Debug, Serialize)]
-pub struct RouteReport {
-    pub name: String,
-    pub upstream: String,
-    pub server_name: String,
-    pub ok: bool,
-    pub client_certificate: Option<ClientCertificate>,
-    /// Where the upstream's chain must lead: `--ca FILE (...)` or the system trust store.
-    pub trust: Option<String>,
-    /// The egress proxy hop, when `--proxy` (or `HTTPS_PROXY`) is set for this route.
-    pub proxy: Option<ProxyReport>,
-    /// Every address the upstream's name resolved to (empty through a proxy: it resolves).
-    pub dns: Vec<String>,
-    /// The address the TCP connection was made to.
-    pub connected: Option<String>,
-    /// Addresses tried before (or instead of) that one, and why they failed.
-    pub connect_errors: Vec<String>,
-    pub tls: Option<TlsInfo>,
-    /// As the upstream sent it, leaf first; recorded even when verification failed.
-    pub upstream_chain: Vec<Summary>,
-    /// `null` when the handshake ended before that could be known.
-    pub client_cert_requested: Option<bool>,
-    /// CA names from the upstream's certificate request.
-    pub accepted_cas: Vec<String>,
-    /// Observations that do not fail the route.
-    pub notes: Vec<String>,
-    /// Why the route fails; empty when it passes.
-    pub problems: Vec<String>,
-}
-
-/// The proxy hop of a route.
-#[derive(Debug, Serialize)]
-pub struct ProxyReport {
-    /// Without credentials.
-    pub url: String,
-    /// `none`, `in the proxy URL` or `from FILE`; never the credentials.
-    pub credentials: Option<String>,
-    /// The `--no-proxy` entry that makes this upstream bypass the proxy.
-    pub bypassed_by: Option<String>,
-    /// The request sent: `CONNECT HOST:PORT`.
-    pub request: Option<String>,
-    /// Where the proxy was reached.
-    pub connected: Option<String>,
-    /// Its answer to CONNECT, e.g. `200 Connection established`.
-    pub answer: Option<String>,
-}
-
-#[derive(Debug, Serialize)]
-pub struct TlsInfo {
-    pub version: String,
-    pub cipher: Option<String>,
-    pub alpn: Option<String>,
-    pub key_exchange: Option<String>,
-}
-
-#[derive(Debug, Serialize)]
-pub struct ClientCertificate {
-    /// `--cert FILE` or `--pkcs12 FILE`.
-    pub file: String,
-    #[serde(flatten)]
-    pub cert: Summary,
-    pub serial: String,
-    pub sha256_fingerprint: String,
-    pub key_type: String,
-    /// The certificates the file holds, in file order.
-    pub chain: Vec<ChainLink>,
-    /// Whether the chain we send ends at a self-signed root.
-    pub chain_ends_at_root: bool,
-    pub chain_note: String,
-}
-
-#[derive(Debug, Serialize)]
-pub struct ChainLink {
-    pub subject: String,
-    pub issuer: String,
-}
 
 /// Check every route and print the report; `true` only if every route passed.
 /// `proxies` are the routes' opened proxies, in route order (`Config::open_proxies`).
@@ -157,57 +72,6 @@ pub async fn run(
         }
     }
     ok
-}
-
-impl RouteReport {
-    fn new(route: &Route, proxy: Option<&Proxy>) -> RouteReport {
-        RouteReport {
-            name: route.name.clone(),
-            upstream: route.upstream.to_string(),
-            server_name: server_name_str(route),
-            ok: false,
-            client_certificate: None,
-            trust: None,
-            proxy: match (&route.via, proxy) {
-                (Via::Bypass { proxy, entry }, _) => Some(ProxyReport {
-                    url: proxy.url.to_string(),
-                    credentials: None,
-                    bypassed_by: Some(entry.clone()),
-                    request: None,
-                    connected: None,
-                    answer: None,
-                }),
-                (Via::Proxy(_), Some(p)) => Some(ProxyReport {
-                    url: p.url.to_string(),
-                    credentials: Some(p.credentials_source()),
-                    bypassed_by: None,
-                    request: Some(format!("CONNECT {}", route.upstream)),
-                    connected: None,
-                    answer: None,
-                }),
-                _ => None,
-            },
-            dns: Vec::new(),
-            connected: None,
-            connect_errors: Vec::new(),
-            tls: None,
-            upstream_chain: Vec::new(),
-            client_cert_requested: None,
-            accepted_cas: Vec::new(),
-            notes: Vec::new(),
-            problems: Vec::new(),
-        }
-    }
-
-    fn finish(mut self) -> RouteReport {
-        self.ok = self.problems.is_empty();
-        self
-    }
-
-    fn fail(mut self, problem: String) -> RouteReport {
-        self.problems.push(problem);
-        self.finish()
-    }
 }
 
 fn identity_file(route: &Route) -> String {
@@ -338,33 +202,7 @@ async fn check_route(route: &Route, proxy: Option<&Proxy>) -> RouteReport {
     let d = dial::dial(route, proxy, config).await;
     let seen = std::mem::take(&mut *seen.lock().unwrap_or_else(|p| p.into_inner()));
 
-    r.dns = d.dns.iter().map(ToString::to_string).collect();
-    if let (Some(p), Some((hop, answer))) = (&mut r.proxy, &d.tunnel) {
-        p.connected = Some(hop.clone());
-        p.answer = Some(answer.clone());
-    }
-    r.connected = d.connected.map(|a| a.to_string());
-    r.connect_errors = d
-        .attempts
-        .iter()
-        .map(|(a, e)| format!("{a}: {e}"))
-        .collect();
-    if let Some(v) = d.negotiated.version {
-        r.tls = Some(TlsInfo {
-            version: match v {
-                rustls::ProtocolVersion::TLSv1_2 => "TLS 1.2".into(),
-                rustls::ProtocolVersion::TLSv1_3 => "TLS 1.3".into(),
-                other => format!("{other:?}"),
-            },
-            cipher: d.negotiated.cipher.map(|c| format!("{:?}", c.suite())),
-            alpn: d
-                .negotiated
-                .alpn
-                .as_deref()
-                .map(|a| String::from_utf8_lossy(a).into_owned()),
-            key_exchange: d.negotiated.key_exchange.clone(),
-        });
-    }
+    record_dial(&mut r, &d);
     r.upstream_chain = seen
         .chain
         .iter()
@@ -392,6 +230,41 @@ async fn check_route(route: &Route, proxy: Option<&Proxy>) -> RouteReport {
     let problem = judge(route, proxy, &d, seen.requested, &hints, &cx, &mut r.notes);
     r.problems.extend(problem);
     r.finish()
+}
+
+/// What the dial saw on its way to the handshake: addresses, the proxy's answer, what TLS
+/// negotiated.
+fn record_dial(r: &mut RouteReport, d: &dial::Dial) {
+    r.dns = d.dns.iter().map(ToString::to_string).collect();
+    if let (Some(p), Some((hop, answer))) = (&mut r.proxy, &d.tunnel) {
+        p.connected = Some(hop.clone());
+        p.answer = Some(answer.clone());
+    }
+    r.connected = d.connected.map(|a| a.to_string());
+    r.connect_errors = d
+        .attempts
+        .iter()
+        .map(|(a, e)| format!("{a}: {e}"))
+        .collect();
+    r.tls = tls_info(&d.negotiated);
+}
+
+/// The negotiated parameters in words; `None` before a version was agreed.
+fn tls_info(negotiated: &dial::Negotiated) -> Option<TlsInfo> {
+    let version = negotiated.version?;
+    Some(TlsInfo {
+        version: match version {
+            rustls::ProtocolVersion::TLSv1_2 => "TLS 1.2".into(),
+            rustls::ProtocolVersion::TLSv1_3 => "TLS 1.3".into(),
+            other => format!("{other:?}"),
+        },
+        cipher: negotiated.cipher.map(|c| format!("{:?}", c.suite())),
+        alpn: negotiated
+            .alpn
+            .as_deref()
+            .map(|a| String::from_utf8_lossy(a).into_owned()),
+        key_exchange: negotiated.key_exchange.clone(),
+    })
 }
 
 /// The dial's outcome as the route's problem, if any; observations that do not fail the route
@@ -458,33 +331,45 @@ fn judge(
              our client certificate after the handshake; check its logs"
         )),
         Outcome::Accepted { spoke_first } => {
-            if *spoke_first > 0 {
-                notes.push(format!(
-                    "the upstream sent {spoke_first} bytes before we sent anything (a protocol \
-                     where the server speaks first)"
-                ));
-            }
-            if !requested {
-                notes.push(
-                    "the upstream did not ask for a client certificate: it does not \
-                     authenticate us (no mutual TLS)"
-                        .into(),
-                );
-                None
-            } else if !hints.is_empty() && !cert::hints_cover(cx.ours, hints) {
-                let anchor = cert::anchor_name(cx.ours).unwrap_or_else(|| "(unknown)".into());
-                Some(format!(
-                    "the upstream accepts client certificates issued by: {}; ours comes from \
-                     {anchor}, which is not among them: the handshake completed, but it will \
-                     most likely refuse our certificate (nginx, for one, answers every request \
-                     with 400): add {anchor} to the CAs it trusts for clients, or get our \
-                     certificate from one of those",
-                    cx.hints.join(", ")
-                ))
-            } else {
-                None
-            }
+            accepted_problem(*spoke_first, requested, hints, cx, notes)
         }
+    }
+}
+
+/// A completed handshake fails the route only when the upstream will most likely refuse our
+/// certificate anyway; the rest are notes.
+fn accepted_problem(
+    spoke_first: usize,
+    requested: bool,
+    hints: &[Hint],
+    cx: &Context<'_>,
+    notes: &mut Vec<String>,
+) -> Option<String> {
+    if spoke_first > 0 {
+        notes.push(format!(
+            "the upstream sent {spoke_first} bytes before we sent anything (a protocol \
+             where the server speaks first)"
+        ));
+    }
+    if !requested {
+        notes.push(
+            "the upstream did not ask for a client certificate: it does not \
+             authenticate us (no mutual TLS)"
+                .into(),
+        );
+        None
+    } else if !hints.is_empty() && !cert::hints_cover(cx.ours, hints) {
+        let anchor = cert::anchor_name(cx.ours).unwrap_or_else(|| "(unknown)".into());
+        Some(format!(
+            "the upstream accepts client certificates issued by: {}; ours comes from \
+             {anchor}, which is not among them: the handshake completed, but it will \
+             most likely refuse our certificate (nginx, for one, answers every request \
+             with 400): add {anchor} to the CAs it trusts for clients, or get our \
+             certificate from one of those",
+            cx.hints.join(", ")
+        ))
+    } else {
+        None
     }
 }
 

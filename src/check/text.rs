@@ -2,8 +2,8 @@
 
 use std::fmt::Write as _;
 
-use super::RouteReport;
 use super::cert::Summary;
+use super::report::{ClientCertificate, ProxyReport, RouteReport, TlsInfo};
 
 fn or_none(items: &[String]) -> String {
     if items.is_empty() {
@@ -23,6 +23,8 @@ fn cert_lines(out: &mut String, indent: &str, c: &Summary) {
     );
 }
 
+/// One route's report as text, sections in the order an operator reads them: what we send,
+/// what we trust, how we got there, what the upstream showed, then the verdict.
 pub fn render(r: &RouteReport) -> String {
     let mut out = String::new();
     let _ = writeln!(
@@ -31,42 +33,13 @@ pub fn render(r: &RouteReport) -> String {
         r.name, r.upstream, r.server_name
     );
     if let Some(c) = &r.client_certificate {
-        let _ = writeln!(out, "  client certificate ({})", c.file);
-        let _ = writeln!(out, "    subject    {}", c.cert.subject);
-        cert_lines(&mut out, "    ", &c.cert);
-        let _ = writeln!(out, "    key        {}", c.key_type);
-        let links: Vec<&str> = c.chain.iter().map(|l| l.subject.as_str()).collect();
-        let _ = writeln!(out, "    chain      {}", links.join(" -> "));
-        let _ = writeln!(out, "               {}", c.chain_note);
+        client_certificate(&mut out, c);
     }
     if let Some(t) = &r.trust {
         let _ = writeln!(out, "  upstream trust   {t}");
     }
     if let Some(p) = &r.proxy {
-        match (&p.bypassed_by, &p.credentials) {
-            (Some(entry), _) => {
-                let _ = writeln!(
-                    out,
-                    "  proxy            {} bypassed: --no-proxy entry {entry:?} matches the upstream host",
-                    p.url
-                );
-            }
-            (None, creds) => {
-                let _ = writeln!(
-                    out,
-                    "  proxy            {} (credentials: {})",
-                    p.url,
-                    creds.as_deref().unwrap_or("none")
-                );
-                if let Some(req) = &p.request {
-                    let answer = match (&p.connected, &p.answer) {
-                        (Some(c), Some(a)) => format!("{a} ({c})"),
-                        _ => "no tunnel".into(),
-                    };
-                    let _ = writeln!(out, "  proxy tunnel     {req}: {answer}");
-                }
-            }
-        }
+        proxy(&mut out, p);
     }
     if !r.dns.is_empty() {
         let _ = writeln!(out, "  dns              {}", r.dns.join(", "));
@@ -78,16 +51,7 @@ pub fn render(r: &RouteReport) -> String {
         let _ = writeln!(out, "  connected        {a}");
     }
     if let Some(t) = &r.tls {
-        let mut parts = vec![t.version.clone()];
-        parts.extend(t.cipher.clone());
-        if let Some(kx) = &t.key_exchange {
-            parts.push(format!("key exchange {kx}"));
-        }
-        parts.push(match &t.alpn {
-            Some(a) => format!("ALPN {a}"),
-            None => "no ALPN".into(),
-        });
-        let _ = writeln!(out, "  tls              {}", parts.join(", "));
+        let _ = writeln!(out, "  tls              {}", tls_line(t));
     }
     if !r.upstream_chain.is_empty() {
         let _ = writeln!(out, "  upstream certificate chain (as sent)");
@@ -96,6 +60,80 @@ pub fn render(r: &RouteReport) -> String {
             cert_lines(&mut out, "        ", c);
         }
     }
+    client_cert_request(&mut out, r);
+    for n in &r.notes {
+        let _ = writeln!(out, "  note: {n}");
+    }
+    for p in &r.problems {
+        let _ = writeln!(out, "  problem: {p}");
+    }
+    match r.problems.first() {
+        None => {
+            let _ = writeln!(out, "route {}: PASS", r.name);
+        }
+        Some(first) => {
+            let _ = writeln!(out, "route {}: FAIL: {first}", r.name);
+        }
+    }
+    out
+}
+
+/// Our certificate: subject, issuer, SANs, validity, key and the chain we send.
+fn client_certificate(out: &mut String, c: &ClientCertificate) {
+    let _ = writeln!(out, "  client certificate ({})", c.file);
+    let _ = writeln!(out, "    subject    {}", c.cert.subject);
+    cert_lines(out, "    ", &c.cert);
+    let _ = writeln!(out, "    key        {}", c.key_type);
+    let links: Vec<&str> = c.chain.iter().map(|l| l.subject.as_str()).collect();
+    let _ = writeln!(out, "    chain      {}", links.join(" -> "));
+    let _ = writeln!(out, "               {}", c.chain_note);
+}
+
+/// The proxy hop: bypassed, or the CONNECT request and its answer.
+fn proxy(out: &mut String, p: &ProxyReport) {
+    match (&p.bypassed_by, &p.credentials) {
+        (Some(entry), _) => {
+            let _ = writeln!(
+                out,
+                "  proxy            {} bypassed: --no-proxy entry {entry:?} matches the upstream host",
+                p.url
+            );
+        }
+        (None, creds) => {
+            let _ = writeln!(
+                out,
+                "  proxy            {} (credentials: {})",
+                p.url,
+                creds.as_deref().unwrap_or("none")
+            );
+            if let Some(req) = &p.request {
+                let answer = match (&p.connected, &p.answer) {
+                    (Some(c), Some(a)) => format!("{a} ({c})"),
+                    _ => "no tunnel".into(),
+                };
+                let _ = writeln!(out, "  proxy tunnel     {req}: {answer}");
+            }
+        }
+    }
+}
+
+/// `TLS 1.3, TLS13_AES_128_GCM_SHA256, key exchange X25519, ALPN h2`.
+fn tls_line(t: &TlsInfo) -> String {
+    let mut parts = vec![t.version.clone()];
+    parts.extend(t.cipher.clone());
+    if let Some(kx) = &t.key_exchange {
+        parts.push(format!("key exchange {kx}"));
+    }
+    parts.push(match &t.alpn {
+        Some(a) => format!("ALPN {a}"),
+        None => "no ALPN".into(),
+    });
+    parts.join(", ")
+}
+
+/// Whether the upstream asked for a client certificate, and from which CAs; nothing when the
+/// handshake ended before that was known.
+fn client_cert_request(out: &mut String, r: &RouteReport) {
     match r.client_cert_requested {
         Some(true) if r.accepted_cas.is_empty() => {
             let _ = writeln!(
@@ -115,19 +153,4 @@ pub fn render(r: &RouteReport) -> String {
         }
         None => {}
     }
-    for n in &r.notes {
-        let _ = writeln!(out, "  note: {n}");
-    }
-    for p in &r.problems {
-        let _ = writeln!(out, "  problem: {p}");
-    }
-    match r.problems.first() {
-        None => {
-            let _ = writeln!(out, "route {}: PASS", r.name);
-        }
-        Some(first) => {
-            let _ = writeln!(out, "route {}: FAIL: {first}", r.name);
-        }
-    }
-    out
 }

@@ -14,6 +14,7 @@ pub mod refused;
 pub mod upstream;
 
 use std::fmt::Display;
+use std::path::Path;
 use std::sync::Once;
 use std::time::Duration;
 
@@ -127,19 +128,30 @@ pub fn is_conn_line(line: &str) -> bool {
 
 /// `mtls-sidecar run` on 127.0.0.1:0 towards `upstream` with the test client identity and CA.
 pub fn run_cmd(pki: &Pki, upstream: impl Display) -> Cmd {
-    run_with(upstream, &pki.client.cert, &pki.client.key, &pki.ca.pem)
+    run_cmd_files(upstream, &pki.client.cert, &pki.client.key, &pki.ca.pem)
 }
 
-/// [`run_cmd`] with the certificate, key and CA files given: for tests that put a broken or
-/// hostile file in place of one of the test PKI's.
-pub fn run_with(
+/// [`run_cmd`] with the certificate, key and CA files given: for tests that put a broken,
+/// hostile or rotating file in place of one of the test PKI's.
+pub fn run_cmd_files(upstream: impl Display, cert: &Path, key: &Path, ca: &Path) -> Cmd {
+    run_cmd_files_on(Some("127.0.0.1:0"), upstream, cert, key, ca)
+}
+
+/// [`run_cmd_files`] with its own `--listen`, or none: for systemd sockets, or a test that adds
+/// `--listen` itself.
+pub fn run_cmd_files_on(
+    listen: Option<&str>,
     upstream: impl Display,
-    cert: &std::path::Path,
-    key: &std::path::Path,
-    ca: &std::path::Path,
+    cert: &Path,
+    key: &Path,
+    ca: &Path,
 ) -> Cmd {
-    Cmd::new()
-        .args(["run", "--listen", "127.0.0.1:0", "--upstream"])
+    let cmd = Cmd::new().arg("run");
+    let cmd = match listen {
+        Some(listen) => cmd.args(["--listen", listen]),
+        None => cmd,
+    };
+    cmd.arg("--upstream")
         .arg(upstream.to_string())
         .arg("--cert")
         .arg(cert)

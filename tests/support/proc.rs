@@ -204,26 +204,7 @@ impl Cmd {
     /// Runs the process, which must exit with code 2 (bad usage, config or material) without
     /// ever listening; returns its stderr.
     pub fn startup_error(&self) -> String {
-        let mut sidecar = self.spawn();
-        let deadline = Instant::now() + WAIT;
-        let status = loop {
-            if let Some(status) = sidecar.try_exit() {
-                break status;
-            }
-            // The listening log line, not an error message that says "listening".
-            if sidecar.count_lines(|l| l.contains("listening") && field(l, "addr").is_some()) > 0 {
-                sidecar.fail("it started listening instead of refusing to start");
-            }
-            if Instant::now() >= deadline {
-                sidecar.fail("still running: expected a startup error");
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        };
-        sidecar.wait_output_closed();
-        if status.code() != Some(2) {
-            sidecar.fail(&format!("exit status {status}, expected code 2"));
-        }
-        sidecar.stderr()
+        self.spawn().startup_error()
     }
 
     /// Runs the process to completion (it must exit within `timeout`): (exit code, stderr).
@@ -413,6 +394,34 @@ impl Sidecar {
         if !status.success() {
             self.fail(&format!("kill -s {sig} {} failed: {status}", self.pid));
         }
+    }
+
+    /// The process, spawned by the test (with sockets passed, say), must exit with code 2 (bad
+    /// usage, config or material) without ever listening; returns its stderr.
+    pub fn startup_error(mut self) -> String {
+        let deadline = Instant::now() + WAIT;
+        let status = loop {
+            if let Some(status) = self.try_exit() {
+                break status;
+            }
+            // The listening log line, not an error message that says "listening".
+            if self.count_lines(|l| l.contains("listening") && field(l, "addr").is_some()) > 0 {
+                self.fail("it started listening instead of refusing to start");
+            }
+            if Instant::now() >= deadline {
+                self.fail("still running: expected a startup error");
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        self.wait_output_closed();
+        if status.code() != Some(2) {
+            self.fail(&format!("exit status {status}, expected code 2"));
+        }
+        // A listening line written just before the exit, after the loop's last look.
+        if self.count_lines(|l| l.contains("listening") && field(l, "addr").is_some()) > 0 {
+            self.fail("it listened before exiting");
+        }
+        self.stderr()
     }
 
     /// The exit status if the process has exited, without waiting.
