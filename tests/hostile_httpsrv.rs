@@ -691,11 +691,11 @@ async fn never_reading_h2c_app(alpn: Alpn, streams: u32, limit: u64) {
 
 /// Four streams to an HTTP/1.1 upstream: before the h2 send buffer was bounded, this grew the
 /// proxy by about 4 MiB (1 MiB per stream); each also holds an upstream HTTP/1.1 connection.
-/// Measured: 1.3 to 1.9 MiB with the bounds (four upstream connections included); 2.5 MiB
-/// leaves room for allocator noise on a loaded machine.
+/// Measured: 0.9 to 2.0 MiB with the bounds (four upstream connections included), up to 2.7 MiB
+/// with five compiles running beside it; 3 MiB leaves room for that allocator noise.
 #[tokio::test(flavor = "multi_thread")]
 async fn never_reading_h2c_app_costs_bounded_memory() {
-    never_reading_h2c_app(Alpn::Http11, 4, 5 * 512 * 1024).await;
+    never_reading_h2c_app(Alpn::Http11, 4, 3 * 1024 * 1024).await;
 }
 
 /// What 100 never-read streams may cost: about 1 MiB of response data (the lane's 512 KiB
