@@ -42,9 +42,11 @@ pub struct Seen {
     pub hints: Vec<Vec<u8>>,
 }
 
-type Shared = Arc<Mutex<Seen>>;
+/// What the recording verifier and certificate resolver saw, shared by both and read after the
+/// handshake.
+type SeenDuringHandshake = Arc<Mutex<Seen>>;
 
-fn lock(seen: &Shared) -> std::sync::MutexGuard<'_, Seen> {
+fn lock(seen: &SeenDuringHandshake) -> std::sync::MutexGuard<'_, Seen> {
     seen.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
@@ -52,7 +54,7 @@ fn lock(seen: &Shared) -> std::sync::MutexGuard<'_, Seen> {
 #[derive(Debug)]
 struct RecordingVerifier {
     inner: Arc<dyn ServerCertVerifier>,
-    seen: Shared,
+    seen: SeenDuringHandshake,
 }
 
 impl ServerCertVerifier for RecordingVerifier {
@@ -107,7 +109,7 @@ impl ServerCertVerifier for RecordingVerifier {
 #[derive(Debug)]
 struct RecordingResolver {
     inner: Arc<dyn ResolvesClientCert>,
-    seen: Shared,
+    seen: SeenDuringHandshake,
 }
 
 impl ResolvesClientCert for RecordingResolver {
@@ -140,7 +142,7 @@ pub fn client_config(
     route: &Route,
     material: &Material,
     loaded: &Loaded,
-    seen: &Shared,
+    seen: &SeenDuringHandshake,
 ) -> Result<Arc<ClientConfig>, String> {
     let verifier = identity::upstream_verifier(&route.tls, material).map_err(|e| e.to_string())?;
     let mut config = (*loaded.config).clone();
@@ -157,7 +159,7 @@ pub fn client_config(
     Ok(Arc::new(config))
 }
 
-pub fn new_seen() -> Shared {
+pub fn new_seen() -> SeenDuringHandshake {
     Arc::default()
 }
 
