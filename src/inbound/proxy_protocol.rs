@@ -396,4 +396,71 @@ mod tests {
         let cert = params.self_signed(&key).unwrap();
         assert_eq!(common_name(cert.der()).as_deref(), Some("client-a"));
     }
+
+    /// A real in-memory mTLS handshake, then `TlsFacts::of` on the server's side.
+    #[test]
+    fn facts_of_a_finished_handshake() {
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+        use std::sync::Arc;
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca_params = rcgen::CertificateParams::new(Vec::new()).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = rcgen::Issuer::from_params(&ca_params, &ca_key);
+        let leaf = |names: Vec<String>, cn: &str| {
+            let key = rcgen::KeyPair::generate().unwrap();
+            let mut p = rcgen::CertificateParams::new(names).unwrap();
+            p.distinguished_name.push(rcgen::DnType::CommonName, cn);
+            let cert = p.signed_by(&key, &issuer).unwrap();
+            let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+            (vec![cert.der().clone()], key)
+        };
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(CertificateDer::from(ca.der().to_vec())).unwrap();
+        let roots = Arc::new(roots);
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            roots.clone(),
+            provider.clone(),
+        )
+        .build()
+        .unwrap();
+        let (server_chain, server_key) = leaf(vec!["localhost".into()], "server");
+        let server = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(server_chain, server_key)
+            .unwrap();
+        let (client_chain, client_key) = leaf(vec!["client.example".into()], "client-a");
+        let client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_client_auth_cert(client_chain, client_key)
+            .unwrap();
+        let mut s = rustls::ServerConnection::new(Arc::new(server)).unwrap();
+        let name = ServerName::try_from("localhost").unwrap();
+        let mut c = rustls::ClientConnection::new(Arc::new(client), name).unwrap();
+        for _ in 0..10 {
+            let mut buf = Vec::new();
+            c.write_tls(&mut buf).unwrap();
+            s.read_tls(&mut &buf[..]).unwrap();
+            s.process_new_packets().unwrap();
+            buf.clear();
+            s.write_tls(&mut buf).unwrap();
+            c.read_tls(&mut &buf[..]).unwrap();
+            c.process_new_packets().unwrap();
+            if !s.is_handshaking() && !c.is_handshaking() {
+                break;
+            }
+        }
+        assert!(!s.is_handshaking());
+        let facts = TlsFacts::of(&s);
+        assert_eq!(facts.version, "TLSv1.3");
+        assert!(facts.cipher.starts_with("TLS_AES_") || facts.cipher.starts_with("TLS_CHACHA20"));
+        assert_eq!(facts.cn.as_deref(), Some("client-a"));
+        assert!(facts.cert_verified);
+        assert!(!facts.resumed);
+    }
 }
