@@ -53,6 +53,7 @@ pub mod config;
 pub mod demo;
 pub mod egress;
 pub mod failure;
+pub mod inbound;
 pub mod listen;
 pub mod metrics;
 pub mod notify;

@@ -70,6 +70,7 @@ mod http_pool;
 mod interop;
 mod lifecycle;
 mod proxy;
+mod proxy_protocol_interop;
 mod refusal;
 mod rotation;
 mod startup;
