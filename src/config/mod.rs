@@ -19,12 +19,14 @@ use crate::egress::{Proxy, ProxyUrl, Scheme};
 use crate::tls::Settings;
 
 mod flags;
+mod inbound;
 pub mod load;
 
 pub use flags::{
     HTTP_IDLE_TIMEOUT, MAX_DURATION, parse_admin, parse_duration, parse_listen, parse_mode,
     parse_pin, parse_server_name, parse_upstream, route_from_args,
 };
+pub use inbound::{Direction, Inbound, Target, parse_target};
 
 /// Everything `run` needs, validated.
 #[derive(Debug, Clone)]
@@ -101,6 +103,18 @@ pub struct Route {
     pub idle_timeout: Option<Duration>,
     /// Concurrent plaintext connections; extra ones wait in the kernel backlog.
     pub max_connections: usize,
+    /// Outbound (the fields above) or inbound (its target, handshake bound, PROXY header).
+    pub direction: Direction,
+}
+
+impl Route {
+    /// The inbound part of an inbound route.
+    pub fn inbound(&self) -> Option<&Inbound> {
+        match &self.direction {
+            Direction::Inbound(i) => Some(i),
+            Direction::Outbound => None,
+        }
+    }
 }
 
 /// Bounds of HTTP mode.
