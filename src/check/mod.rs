@@ -10,6 +10,7 @@
 mod cert;
 mod dial;
 mod explain;
+mod inbound;
 mod report;
 mod text;
 
@@ -193,6 +194,10 @@ async fn check_route(route: &Route, proxy: Option<&Proxy>) -> RouteReport {
     };
     let trust = trust_of(&material);
     r.trust = Some(trust_line(&trust));
+    if route.inbound().is_some() {
+        inbound::check(route, &mut r).await;
+        return r.finish();
+    }
 
     let seen = dial::new_seen();
     let config = match dial::client_config(route, &material, &loaded, &seen) {

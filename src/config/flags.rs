@@ -179,14 +179,10 @@ pub fn parse_pin(value: &str) -> Result<[u8; 32], Error> {
     })
 }
 
-/// Build one route from flag-shaped values (the flags themselves, or a config file's route
+/// Build one outbound route from flag-shaped values (the flags themselves, or a config file's route
 /// merged with its defaults). The checks run in a fixed order, so a route with several wrong
 /// values always reports the same one.
-pub fn route_from_args(name: String, args: &RunArgs) -> Result<Route, Error> {
-    if args.inbound_args.inbound {
-        return super::inbound::route(name, args);
-    }
-    super::inbound::refuse_inbound_flags(args)?;
+pub(super) fn outbound_route(name: String, args: &RunArgs) -> Result<Route, Error> {
     let listen = parse_listen(&args.listen, args.allow_non_loopback, &name)?;
     let upstream = match &args.upstream {
         Some(u) => parse_upstream(u)?,

@@ -1,7 +1,7 @@
 //! `Config::from_run_args`, and `run --config FILE`: TOML with `[admin]`, `[defaults]` and
 //! `[[route]]`. Route keys are the flag names with `_` for `-`; a route inherits every key it
 //! does not set from `[defaults]`. Each merged route is turned back into flag-shaped values and
-//! built by the same code as the flags (`flags::route_from_args`), so a key means exactly what
+//! built by the same code as the flags (`route_from_args`), so a key means exactly what
 //! its flag means. Every error names the file, the line and the key.
 
 use std::collections::HashMap;

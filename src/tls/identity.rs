@@ -25,6 +25,8 @@ pub enum Error {
     Load(#[from] load::Error),
     #[error("cannot build the TLS client configuration: {0}")]
     Build(String),
+    #[error(transparent)]
+    Server(#[from] super::server::Error),
 }
 
 /// Always presents the one loaded client certificate and key. A resolver of our own (rather than

@@ -11,10 +11,18 @@ use rustls::sign::CertifiedKey;
 use rustls::{ServerConfig, server::danger::ClientCertVerifier};
 
 use super::authorize::{AuthorizingVerifier, Rule};
-use super::identity::Error;
 use super::load::{self, Material};
 use super::{Settings, provider};
 use crate::cli::TlsMin;
+
+/// Why an inbound route's server configuration cannot be built.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Load(#[from] load::Error),
+    #[error("cannot build the TLS server configuration: {0}")]
+    Build(String),
+}
 
 /// TLS 1.2 sessions remembered per route (the cache is in memory and dropped at each reload).
 const SESSION_CACHE: usize = 1024;
