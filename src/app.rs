@@ -132,32 +132,7 @@ impl App {
         }
         let mut accept_loops = Vec::new();
         for (ctx, listener) in self.routes {
-            match ctx.route.inbound() {
-                Some(_) => info!(
-                    route = %ctx.route.name, addr = %ctx.listen, direction = "inbound",
-                    target = %ctx.upstream,
-                    authorize = %ctx.route.tls.inbound.as_ref().map(|r| r.describe()).unwrap_or_default(),
-                    "listening"
-                ),
-                None => {
-                    info!(route = %ctx.route.name, addr = %ctx.listen, upstream = %ctx.upstream, "listening")
-                }
-            }
-            match (&ctx.route.via, &ctx.proxy) {
-                (Via::Proxy(_), Some(p)) => info!(
-                    route = %ctx.route.name,
-                    proxy = %p.url,
-                    credentials = %p.credentials_source(),
-                    "upstream reached through the proxy (CONNECT)"
-                ),
-                (Via::Bypass { proxy, entry }, _) => info!(
-                    route = %ctx.route.name,
-                    proxy = %proxy.url,
-                    no_proxy = %entry,
-                    "upstream bypasses the proxy (no-proxy match)"
-                ),
-                _ => {}
-            }
+            log_listening(&ctx);
             accept_loops.push(tokio::spawn(proxy::serve(ctx, listener, life.clone())));
         }
         notify::ready();
@@ -192,6 +167,36 @@ impl App {
             let _ = tokio::time::timeout(Duration::from_secs(2), life.tracker.wait()).await;
         }
         info!("shutdown complete");
+    }
+}
+
+/// The `listening` line of a route, and how its upstream is reached.
+fn log_listening(ctx: &RouteCtx) {
+    match ctx.route.inbound() {
+        Some(_) => info!(
+            route = %ctx.route.name, addr = %ctx.listen, direction = "inbound",
+            target = %ctx.upstream,
+            authorize = %ctx.route.tls.inbound.as_ref().map(|r| r.describe()).unwrap_or_default(),
+            "listening"
+        ),
+        None => {
+            info!(route = %ctx.route.name, addr = %ctx.listen, upstream = %ctx.upstream, "listening")
+        }
+    }
+    match (&ctx.route.via, &ctx.proxy) {
+        (Via::Proxy(_), Some(p)) => info!(
+            route = %ctx.route.name,
+            proxy = %p.url,
+            credentials = %p.credentials_source(),
+            "upstream reached through the proxy (CONNECT)"
+        ),
+        (Via::Bypass { proxy, entry }, _) => info!(
+            route = %ctx.route.name,
+            proxy = %proxy.url,
+            no_proxy = %entry,
+            "upstream bypasses the proxy (no-proxy match)"
+        ),
+        _ => {}
     }
 }
 

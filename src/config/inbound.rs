@@ -181,6 +181,25 @@ fn parse_rule(args: &RunArgs) -> Result<Rule, Error> {
     Ok(rule)
 }
 
+/// `--handshake-timeout` and `--connect-timeout` (both above 0) and `--idle-timeout`.
+fn timeouts(args: &RunArgs) -> Result<(Duration, Duration, Option<Duration>), Error> {
+    let handshake = parse_duration("--handshake-timeout", &args.inbound_args.handshake_timeout)?;
+    if handshake.is_zero() {
+        let v = &args.inbound_args.handshake_timeout;
+        return Err(invalid("--handshake-timeout", v, "must be above 0"));
+    }
+    let connect = parse_duration("--connect-timeout", &args.connect_timeout)?;
+    if connect.is_zero() {
+        let v = &args.connect_timeout;
+        return Err(invalid("--connect-timeout", v, "must be above 0"));
+    }
+    let idle = match &args.idle_timeout {
+        Some(v) => Some(parse_duration("--idle-timeout", v)?),
+        None => None,
+    };
+    Ok((handshake, connect, idle))
+}
+
 /// Build an inbound route. Checks run in a fixed order, as for outbound routes.
 pub(super) fn route(name: String, args: &RunArgs) -> Result<Route, Error> {
     refuse_outbound_flags(args)?;
@@ -211,21 +230,7 @@ pub(super) fn route(name: String, args: &RunArgs) -> Result<Route, Error> {
              no system-trust default on inbound)",
         ));
     }
-    let handshake_timeout =
-        parse_duration("--handshake-timeout", &args.inbound_args.handshake_timeout)?;
-    if handshake_timeout.is_zero() {
-        let v = &args.inbound_args.handshake_timeout;
-        return Err(invalid("--handshake-timeout", v, "must be above 0"));
-    }
-    let idle = match &args.idle_timeout {
-        Some(v) => Some(parse_duration("--idle-timeout", v)?),
-        None => None,
-    };
-    let connect_timeout = parse_duration("--connect-timeout", &args.connect_timeout)?;
-    if connect_timeout.is_zero() {
-        let v = &args.connect_timeout;
-        return Err(invalid("--connect-timeout", v, "must be above 0"));
-    }
+    let (handshake_timeout, connect_timeout, idle) = timeouts(args)?;
     check_counts(args)?;
     let rule = parse_rule(args)?;
     check_allow_uid(args, &listen)?;
