@@ -127,3 +127,48 @@ fn an_inbound_listener_may_be_any_address_and_a_config_file_can_say_inbound() {
         "{err}"
     );
 }
+
+#[test]
+fn check_on_an_inbound_route_dials_the_target_once() {
+    let pki = Pki::new();
+    let target = std::net::TcpListener::bind("127.0.0.1:0").expect("bind target");
+    let addr = target.local_addr().expect("addr").to_string();
+    let check = |to: &str| {
+        Cmd::new()
+            .args([
+                "check",
+                "--inbound",
+                "--listen",
+                "127.0.0.1:0",
+                "--target",
+                to,
+            ])
+            .arg("--cert")
+            .arg(&pki.server.cert)
+            .arg("--key")
+            .arg(&pki.server.key)
+            .arg("--ca")
+            .arg(&pki.ca.pem)
+            .arg("--allow-any-client")
+    };
+    let mut ok = check(&addr).spawn();
+    let status = ok.wait_exit(std::time::Duration::from_secs(15));
+    ok.wait_output_closed();
+    assert!(
+        status.success(),
+        "check failed: {}\n{}",
+        ok.stdout(),
+        ok.stderr()
+    );
+    assert!(ok.stdout().contains("PASS"), "{}", ok.stdout());
+    drop(target);
+    let mut down = check(&addr).spawn();
+    let status = down.wait_exit(std::time::Duration::from_secs(15));
+    down.wait_output_closed();
+    assert_eq!(status.code(), Some(1), "{}", down.stdout());
+    assert!(
+        down.stdout().contains("cannot connect to the target"),
+        "{}",
+        down.stdout()
+    );
+}

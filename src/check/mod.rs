@@ -113,7 +113,10 @@ fn describe_ours(
             summary.validity
         ));
     }
-    if let Some(allowed) = cert::not_for_clients(leaf) {
+    // An inbound route's certificate is a server's: clientAuth is not expected of it.
+    if route.inbound().is_none()
+        && let Some(allowed) = cert::not_for_clients(leaf)
+    {
         r.problems.push(format!(
             "our client certificate's extended key usage allows {allowed} but not TLS client \
              authentication (clientAuth): upstreams refuse it; have it issued with clientAuth"

@@ -299,7 +299,10 @@ pub(super) async fn handle<S>(
     // before any client byte, by the PROXY protocol module once it is merged.
     let target = tokio::select! {
         t = dial(ctx, &inbound.target) => t,
-        _ = cut.cancelled() => Err((Refusal::TargetTimeout, "cut at shutdown before the target answered".into())),
+        _ = cut.cancelled() => {
+            log.end = End::Failed(Class::Drain, "cut at shutdown before the target answered".into());
+            return;
+        }
     };
     let result = match target {
         Err((r, msg)) => {
