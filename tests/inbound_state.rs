@@ -201,3 +201,35 @@ async fn a_client_revoked_by_a_reloaded_crl_cannot_resume() {
         "a revoked client resumed or got in"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_expired_server_certificate_starts_not_ready() {
+    let pki = Pki::new();
+    let expired = pki.server_expired();
+    let mut proxy = Cmd::new()
+        .args([
+            "run",
+            "--inbound",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+        ])
+        .args(["--target", "127.0.0.1:9", "--allow-any-client"])
+        .arg("--cert")
+        .arg(&expired.cert)
+        .arg("--key")
+        .arg(&expired.key)
+        .arg("--ca")
+        .arg(&pki.ca.pem)
+        .start();
+    let admin = admin_addr(&mut proxy);
+    let ready = get(admin, "/readyz").await;
+    assert_eq!(ready.status, 503, "{}", ready.body);
+    assert!(ready.body.contains("server certificate"), "{}", ready.body);
+    tokio::task::block_in_place(|| {
+        proxy.wait_for_line("the expiry error", WAIT, |l| {
+            l.contains("ERROR") && l.contains("server certificate is outside its validity period")
+        })
+    });
+}
