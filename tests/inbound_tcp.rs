@@ -408,3 +408,40 @@ async fn openssl_s_client_sees_access_denied() {
     );
     assert_eq!(target.accepted(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_unix_target_gets_the_bytes_and_idle_clients_are_cut() {
+    let pki = Pki::new();
+    let path = pki.path("app.sock");
+    let l = tokio::net::UnixListener::bind(&path).expect("bind unix target");
+    let echo = tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    let mut proxy = inbound_cmd(&pki, format!("unix:{}", path.display()))
+        .args(["--allow-any-client", "--idle-timeout", "400ms"])
+        .start();
+    let mut s = tls_connect(proxy.addr(), client_config(&pki, Some(&pki.client)))
+        .await
+        .expect("handshake");
+    s.write_all(b"over unix").await.expect("write");
+    let mut buf = [0u8; 9];
+    tokio::time::timeout(WAIT, s.read_exact(&mut buf))
+        .await
+        .expect("echo")
+        .expect("read");
+    assert_eq!(&buf, b"over unix");
+    // Now silent both ways: cut at --idle-timeout.
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(WAIT, s.read_to_end(&mut rest))
+        .await
+        .expect("cut within the wait");
+    let line = proxy.wait_conn_lines(1).remove(0);
+    assert_eq!(field(&line, "reason"), Some("idle_timeout"), "{line}");
+    assert_eq!(num_field(&line, "bytes_from_client"), 9, "{line}");
+    echo.abort();
+}
