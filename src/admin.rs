@@ -64,8 +64,12 @@ impl AdminState {
         self.routes.iter().find_map(|r| {
             let leaf = r.identity.leaf();
             leaf.check_validity(now).err().map(|why| {
+                let kind = match r.route.inbound() {
+                    Some(_) => "server",
+                    None => "client",
+                };
                 format!(
-                    "route {}: client certificate {} is {why}",
+                    "route {}: {kind} certificate {} is {why}",
                     r.route.name, leaf.subject
                 )
             })
@@ -77,10 +81,13 @@ impl AdminState {
             .routes
             .iter()
             .map(|r| {
+                let inbound = r.route.inbound().is_some();
                 json!({
                     "name": r.route.name,
                     "listen": r.listen,
-                    "upstream": r.upstream,
+                    "direction": if inbound { "inbound" } else { "outbound" },
+                    "upstream": (!inbound).then_some(&r.upstream),
+                    "target": inbound.then_some(&r.upstream),
                     "mode": match r.route.mode { crate::cli::Mode::Tcp => "tcp", crate::cli::Mode::Http => "http" },
                     "active_connections": r.metrics.active.get(),
                 })

@@ -132,22 +132,7 @@ impl App {
         }
         let mut accept_loops = Vec::new();
         for (ctx, listener) in self.routes {
-            info!(route = %ctx.route.name, addr = %ctx.listen, upstream = %ctx.upstream, "listening");
-            match (&ctx.route.via, &ctx.proxy) {
-                (Via::Proxy(_), Some(p)) => info!(
-                    route = %ctx.route.name,
-                    proxy = %p.url,
-                    credentials = %p.credentials_source(),
-                    "upstream reached through the proxy (CONNECT)"
-                ),
-                (Via::Bypass { proxy, entry }, _) => info!(
-                    route = %ctx.route.name,
-                    proxy = %proxy.url,
-                    no_proxy = %entry,
-                    "upstream bypasses the proxy (no-proxy match)"
-                ),
-                _ => {}
-            }
+            log_listening(&ctx);
             accept_loops.push(tokio::spawn(proxy::serve(ctx, listener, life.clone())));
         }
         notify::ready();
@@ -182,6 +167,36 @@ impl App {
             let _ = tokio::time::timeout(Duration::from_secs(2), life.tracker.wait()).await;
         }
         info!("shutdown complete");
+    }
+}
+
+/// The `listening` line of a route, and how its upstream is reached.
+fn log_listening(ctx: &RouteCtx) {
+    match ctx.route.inbound() {
+        Some(_) => info!(
+            route = %ctx.route.name, addr = %ctx.listen, direction = "inbound",
+            target = %ctx.upstream,
+            authorize = %ctx.route.tls.inbound.as_ref().map(|r| r.describe()).unwrap_or_default(),
+            "listening"
+        ),
+        None => {
+            info!(route = %ctx.route.name, addr = %ctx.listen, upstream = %ctx.upstream, "listening")
+        }
+    }
+    match (&ctx.route.via, &ctx.proxy) {
+        (Via::Proxy(_), Some(p)) => info!(
+            route = %ctx.route.name,
+            proxy = %p.url,
+            credentials = %p.credentials_source(),
+            "upstream reached through the proxy (CONNECT)"
+        ),
+        (Via::Bypass { proxy, entry }, _) => info!(
+            route = %ctx.route.name,
+            proxy = %proxy.url,
+            no_proxy = %entry,
+            "upstream bypasses the proxy (no-proxy match)"
+        ),
+        _ => {}
     }
 }
 
@@ -239,7 +254,8 @@ async fn bind_routes(
         listener
             .check_rules(
                 &route.listen,
-                route.allow_non_loopback,
+                // Every inbound client must present a certificate: any address will do.
+                route.allow_non_loopback || route.inbound().is_some(),
                 !route.allow_uids.is_empty(),
             )
             .map_err(bind_err)?;
@@ -272,11 +288,19 @@ fn reloader(
         .collect::<Vec<_>>()
         .join(",");
     let leaf = &group.loaded.leaf;
-    info!(
-        route = %name, subject = ?leaf.subject, issuer = ?leaf.issuer,
-        serial = %leaf.serial, not_after = %crate::tls::cert::rfc3339(leaf.not_after),
-        "client identity loaded"
-    );
+    if config.routes[group.first].inbound().is_some() {
+        info!(
+            route = %name, subject = ?leaf.subject, issuer = ?leaf.issuer,
+            serial = %leaf.serial, not_after = %crate::tls::cert::rfc3339(leaf.not_after),
+            "server identity loaded"
+        );
+    } else {
+        info!(
+            route = %name, subject = ?leaf.subject, issuer = ?leaf.issuer,
+            serial = %leaf.serial, not_after = %crate::tls::cert::rfc3339(leaf.not_after),
+            "client identity loaded"
+        );
+    }
     let gauges = group
         .members
         .iter()

@@ -205,6 +205,7 @@ fn proxy_route(args: &DemoArgs, dir: &std::path::Path, upstream_port: u16) -> Re
         connect_timeout: Duration::from_secs(5),
         idle_timeout: None,
         max_connections: 10_000,
+        direction: crate::config::Direction::Outbound,
     })
 }
 
@@ -225,5 +226,6 @@ fn demo_tls(dir: &std::path::Path) -> Settings {
         tls_min: TlsMin::V12,
         alpn: vec![],
         reload_interval: Some(Duration::from_secs(5)),
+        inbound: None,
     }
 }

@@ -119,6 +119,20 @@ impl RouteMetrics {
         }
     }
 
+    /// Count an inbound connection refused before any byte was relayed (handshake or target
+    /// failure): its outcome class and its own `reason`.
+    pub fn refused(&self, outcome: &'static str, reason: &'static str) {
+        let i = OUTCOMES.iter().position(|o| *o == outcome).unwrap_or(4);
+        self.connections[i].inc();
+        let (family, route) = &self.failures;
+        family
+            .get_or_create(&ReasonLabels {
+                route: route.clone(),
+                reason,
+            })
+            .inc();
+    }
+
     /// Count an HTTP answer (a read lock and a hash lookup; no I/O under it).
     pub fn http_request(&self, code: u16) {
         let (family, route) = &self.http_requests;

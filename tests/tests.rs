@@ -25,6 +25,7 @@
 //!   trailers, `Expect: 100-continue`, upgrades, hop-by-hop headers, the mode's flags
 //! - `http_pool`: the upstream pool (reuse, h2 multiplexing, stale retry, idle timeout and cap),
 //!   reloads, `http_requests_total`, draining, nginx as the upstream
+//! - `inbound_tcp`, `inbound_config`, `inbound_state`: inbound routes (mTLS in, plaintext to `--target`)
 //! - `http_errors`: the proxy's own 502/504 answers and retries, 431, slow-header clients
 //! - `hostile_admin`: `POST /shutdown` only local and without `Origin`, the admin connection cap
 //!   and head timeout, rate-limited accept errors
@@ -67,6 +68,9 @@ mod hostile_values;
 mod http;
 mod http_errors;
 mod http_pool;
+mod inbound_config;
+mod inbound_state;
+mod inbound_tcp;
 mod interop;
 mod lifecycle;
 mod proxy;

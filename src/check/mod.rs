@@ -10,6 +10,7 @@
 mod cert;
 mod dial;
 mod explain;
+mod inbound;
 mod report;
 mod text;
 
@@ -112,7 +113,10 @@ fn describe_ours(
             summary.validity
         ));
     }
-    if let Some(allowed) = cert::not_for_clients(leaf) {
+    // An inbound route's certificate is a server's: clientAuth is not expected of it.
+    if route.inbound().is_none()
+        && let Some(allowed) = cert::not_for_clients(leaf)
+    {
         r.problems.push(format!(
             "our client certificate's extended key usage allows {allowed} but not TLS client \
              authentication (clientAuth): upstreams refuse it; have it issued with clientAuth"
@@ -193,6 +197,10 @@ async fn check_route(route: &Route, proxy: Option<&Proxy>) -> RouteReport {
     };
     let trust = trust_of(&material);
     r.trust = Some(trust_line(&trust));
+    if route.inbound().is_some() {
+        inbound::check(route, &mut r).await;
+        return r.finish();
+    }
 
     let seen = dial::new_seen();
     let config = match dial::client_config(route, &material, &loaded, &seen) {

@@ -36,7 +36,7 @@ pub fn parse_duration(flag: &'static str, value: &str) -> Result<Duration, Error
 }
 
 /// Split `HOST:PORT` or `[V6]:PORT`.
-fn split_host_port(flag: &'static str, value: &str) -> Result<(String, u16), Error> {
+pub(super) fn split_host_port(flag: &'static str, value: &str) -> Result<(String, u16), Error> {
     let (host, port) = value
         .rsplit_once(':')
         .ok_or_else(|| invalid(flag, value, "expected HOST:PORT"))?;
@@ -115,7 +115,10 @@ pub fn parse_admin(value: &str) -> Result<ListenAddr, Error> {
 }
 
 /// Resolve `HOST:PORT` (IPv4 preferred) and say whether every address is loopback.
-fn resolve_host_port(flag: &'static str, value: &str) -> Result<(SocketAddr, bool), Error> {
+pub(super) fn resolve_host_port(
+    flag: &'static str,
+    value: &str,
+) -> Result<(SocketAddr, bool), Error> {
     let (host, port) = split_host_port(flag, value)?;
     let addrs: Vec<SocketAddr> = match host.parse::<IpAddr>() {
         Ok(ip) => vec![SocketAddr::new(ip, port)],
@@ -176,10 +179,10 @@ pub fn parse_pin(value: &str) -> Result<[u8; 32], Error> {
     })
 }
 
-/// Build one route from flag-shaped values (the flags themselves, or a config file's route
+/// Build one outbound route from flag-shaped values (the flags themselves, or a config file's route
 /// merged with its defaults). The checks run in a fixed order, so a route with several wrong
 /// values always reports the same one.
-pub fn route_from_args(name: String, args: &RunArgs) -> Result<Route, Error> {
+pub(super) fn outbound_route(name: String, args: &RunArgs) -> Result<Route, Error> {
     let listen = parse_listen(&args.listen, args.allow_non_loopback, &name)?;
     let upstream = match &args.upstream {
         Some(u) => parse_upstream(u)?,
@@ -224,6 +227,7 @@ pub fn route_from_args(name: String, args: &RunArgs) -> Result<Route, Error> {
             Mode::Http => vec![b"h2".to_vec(), b"http/1.1".to_vec()],
         },
         reload_interval: (!reload.is_zero()).then_some(reload),
+        inbound: None,
     };
     let http = HttpSettings {
         header_timeout: parse_duration("--header-timeout", &args.header_timeout)?,
@@ -246,13 +250,14 @@ pub fn route_from_args(name: String, args: &RunArgs) -> Result<Route, Error> {
         connect_timeout,
         idle_timeout: idle_timeout(args.mode, idle),
         max_connections: args.max_connections,
+        direction: super::Direction::Outbound,
     })
 }
 
 /// The numeric flags' ranges, checked again here (clap already did) because routes are also
 /// built from code (`demo`), and a value past the semaphore's limit would panic in the accept
 /// loop after READY.
-fn check_counts(args: &RunArgs) -> Result<(), Error> {
+pub(super) fn check_counts(args: &RunArgs) -> Result<(), Error> {
     if !MAX_CONNECTIONS.contains(&(args.max_connections as u64)) {
         return Err(invalid(
             "--max-connections",
@@ -278,7 +283,7 @@ fn check_counts(args: &RunArgs) -> Result<(), Error> {
 }
 
 /// `--alpn`, each protocol as the bytes sent.
-fn parse_alpn(args: &RunArgs) -> Result<Vec<Vec<u8>>, Error> {
+pub(super) fn parse_alpn(args: &RunArgs) -> Result<Vec<Vec<u8>>, Error> {
     let mut alpn = Vec::new();
     for p in &args.alpn {
         if p.is_empty() || p.len() > 255 {
@@ -290,7 +295,7 @@ fn parse_alpn(args: &RunArgs) -> Result<Vec<Vec<u8>>, Error> {
 }
 
 /// The client identity (`--pkcs12`, or `--cert` and `--key`) and the upstream trust files.
-fn tls_files(args: &RunArgs) -> Result<TlsFiles, Error> {
+pub(super) fn tls_files(args: &RunArgs) -> Result<TlsFiles, Error> {
     let identity = match (&args.pkcs12, &args.cert, &args.key) {
         (Some(file), _, _) => IdentitySource::Pkcs12 {
             file: file.clone(),
@@ -339,7 +344,7 @@ fn parse_checks(args: &RunArgs) -> Result<Checks, Error> {
 
 /// `--allow-uid` only with a unix listener: SO_PEERCRED exists only on unix sockets, so with
 /// TCP the list could never be checked, and ignoring it would let every peer in.
-fn check_allow_uid(args: &RunArgs, listen: &ListenAddr) -> Result<(), Error> {
+pub(super) fn check_allow_uid(args: &RunArgs, listen: &ListenAddr) -> Result<(), Error> {
     if !args.allow_uid.is_empty() && matches!(listen, ListenAddr::Tcp(_)) {
         return Err(invalid(
             "--allow-uid",
@@ -366,7 +371,7 @@ fn check_allow_uid(args: &RunArgs, listen: &ListenAddr) -> Result<(), Error> {
 pub const HTTP_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// `--idle-timeout` as given (`0` = never, in either mode), else the mode's default.
-fn idle_timeout(mode: Mode, idle: Option<Duration>) -> Option<Duration> {
+pub(super) fn idle_timeout(mode: Mode, idle: Option<Duration>) -> Option<Duration> {
     match (idle, mode) {
         (Some(d), _) if d.is_zero() => None,
         (Some(d), _) => Some(d),

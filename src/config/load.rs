@@ -1,7 +1,7 @@
 //! `Config::from_run_args`, and `run --config FILE`: TOML with `[admin]`, `[defaults]` and
 //! `[[route]]`. Route keys are the flag names with `_` for `-`; a route inherits every key it
 //! does not set from `[defaults]`. Each merged route is turned back into flag-shaped values and
-//! built by the same code as the flags (`flags::route_from_args`), so a key means exactly what
+//! built by the same code as the flags (`route_from_args`), so a key means exactly what
 //! its flag means. Every error names the file, the line and the key.
 
 use std::collections::HashMap;
@@ -107,6 +107,13 @@ struct RouteToml {
     proxy_auth_file: Setting<String>,
     no_proxy: Setting<String>,
     proxy_from_env: Setting<bool>,
+    inbound: Setting<bool>,
+    target: Setting<String>,
+    verify_dns_san: Setting<Vec<String>>,
+    verify_cn: Setting<Vec<String>>,
+    allow_any_client: Setting<bool>,
+    handshake_timeout: Setting<String>,
+    proxy_protocol: Setting<String>,
 }
 
 /// A value ready to become command-line words.
@@ -159,9 +166,28 @@ impl RouteToml {
             proxy,
             proxy_ca,
             proxy_auth_file,
-            no_proxy
+            no_proxy,
+            target,
+            handshake_timeout,
+            proxy_protocol
         );
-        many!(allow_uid, crl, verify_uri_san, pin_sha256, alpn);
+        many!(
+            allow_uid,
+            crl,
+            verify_uri_san,
+            pin_sha256,
+            alpn,
+            verify_dns_san,
+            verify_cn
+        );
+        for (key, v) in [
+            ("inbound", &self.inbound),
+            ("allow_any_client", &self.allow_any_client),
+        ] {
+            if let Some(v) = v {
+                out.push((key, Val::Flag(*v.get_ref()), v.span()));
+            }
+        }
         if let Some(v) = &self.allow_non_loopback {
             out.push(("allow_non_loopback", Val::Flag(*v.get_ref()), v.span()));
         }
@@ -301,6 +327,7 @@ fn refuse_route_keys_in_defaults(src: &Source<'_>, defaults: &RouteToml) -> Resu
         ("name", defaults.name.as_ref().map(|s| s.span())),
         ("listen", defaults.listen.as_ref().map(|s| s.span())),
         ("upstream", defaults.upstream.as_ref().map(|s| s.span())),
+        ("target", defaults.target.as_ref().map(|s| s.span())),
     ] {
         if let Some(span) = span {
             return Err(src.error(
@@ -335,7 +362,11 @@ impl Seen {
         };
         let (name, name_line) = required(&r.name, "name")?;
         let (listen, listen_line) = required(&r.listen, "listen")?;
-        required(&r.upstream, "upstream")?;
+        if r.inbound.as_ref().is_some_and(|i| *i.get_ref()) {
+            required(&r.target, "target")?;
+        } else {
+            required(&r.upstream, "upstream")?;
+        }
         if let Some(first) = self.names.insert(name.clone(), name_line) {
             return Err(src.error(
                 name_line,
@@ -414,7 +445,8 @@ fn file_route(
             .to_string();
         src.error(line, &key, first)
     })?;
-    if args.proxy_auth_file.is_none() {
+    // The global credentials file is for the routes that may tunnel: outbound ones.
+    if args.proxy_auth_file.is_none() && !args.inbound_args.inbound {
         args.proxy_auth_file = proxy_auth_file.map(Path::to_path_buf);
     }
     let mut route = route_from_args(name, &args).map_err(|e| match &e {

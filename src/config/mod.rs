@@ -3,8 +3,9 @@
 //! string. The program is modelled as a list of routes from the start: flags make one route
 //! named `default`.
 //!
-//! - `flags`: one route from flag-shaped values (`route_from_args`) and the `parse_*` of each
-//!   value.
+//! - `flags`: one outbound route from flag-shaped values and the `parse_*` of each value;
+//!   [`route_from_args`] picks the direction.
+//! - `inbound`: one inbound route (`--inbound`), its `Direction`, `Inbound` and `Target`.
 //! - `load`: `Config::from_run_args`, and `--config FILE` (TOML) turned into flag-shaped values.
 
 use std::net::SocketAddr;
@@ -19,12 +20,14 @@ use crate::egress::{Proxy, ProxyUrl, Scheme};
 use crate::tls::Settings;
 
 mod flags;
+mod inbound;
 pub mod load;
 
 pub use flags::{
     HTTP_IDLE_TIMEOUT, MAX_DURATION, parse_admin, parse_duration, parse_listen, parse_mode,
-    parse_pin, parse_server_name, parse_upstream, route_from_args,
+    parse_pin, parse_server_name, parse_upstream,
 };
+pub use inbound::{Direction, Inbound, Target, parse_target};
 
 /// Everything `run` needs, validated.
 #[derive(Debug, Clone)]
@@ -101,6 +104,29 @@ pub struct Route {
     pub idle_timeout: Option<Duration>,
     /// Concurrent plaintext connections; extra ones wait in the kernel backlog.
     pub max_connections: usize,
+    /// Outbound (the fields above) or inbound (its target, handshake bound, PROXY header).
+    pub direction: Direction,
+}
+
+/// Build one route from flag-shaped values (the flags themselves, or a config file's route
+/// merged with its defaults): inbound with `--inbound`, else outbound, whose code refuses the
+/// inbound-only flags first.
+pub fn route_from_args(name: String, args: &crate::cli::RunArgs) -> Result<Route, Error> {
+    if args.inbound_args.inbound {
+        return inbound::route(name, args);
+    }
+    inbound::refuse_inbound_flags(args)?;
+    flags::outbound_route(name, args)
+}
+
+impl Route {
+    /// The inbound part of an inbound route.
+    pub fn inbound(&self) -> Option<&Inbound> {
+        match &self.direction {
+            Direction::Inbound(i) => Some(i),
+            Direction::Outbound => None,
+        }
+    }
 }
 
 /// Bounds of HTTP mode.

@@ -4,6 +4,7 @@
 
 mod framing;
 pub mod http;
+mod inbound;
 mod log;
 pub mod relay;
 mod tcp;
@@ -45,6 +46,8 @@ pub struct RouteCtx {
     pub metrics: RouteMetrics,
     /// The bound address as shown in logs and `/status`.
     pub listen: String,
+    /// Inbound refusal lines: at most one a second for the route, with a count of the rest.
+    pub refusals: std::sync::Mutex<LogLimit>,
 }
 
 impl RouteCtx {
@@ -57,12 +60,16 @@ impl RouteCtx {
     ) -> Self {
         RouteCtx {
             server_name: upstream::server_name_str(&route),
-            upstream: route.upstream.to_string(),
+            upstream: match route.inbound() {
+                Some(i) => i.target.to_string(),
+                None => route.upstream.to_string(),
+            },
             route,
             proxy,
             identity,
             metrics,
             listen,
+            refusals: std::sync::Mutex::new(LogLimit::per_second()),
         }
     }
 
@@ -213,6 +220,23 @@ fn spawn_conn(
                     Conn::Unix(s) => http::serve_conn(route, s, stop, cut).await,
                 };
                 drop(open);
+                drop(permit);
+            }
+            .instrument(span),
+        );
+        return;
+    }
+    if let Some(i) = ctx.route.inbound() {
+        let inbound = i.clone();
+        life.tracker.spawn(
+            async move {
+                match conn {
+                    Conn::Tcp(s) => {
+                        let _ = s.set_nodelay(true);
+                        inbound::handle(&ctx, &inbound, s, peer, cut).await
+                    }
+                    Conn::Unix(s) => inbound::handle(&ctx, &inbound, s, peer, cut).await,
+                }
                 drop(permit);
             }
             .instrument(span),

@@ -25,6 +25,8 @@ pub enum Error {
     Load(#[from] load::Error),
     #[error("cannot build the TLS client configuration: {0}")]
     Build(String),
+    #[error(transparent)]
+    Server(#[from] super::server::Error),
 }
 
 /// Always presents the one loaded client certificate and key. A resolver of our own (rather than
@@ -48,6 +50,8 @@ impl ResolvesClientCert for FixedClientCert {
 pub struct Loaded {
     /// What every new upstream connection is made with.
     pub config: Arc<ClientConfig>,
+    /// An inbound route's server configuration, built from the same snapshot.
+    pub server: Option<Arc<rustls::ServerConfig>>,
     /// The client certificate inside `config`, described for `/status`, metrics and logs.
     pub leaf: Arc<CertInfo>,
     /// Digest of every file's content, to tell a later change from none.
@@ -120,6 +124,16 @@ pub fn build_from(settings: &Settings, material: &load::Material) -> Result<Load
         }
     })?;
 
+    let certified = Arc::new(certified);
+    let server = match &settings.inbound {
+        Some(rule) => Some(super::server::build(
+            settings,
+            rule,
+            material,
+            certified.clone(),
+        )?),
+        None => None,
+    };
     let verifier: Arc<dyn ServerCertVerifier> = upstream_verifier(settings, material)?;
 
     let versions: &[&rustls::SupportedProtocolVersion] = match settings.tls_min {
@@ -131,13 +145,14 @@ pub fn build_from(settings: &Settings, material: &load::Material) -> Result<Load
         .map_err(|e| Error::Build(e.to_string()))?
         .dangerous()
         .with_custom_certificate_verifier(verifier)
-        .with_client_cert_resolver(Arc::new(FixedClientCert(Arc::new(certified))));
+        .with_client_cert_resolver(Arc::new(FixedClientCert(certified)));
     config.alpn_protocols = settings.alpn.clone();
     // Resumption (tickets and TLS 1.2 session IDs) is on by default: repeat connections to the
     // upstream skip the full handshake where it allows. Each build has its own session cache,
     // so a new identity never rides on a ticket made with the old one.
     Ok(Loaded {
         config: Arc::new(config),
+        server,
         leaf,
         digest: material.digest(),
         loose_permissions: material.loose_permissions(),
@@ -173,6 +188,11 @@ impl Identity {
     /// The client configuration in force.
     pub fn current(&self) -> Arc<ClientConfig> {
         self.in_force.load().config.clone()
+    }
+
+    /// An inbound route's server configuration in force.
+    pub fn server(&self) -> Option<Arc<rustls::ServerConfig>> {
+        self.in_force.load().server.clone()
     }
 
     /// The leaf certificate of the identity in force.
@@ -222,6 +242,7 @@ mod tests {
             .with_client_cert_resolver(Arc::new(FixedClientCert(Arc::new(certified))));
         Arc::new(Loaded {
             config: Arc::new(config),
+            server: None,
             leaf,
             digest: [tag; 32],
             loose_permissions: Vec::new(),

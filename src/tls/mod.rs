@@ -8,14 +8,17 @@ use rustls::crypto::CryptoProvider;
 
 use crate::cli::TlsMin;
 
+pub mod authorize;
 pub mod cert;
 pub mod file;
 pub mod identity;
 pub mod keys;
 pub mod load;
 pub mod reload;
+pub mod server;
 pub mod verify;
 
+pub use authorize::Rule;
 pub use load::{IdentitySource, TlsFiles};
 pub use verify::Checks;
 
@@ -35,6 +38,9 @@ pub struct Settings {
     pub alpn: Vec<Vec<u8>>,
     /// How often the files are compared for change; `None` = only on SIGHUP.
     pub reload_interval: Option<Duration>,
+    /// An inbound route's client authorization: when set, a server configuration is built
+    /// from the same files (the identity is then the server's certificate and key).
+    pub inbound: Option<authorize::Rule>,
 }
 
 /// The crypto provider every TLS object of the program uses: aws-lc-rs with its default

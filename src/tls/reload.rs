@@ -328,6 +328,23 @@ impl Reloader {
             .main_file()
             .display()
             .to_string();
+        let inbound = self.settings.inbound.is_some();
+        match leaf.check_validity(now) {
+            Err(why) if inbound => error!(
+                route = %self.name, file = %file, subject = ?leaf.subject, problem = ?why,
+                "server certificate is outside its validity period (expired or not yet valid); \
+                 clients will refuse it"
+            ),
+            Ok(()) if inbound => warn!(
+                route = %self.name, file = %file, subject = ?leaf.subject,
+                not_after = %rfc3339(leaf.not_after), hours_left = left / 3600,
+                "server certificate expires soon"
+            ),
+            _ => {}
+        }
+        if inbound {
+            return;
+        }
         if let Err(why) = leaf.check_validity(now) {
             error!(
                 route = %self.name, file = %file, subject = ?leaf.subject, problem = ?why,

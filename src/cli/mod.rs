@@ -7,6 +7,10 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+mod inbound;
+
+pub use inbound::{InboundArgs, ProxyProtocol};
+
 /// Plaintext-to-mTLS sidecar: apps speak plain TCP on localhost, mtls-sidecar presents their
 /// client certificate to the upstream and verifies it.
 #[derive(Debug, Parser)]
@@ -107,7 +111,7 @@ pub struct RunArgs {
         env = "MTLS_SIDECAR_UPSTREAM",
         group = "route_flags",
         value_name = "HOST:PORT",
-        required_unless_present = "config"
+        required_unless_present_any = ["config", "inbound"]
     )]
     pub upstream: Option<String>,
 
@@ -387,6 +391,9 @@ pub struct RunArgs {
     /// Admin listener for /healthz, /readyz, /metrics, /status: HOST:PORT or systemd:NAME
     #[arg(long, env = "MTLS_SIDECAR_ADMIN", value_name = "ADDR")]
     pub admin: Option<String>,
+
+    #[command(flatten)]
+    pub inbound_args: InboundArgs,
 
     /// Enable POST /shutdown on the admin listener (lets a Job's main container stop the sidecar)
     #[arg(long, env = "MTLS_SIDECAR_ADMIN_ALLOW_SHUTDOWN")]

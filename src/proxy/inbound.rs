@@ -1,0 +1,353 @@
+//! Inbound tcp mode: a client's mTLS connection (handshake bounded by `--handshake-timeout`,
+//! chain and authorization checked by the route's server configuration) relayed to the
+//! route's plaintext target. A refused client never causes a dial to the target.
+//!
+//! The [`Relay`]'s near side is the target socket (driven by readiness, so its back-pressure
+//! stays in the kernel) and its far side the client's TLS stream, exactly as outbound has the
+//! app near and the upstream TLS far: the same code path and the same memory bound.
+
+use std::io;
+use std::sync::Mutex;
+use std::time::Instant;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpStream, UnixStream};
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use super::RouteCtx;
+use super::relay::{self, Moved, Relay};
+use crate::config::{Inbound, Target};
+use crate::failure::{Class, escape};
+use crate::listen::LogLimit;
+use crate::resolve::{self, Resolver};
+use crate::transport::ReadySocket;
+
+/// Why an inbound connection was refused before any byte was relayed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    NoClientCert,
+    UnknownCa,
+    Expired,
+    Revoked,
+    NotAllowed,
+    HandshakeTimeout,
+    Protocol,
+    TargetRefused,
+    TargetTimeout,
+}
+
+impl Refusal {
+    /// The access line's `reason` and the `connection_failures_total` label.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Refusal::NoClientCert => "no_client_cert",
+            Refusal::UnknownCa => "unknown_ca",
+            Refusal::Expired => "expired",
+            Refusal::Revoked => "revoked",
+            Refusal::NotAllowed => "not_allowed",
+            Refusal::HandshakeTimeout => "handshake_timeout",
+            Refusal::Protocol => "protocol",
+            Refusal::TargetRefused => "target_refused",
+            Refusal::TargetTimeout => "target_timeout",
+        }
+    }
+
+    /// The `connections_total` outcome.
+    pub fn outcome(self) -> &'static str {
+        match self {
+            Refusal::HandshakeTimeout | Refusal::TargetTimeout => "timeout",
+            Refusal::TargetRefused => "connect_error",
+            _ => "tls_error",
+        }
+    }
+
+    /// A failed server handshake, by the rustls error inside the I/O error.
+    pub fn of_handshake(e: &io::Error) -> Refusal {
+        use rustls::CertificateError as C;
+        let Some(tls) = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) else {
+            return Refusal::Protocol;
+        };
+        match tls {
+            rustls::Error::NoCertificatesPresented => Refusal::NoClientCert,
+            rustls::Error::InvalidCertificate(c) => match c {
+                C::UnknownIssuer | C::BadSignature => Refusal::UnknownCa,
+                C::Expired | C::ExpiredContext { .. } => Refusal::Expired,
+                C::NotValidYet | C::NotValidYetContext { .. } => Refusal::Expired,
+                C::Revoked => Refusal::Revoked,
+                C::ApplicationVerificationFailure => Refusal::NotAllowed,
+                _ => Refusal::Protocol,
+            },
+            _ => Refusal::Protocol,
+        }
+    }
+}
+
+/// Who the verified client is, for the access line.
+struct Client {
+    /// The leaf's subject.
+    subject: String,
+    /// First URI SAN, else first DNS SAN, else `-`.
+    id: String,
+}
+
+impl Client {
+    fn of(leaf: Option<&[u8]>) -> Client {
+        let unknown = || Client {
+            subject: "-".into(),
+            id: "-".into(),
+        };
+        let Some(Ok((_, cert))) = leaf.map(x509_parser::parse_x509_certificate) else {
+            return unknown();
+        };
+        use x509_parser::extensions::GeneralName;
+        let names: Vec<GeneralName<'_>> = cert
+            .subject_alternative_name()
+            .ok()
+            .flatten()
+            .map(|e| e.value.general_names.clone())
+            .unwrap_or_default();
+        let uri = names.iter().find_map(|n| match n {
+            GeneralName::URI(u) => Some(u.to_string()),
+            _ => None,
+        });
+        let dns = || {
+            names.iter().find_map(|n| match n {
+                GeneralName::DNSName(d) => Some(d.to_string()),
+                _ => None,
+            })
+        };
+        Client {
+            subject: escape(&cert.subject().to_string()).into_owned(),
+            id: escape(&uri.or_else(dns).unwrap_or_else(|| "-".into())).into_owned(),
+        }
+    }
+}
+
+/// How the connection ended, for the access line and the metrics.
+enum End {
+    Ok,
+    Refused(Refusal, String),
+    Failed(Class, String),
+}
+
+/// The inbound access-log record of one connection; logs itself when dropped.
+struct InboundLog<'a> {
+    ctx: &'a RouteCtx,
+    peer: String,
+    target: String,
+    started: Instant,
+    client: Client,
+    /// Near = target, far = client: `near_to_far` is bytes to the client.
+    moved: Moved,
+    end: End,
+    /// The route's refusal-line limiter.
+    limit: &'a Mutex<LogLimit>,
+}
+
+impl Drop for InboundLog<'_> {
+    fn drop(&mut self) {
+        let m = &self.ctx.metrics;
+        m.active.dec();
+        let (route, peer, target) = (&self.ctx.route.name, &self.peer, &self.target);
+        let (client, client_id) = (&self.client.subject, &self.client.id);
+        let (to_client, from_client) = (self.moved.near_to_far, self.moved.far_to_near);
+        let duration_ms = self.started.elapsed().as_millis() as u64;
+        match &self.end {
+            End::Ok => {
+                m.connection_finished(None);
+                info!(
+                    route = %route, peer = %peer, client = %client, client_id = %client_id,
+                    target = %target, bytes_from_client = from_client,
+                    bytes_to_client = to_client, duration_ms, outcome = %"ok", "connection"
+                );
+            }
+            End::Refused(r, error) => {
+                m.refused(r.outcome(), r.reason());
+                let allowed = self.limit.lock().ok().and_then(|mut l| l.allow());
+                if let Some(suppressed) = allowed {
+                    warn!(
+                        route = %route, peer = %peer, client = %client,
+                        client_id = %client_id, target = %target, bytes_from_client = from_client,
+                        bytes_to_client = to_client, duration_ms, outcome = %r.outcome(),
+                        reason = %r.reason(), error = ?error, suppressed, "connection"
+                    );
+                }
+            }
+            End::Failed(class, error) => {
+                m.connection_finished(Some(*class));
+                warn!(
+                    route = %route, peer = %peer, client = %client, client_id = %client_id,
+                    target = %target, bytes_from_client = from_client,
+                    bytes_to_client = to_client, duration_ms, outcome = %class.outcome(),
+                    reason = %class.reason(), error = ?error, "connection"
+                );
+            }
+        }
+    }
+}
+
+/// The target socket, TCP or unix.
+enum TargetConn {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+/// Dial the target under `--connect-timeout`, resolving a name afresh.
+async fn dial(ctx: &RouteCtx, target: &Target) -> Result<TargetConn, (Refusal, String)> {
+    let deadline = resolve::deadline_after(ctx.route.connect_timeout);
+    let timeout = || {
+        let t = humantime::format_duration(ctx.route.connect_timeout);
+        (
+            Refusal::TargetTimeout,
+            format!("no answer from the target within --connect-timeout {t}"),
+        )
+    };
+    match target {
+        Target::Unix(path) => {
+            match tokio::time::timeout_at(deadline, UnixStream::connect(path)).await {
+                Err(_) => Err(timeout()),
+                Ok(Err(e)) => Err((
+                    Refusal::TargetRefused,
+                    format!("cannot connect to the target: {e}"),
+                )),
+                Ok(Ok(s)) => Ok(TargetConn::Unix(s)),
+            }
+        }
+        Target::Tcp(u) => {
+            let addrs = Resolver::global()
+                .lookup(&u.host, u.port, deadline)
+                .await
+                .map_err(|e| {
+                    (
+                        Refusal::TargetRefused,
+                        format!("cannot resolve the target: {e:?}"),
+                    )
+                })?;
+            let mut attempts = Vec::new();
+            match resolve::connect_each(&addrs, deadline, &mut attempts).await {
+                Ok((s, _)) => Ok(TargetConn::Tcp(s)),
+                Err(resolve::ConnectEnd::Deadline { .. }) => Err(timeout()),
+                Err(resolve::ConnectEnd::AllFailed) => {
+                    let what: Vec<String> =
+                        attempts.iter().map(|(a, e)| format!("{a}: {e}")).collect();
+                    Err((
+                        Refusal::TargetRefused,
+                        format!("cannot connect to the target: {}", what.join("; ")),
+                    ))
+                }
+            }
+        }
+    }
+}
+
+/// Serve one inbound connection; its access line is written when it ends.
+pub(super) async fn handle<S>(
+    ctx: &RouteCtx,
+    inbound: &Inbound,
+    conn: S,
+    peer: String,
+    cut: CancellationToken,
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    ctx.metrics.active.inc();
+    let mut log = InboundLog {
+        ctx,
+        peer,
+        target: inbound.target.to_string(),
+        started: Instant::now(),
+        client: Client::of(None),
+        moved: Moved::default(),
+        end: End::Refused(Refusal::Protocol, "ended before the handshake".into()),
+        limit: &ctx.refusals,
+    };
+    let Some(config) = ctx.identity.server() else {
+        return;
+    };
+    let accept = tokio::time::timeout(
+        inbound.handshake_timeout,
+        TlsAcceptor::from(config).accept(conn),
+    );
+    let mut tls = tokio::select! {
+        r = accept => match r {
+            Err(_) => {
+                let t = humantime::format_duration(inbound.handshake_timeout);
+                log.end = End::Refused(Refusal::HandshakeTimeout, format!("no complete TLS handshake within --handshake-timeout {t}"));
+                return;
+            }
+            Ok(Err(e)) => {
+                log.end = End::Refused(Refusal::of_handshake(&e), format!("client handshake failed: {e}"));
+                return;
+            }
+            Ok(Ok(s)) => s,
+        },
+        _ = cut.cancelled() => {
+            log.end = End::Failed(Class::Drain, "cut at shutdown during the client's handshake".into());
+            return;
+        }
+    };
+    let leaf = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .map(|c| c.as_ref());
+    log.client = Client::of(leaf);
+    // PROXY protocol (`inbound.proxy_protocol`): the header is written to the target here,
+    // before any client byte, by the PROXY protocol module once it is merged.
+    let target = tokio::select! {
+        t = dial(ctx, &inbound.target) => t,
+        _ = cut.cancelled() => {
+            log.end = End::Failed(Class::Drain, "cut at shutdown before the target answered".into());
+            return;
+        }
+    };
+    let result = match target {
+        Err((r, msg)) => {
+            log.end = End::Refused(r, msg);
+            return;
+        }
+        Ok(TargetConn::Tcp(mut t)) => relay_to(ctx, &mut t, &mut tls, &mut log.moved, &cut).await,
+        Ok(TargetConn::Unix(mut t)) => relay_to(ctx, &mut t, &mut tls, &mut log.moved, &cut).await,
+    };
+    log.end = match result {
+        Ok(()) => End::Ok,
+        Err((class, msg)) => End::Failed(class, msg),
+    };
+}
+
+/// Relay between the target (near) and the client's TLS stream (far) until both ends close.
+async fn relay_to<T, C>(
+    ctx: &RouteCtx,
+    target: &mut T,
+    client: &mut C,
+    moved: &mut Moved,
+    cut: &CancellationToken,
+) -> Result<(), (Class, String)>
+where
+    T: ReadySocket,
+    C: AsyncRead + AsyncWrite + Unpin,
+{
+    let m = &ctx.metrics;
+    // Near -> far is target -> client (`from_upstream`), far -> near client -> target.
+    let totals = (&m.bytes_from_upstream, &m.bytes_to_upstream);
+    let relay = Relay::new(target, client, moved, totals, ctx.route.idle_timeout);
+    let r = tokio::select! {
+        r = relay => r,
+        _ = cut.cancelled() => return Err((Class::Drain, "cut: still open when --drain-timeout ran out".into())),
+    };
+    match r {
+        Ok(()) => Ok(()),
+        Err(relay::Error::Idle(limit)) => Err((
+            Class::Idle,
+            format!(
+                "no traffic for --idle-timeout {}",
+                humantime::format_duration(limit)
+            ),
+        )),
+        Err(relay::Error::Near(e)) => Err((Class::Io, format!("target connection i/o error: {e}"))),
+        Err(relay::Error::Far(e)) => Err((Class::Reset, format!("client connection error: {e}"))),
+    }
+}

@@ -1,0 +1,447 @@
+//! Inbound routes in tcp mode: an authorized client's bytes relayed to the plaintext target
+//! both ways (half-close too); each kind of refused client gets its TLS alert and one access
+//! line with its `reason`, and the target never sees a connection; a silent client is cut at
+//! `--handshake-timeout`; a target that is down; a server certificate reloaded by SIGHUP;
+//! `openssl s_client` sees the refusal alert.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use rustls::pki_types::ServerName;
+use rustls::{AlertDescription, ClientConfig, RootCertStore};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+
+use crate::support::pki::{CLIENT_CN, Identity, LeafSpec};
+use crate::support::*;
+
+/// A plaintext target on 127.0.0.1 that echoes every connection (and closes its write side at
+/// the client's end of stream), counting the connections it accepted.
+struct Target {
+    addr: SocketAddr,
+    accepted: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Target {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Target {
+    async fn echo() -> Target {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind target");
+        let addr = l.local_addr().expect("target addr");
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let (mut r, mut w) = s.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                    let _ = w.shutdown().await;
+                });
+            }
+        });
+        Target {
+            addr,
+            accepted,
+            task,
+        }
+    }
+
+    fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+}
+
+/// `run --inbound` on 127.0.0.1:0 with the test server identity and CA, towards `target`.
+fn inbound_cmd(pki: &Pki, target: impl std::fmt::Display) -> Cmd {
+    Cmd::new()
+        .args(["run", "--inbound", "--listen", "127.0.0.1:0", "--target"])
+        .arg(target.to_string())
+        .arg("--cert")
+        .arg(&pki.server.cert)
+        .arg("--key")
+        .arg(&pki.server.key)
+        .arg("--ca")
+        .arg(&pki.ca.pem)
+}
+
+/// A client config trusting the test CA and presenting `id`, if any.
+fn client_config(pki: &Pki, id: Option<&Identity>) -> Arc<ClientConfig> {
+    init_crypto();
+    let mut roots = RootCertStore::empty();
+    roots.add(pki.ca.der.clone()).expect("add CA");
+    let b = ClientConfig::builder().with_root_certificates(roots);
+    Arc::new(match id {
+        Some(id) => b
+            .with_client_auth_cert(id.chain(), id.key_der())
+            .expect("client cert"),
+        None => b.with_no_client_auth(),
+    })
+}
+
+async fn tls_connect(
+    addr: SocketAddr,
+    config: Arc<ClientConfig>,
+) -> std::io::Result<TlsStream<TcpStream>> {
+    let tcp = connect(addr).await;
+    let name = ServerName::try_from("localhost").expect("name");
+    tokio::time::timeout(WAIT, TlsConnector::from(config).connect(name, tcp))
+        .await
+        .expect("handshake within the wait")
+}
+
+/// The alert a refused client receives: TLS 1.3 finishes the client's side of the handshake
+/// before the server judges the certificate, so the alert comes with the first read.
+async fn alert_seen(addr: SocketAddr, config: Arc<ClientConfig>) -> Option<AlertDescription> {
+    let err = match tls_connect(addr, config).await {
+        Err(e) => e,
+        Ok(mut s) => {
+            let _ = s.write_all(b"hello").await;
+            let mut buf = [0u8; 16];
+            match tokio::time::timeout(WAIT, s.read(&mut buf))
+                .await
+                .expect("read")
+            {
+                Err(e) => e,
+                Ok(n) => panic!("a refused client read {n} bytes instead of an alert"),
+            }
+        }
+    };
+    match err.get_ref()?.downcast_ref::<rustls::Error>()? {
+        rustls::Error::AlertReceived(a) => Some(*a),
+        _ => None,
+    }
+}
+
+const WAIT: Duration = Duration::from_secs(10);
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_allowed_client_is_relayed_both_ways_with_half_close() {
+    let pki = Pki::new();
+    let target = Target::echo().await;
+    let mut proxy = inbound_cmd(&pki, target.addr)
+        .args(["--verify-cn", CLIENT_CN])
+        .start();
+    let mut s = tls_connect(proxy.addr(), client_config(&pki, Some(&pki.client)))
+        .await
+        .expect("handshake");
+    let data = pattern(7, 300_000);
+    s.write_all(&data).await.expect("write");
+    // Half-close: our end of stream reaches the target, whose echo still comes back whole.
+    s.shutdown().await.expect("shutdown");
+    let mut got = Vec::new();
+    tokio::time::timeout(WAIT, s.read_to_end(&mut got))
+        .await
+        .expect("echo within the wait")
+        .expect("read");
+    assert!(got == data, "echo came back altered ({} bytes)", got.len());
+    let line = proxy.wait_conn_lines(1).remove(0);
+    assert_eq!(field(&line, "outcome"), Some("ok"), "{line}");
+    assert_eq!(
+        num_field(&line, "bytes_from_client"),
+        data.len() as u64,
+        "{line}"
+    );
+    assert_eq!(
+        num_field(&line, "bytes_to_client"),
+        data.len() as u64,
+        "{line}"
+    );
+    assert_eq!(field(&line, "client_id"), Some("-"), "{line}");
+    assert!(line.contains(CLIENT_CN), "client subject missing: {line}");
+    assert_eq!(
+        field(&line, "target"),
+        Some(target.addr.to_string().as_str()),
+        "{line}"
+    );
+    assert_eq!(target.accepted(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn refused_clients_get_their_alert_and_reason_and_the_target_sees_nothing() {
+    let pki = Pki::new();
+    let other = pki.other_ca();
+    let stranger = pki.leaf(&other, "stranger", LeafSpec::client(CLIENT_CN));
+    let revoked = pki.leaf(&pki.ca, "revoked", LeafSpec::client(CLIENT_CN));
+    let crl = pki.ca.crl(&pki.path("ca.crl"), &[&revoked.der]);
+    let wrong_name = pki.leaf(&pki.ca, "wrong", LeafSpec::client("intruder"));
+    let web = LeafSpec {
+        uris: &["spiffe://example.org/ns/shop/sa/web"],
+        ..LeafSpec::client("web")
+    };
+    let web = pki.leaf(&pki.ca, "web", web);
+    let deep = LeafSpec {
+        uris: &["spiffe://example.org/ns/shop/sa/web/extra"],
+        ..LeafSpec::client("deep")
+    };
+    let deep = pki.leaf(&pki.ca, "deep", deep);
+    let expired = pki.client_expired();
+    let cases: [(&str, Option<&Identity>, AlertDescription, &str); 6] = [
+        (
+            "no certificate",
+            None,
+            AlertDescription::CertificateRequired,
+            "no_client_cert",
+        ),
+        (
+            "another CA",
+            Some(&stranger),
+            AlertDescription::UnknownCA,
+            "unknown_ca",
+        ),
+        (
+            "expired",
+            Some(&expired),
+            AlertDescription::CertificateExpired,
+            "expired",
+        ),
+        (
+            "revoked",
+            Some(&revoked),
+            AlertDescription::CertificateRevoked,
+            "revoked",
+        ),
+        (
+            "name not listed",
+            Some(&wrong_name),
+            AlertDescription::AccessDenied,
+            "not_allowed",
+        ),
+        (
+            "two segments for *",
+            Some(&deep),
+            AlertDescription::AccessDenied,
+            "not_allowed",
+        ),
+    ];
+    let target = Target::echo().await;
+    for (what, id, alert, reason) in cases {
+        let mut proxy = inbound_cmd(&pki, target.addr)
+            .args(["--verify-cn", CLIENT_CN, "--crl"])
+            .arg(&crl)
+            .args(["--verify-uri-san", "spiffe://example.org/ns/shop/sa/*"])
+            .start();
+        let seen = alert_seen(proxy.addr(), client_config(&pki, id)).await;
+        assert_eq!(seen, Some(alert), "{what}: wrong alert");
+        let lines = proxy.wait_conn_lines(1);
+        assert_eq!(lines.len(), 1, "{what}: {lines:?}");
+        assert_eq!(
+            field(&lines[0], "reason"),
+            Some(reason),
+            "{what}: {}",
+            lines[0]
+        );
+        assert_eq!(
+            field(&lines[0], "outcome"),
+            Some("tls_error"),
+            "{what}: {}",
+            lines[0]
+        );
+    }
+    assert_eq!(target.accepted(), 0, "a refused client caused a dial");
+    // The same route lets the URI SAN that matches `*` in.
+    let mut proxy = inbound_cmd(&pki, target.addr)
+        .args(["--verify-uri-san", "spiffe://example.org/ns/shop/sa/*"])
+        .start();
+    let mut s = tls_connect(proxy.addr(), client_config(&pki, Some(&web)))
+        .await
+        .expect("handshake");
+    s.write_all(b"ping").await.expect("write");
+    let mut buf = [0u8; 4];
+    tokio::time::timeout(WAIT, s.read_exact(&mut buf))
+        .await
+        .expect("echo")
+        .expect("read");
+    assert_eq!(&buf, b"ping");
+    drop(s);
+    let line = proxy.wait_conn_lines(1).remove(0);
+    assert_eq!(
+        field(&line, "client_id"),
+        Some("spiffe://example.org/ns/shop/sa/web"),
+        "{line}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_silent_client_is_cut_at_the_handshake_timeout() {
+    let pki = Pki::new();
+    let target = Target::echo().await;
+    let mut proxy = inbound_cmd(&pki, target.addr)
+        .args(["--allow-any-client", "--handshake-timeout", "500ms"])
+        .start();
+    let mut s = connect(proxy.addr()).await;
+    let started = Instant::now();
+    let closed = expect_closed_without_data(&mut s, WAIT).await;
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(400) && took < Duration::from_secs(5),
+        "cut after {took:?} ({closed:?})"
+    );
+    let line = proxy.wait_conn_lines(1).remove(0);
+    assert_eq!(field(&line, "reason"), Some("handshake_timeout"), "{line}");
+    assert_eq!(field(&line, "outcome"), Some("timeout"), "{line}");
+    assert_eq!(target.accepted(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_target_that_is_down_is_target_refused() {
+    let pki = Pki::new();
+    let port = free_port();
+    let mut proxy = inbound_cmd(&pki, format!("127.0.0.1:{port}"))
+        .arg("--allow-any-client")
+        .start();
+    let mut s = tls_connect(proxy.addr(), client_config(&pki, Some(&pki.client)))
+        .await
+        .expect("handshake");
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(WAIT, s.read_to_end(&mut buf))
+        .await
+        .expect("closed within the wait");
+    assert!(buf.is_empty());
+    let line = proxy.wait_conn_lines(1).remove(0);
+    assert_eq!(field(&line, "reason"), Some("target_refused"), "{line}");
+    assert_eq!(field(&line, "outcome"), Some("connect_error"), "{line}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sighup_reloads_the_server_certificate_for_new_handshakes() {
+    let pki = Pki::new();
+    let target = Target::echo().await;
+    let cert = pki.path("live.pem");
+    let key = pki.path("live-key.pem");
+    std::fs::copy(&pki.server.cert, &cert).expect("copy");
+    std::fs::copy(&pki.server.key, &key).expect("copy");
+    let mut proxy = Cmd::new()
+        .args(["run", "--inbound", "--listen", "127.0.0.1:0", "--target"])
+        .arg(target.addr.to_string())
+        .arg("--cert")
+        .arg(&cert)
+        .arg("--key")
+        .arg(&key)
+        .arg("--ca")
+        .arg(&pki.ca.pem)
+        .args(["--allow-any-client", "--reload-interval", "0"])
+        .start();
+    let serial = |s: &TlsStream<TcpStream>| {
+        let der = s.get_ref().1.peer_certificates().expect("server chain")[0].clone();
+        crate::support::pki::serial_of(&der)
+    };
+    let config = client_config(&pki, Some(&pki.client));
+    let first = tls_connect(proxy.addr(), config.clone())
+        .await
+        .expect("handshake");
+    assert_eq!(serial(&first), pki.server.serial_hex());
+    let next = pki.leaf(&pki.ca, "next", LeafSpec::server());
+    crate::support::files::atomic_copy(&next.cert, &cert);
+    crate::support::files::atomic_copy(&next.key, &key);
+    proxy.signal("HUP");
+    proxy.wait_for_line("the reload line", WAIT, |l| l.contains("identity reloaded"));
+    // A fresh client config, so no resumption hides the new certificate.
+    let config = client_config(&pki, Some(&pki.client));
+    let second = tls_connect(proxy.addr(), config).await.expect("handshake");
+    assert_eq!(serial(&second), next.serial_hex());
+    drop(first);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn openssl_s_client_sees_access_denied() {
+    let pki = Pki::new();
+    let target = Target::echo().await;
+    let wrong = pki.leaf(&pki.ca, "wrong", LeafSpec::client("intruder"));
+    let proxy = inbound_cmd(&pki, target.addr)
+        .args(["--verify-cn", CLIENT_CN])
+        .start();
+    let addr = proxy.addr();
+    let (cert, key, ca) = (wrong.cert.clone(), wrong.key.clone(), pki.ca.pem.clone());
+    let out = tokio::task::spawn_blocking(move || {
+        let mut child = std::process::Command::new("openssl")
+            .args([
+                "s_client",
+                "-connect",
+                &addr.to_string(),
+                "-servername",
+                "localhost",
+            ])
+            .arg("-cert")
+            .arg(&cert)
+            .arg("-key")
+            .arg(&key)
+            .arg("-CAfile")
+            .arg(&ca)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run openssl");
+        // Keep stdin open briefly so s_client reads the server's alert, then close it.
+        std::thread::sleep(Duration::from_millis(300));
+        drop(child.stdin.take());
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if child.try_wait().expect("wait").is_some() {
+                break;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        child.wait_with_output().expect("output")
+    })
+    .await
+    .expect("openssl task");
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        text.to_lowercase().contains("access denied"),
+        "openssl did not report access denied:\n{text}"
+    );
+    assert_eq!(target.accepted(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_unix_target_gets_the_bytes_and_idle_clients_are_cut() {
+    let pki = Pki::new();
+    let path = pki.path("app.sock");
+    let l = tokio::net::UnixListener::bind(&path).expect("bind unix target");
+    let echo = tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    let mut proxy = inbound_cmd(&pki, format!("unix:{}", path.display()))
+        .args(["--allow-any-client", "--idle-timeout", "400ms"])
+        .start();
+    let mut s = tls_connect(proxy.addr(), client_config(&pki, Some(&pki.client)))
+        .await
+        .expect("handshake");
+    s.write_all(b"over unix").await.expect("write");
+    let mut buf = [0u8; 9];
+    tokio::time::timeout(WAIT, s.read_exact(&mut buf))
+        .await
+        .expect("echo")
+        .expect("read");
+    assert_eq!(&buf, b"over unix");
+    // Now silent both ways: cut at --idle-timeout.
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(WAIT, s.read_to_end(&mut rest))
+        .await
+        .expect("cut within the wait");
+    let line = proxy.wait_conn_lines(1).remove(0);
+    assert_eq!(field(&line, "reason"), Some("idle_timeout"), "{line}");
+    assert_eq!(num_field(&line, "bytes_from_client"), 9, "{line}");
+    echo.abort();
+}
