@@ -445,3 +445,41 @@ async fn a_unix_target_gets_the_bytes_and_idle_clients_are_cut() {
     assert_eq!(num_field(&line, "bytes_from_client"), 9, "{line}");
     echo.abort();
 }
+
+/// `--proxy-protocol v1` and `v2`: HAProxy (`accept-proxy`) as the target reads the client's
+/// address and port from our header, as the app behind an inbound route would.
+#[tokio::test(flavor = "multi_thread")]
+async fn haproxy_behind_the_route_reads_the_clients_address_from_the_proxy_header() {
+    use crate::proxy_protocol_interop::{HAPROXY, body, haproxy, installed};
+    if !installed(HAPROXY) {
+        return;
+    }
+    let target = tokio::task::block_in_place(haproxy);
+    for version in ["v1", "v2"] {
+        let pki = Pki::new();
+        let proxy = inbound_cmd(&pki, format!("127.0.0.1:{}", target.port))
+            .args(["--allow-any-client", "--proxy-protocol", version])
+            .start();
+        let mut s = tls_connect(proxy.addr(), client_config(&pki, Some(&pki.client)))
+            .await
+            .expect("handshake");
+        let client = s.get_ref().0.local_addr().expect("client address");
+        s.write_all(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+            .await
+            .expect("request");
+        let mut answer = Vec::new();
+        // HAProxy closes after its answer; the route passes the close on.
+        let _ = tokio::time::timeout(WAIT, s.read_to_end(&mut answer))
+            .await
+            .expect("answer within the wait");
+        let answer = String::from_utf8_lossy(&answer);
+        let seen = body(&answer);
+        let want = format!(
+            "src={} src_port={} dst=127.0.0.1 dst_port={}",
+            client.ip(),
+            client.port(),
+            proxy.addr().port()
+        );
+        assert_eq!(seen, want, "{version}");
+    }
+}

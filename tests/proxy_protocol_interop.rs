@@ -17,12 +17,12 @@ use mtls_sidecar::inbound::proxy_protocol::{TlsFacts, v1, v2};
 use crate::support::nginx::NGINX;
 use crate::support::{WAIT, free_port};
 
-const HAPROXY: &str = "/usr/sbin/haproxy";
+pub(crate) const HAPROXY: &str = "/usr/sbin/haproxy";
 
 /// A server in the foreground, killed by pid on drop; its log is shown if the test failed.
-struct Server {
+pub(crate) struct Server {
     child: Child,
-    port: u16,
+    pub(crate) port: u16,
     log: PathBuf,
     _dir: tempfile::TempDir,
 }
@@ -38,7 +38,7 @@ impl Drop for Server {
     }
 }
 
-fn installed(path: &str) -> bool {
+pub(crate) fn installed(path: &str) -> bool {
     let there = Path::new(path).is_file();
     if !there {
         eprintln!("SKIPPED: {path} is not installed");
@@ -110,7 +110,7 @@ fn start(
     panic!("{name} did not start:\n{last}");
 }
 
-fn haproxy() -> Server {
+pub(crate) fn haproxy() -> Server {
     let conf = |_: &Path, port: u16| {
         format!(
             r#"
@@ -201,7 +201,7 @@ fn facts() -> TlsFacts {
 }
 
 /// The answer's body line, or a panic showing the whole answer.
-fn body(answer: &str) -> &str {
+pub(crate) fn body(answer: &str) -> &str {
     assert!(answer.starts_with("HTTP/1.1 200"), "answer: {answer:?}");
     answer
         .split("\r\n\r\n")

@@ -7,10 +7,11 @@
 //! app near and the upstream TLS far: the same code path and the same memory bound.
 
 use std::io;
-use std::sync::Mutex;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
@@ -18,8 +19,10 @@ use tracing::{info, warn};
 
 use super::RouteCtx;
 use super::relay::{self, Moved, Relay};
+use crate::cli::ProxyProtocol;
 use crate::config::{Inbound, Target};
 use crate::failure::{Class, escape};
+use crate::inbound::proxy_protocol::{self, TlsFacts};
 use crate::listen::LogLimit;
 use crate::resolve::{self, Resolver};
 use crate::transport::ReadySocket;
@@ -242,12 +245,41 @@ async fn dial(ctx: &RouteCtx, target: &Target) -> Result<TargetConn, (Refusal, S
     }
 }
 
+/// The client's TLS handshake under `--handshake-timeout`, or how it ended.
+async fn accept<S>(
+    config: Arc<rustls::ServerConfig>,
+    inbound: &Inbound,
+    conn: S,
+    cut: &CancellationToken,
+) -> Result<tokio_rustls::server::TlsStream<S>, End>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let accept = tokio::time::timeout(
+        inbound.handshake_timeout,
+        TlsAcceptor::from(config).accept(conn),
+    );
+    tokio::select! {
+        r = accept => match r {
+            Err(_) => {
+                let t = humantime::format_duration(inbound.handshake_timeout);
+                Err(End::Refused(Refusal::HandshakeTimeout, format!("no complete TLS handshake within --handshake-timeout {t}")))
+            }
+            Ok(Err(e)) => Err(End::Refused(Refusal::of_handshake(&e), format!("client handshake failed: {e}"))),
+            Ok(Ok(s)) => Ok(s),
+        },
+        _ = cut.cancelled() => Err(End::Failed(Class::Drain, "cut at shutdown during the client's handshake".into())),
+    }
+}
+
 /// Serve one inbound connection; its access line is written when it ends.
+/// `addrs` are the client's and our own address (a TCP listener), for the PROXY header.
 pub(super) async fn handle<S>(
     ctx: &RouteCtx,
     inbound: &Inbound,
     conn: S,
     peer: String,
+    addrs: Option<(SocketAddr, SocketAddr)>,
     cut: CancellationToken,
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -266,25 +298,10 @@ pub(super) async fn handle<S>(
     let Some(config) = ctx.identity.server() else {
         return;
     };
-    let accept = tokio::time::timeout(
-        inbound.handshake_timeout,
-        TlsAcceptor::from(config).accept(conn),
-    );
-    let mut tls = tokio::select! {
-        r = accept => match r {
-            Err(_) => {
-                let t = humantime::format_duration(inbound.handshake_timeout);
-                log.end = End::Refused(Refusal::HandshakeTimeout, format!("no complete TLS handshake within --handshake-timeout {t}"));
-                return;
-            }
-            Ok(Err(e)) => {
-                log.end = End::Refused(Refusal::of_handshake(&e), format!("client handshake failed: {e}"));
-                return;
-            }
-            Ok(Ok(s)) => s,
-        },
-        _ = cut.cancelled() => {
-            log.end = End::Failed(Class::Drain, "cut at shutdown during the client's handshake".into());
+    let mut tls = match accept(config, inbound, conn, &cut).await {
+        Ok(s) => s,
+        Err(end) => {
+            log.end = end;
             return;
         }
     };
@@ -295,8 +312,10 @@ pub(super) async fn handle<S>(
         .and_then(|c| c.first())
         .map(|c| c.as_ref());
     log.client = Client::of(leaf);
-    // PROXY protocol (`inbound.proxy_protocol`): the header is written to the target here,
-    // before any client byte, by the PROXY protocol module once it is merged.
+    // The PROXY header goes to the target before any client byte (built now: the TLS facts).
+    let header = inbound
+        .proxy_protocol
+        .map(|v| proxy_header(v, addrs, tls.get_ref().1));
     let target = tokio::select! {
         t = dial(ctx, &inbound.target) => t,
         _ = cut.cancelled() => {
@@ -309,13 +328,63 @@ pub(super) async fn handle<S>(
             log.end = End::Refused(r, msg);
             return;
         }
-        Ok(TargetConn::Tcp(mut t)) => relay_to(ctx, &mut t, &mut tls, &mut log.moved, &cut).await,
-        Ok(TargetConn::Unix(mut t)) => relay_to(ctx, &mut t, &mut tls, &mut log.moved, &cut).await,
+        Ok(TargetConn::Tcp(mut t)) => match send_header(ctx, &mut t, header.as_deref()).await {
+            Ok(()) => relay_to(ctx, &mut t, &mut tls, &mut log.moved, &cut).await,
+            Err(e) => Err(e),
+        },
+        Ok(TargetConn::Unix(mut t)) => match send_header(ctx, &mut t, header.as_deref()).await {
+            Ok(()) => relay_to(ctx, &mut t, &mut tls, &mut log.moved, &cut).await,
+            Err(e) => Err(e),
+        },
     };
     log.end = match result {
         Ok(()) => End::Ok,
         Err((class, msg)) => End::Failed(class, msg),
     };
+}
+
+/// The `--proxy-protocol` header for this connection. Without addresses (a unix listener) v1
+/// says `UNKNOWN` and v2 is a `LOCAL` header, which the spec provides for exactly that.
+fn proxy_header(
+    version: ProxyProtocol,
+    addrs: Option<(SocketAddr, SocketAddr)>,
+    tls: &rustls::ServerConnection,
+) -> Vec<u8> {
+    match (version, addrs) {
+        (ProxyProtocol::V1, Some((client, local))) => proxy_protocol::v1(client, local),
+        (ProxyProtocol::V2, Some((client, local))) => {
+            proxy_protocol::v2(client, local, Some(&TlsFacts::of(tls)))
+        }
+        (ProxyProtocol::V1, None) => b"PROXY UNKNOWN\r\n".to_vec(),
+        (ProxyProtocol::V2, None) => {
+            let mut h = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+            // Version 2, command LOCAL; family unspecified; no address block.
+            h.extend_from_slice(&[0x20, 0x00, 0x00, 0x00]);
+            h
+        }
+    }
+}
+
+/// Write the PROXY header, if any, to the fresh target connection, within `--connect-timeout`.
+async fn send_header<T: AsyncWrite + Unpin>(
+    ctx: &RouteCtx,
+    target: &mut T,
+    header: Option<&[u8]>,
+) -> Result<(), (Class, String)> {
+    let Some(header) = header else {
+        return Ok(());
+    };
+    match tokio::time::timeout(ctx.route.connect_timeout, target.write_all(header)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err((
+            Class::Io,
+            format!("cannot send the PROXY header to the target: {e}"),
+        )),
+        Err(_) => Err((
+            Class::Timeout,
+            "the target did not take the PROXY header within --connect-timeout".into(),
+        )),
+    }
 }
 
 /// Relay between the target (near) and the client's TLS stream (far) until both ends close.

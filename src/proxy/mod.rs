@@ -233,9 +233,10 @@ fn spawn_conn(
                 match conn {
                     Conn::Tcp(s) => {
                         let _ = s.set_nodelay(true);
-                        inbound::handle(&ctx, &inbound, s, peer, cut).await
+                        let addrs = s.peer_addr().ok().zip(s.local_addr().ok());
+                        inbound::handle(&ctx, &inbound, s, peer, addrs, cut).await
                     }
-                    Conn::Unix(s) => inbound::handle(&ctx, &inbound, s, peer, cut).await,
+                    Conn::Unix(s) => inbound::handle(&ctx, &inbound, s, peer, None, cut).await,
                 }
                 drop(permit);
             }

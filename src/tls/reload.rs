@@ -299,9 +299,11 @@ impl Reloader {
         }
     }
 
+    /// Counted (and shown in `/status`) before the line is logged, so whoever reads the line
+    /// finds the outcome already recorded.
     fn fail(&self, msg: String) {
+        self.outcomes.record(Some(msg.clone()));
         warn!(route = %self.name, error = ?msg, "identity reload failed; keeping the current identity");
-        self.outcomes.record(Some(msg));
     }
 
     /// Warn (daily) when the certificate in force expires within 7 days; error once expired or
