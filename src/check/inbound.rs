@@ -1,11 +1,11 @@
 //! `check` on an inbound route: the server certificate, `--ca` and CRLs were loaded (and the
 //! server configuration built) by the caller; here the authorization rule is put in words and
-//! the target is dialled once, in plaintext, within `--connect-timeout`.
-
-use tokio::net::{TcpStream, UnixStream};
+//! the target is dialled once, in plaintext, within `--connect-timeout`, the way the route
+//! dials it.
 
 use super::RouteReport;
-use crate::config::{Route, Target};
+use crate::config::Route;
+use crate::proxy::inbound::{Refusal, TargetConn, dial};
 
 /// Fill `r` for an inbound route: rule, target, one dial.
 pub(super) async fn check(route: &Route, r: &mut RouteReport) {
@@ -19,27 +19,19 @@ pub(super) async fn check(route: &Route, r: &mut RouteReport) {
             .push(format!("inbound: lets in {}", rule.describe()));
     }
     let limit = route.connect_timeout;
-    let dialled = match &inbound.target {
-        Target::Unix(path) => tokio::time::timeout(limit, UnixStream::connect(path))
-            .await
-            .map(|r| r.map(|_| path.display().to_string())),
-        Target::Tcp(u) => {
-            let addr = (u.host.clone(), u.port);
-            tokio::time::timeout(limit, TcpStream::connect(addr))
-                .await
-                .map(|r| r.and_then(|s| s.peer_addr()).map(|a| a.to_string()))
+    match dial(&inbound.target, limit).await {
+        Ok(TargetConn::Tcp(s)) => {
+            r.connected = Some(s.peer_addr().map_or_else(|_| "-".into(), |a| a.to_string()))
         }
-    };
-    match dialled {
-        Ok(Ok(at)) => r.connected = Some(at),
-        Ok(Err(e)) => r.problems.push(format!(
-            "cannot connect to the target {}: {e}: is the app running?",
-            inbound.target
-        )),
-        Err(_) => r.problems.push(format!(
+        Ok(TargetConn::Unix(_)) => r.connected = Some(inbound.target.to_string()),
+        Err((Refusal::TargetTimeout, _)) => r.problems.push(format!(
             "the target {} did not answer within --connect-timeout {}",
             inbound.target,
             humantime::format_duration(limit)
+        )),
+        Err((_, why)) => r.problems.push(format!(
+            "{why} (target {}): is the app running?",
+            inbound.target
         )),
     }
 }

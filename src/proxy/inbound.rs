@@ -192,16 +192,20 @@ impl Drop for InboundLog<'_> {
 }
 
 /// The target socket, TCP or unix.
-enum TargetConn {
+pub(crate) enum TargetConn {
     Tcp(TcpStream),
     Unix(UnixStream),
 }
 
-/// Dial the target under `--connect-timeout`, resolving a name afresh.
-async fn dial(ctx: &RouteCtx, target: &Target) -> Result<TargetConn, (Refusal, String)> {
-    let deadline = resolve::deadline_after(ctx.route.connect_timeout);
+/// Dial the target under `--connect-timeout` (`limit`), resolving a name afresh on the
+/// resolver's own bounded threads; `check` dials the target through this too.
+pub(crate) async fn dial(
+    target: &Target,
+    limit: std::time::Duration,
+) -> Result<TargetConn, (Refusal, String)> {
+    let deadline = resolve::deadline_after(limit);
     let timeout = || {
-        let t = humantime::format_duration(ctx.route.connect_timeout);
+        let t = humantime::format_duration(limit);
         (
             Refusal::TargetTimeout,
             format!("no answer from the target within --connect-timeout {t}"),
@@ -317,7 +321,7 @@ pub(super) async fn handle<S>(
         .proxy_protocol
         .map(|v| proxy_header(v, addrs, tls.get_ref().1));
     let target = tokio::select! {
-        t = dial(ctx, &inbound.target) => t,
+        t = dial(&inbound.target, ctx.route.connect_timeout) => t,
         _ = cut.cancelled() => {
             log.end = End::Failed(Class::Drain, "cut at shutdown before the target answered".into());
             return;

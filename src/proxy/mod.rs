@@ -4,7 +4,7 @@
 
 mod framing;
 pub mod http;
-mod inbound;
+pub(crate) mod inbound;
 mod log;
 pub mod relay;
 mod tcp;
