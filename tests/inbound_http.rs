@@ -56,11 +56,36 @@ impl Target {
     async fn start() -> Target {
         let l = TcpListener::bind("127.0.0.1:0").await.expect("bind target");
         let addr = l.local_addr().expect("target addr");
+        let l = Arc::new(l);
+        Target::serve(addr, move || {
+            let l = l.clone();
+            async move { l.accept().await.map(|(s, _)| s) }
+        })
+        .await
+    }
+
+    /// A target on a unix socket at `path`.
+    async fn start_unix(path: &std::path::Path) -> Target {
+        let l = Arc::new(tokio::net::UnixListener::bind(path).expect("bind unix target"));
+        let unused: SocketAddr = "0.0.0.0:0".parse().expect("addr");
+        Target::serve(unused, move || {
+            let l = l.clone();
+            async move { l.accept().await.map(|(s, _)| s) }
+        })
+        .await
+    }
+
+    async fn serve<S, F, A>(addr: SocketAddr, mut accept: A) -> Target
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+        F: std::future::Future<Output = std::io::Result<S>> + Send,
+        A: FnMut() -> F + Send + 'static,
+    {
         let accepted = Arc::new(AtomicUsize::new(0));
         let seen = Arc::new(Mutex::new(Vec::new()));
         let (count, log) = (accepted.clone(), seen.clone());
         let task = tokio::spawn(async move {
-            while let Ok((s, _)) = l.accept().await {
+            while let Ok(s) = accept().await {
                 count.fetch_add(1, Ordering::SeqCst);
                 let log = log.clone();
                 let service = hyper::service::service_fn(move |req: Request<Incoming>| {
@@ -69,7 +94,8 @@ impl Target {
                 });
                 tokio::spawn(
                     hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(s), service),
+                        .serve_connection(TokioIo::new(s), service)
+                        .with_upgrades(),
                 );
             }
         });
@@ -90,7 +116,30 @@ impl Target {
     }
 }
 
-async fn answer(req: Request<Incoming>, log: &Mutex<Vec<Seen>>) -> Response<Body> {
+async fn answer(mut req: Request<Incoming>, log: &Mutex<Vec<Seen>>) -> Response<Body> {
+    if req.uri().path() == "/ws" {
+        // An upgrade: 101, then echo on the upgraded connection.
+        let upgraded = hyper::upgrade::on(&mut req);
+        log.lock().expect("seen").push(Seen {
+            version: req.version(),
+            path: "/ws".into(),
+            headers: req.headers().clone(),
+            body: Bytes::new(),
+        });
+        tokio::spawn(async move {
+            if let Ok(u) = upgraded.await {
+                let (mut r, mut w) = tokio::io::split(TokioIo::new(u));
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            }
+        });
+        let mut resp = Response::new(empty());
+        *resp.status_mut() = hyper::StatusCode::SWITCHING_PROTOCOLS;
+        resp.headers_mut()
+            .insert("upgrade", "echo".parse().expect("value"));
+        resp.headers_mut()
+            .insert("connection", "upgrade".parse().expect("value"));
+        return resp;
+    }
     let (parts, body) = req.into_parts();
     let body = body
         .collect()
@@ -138,6 +187,17 @@ async fn tls(
     id: &Identity,
     alpn: &[u8],
 ) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    tls_after(pki, addr, id, alpn, Duration::ZERO).await
+}
+
+/// [`tls`], the handshake begun `delay` after the TCP connection.
+async fn tls_after(
+    pki: &Pki,
+    addr: SocketAddr,
+    id: &Identity,
+    alpn: &[u8],
+    delay: Duration,
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
     init_crypto();
     let mut roots = RootCertStore::empty();
     roots.add(pki.ca.der.clone()).expect("add CA");
@@ -147,6 +207,7 @@ async fn tls(
         .expect("client cert");
     config.alpn_protocols = vec![alpn.to_vec()];
     let tcp = connect(addr).await;
+    tokio::time::sleep(delay).await;
     let name = ServerName::try_from("localhost").expect("name");
     tokio::time::timeout(
         WAIT,
@@ -167,7 +228,7 @@ async fn h1(
     let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
         .await
         .expect("HTTP/1.1 handshake");
-    tokio::spawn(conn);
+    tokio::spawn(conn.with_upgrades());
     sender
 }
 
@@ -509,4 +570,109 @@ fn proxy_protocol_and_alpn_are_refused_in_http_mode() {
             .startup_error();
         assert!(err.contains(flag), "{extra:?}: {err}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_upgrade_reaches_the_target_with_the_identity_and_bytes_flow_both_ways() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let pki = Pki::new();
+    let target = Target::start().await;
+    let web = web_client(&pki);
+    let mut proxy = inbound_http_cmd(&pki, target.addr)
+        .args(["--verify-uri-san", "spiffe://example.org/ns/shop/sa/web"])
+        .start();
+    let mut sender = h1(&pki, proxy.addr(), &web).await;
+    let req = Request::builder()
+        .uri("/ws")
+        .header("host", "shop.internal")
+        .header("upgrade", "echo")
+        .header("connection", "upgrade")
+        .header("x-forwarded-client-cert", "forged")
+        .body(empty())
+        .expect("request");
+    let resp = tokio::time::timeout(WAIT, sender.send_request(req))
+        .await
+        .expect("a 101 within the wait")
+        .expect("response");
+    assert_eq!(resp.status(), 101);
+    let upgraded = tokio::time::timeout(WAIT, hyper::upgrade::on(resp))
+        .await
+        .expect("upgrade within the wait")
+        .expect("upgraded");
+    let mut io = TokioIo::new(upgraded);
+    let data = pattern(3, 100_000);
+    io.write_all(&data).await.expect("write");
+    let mut got = vec![0u8; data.len()];
+    tokio::time::timeout(WAIT, io.read_exact(&mut got))
+        .await
+        .expect("echo within the wait")
+        .expect("read");
+    assert!(got == data, "the tunnel altered the bytes");
+    let seen = target.seen();
+    let h = &seen[0].headers;
+    assert_eq!(all(h, "x-forwarded-client-cert"), [web_xfcc(&web)], "{h:?}");
+    assert_eq!(all(h, "host"), ["shop.internal"], "{h:?}");
+    assert_eq!(all(h, "upgrade"), ["echo"], "{h:?}");
+    drop(io);
+    let line = proxy.wait_conn_lines(1).remove(0);
+    assert!(
+        num_field(&line, "bytes_from_client") >= data.len() as u64,
+        "tunnel bytes are the client's: {line}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_unix_target_gets_the_requests() {
+    let pki = Pki::new();
+    let sock = pki.path("app.sock");
+    let target = Target::start_unix(&sock).await;
+    let proxy = inbound_http_cmd(&pki, format!("unix:{}", sock.display()))
+        .args(["--verify-cn", CLIENT_CN])
+        .start();
+    let mut sender = h1(&pki, proxy.addr(), &pki.client).await;
+    for _ in 0..3 {
+        let req = Request::builder()
+            .uri("/unix")
+            .header("host", "app.local")
+            .body(full("hello"))
+            .expect("request");
+        let reply = call1(&mut sender, req).await;
+        assert_eq!(reply.status, 200);
+        assert_eq!(reply.text(), "hello");
+    }
+    let seen = target.seen();
+    assert_eq!(all(&seen[0].headers, "host"), ["app.local"]);
+    assert_eq!(target.accepted(), 1, "one pooled unix connection");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_header_timeout_counts_from_accept() {
+    use tokio::io::AsyncReadExt;
+    let pki = Pki::new();
+    let target = Target::start().await;
+    let mut proxy = inbound_http_cmd(&pki, target.addr)
+        .args(["--verify-cn", CLIENT_CN, "--header-timeout", "2s"])
+        .start();
+    let started = std::time::Instant::now();
+    // A slow handshake (within --handshake-timeout) uses up part of the head's time.
+    let slow = Duration::from_millis(1500);
+    let mut s = tls_after(&pki, proxy.addr(), &pki.client, b"http/1.1", slow)
+        .await
+        .expect("handshake");
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(WAIT, s.read(&mut buf)).await;
+    let took = started.elapsed();
+    assert!(
+        matches!(n, Ok(Ok(0)) | Ok(Err(_))),
+        "a silent client was not closed: {n:?}"
+    );
+    assert!(took >= Duration::from_millis(1900), "closed after {took:?}");
+    // Counted from the handshake's end it would be 3.5 s.
+    assert!(
+        took < Duration::from_millis(3200),
+        "closed only after {took:?}: --header-timeout 2s counts from accept"
+    );
+    let line = proxy.wait_conn_lines(1).remove(0);
+    assert_eq!(field(&line, "reason"), Some("timeout"), "{line}");
+    assert_eq!(target.accepted(), 0);
 }
