@@ -666,3 +666,56 @@ async fn the_header_timeout_counts_from_accept() {
     assert_eq!(field(&line, "reason"), Some("timeout"), "{line}");
     assert_eq!(target.accepted(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reload_changes_new_handshakes_and_leaves_open_connections_serving() {
+    let pki = Pki::new();
+    let target = Target::start().await;
+    let ca = pki.path("live-ca.pem");
+    std::fs::copy(&pki.ca.pem, &ca).expect("copy");
+    let mut proxy = Cmd::new()
+        .args([
+            "run",
+            "--inbound",
+            "--mode",
+            "http",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .arg("--target")
+        .arg(target.addr.to_string())
+        .arg("--cert")
+        .arg(&pki.server.cert)
+        .arg("--key")
+        .arg(&pki.server.key)
+        .arg("--ca")
+        .arg(&ca)
+        .args(["--allow-any-client", "--reload-interval", "0"])
+        .start();
+    let open = h2(&pki, proxy.addr(), &pki.client).await;
+    let before = call2(open.clone(), get("https://app/one", "app", empty())).await;
+    assert_eq!(before.status, 200);
+    // The client's CA is no longer trusted for new handshakes.
+    let other = pki.other_ca();
+    crate::support::files::atomic_copy(&other.pem, &ca);
+    proxy.signal("HUP");
+    proxy.wait_for_line("the reload line", WAIT, |l| l.contains("identity reloaded"));
+    let refused = async {
+        let mut s = tls(&pki, proxy.addr(), &pki.client, b"h2").await?;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await?;
+        let mut buf = [0u8; 64];
+        s.read(&mut buf).await
+    };
+    let r = tokio::time::timeout(WAIT, refused).await.expect("in time");
+    assert!(
+        r.is_err(),
+        "a client of the old CA got in after the reload: {r:?}"
+    );
+    proxy.wait_for_line("the refusal", WAIT, |l| {
+        field(l, "reason") == Some("unknown_ca")
+    });
+    let after = call2(open.clone(), get("https://app/two", "app", empty())).await;
+    assert_eq!(after.status, 200, "the open connection still serves");
+    assert_eq!(target.seen().len(), 2);
+}
