@@ -17,6 +17,7 @@
 //! - `config_file`: `run --config FILE`: errors naming file, line and key; many routes, each with
 //!   its own identity, trust and timeouts or `[defaults]`; shared identities; `[admin]`
 //! - `check_cmd`: the `check` command against good and failing upstreams, text and JSON, nginx
+//! - `check_inbound`: `check` on inbound routes: direction, rule, client CAs, CRLs, listen names
 //! - `checks`: `--crl`, `--verify-uri-san` and `--pin-sha256` on top of chain and name checks
 //! - `admin`: `/healthz`, `/readyz`, `/metrics`, `/status`, `POST /shutdown` and `wait`
 //! - `systemd`: the notify protocol against a fake `NOTIFY_SOCKET`; socket activation
@@ -53,6 +54,7 @@ mod support;
 
 mod admin;
 mod check_cmd;
+mod check_inbound;
 mod checks;
 mod config_file;
 mod formats;
