@@ -188,3 +188,33 @@ fn json_has_direction_and_target_and_no_upstream_on_inbound() {
         "{out}"
     );
 }
+
+#[test]
+fn a_config_file_inbound_route_is_checked_against_its_listen_name_too() {
+    let pki = Pki::new();
+    let (_t, to) = target();
+    let wrong = pki.server_wrong_name();
+    let file = pki.write(
+        "in.toml",
+        format!(
+            "[[route]]\nname = \"api\"\ninbound = true\nlisten = \"localhost:0\"\ntarget = {to:?}\n\
+             cert = {:?}\nkey = {:?}\nca = {:?}\nverify_cn = [\"client\"]\n",
+            wrong.cert, wrong.key, pki.ca.pem
+        ),
+    );
+    let mut child = Cmd::new().arg("check").arg("--config").arg(&file).spawn();
+    let status = child.wait_exit(Duration::from_secs(15));
+    child.wait_output_closed();
+    let out = child.stdout();
+    assert_eq!(status.code(), Some(1), "{out}");
+    assert!(
+        out.contains(
+            "route api: FAIL: the server certificate's names do not cover the listen host localhost"
+        ),
+        "{out}"
+    );
+    assert!(
+        out.contains("  authorization    lets in a client leaf with CN client"),
+        "{out}"
+    );
+}
