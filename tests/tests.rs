@@ -73,6 +73,7 @@ mod http;
 mod http_errors;
 mod http_pool;
 mod inbound_config;
+mod inbound_http;
 mod inbound_state;
 mod inbound_tcp;
 mod interop;
