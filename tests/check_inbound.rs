@@ -7,7 +7,7 @@ use std::time::Duration;
 use crate::support::pki::Identity;
 use crate::support::*;
 
-/// `check --inbound` with `cert`/`key` as the server identity, the test CA for clients and the
+/// `check --inbound` with `server` as the server identity, the test CA for clients and the
 /// given extra flags; returns the exit code and stdout.
 fn check(
     pki: &Pki,
@@ -16,12 +16,24 @@ fn check(
     target: &str,
     extra: &[&str],
 ) -> (i32, String) {
+    check_files(pki, &server.cert, &server.key, listen, target, extra)
+}
+
+/// [`check`] with the certificate and key files given by path.
+fn check_files(
+    pki: &Pki,
+    cert: &std::path::Path,
+    key: &std::path::Path,
+    listen: &str,
+    target: &str,
+    extra: &[&str],
+) -> (i32, String) {
     let mut child = Cmd::new()
         .args(["check", "--inbound", "--listen", listen, "--target", target])
         .arg("--cert")
-        .arg(&server.cert)
+        .arg(cert)
         .arg("--key")
-        .arg(&server.key)
+        .arg(key)
         .arg("--ca")
         .arg(&pki.ca.pem)
         .args(extra)
@@ -217,4 +229,42 @@ fn a_config_file_inbound_route_is_checked_against_its_listen_name_too() {
         out.contains("  authorization    lets in a client leaf with CN client"),
         "{out}"
     );
+}
+
+#[test]
+fn a_wrong_ca_certificate_in_the_server_chain_file_fails() {
+    let pki = Pki::new();
+    let (_t, to) = target();
+    let leaf = std::fs::read_to_string(&pki.server.cert).expect("read leaf");
+    // The right issuer appended: the chain verifies.
+    let good = pki.write(
+        "good-chain.pem",
+        leaf.clone() + &std::fs::read_to_string(&pki.ca.pem).expect("read CA"),
+    );
+    // A CA with the same name but another key: names link up, the signature does not.
+    let impostor = pki.new_ca("impostor", "mtls-sidecar test CA");
+    let bad = pki.write(
+        "bad-chain.pem",
+        leaf + &std::fs::read_to_string(&impostor.pem).expect("read impostor"),
+    );
+    for (chain, ok) in [(good, true), (bad, false)] {
+        let (code, out) = check_files(
+            &pki,
+            &chain,
+            &pki.server.key,
+            "127.0.0.1:0",
+            &to,
+            &["--allow-any-client"],
+        );
+        if ok {
+            assert_eq!(code, 0, "{out}");
+            assert!(out.contains("complete: it ends at the root"), "{out}");
+        } else {
+            assert_eq!(code, 1, "{out}");
+            assert!(
+                out.contains("FAIL: the server certificate does not verify against its issuer CN=mtls-sidecar test CA in the same file"),
+                "{out}"
+            );
+        }
+    }
 }

@@ -6,9 +6,14 @@
 
 use std::net::IpAddr;
 
-use rustls::pki_types::CertificateDer;
+use std::sync::Arc;
 
-use super::cert::validity_words;
+use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::ServerCertVerifier as _;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{CertificateError, RootCertStore};
+
+use super::cert::{Names, follow, validity_words};
 use super::report::{CaSummary, CrlSummary, InboundReport};
 use super::{EXPIRY_NOTE_DAYS, RouteReport};
 use crate::config::{Inbound, Route};
@@ -21,13 +26,14 @@ use crate::tls::load::{self, FileBytes, Material};
 pub(super) async fn check(
     route: &Route,
     material: &Material,
-    leaf: &CertificateDer<'_>,
+    chain: &[CertificateDer<'static>],
     now: i64,
     r: &mut RouteReport,
 ) {
-    let Some(inbound) = route.inbound() else {
+    let (Some(inbound), Some(leaf)) = (route.inbound(), chain.first()) else {
         return;
     };
+    own_chain(chain, r);
     let client_cas = material.ca.as_ref().map(|f| ca_summary(f, now, r));
     let crls = material
         .crls
@@ -175,6 +181,66 @@ fn dns_san_covers(san: &str, name: &str) -> bool {
     match (dns.strip_prefix("*."), name.split_once('.')) {
         (Some(rest), Some((first, tail))) => !first.is_empty() && rest.eq_ignore_ascii_case(tail),
         _ => false,
+    }
+}
+
+/// When the certificate file also holds the leaf's issuer, the leaf (and the intermediates on
+/// the way) must verify against it with webpki, as clients will: a wrong CA certificate in the
+/// file is a problem. Validity, names and key usage are reported on their own, so those errors
+/// are not repeated here; nothing is checked when the issuer is not in the file.
+fn own_chain(chain: &[CertificateDer<'static>], r: &mut RouteReport) {
+    let names: Vec<Names> = chain.iter().filter_map(Names::of).collect();
+    if names.len() != chain.len() {
+        return;
+    }
+    let path = follow(&names);
+    let (Some(&top), true) = (path.last(), path.len() > 1) else {
+        return;
+    };
+    let mut roots = RootCertStore::empty();
+    if roots.add(chain[top].clone()).is_err() {
+        return;
+    }
+    let Ok(verifier) =
+        WebPkiServerVerifier::builder_with_provider(Arc::new(roots), crate::tls::provider())
+            .build()
+    else {
+        return;
+    };
+    let between: Vec<CertificateDer<'static>> = path[1..path.len() - 1]
+        .iter()
+        .map(|&i| chain[i].clone())
+        .collect();
+    let sans = CertInfo::parse(&chain[0])
+        .map(|i| i.sans)
+        .unwrap_or_default();
+    let name = sans
+        .iter()
+        .find_map(|s| s.strip_prefix("DNS:").or_else(|| s.strip_prefix("IP:")))
+        .and_then(|n| ServerName::try_from(n.to_string()).ok())
+        .unwrap_or_else(|| ServerName::try_from("localhost").expect("a valid name"));
+    let result = verifier.verify_server_cert(&chain[0], &between, &name, &[], UnixTime::now());
+    let Err(rustls::Error::InvalidCertificate(e)) = result else {
+        return;
+    };
+    let reported_elsewhere = matches!(
+        e,
+        CertificateError::NotValidForName
+            | CertificateError::NotValidForNameContext { .. }
+            | CertificateError::Expired
+            | CertificateError::ExpiredContext { .. }
+            | CertificateError::NotValidYet
+            | CertificateError::NotValidYetContext { .. }
+            | CertificateError::InvalidPurpose
+            | CertificateError::InvalidPurposeContext { .. }
+    );
+    if !reported_elsewhere {
+        r.problems.push(format!(
+            "the server certificate does not verify against its issuer {} in the same file ({e:?}): \
+             the file holds the wrong CA certificate, or the leaf was not issued by it; clients \
+             will refuse this chain",
+            names[top].subject
+        ));
     }
 }
 

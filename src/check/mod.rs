@@ -224,7 +224,7 @@ async fn check_route(route: &Route, proxy: Option<&Proxy>) -> RouteReport {
         Err(e) => return r.fail(e.to_string()),
     };
     if route.inbound().is_some() {
-        inbound::check(route, &material, &ours[0], now, &mut r).await;
+        inbound::check(route, &material, &ours, now, &mut r).await;
         return r.finish();
     }
     let trust = trust_of(&material);
