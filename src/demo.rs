@@ -1,28 +1,29 @@
-//! `demo`: a fresh dev PKI in a temp folder, a built-in mTLS HTTP upstream on a free loopback
-//! port that insists on a client certificate, and the proxy in front of it, so that
-//! `curl http://127.0.0.1:8080/` shows the whole path working with no certificates of one's own.
+//! `demo`: both directions of a sidecar in one process, with a fresh dev PKI in a temp folder.
+//! An outbound route on `--listen` (plaintext in, the dev client certificate presented) dials an
+//! inbound route on a free loopback port (mTLS in, `--mode http`, the dev client's DNS SAN
+//! required), which forwards to a plain built-in HTTP app on another free loopback port. The app
+//! answers with the verified client identity the inbound route gave it in
+//! `X-Forwarded-Client-Cert`, so `curl http://127.0.0.1:8080/` shows the whole path working with
+//! no certificates of one's own.
 
 use std::convert::Infallible;
-use std::sync::Arc;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use http_body_util::Full;
 use hyper::body::Bytes;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
-use rustls::ServerConfig;
-use rustls::server::{VerifierBuilderError, WebPkiClientVerifier};
 use tokio::net::TcpListener;
-use tokio_rustls::TlsAcceptor;
-use tracing::debug;
 
 use crate::app::{App, StartupError};
-use crate::cli::{DemoArgs, TlsMin};
-use crate::config::{self, Config, Route, Upstream};
+use crate::cli::{DemoArgs, Mode, TlsMin};
+use crate::config::{self, Config, Direction, HttpSettings, Inbound, Route, Target, Upstream, Via};
 use crate::pki::{self, DevPki};
-use crate::tls::cert::CertInfo;
-use crate::tls::load;
-use crate::tls::{Checks, IdentitySource, Settings, TlsFiles, provider};
+use crate::tls::{Checks, IdentitySource, Rule, Settings, TlsFiles};
+
+/// The dev client certificate's DNS SAN (and CN): the one name the demo's inbound route lets in.
+const DEV_CLIENT: &str = "mtls-sidecar-dev-client";
 
 /// Why the demo did not start or stopped early. `Config` and `Startup` are the same
 /// mistakes `run` reports with exit code 2 (a bad `--listen`, a port in use); the rest are
@@ -33,7 +34,7 @@ pub enum Error {
     /// A flag the demo passes on to the proxy's config is unusable.
     #[error(transparent)]
     Config(#[from] config::Error),
-    /// The proxy in front of the demo upstream could not bind or load its identity.
+    /// A route of the demo could not bind or load its identity.
     #[error(transparent)]
     Startup(#[from] StartupError),
     /// No temp folder for the dev PKI.
@@ -43,94 +44,99 @@ pub enum Error {
     GeneratePki(#[source] rcgen::Error),
     #[error("writing the demo PKI")]
     WritePki(#[source] pki::WriteError),
-    /// The demo upstream's loopback port.
+    /// The demo app's loopback port.
     #[error(transparent)]
-    UpstreamBind(std::io::Error),
-    /// The dev PKI just written could not be read back for the demo upstream.
-    #[error(transparent)]
-    UpstreamFiles(#[from] load::Error),
-    #[error("client verifier")]
-    ClientVerifier(#[source] VerifierBuilderError),
-    /// rustls refused the demo upstream's certificate or protocol versions.
-    #[error(transparent)]
-    UpstreamTls(#[from] rustls::Error),
+    AppBind(std::io::Error),
     /// `App::bind` returned without the listener it was given, which it never does.
     #[error("the demo proxy has no listener")]
     NoListener,
 }
 
-/// Build the upstream's TLS config: the dev server certificate, client certificates required
-/// and verified against the dev CA.
-fn upstream_tls(dir: &std::path::Path) -> Result<ServerConfig, Error> {
-    let provider = provider();
-    let read = |flag, name: &str| load::FileBytes::read(flag, &dir.join(name));
-    let roots = load::ca_bundle(&read("--ca", "ca.pem")?)?;
-    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-        .build()
-        .map_err(Error::ClientVerifier)?;
-    let chain = load::certificates(&read("--cert", "server.pem")?)?;
-    let key = load::private_key(&read("--key", "server-key.pem")?, None)?;
-    let mut cfg = ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(chain, key)?;
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(cfg)
+/// The fields of one `X-Forwarded-Client-Cert` element (`Hash=..;Subject="..";URI=..`), in
+/// order, quotes removed and `\` escapes undone. Only the first element is read: the inbound
+/// route sets exactly one and removes any the client sent.
+fn xfcc_fields(value: &str) -> Vec<(String, String)> {
+    let mut fields = Vec::new();
+    let (mut cur, mut quoted, mut escaped) = (String::new(), false, false);
+    let mut push = |cur: &mut String| {
+        if let Some((k, v)) = cur.split_once('=') {
+            fields.push((k.trim().to_string(), v.to_string()));
+        }
+        cur.clear();
+    };
+    for c in value.chars() {
+        match c {
+            _ if escaped => {
+                cur.push(c);
+                escaped = false;
+            }
+            '\\' if quoted => escaped = true,
+            '"' => quoted = !quoted,
+            ';' if !quoted => push(&mut cur),
+            ',' if !quoted => break,
+            _ => cur.push(c),
+        }
+    }
+    push(&mut cur);
+    fields
 }
 
-/// Serve HTTP/1.1 over mTLS; each response says which client certificate was verified.
-async fn serve_upstream(listener: TcpListener, tls: Arc<ServerConfig>) {
-    let acceptor = TlsAcceptor::from(tls);
+/// The demo app's answer: the identity the inbound route vouched for, field by field.
+fn app_body(req: &Request<hyper::body::Incoming>, app: SocketAddr) -> String {
+    let header = |name: &str| {
+        req.headers()
+            .get(name)
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+    };
+    let mut body = format!(
+        "hello from the mtls-sidecar demo app (plain HTTP on {app}, behind the inbound route)\n"
+    );
+    match header("x-forwarded-client-cert") {
+        Some(xfcc) => {
+            body.push_str("verified client certificate (X-Forwarded-Client-Cert, set by the inbound route):\n");
+            for (k, v) in xfcc_fields(&xfcc) {
+                let v = if v.is_empty() { "(none)".into() } else { v };
+                body.push_str(&format!("  {k:<8} {v}\n"));
+            }
+        }
+        None => body.push_str(
+            "no X-Forwarded-Client-Cert: this request did not come through the inbound route\n",
+        ),
+    }
+    body.push_str(&format!(
+        "forwarded for: {}, proto {}\nrequest: {} {}\n",
+        header("x-forwarded-for").unwrap_or_else(|| "-".into()),
+        header("x-forwarded-proto").unwrap_or_else(|| "-".into()),
+        req.method(),
+        req.uri()
+    ));
+    body
+}
+
+/// Serve plain HTTP/1.1 on `listener`: the app behind the inbound route. It trusts
+/// `X-Forwarded-Client-Cert` only because it listens on loopback, where only the sidecar
+/// reaches it.
+async fn serve_app(listener: TcpListener, app: SocketAddr) {
     loop {
         let Ok((tcp, _)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
-        let acceptor = acceptor.clone();
         tokio::spawn(async move {
-            let tls = match acceptor.accept(tcp).await {
-                Ok(t) => t,
-                Err(e) => {
-                    debug!(error = %e, "demo upstream: handshake refused");
-                    return;
-                }
-            };
-            let (_, conn) = tls.get_ref();
-            let client = conn
-                .peer_certificates()
-                .and_then(|c| c.first())
-                .and_then(CertInfo::parse)
-                .map(|i| {
-                    format!(
-                        "{} (serial {}, issued by {})",
-                        i.subject, i.serial, i.issuer
-                    )
-                })
-                .unwrap_or_else(|| "none".into());
-            let version = conn
-                .protocol_version()
-                .map(|v| format!("{v:?}"))
-                .unwrap_or_default();
             let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                let body = format!(
-                    "hello from the mtls-sidecar demo upstream\n\
-                     verified client certificate: {client}\n\
-                     tls: {version}\n\
-                     request: {} {}\n",
-                    req.method(),
-                    req.uri()
-                );
+                let body = app_body(&req, app);
                 async move { Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(body)))) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(tls), service)
+                .serve_connection(TokioIo::new(tcp), service)
                 .await;
         });
     }
 }
 
-/// Start the demo upstream and the proxy in front of it, print how to try them, and serve until
-/// `shutdown`; the dev PKI is removed on the way out.
+/// Start the demo app, the inbound route in front of it and the outbound route in front of
+/// that, print the path and how to try it, and serve until `shutdown`; the dev PKI is removed
+/// on the way out.
 pub async fn run(
     args: DemoArgs,
     shutdown: tokio_util::sync::CancellationToken,
@@ -145,46 +151,59 @@ pub async fn run(
         .write(dir.path(), false)
         .map_err(Error::WritePki)?;
 
-    let up_listener = TcpListener::bind("127.0.0.1:0")
+    let app_listener = TcpListener::bind("127.0.0.1:0")
         .await
-        .map_err(Error::UpstreamBind)?;
-    let up_addr = up_listener.local_addr().map_err(Error::UpstreamBind)?;
-    tokio::spawn(serve_upstream(
-        up_listener,
-        Arc::new(upstream_tls(dir.path())?),
-    ));
+        .map_err(Error::AppBind)?;
+    let app_addr = app_listener.local_addr().map_err(Error::AppBind)?;
+    tokio::spawn(serve_app(app_listener, app_addr));
 
-    let route = proxy_route(&args, dir.path(), up_addr.port())?;
-    let app = App::bind(Config {
-        routes: vec![route],
-        shutdown_delay: Duration::ZERO,
-        drain_timeout: Duration::from_secs(5),
-        admin: None,
-    })
-    .await?;
-    let listen = app
-        .bound()
-        .first()
-        .map(|(_, a)| *a)
-        .ok_or(Error::NoListener)?;
+    // The outbound route must know the inbound route's port, which is only known once bound:
+    // two sets of routes, the inbound one bound first, served side by side.
+    let inbound = App::bind(demo_config(inbound_route(dir.path(), app_addr)?)).await?;
+    let in_addr = bound_addr(&inbound)?;
+    let outbound = App::bind(demo_config(proxy_route(&args, dir.path(), in_addr.port())?)).await?;
+    let listen = bound_addr(&outbound)?;
     println!(
-        "mtls-sidecar demo\n\
-         \n  upstream  https://127.0.0.1:{up} (mTLS: refuses clients without a certificate from the dev CA)\
-         \n  proxy     http://{listen} (plaintext in, presents {d}/client.pem upstream)\
+        "mtls-sidecar demo: both directions in one process\n\
+         \n  path      curl -> {listen} outbound -> mTLS -> inbound {in_addr} -> plain app {app_addr}\
+         \n  outbound  http://{listen} (plaintext in, presents {d}/client.pem)\
+         \n  inbound   https://{in_addr} (mode http: requires a client certificate from the dev CA \
+         with DNS SAN {DEV_CLIENT}; sets X-Forwarded-Client-Cert)\
+         \n  app       http://{app_addr} (plain HTTP on loopback: prints the identity it was given)\
          \n  dev PKI   {d} (removed on exit)\n\
          \ntry:\
          \n  curl http://{listen}/\
-         \n  curl --cacert {d}/ca.pem https://localhost:{up}/   # refused: no client certificate\n\
+         \n  curl --cacert {d}/ca.pem https://localhost:{inp}/   # refused: no client certificate\
+         \n  curl --cacert {d}/ca.pem --cert {d}/client.pem --key {d}/client-key.pem https://localhost:{inp}/\n\
          \nCtrl-C stops the demo.",
-        up = up_addr.port(),
+        inp = in_addr.port(),
         d = dir.path().display(),
     );
-    app.run(shutdown, hup).await;
+    tokio::join!(
+        inbound.run(shutdown.clone(), hup.clone()),
+        outbound.run(shutdown, hup)
+    );
     drop(dir);
     Ok(())
 }
 
-/// The proxy's one route: `--listen` in front, the demo upstream behind, the dev client
+fn demo_config(route: Route) -> Config {
+    Config {
+        routes: vec![route],
+        shutdown_delay: Duration::ZERO,
+        drain_timeout: Duration::from_secs(5),
+        admin: None,
+    }
+}
+
+fn bound_addr(app: &App) -> Result<SocketAddr, Error> {
+    app.bound()
+        .first()
+        .map(|(_, a)| *a)
+        .ok_or(Error::NoListener)
+}
+
+/// The outbound route: `--listen` in front, the inbound route behind, the dev client
 /// certificate presented and the dev CA trusted.
 fn proxy_route(args: &DemoArgs, dir: &std::path::Path, upstream_port: u16) -> Result<Route, Error> {
     Ok(Route {
@@ -198,25 +217,68 @@ fn proxy_route(args: &DemoArgs, dir: &std::path::Path, upstream_port: u16) -> Re
             port: upstream_port,
         },
         server_name: config::parse_server_name("--server-name", "localhost")?,
-        tls: demo_tls(dir),
-        mode: crate::cli::Mode::Tcp,
-        http: crate::config::HttpSettings::default(),
-        via: crate::config::Via::Direct,
+        tls: demo_tls(dir, "client", None),
+        mode: Mode::Tcp,
+        http: HttpSettings::default(),
+        via: Via::Direct,
         connect_timeout: Duration::from_secs(5),
         idle_timeout: None,
         max_connections: 10_000,
-        direction: crate::config::Direction::Outbound,
+        direction: Direction::Outbound,
     })
 }
 
-/// The demo route's TLS settings: the client identity and CA of the throwaway PKI in `dir`,
-/// reloaded every 5 s like a real deployment's.
-fn demo_tls(dir: &std::path::Path) -> Settings {
+/// The inbound route: mTLS on a free loopback port with the dev server certificate, clients
+/// from the dev CA whose leaf carries the dev client's DNS SAN, http mode to the demo app.
+fn inbound_route(dir: &std::path::Path, app: SocketAddr) -> Result<Route, Error> {
+    let rule = Rule {
+        uri_sans: vec![],
+        dns_sans: vec![DEV_CLIENT.into()],
+        cns: vec![],
+        pins: vec![],
+        allow_any: false,
+    };
+    Ok(Route {
+        name: "inbound".into(),
+        listen: config::parse_listen("127.0.0.1:0", false, "inbound")?,
+        listen_mode: 0o600,
+        allow_uids: vec![],
+        allow_non_loopback: false,
+        upstream: Upstream {
+            host: "-".into(),
+            port: 0,
+        },
+        server_name: rustls::pki_types::ServerName::IpAddress(
+            std::net::Ipv4Addr::UNSPECIFIED.into(),
+        ),
+        tls: demo_tls(dir, "server", Some(rule)),
+        mode: Mode::Http,
+        http: HttpSettings::default(),
+        via: Via::Direct,
+        connect_timeout: Duration::from_secs(5),
+        idle_timeout: Some(config::HTTP_IDLE_TIMEOUT),
+        max_connections: 10_000,
+        direction: Direction::Inbound(Box::new(Inbound {
+            target: Target::Tcp(Upstream {
+                host: app.ip().to_string(),
+                port: app.port(),
+            }),
+            handshake_timeout: Duration::from_secs(10),
+            proxy_protocol: None,
+            listen_host: Some("127.0.0.1".into()),
+        })),
+    })
+}
+
+/// A demo route's TLS settings: `who`.pem and its key from the throwaway PKI in `dir`, the dev
+/// CA trusted (for the upstream, or for clients when `inbound` is set), reloaded every 5 s like
+/// a real deployment's.
+fn demo_tls(dir: &std::path::Path, who: &str, inbound: Option<Rule>) -> Settings {
     Settings {
         files: TlsFiles {
             identity: IdentitySource::Pem {
-                cert: dir.join("client.pem"),
-                key: dir.join("client-key.pem"),
+                cert: dir.join(format!("{who}.pem")),
+                key: dir.join(format!("{who}-key.pem")),
                 key_password: None,
             },
             ca: Some(dir.join("ca.pem")),
@@ -226,6 +288,25 @@ fn demo_tls(dir: &std::path::Path) -> Settings {
         tls_min: TlsMin::V12,
         alpn: vec![],
         reload_interval: Some(Duration::from_secs(5)),
-        inbound: None,
+        inbound,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn xfcc_fields_unquote_and_keep_commas_inside_quotes() {
+        let f = xfcc_fields(r#"Hash=ab12;Subject="CN=a\"b,O=x";URI=;DNS=mtls-sidecar-dev-client"#);
+        let want = [
+            ("Hash", "ab12"),
+            ("Subject", "CN=a\"b,O=x"),
+            ("URI", ""),
+            ("DNS", "mtls-sidecar-dev-client"),
+        ];
+        let got: Vec<(&str, &str)> = f.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        assert_eq!(got, want);
+        assert_eq!(xfcc_fields("Hash=1,Hash=2").len(), 1);
     }
 }

@@ -17,7 +17,9 @@
 //! - `config_file`: `run --config FILE`: errors naming file, line and key; many routes, each with
 //!   its own identity, trust and timeouts or `[defaults]`; shared identities; `[admin]`
 //! - `check_cmd`: the `check` command against good and failing upstreams, text and JSON, nginx
+//! - `check_inbound`: `check` on inbound routes: direction, rule, client CAs, CRLs, listen names
 //! - `checks`: `--crl`, `--verify-uri-san` and `--pin-sha256` on top of chain and name checks
+//! - `demo`: `demo` both ways: outbound -> mTLS -> inbound (http mode) -> plain app, identity via XFCC
 //! - `admin`: `/healthz`, `/readyz`, `/metrics`, `/status`, `POST /shutdown` and `wait`
 //! - `systemd`: the notify protocol against a fake `NOTIFY_SOCKET`; socket activation
 //! - `unix`: `--listen unix:PATH`, `--listen-mode`, stale and live socket files, `--allow-uid`
@@ -53,8 +55,10 @@ mod support;
 
 mod admin;
 mod check_cmd;
+mod check_inbound;
 mod checks;
 mod config_file;
+mod demo;
 mod formats;
 mod hostile_admin;
 mod hostile_conn;

@@ -9,7 +9,10 @@
 #     uid; then checks READY=1, /readyz, WATCHDOG=1, SIGHUP -> RELOADING=1 + READY=1, and
 #     SIGTERM -> STOPPING=1 and exit 0;
 #  4. the same through socket activation (systemd-socket-activate, the .socket unit's
-#     FileDescriptorName and the socket-activation.conf drop-in).
+#     FileDescriptorName and the socket-activation.conf drop-in);
+#  5. the inbound unit (mtls-sidecar-inbound.service/.socket/.env) socket-activated the same
+#     way: a client without a certificate is refused, the dev client reaches a plain app
+#     behind it, SIGHUP reloads, SIGTERM stops it.
 # Usage: bash deploy/systemd/verify.sh   (MTLS_SIDECAR_BIN=path overrides target/debug/mtls-sidecar)
 set -euo pipefail
 
@@ -40,37 +43,45 @@ trap 'exit 130' INT TERM
 # ---------------------------------------------------------------- 1. systemd-analyze
 # verify insists that ExecStart's binary exists: check copies that point at the built one.
 # The drop-ins are found in NAME.service.d/ next to the copied unit.
-analyze() { # label, drop-ins...
-    local label=$1 units="$TMP/units-$1" out f
-    shift
-    mkdir -p "$units/mtls-sidecar.service.d"
-    for f in mtls-sidecar.service mtls-sidecar.socket; do
+analyze() { # unit name (without .service/.socket), label, drop-ins...
+    local unit=$1 label=$2 units="$TMP/units-$2" out f
+    shift 2
+    mkdir -p "$units/$unit.service.d"
+    for f in "$unit.service" "$unit.socket"; do
         sed "s#/usr/local/bin/mtls-sidecar#$BIN#g" "$DIR/$f" >"$units/$f"
     done
     for f in "$@"; do
-        sed "s#/usr/local/bin/mtls-sidecar#$BIN#g" "$DIR/$f" >"$units/mtls-sidecar.service.d/$f"
+        sed "s#/usr/local/bin/mtls-sidecar#$BIN#g" "$DIR/$f" >"$units/$unit.service.d/$f"
     done
-    out=$(cd "$units" && systemd-analyze verify --man=no "$units/mtls-sidecar.service" "$units/mtls-sidecar.socket" 2>&1) ||
+    out=$(cd "$units" && systemd-analyze verify --man=no "$units/$unit.service" "$units/$unit.socket" 2>&1) ||
         fail "systemd-analyze verify ($label):"$'\n'"$out"
     [ -z "$out" ] || fail "systemd-analyze verify ($label) printed warnings:"$'\n'"$out"
-    out=$(systemd-analyze security --offline=yes --threshold=20 "$units/mtls-sidecar.service" 2>&1) ||
+    out=$(systemd-analyze security --offline=yes --threshold=20 "$units/$unit.service" 2>&1) ||
         fail "systemd-analyze security ($label): exposure above 2.0:"$'\n'"$(tail -n 3 <<<"$out")"
-    step "systemd-analyze verify ($label): clean; security: ${out##*exposure level for mtls-sidecar.service: }"
+    step "systemd-analyze verify ($label): clean; security: ${out##*exposure level for $unit.service: }"
 }
-analyze units
-analyze socket-activation socket-activation.conf
-analyze hot-rotation hot-rotation.conf
+analyze mtls-sidecar units
+analyze mtls-sidecar socket-activation socket-activation.conf
+analyze mtls-sidecar hot-rotation hot-rotation.conf
+analyze mtls-sidecar-inbound inbound
 
 # ---------------------------------------------------------------- 2. env file
 HELP=$("$BIN" run --help 2>&1) || fail "mtls-sidecar run --help failed"
-ENV_VARS=()
-while IFS= read -r line || [ -n "$line" ]; do
-    case "$line" in '' | '#'*) continue ;; esac
-    [[ $line =~ ^(MTLS_SIDECAR_[A-Z0-9_]+)=(.*)$ ]] || fail "$DIR/mtls-sidecar.env: not a MTLS_SIDECAR_<FLAG>=value line: $line"
-    flag=--$(tr 'A-Z_' 'a-z-' <<<"${BASH_REMATCH[1]#MTLS_SIDECAR_}")
-    grep -qE -- "(^|[ ,])$flag([ =,<]|$)" <<<"$HELP" || fail "$DIR/mtls-sidecar.env: ${BASH_REMATCH[1]}: mtls-sidecar run has no $flag"
-    ENV_VARS+=("$line")
-done <"$DIR/mtls-sidecar.env"
+read_env() { # env file; sets ENV_VARS to its settings, each a flag of `mtls-sidecar run`
+    local line flag
+    ENV_VARS=()
+    while IFS= read -r line || [ -n "$line" ]; do
+        case "$line" in '' | '#'*) continue ;; esac
+        [[ $line =~ ^(MTLS_SIDECAR_[A-Z0-9_]+)=(.*)$ ]] || fail "$1: not a MTLS_SIDECAR_<FLAG>=value line: $line"
+        flag=--$(tr 'A-Z_' 'a-z-' <<<"${BASH_REMATCH[1]#MTLS_SIDECAR_}")
+        grep -qE -- "(^|[ ,])$flag([ =,<]|$)" <<<"$HELP" || fail "$1: ${BASH_REMATCH[1]}: mtls-sidecar run has no $flag"
+        ENV_VARS+=("$line")
+    done <"$1"
+}
+read_env "$DIR/mtls-sidecar-inbound.env"
+INBOUND_ENV_VARS=("${ENV_VARS[@]}")
+step "inbound env file: ${#INBOUND_ENV_VARS[@]} settings, all flags of mtls-sidecar run"
+read_env "$DIR/mtls-sidecar.env"
 step "env file: ${#ENV_VARS[@]} settings, all flags of mtls-sidecar run"
 
 # ---------------------------------------------------------------- 3. run it as the unit would
@@ -80,9 +91,11 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 # systemd would (directory 0500, files 0400, owned by the service's user).
 CREDS=$TMP/credentials
 "$BIN" dev-pki --out "$CREDS" >/dev/null || fail "mtls-sidecar dev-pki failed"
-mapfile -t CRED_IDS < <(sed -n 's/^LoadCredential=\([^:]*\):.*/\1/p' "$DIR/mtls-sidecar.service")
-[ "${#CRED_IDS[@]}" -gt 0 ] || fail "no LoadCredential= in mtls-sidecar.service"
-for id in "${CRED_IDS[@]}"; do [ -f "$CREDS/$id" ] || fail "credential $id: dev-pki writes no such file"; done
+for unit in mtls-sidecar.service mtls-sidecar-inbound.service; do
+    mapfile -t CRED_IDS < <(sed -n 's/^LoadCredential=\([^:]*\):.*/\1/p' "$DIR/$unit")
+    [ "${#CRED_IDS[@]}" -gt 0 ] || fail "no LoadCredential= in $unit"
+    for id in "${CRED_IDS[@]}"; do [ -f "$CREDS/$id" ] || fail "$unit: credential $id: dev-pki writes no such file"; done
+done
 
 RUN_AS=()
 if command -v setpriv >/dev/null; then
@@ -237,6 +250,78 @@ if command -v systemd-socket-activate >/dev/null; then
     step "socket activation: --listen systemd:$FDNAME took the passed socket; READY=1, /readyz 200, exit 0"
 else
     step "socket activation: SKIPPED (systemd-socket-activate is not installed)"
+fi
+
+# ---------------------------------------------------------------- 5. the inbound unit
+# Socket-activated as mtls-sidecar-inbound.socket would start it: an mTLS client with the dev
+# client certificate reaches the app behind it; a client without a certificate does not.
+mapfile -d '' CMD < <(exec_start "$DIR/mtls-sidecar-inbound.service") || true
+[ "${#CMD[@]}" -gt 1 ] || fail "could not read ExecStart= of mtls-sidecar-inbound.service"
+FDNAME=$(sed -n 's/^FileDescriptorName=//p' "$DIR/mtls-sidecar-inbound.socket")
+printf '%s\n' "${CMD[@]}" | grep -qx "systemd:$FDNAME" ||
+    fail "mtls-sidecar-inbound.service does not --listen systemd:$FDNAME (FileDescriptorName= of its .socket)"
+grep -qx 'ListenStream=443' "$DIR/mtls-sidecar-inbound.socket" || fail "mtls-sidecar-inbound.socket does not listen on 443"
+for v in "${INBOUND_ENV_VARS[@]}"; do
+    [[ $v == MTLS_SIDECAR_LISTEN=* ]] && fail "mtls-sidecar-inbound.env sets MTLS_SIDECAR_LISTEN: the socket is the listener"
+done
+if command -v systemd-socket-activate >/dev/null && command -v curl >/dev/null; then
+    DATA_PORT=$(free_port)
+    ADMIN_PORT=$(free_port)
+    APP_PORT=$(free_port)
+    # The app: plain HTTP on loopback, one fixed answer.
+    python3 - "$APP_PORT" <<'PY' &
+import http.server, sys
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = b"inbound-app-ok\n"
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a):
+        pass
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+PY
+    PIDS+=($!)
+    SA_ENV=()
+    # The dev client certificate carries DNS SAN mtls-sidecar-dev-client: added to the env
+    # file's rule so that it may connect.
+    for v in "${INBOUND_ENV_VARS[@]}" MTLS_SIDECAR_ADMIN=127.0.0.1:$ADMIN_PORT \
+        MTLS_SIDECAR_TARGET=127.0.0.1:$APP_PORT MTLS_SIDECAR_VERIFY_DNS_SAN=mtls-sidecar-dev-client \
+        CREDENTIALS_DIRECTORY="$CREDS" NOTIFY_SOCKET="$TMP/notify3.sock" PATH=/usr/sbin:/usr/bin:/sbin:/bin; do
+        SA_ENV+=(-E "$v")
+    done
+    NOTIFY_LOG=$TMP/notify3.log
+    start_notify_listener "$TMP/notify3.sock"
+    (
+        umask 0077
+        exec systemd-socket-activate -l "127.0.0.1:$DATA_PORT" --fdname="$FDNAME" "${SA_ENV[@]}" "${RUN_AS[@]}" "${CMD[@]}"
+    ) 2>"$TMP/stderr" &
+    PID=$!
+    PIDS+=($PID)
+    for _ in $(seq 50); do grep -q Listening "$TMP/stderr" && break; sleep 0.1; done
+    # The first connection makes systemd-socket-activate start the service; it has no client
+    # certificate, so it is refused.
+    if curl -sS --max-time 10 --cacert "$CREDS/ca.pem" "https://localhost:$DATA_PORT/" >/dev/null 2>&1; then
+        fail "inbound unit: a client without a certificate got an answer"
+    fi
+    wait_notify READY=1 1 10 "$PID"
+    "$BIN" wait --admin "127.0.0.1:$ADMIN_PORT" --timeout 10s >/dev/null 2>&1 ||
+        fail "inbound unit: /readyz did not answer 200 within 10s; log:"$'\n'"$(tail -n 20 "$TMP/stderr")"
+    got=$(curl -sS --max-time 10 --cacert "$CREDS/ca.pem" --cert "$CREDS/client.pem" --key "$CREDS/client-key.pem" \
+        "https://localhost:$DATA_PORT/" 2>&1) || fail "inbound unit: curl with the client certificate failed: $got; log:"$'\n'"$(tail -n 20 "$TMP/stderr")"
+    [ "$got" = inbound-app-ok ] || fail "inbound unit: the app's answer did not come through: $got"
+    grep -q "listening.*127.0.0.1:$DATA_PORT" "$TMP/stderr" ||
+        fail "inbound unit: the process did not take the passed socket 127.0.0.1:$DATA_PORT; log:"$'\n'"$(tail -n 20 "$TMP/stderr")"
+    grep -q 'no_client_cert' "$TMP/stderr" || fail "inbound unit: no reason=no_client_cert line for the refused client"
+    kill -HUP "$PID"
+    wait_notify RELOADING=1 1 10 "$PID"
+    wait_notify READY=1 2 10 "$PID"
+    stop_and_check "$PID" "inbound unit"
+    step "inbound unit: --inbound --listen systemd:$FDNAME took the passed socket; no certificate refused," \
+        "the dev client reached the app; READY=1, /readyz 200, SIGHUP -> RELOADING=1 + READY=1, exit 0"
+else
+    step "inbound unit: run SKIPPED (systemd-socket-activate or curl is not installed)"
 fi
 
 echo "PASS deploy/systemd/verify.sh ($((SECONDS - START))s)"

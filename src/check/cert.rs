@@ -284,14 +284,30 @@ pub fn key_type(der: &CertificateDer<'_>) -> String {
 /// `Some(what it allows)` when the certificate's extended key usage rules out TLS client
 /// authentication, which both webpki and OpenSSL upstreams enforce.
 pub fn not_for_clients(der: &CertificateDer<'_>) -> Option<String> {
+    eku_lacks(der, false)
+}
+
+/// `Some(what it allows)` when the certificate's extended key usage rules out TLS server
+/// authentication, which webpki, OpenSSL and browsers enforce on the client side.
+pub fn not_for_servers(der: &CertificateDer<'_>) -> Option<String> {
+    eku_lacks(der, true)
+}
+
+fn eku_lacks(der: &CertificateDer<'_>, server: bool) -> Option<String> {
     let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
     let eku = cert.extended_key_usage().ok()??;
     let eku = eku.value;
-    if eku.client_auth || eku.any {
+    let wanted = if server {
+        eku.server_auth
+    } else {
+        eku.client_auth
+    };
+    if wanted || eku.any {
         return None;
     }
     let mut allowed: Vec<String> = [
         (eku.server_auth, "serverAuth"),
+        (eku.client_auth, "clientAuth"),
         (eku.code_signing, "codeSigning"),
         (eku.email_protection, "emailProtection"),
         (eku.time_stamping, "timeStamping"),

@@ -25,7 +25,10 @@ use crate::tls::load;
 use cert::{Hint, Names, Summary};
 use dial::Outcome;
 use explain::{Context, Trust};
-pub use report::{ChainLink, ClientCertificate, ProxyReport, Report, RouteReport, TlsInfo};
+pub use report::{
+    CaSummary, ChainLink, ClientCertificate, CrlSummary, InboundReport, ProxyReport, Report,
+    RouteReport, TlsInfo,
+};
 
 /// A client certificate expiring sooner than this gets a note.
 const EXPIRY_NOTE_DAYS: i64 = 7;
@@ -92,6 +95,8 @@ fn describe_ours(
 ) -> Option<Summary> {
     let leaf = &chain[0];
     let file = identity_file(route);
+    let inbound = route.inbound().is_some();
+    let role = if inbound { "server" } else { "client" };
     let (Some(summary), Some(info)) = (Summary::parse(leaf, now), CertInfo::parse(leaf)) else {
         r.problems
             .push(format!("{file}: the leaf certificate cannot be parsed"));
@@ -99,32 +104,41 @@ fn describe_ours(
     };
     if summary.expired(now) {
         r.problems.push(format!(
-            "our client certificate {} (not after {}): renew {file}",
+            "our {role} certificate {} (not after {}): renew {file}",
             summary.validity, summary.not_after
         ));
     } else if summary.not_yet_valid(now) {
         r.problems.push(format!(
-            "our client certificate is {}: check this machine's clock, or wait",
+            "our {role} certificate is {}: check this machine's clock, or wait",
             summary.validity
         ));
     } else if summary.not_after_unix - now < EXPIRY_NOTE_DAYS * 86_400 {
         r.notes.push(format!(
-            "our client certificate {}: renew {file} soon",
+            "our {role} certificate {}: renew {file} soon",
             summary.validity
         ));
     }
-    // An inbound route's certificate is a server's: clientAuth is not expected of it.
-    if route.inbound().is_none()
-        && let Some(allowed) = cert::not_for_clients(leaf)
-    {
+    if inbound {
+        if let Some(allowed) = cert::not_for_servers(leaf) {
+            r.problems.push(format!(
+                "our server certificate's extended key usage allows {allowed} but not TLS \
+                 server authentication (serverAuth): clients refuse it; have it issued with \
+                 serverAuth"
+            ));
+        }
+    } else if let Some(allowed) = cert::not_for_clients(leaf) {
         r.problems.push(format!(
             "our client certificate's extended key usage allows {allowed} but not TLS client \
              authentication (clientAuth): upstreams refuse it; have it issued with clientAuth"
         ));
     }
-    let (ends_at_root, chain_note, notes) = cert::describe_our_chain(names);
+    let (ends_at_root, mut chain_note, mut notes) = cert::describe_our_chain(names);
+    if inbound {
+        chain_note = as_server(&chain_note);
+        notes = notes.iter().map(|n| as_server(n)).collect();
+    }
     r.notes.extend(notes);
-    r.client_certificate = Some(ClientCertificate {
+    let described = Some(ClientCertificate {
         file,
         cert: summary.clone(),
         serial: info.serial,
@@ -140,7 +154,21 @@ fn describe_ours(
         chain_ends_at_root: ends_at_root,
         chain_note,
     });
+    if inbound {
+        r.server_certificate = described;
+    } else {
+        r.client_certificate = described;
+    }
     Some(summary)
+}
+
+/// The chain sentences, written for a client certificate, reworded for a server's: the ones
+/// who must trust it are the clients.
+fn as_server(text: &str) -> String {
+    text.replace("the upstream must trust", "clients must trust")
+        .replace("the upstream trusts", "clients trust")
+        .replace("client certificate file", "server certificate file")
+        .replace("some upstreams", "some clients")
 }
 
 fn trust_of(material: &load::Material) -> Trust {
@@ -195,12 +223,12 @@ async fn check_route(route: &Route, proxy: Option<&Proxy>) -> RouteReport {
         Ok(l) => l,
         Err(e) => return r.fail(e.to_string()),
     };
-    let trust = trust_of(&material);
-    r.trust = Some(trust_line(&trust));
     if route.inbound().is_some() {
-        inbound::check(route, &mut r).await;
+        inbound::check(route, &material, &ours, now, &mut r).await;
         return r.finish();
     }
+    let trust = trust_of(&material);
+    r.trust = Some(trust_line(&trust));
 
     let seen = dial::new_seen();
     let config = match dial::client_config(route, &material, &loaded, &seen) {
@@ -225,8 +253,9 @@ async fn check_route(route: &Route, proxy: Option<&Proxy>) -> RouteReport {
     );
     r.client_cert_requested = (seen.requested || handshake_done).then_some(seen.requested);
 
+    let server_name = r.server_name.clone().unwrap_or_default();
     let cx = Context {
-        server_name: &r.server_name,
+        server_name: &server_name,
         trust: &trust,
         ours: &our_names,
         our_leaf: our_leaf.as_ref(),

@@ -22,16 +22,30 @@ pub struct Report {
 pub struct RouteReport {
     /// The route's name, so a report of many routes says which one this is.
     pub name: String,
-    /// `HOST:PORT` as configured, before any resolution.
-    pub upstream: String,
-    /// The name sent in SNI and checked against the upstream's certificate.
-    pub server_name: String,
+    /// `outbound` (plaintext from the app, mTLS to `upstream`) or `inbound` (mTLS from
+    /// clients, plaintext to `target`).
+    pub direction: &'static str,
+    /// The route's listener as bound: `HOST:PORT` (resolved), `unix:PATH` or `systemd:NAME`.
+    pub listen: String,
+    /// Outbound: `HOST:PORT` as configured, before any resolution; `null` on an inbound route.
+    pub upstream: Option<String>,
+    /// Outbound: the name sent in SNI and checked against the upstream's certificate; `null`
+    /// on an inbound route.
+    pub server_name: Option<String>,
+    /// Inbound: where verified plaintext goes (`HOST:PORT` or `unix:PATH`); `null` outbound.
+    pub target: Option<String>,
     /// Whether the route passed: `problems` is empty.
     pub ok: bool,
-    /// What we present to the upstream; `None` when the identity files could not be read.
+    /// Outbound: what we present to the upstream; `None` when the identity files could not be
+    /// read, and always on an inbound route (see `server_certificate`).
     pub client_certificate: Option<ClientCertificate>,
-    /// Where the upstream's chain must lead: `--ca FILE (...)` or the system trust store.
+    /// Inbound: what we present to clients; `None` on an outbound route.
+    pub server_certificate: Option<ClientCertificate>,
+    /// Outbound: where the upstream's chain must lead: `--ca FILE (...)` or the system trust
+    /// store; `null` on an inbound route (see `inbound.client_cas`).
     pub trust: Option<String>,
+    /// Inbound: who is let in, the client CAs and CRLs, the listen names; `null` outbound.
+    pub inbound: Option<InboundReport>,
     /// The egress proxy hop, when `--proxy` (or `HTTPS_PROXY`) is set for this route.
     pub proxy: Option<ProxyReport>,
     /// Every address the upstream's name resolved to (empty through a proxy: it resolves).
@@ -52,6 +66,46 @@ pub struct RouteReport {
     pub notes: Vec<String>,
     /// Why the route fails; empty when it passes.
     pub problems: Vec<String>,
+}
+
+/// What an inbound route checks its clients against, and whether its certificate fits its
+/// listener.
+#[derive(Debug, Serialize)]
+pub struct InboundReport {
+    /// The authorization rule in words, e.g. `a client leaf with URI SAN spiffe://a/*`.
+    pub authorization: String,
+    /// `--ca`: the CAs a client's chain must lead to.
+    pub client_cas: Option<CaSummary>,
+    /// Every `--crl`, in the order given.
+    pub crls: Vec<CrlSummary>,
+    /// Whether the server certificate's names cover the listen host, in words.
+    pub listen_names: String,
+}
+
+/// The client CA bundle of an inbound route.
+#[derive(Debug, Serialize)]
+pub struct CaSummary {
+    /// `--ca FILE`.
+    pub file: String,
+    /// How many certificates the file holds.
+    pub count: usize,
+    /// Their subjects, in file order.
+    pub subjects: Vec<String>,
+    /// The earliest not-after among them, RFC 3339, UTC.
+    pub earliest_not_after: Option<String>,
+    /// That date in words: `expires in 364 days` or `expired 3 days ago`.
+    pub earliest_validity: Option<String>,
+}
+
+/// One `--crl` file of an inbound route.
+#[derive(Debug, Serialize)]
+pub struct CrlSummary {
+    /// `--crl FILE`.
+    pub file: String,
+    /// How many CRLs the file holds.
+    pub count: usize,
+    /// The earliest `nextUpdate` among them, RFC 3339, UTC; `None` when none states one.
+    pub next_update: Option<String>,
 }
 
 /// The proxy hop of a route.
@@ -117,13 +171,23 @@ pub struct ChainLink {
 
 impl RouteReport {
     pub(super) fn new(route: &Route, proxy: Option<&Proxy>) -> RouteReport {
+        let inbound = route.inbound();
         RouteReport {
             name: route.name.clone(),
-            upstream: route.upstream.to_string(),
-            server_name: server_name_str(route),
+            direction: if inbound.is_some() {
+                "inbound"
+            } else {
+                "outbound"
+            },
+            listen: route.listen.to_string(),
+            upstream: inbound.is_none().then(|| route.upstream.to_string()),
+            server_name: inbound.is_none().then(|| server_name_str(route)),
+            target: inbound.map(|i| i.target.to_string()),
             ok: false,
             client_certificate: None,
+            server_certificate: None,
             trust: None,
+            inbound: None,
             proxy: match (&route.via, proxy) {
                 (Via::Bypass { proxy, entry }, _) => Some(ProxyReport {
                     url: proxy.url.to_string(),

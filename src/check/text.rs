@@ -3,7 +3,7 @@
 use std::fmt::Write as _;
 
 use super::cert::Summary;
-use super::report::{ClientCertificate, ProxyReport, RouteReport, TlsInfo};
+use super::report::{ClientCertificate, InboundReport, ProxyReport, RouteReport, TlsInfo};
 
 fn or_none(items: &[String]) -> String {
     if items.is_empty() {
@@ -27,13 +27,20 @@ fn cert_lines(out: &mut String, indent: &str, c: &Summary) {
 /// what we trust, how we got there, what the upstream showed, then the verdict.
 pub fn render(r: &RouteReport) -> String {
     let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "route {}: upstream {}, server name {}",
-        r.name, r.upstream, r.server_name
-    );
+    match (&r.inbound, &r.target) {
+        (Some(i), Some(target)) => inbound(&mut out, r, i, target),
+        _ => {
+            let _ = writeln!(
+                out,
+                "route {}: upstream {}, server name {}",
+                r.name,
+                r.upstream.as_deref().unwrap_or("-"),
+                r.server_name.as_deref().unwrap_or("-")
+            );
+        }
+    }
     if let Some(c) = &r.client_certificate {
-        client_certificate(&mut out, c);
+        client_certificate(&mut out, "client certificate", c);
     }
     if let Some(t) = &r.trust {
         let _ = writeln!(out, "  upstream trust   {t}");
@@ -78,9 +85,65 @@ pub fn render(r: &RouteReport) -> String {
     out
 }
 
+/// An inbound route's head: which way it carries traffic, its server certificate, who it lets
+/// in, from which CAs, and whether the certificate's names fit the listener.
+fn inbound(out: &mut String, r: &RouteReport, i: &InboundReport, target: &str) {
+    let _ = writeln!(
+        out,
+        "route {}: inbound, listen {}, target {target}",
+        r.name, r.listen
+    );
+    let _ = writeln!(
+        out,
+        "  direction        inbound (mTLS from clients, plaintext to the target)"
+    );
+    let _ = writeln!(out, "  listen           {}", r.listen);
+    let _ = writeln!(out, "  target           {target}");
+    if let Some(c) = &r.server_certificate {
+        client_certificate(out, "server certificate", c);
+    }
+    let _ = writeln!(out, "  listen names     {}", i.listen_names);
+    let _ = writeln!(out, "  authorization    {}", i.authorization);
+    match &i.client_cas {
+        Some(ca) => {
+            let expiry = match (&ca.earliest_not_after, &ca.earliest_validity) {
+                (Some(at), Some(words)) => format!(", earliest expiry {at} ({words})"),
+                _ => String::new(),
+            };
+            let _ = writeln!(
+                out,
+                "  client CAs       {}: {} certificate{}{expiry}",
+                ca.file,
+                ca.count,
+                if ca.count == 1 { "" } else { "s" }
+            );
+            for s in &ca.subjects {
+                let _ = writeln!(out, "                   {s}");
+            }
+        }
+        None => {
+            let _ = writeln!(out, "  client CAs       none");
+        }
+    }
+    if i.crls.is_empty() {
+        let _ = writeln!(out, "  CRLs             none");
+    }
+    for c in &i.crls {
+        let next = c
+            .next_update
+            .as_deref()
+            .map_or_else(String::new, |n| format!(", next update {n}"));
+        let _ = writeln!(
+            out,
+            "  CRLs             {}: {} list(s){next}",
+            c.file, c.count
+        );
+    }
+}
+
 /// Our certificate: subject, issuer, SANs, validity, key and the chain we send.
-fn client_certificate(out: &mut String, c: &ClientCertificate) {
-    let _ = writeln!(out, "  client certificate ({})", c.file);
+fn client_certificate(out: &mut String, what: &str, c: &ClientCertificate) {
+    let _ = writeln!(out, "  {what} ({})", c.file);
     let _ = writeln!(out, "    subject    {}", c.cert.subject);
     cert_lines(out, "    ", &c.cert);
     let _ = writeln!(out, "    key        {}", c.key_type);

@@ -35,6 +35,9 @@ pub struct Inbound {
     /// `--proxy-protocol`: the header to send the target first, if any. Parsed and kept; the
     /// header itself is written by the PROXY protocol module.
     pub proxy_protocol: Option<ProxyProtocol>,
+    /// The host of a `HOST:PORT` `--listen` as written (a name or an IP literal), before it
+    /// was resolved: `check` tests the server certificate's names against it.
+    pub listen_host: Option<String>,
 }
 
 /// An inbound route's target.
@@ -295,6 +298,15 @@ pub(super) fn route(name: String, args: &RunArgs) -> Result<Route, Error> {
             target,
             handshake_timeout,
             proxy_protocol: args.inbound_args.proxy_protocol,
+            listen_host: listen_host(&args.listen),
         })),
     })
+}
+
+/// The host part of a `HOST:PORT` listen address as written; `None` for `unix:`/`systemd:`.
+fn listen_host(value: &str) -> Option<String> {
+    if value.starts_with("unix:") || value.starts_with("systemd:") {
+        return None;
+    }
+    split_host_port("--listen", value).ok().map(|(h, _)| h)
 }
