@@ -243,8 +243,9 @@ pub struct RunArgs {
     )]
     pub tls_min: TlsMin,
 
-    /// tcp: each plaintext connection becomes one TLS connection, bytes pass untouched. http:
-    /// HTTP/1.1 and h2c requests go over pooled upstream connections (h2 or http/1.1 by ALPN)
+    /// tcp: each connection is relayed byte for byte. http: requests go over pooled
+    /// connections (outbound: HTTP/1.1 and h2c in, mTLS h2 or http/1.1 out by ALPN; inbound:
+    /// HTTP/1.1 and h2 by ALPN in, plaintext HTTP/1.1 to --target)
     #[arg(
         long,
         env = "MTLS_SIDECAR_MODE",
@@ -264,7 +265,7 @@ pub struct RunArgs {
     )]
     pub header_timeout: String,
 
-    /// HTTP mode: close pooled upstream connections idle for this long
+    /// HTTP mode: close pooled upstream (inbound: target) connections idle for this long
     #[arg(
         long,
         env = "MTLS_SIDECAR_POOL_IDLE_TIMEOUT",
@@ -274,7 +275,7 @@ pub struct RunArgs {
     )]
     pub pool_idle_timeout: String,
 
-    /// HTTP mode: idle upstream connections kept per route, 0 to 10000
+    /// HTTP mode: idle upstream (inbound: target) connections kept per route, 0 to 10000
     #[arg(
         long,
         env = "MTLS_SIDECAR_POOL_MAX_IDLE",
@@ -286,7 +287,7 @@ pub struct RunArgs {
     )]
     pub pool_max_idle: usize,
 
-    /// HTTP mode: upstream connections open at once per route (1..=100000); a request beyond
+    /// HTTP mode: upstream (inbound: target) connections open at once per route (1..=100000); a request beyond
     /// it waits up to --connect-timeout for a free one, then gets 503
     #[arg(
         long,
