@@ -72,6 +72,7 @@ mod hostile_values;
 mod http;
 mod http_errors;
 mod http_pool;
+mod http_retry;
 mod inbound_config;
 mod inbound_http;
 mod inbound_state;

@@ -48,6 +48,9 @@ pub struct RouteCtx {
     pub listen: String,
     /// Inbound refusal lines: at most one a second for the route, with a count of the rest.
     pub refusals: std::sync::Mutex<LogLimit>,
+    /// HTTP mode: dials the route's pools have begun. A request that saw none begin while it
+    /// was out went on a connection that already existed (see the retry in `http::forward`).
+    pub pool_dials: std::sync::atomic::AtomicU64,
 }
 
 impl RouteCtx {
@@ -70,6 +73,7 @@ impl RouteCtx {
             metrics,
             listen,
             refusals: std::sync::Mutex::new(LogLimit::per_second()),
+            pool_dials: std::sync::atomic::AtomicU64::new(0),
         }
     }
 

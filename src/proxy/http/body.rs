@@ -234,6 +234,42 @@ where
     }
 }
 
+/// A request body as sent upstream: the app's own, or none for a bodiless request sent a
+/// second time (see `HttpRoute::forward`'s retry).
+pub(super) enum AppBody {
+    App(hyper::body::Incoming),
+    Empty,
+}
+
+impl hyper::body::Body for AppBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            AppBody::App(b) => Pin::new(b).poll_frame(cx),
+            AppBody::Empty => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            AppBody::App(b) => b.is_end_stream(),
+            AppBody::Empty => true,
+        }
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        match self {
+            AppBody::App(b) => b.size_hint(),
+            AppBody::Empty => hyper::body::SizeHint::with_exact(0),
+        }
+    }
+}
+
 /// A response body that keeps its request open in the connection's watch until it ends.
 pub(super) struct Tracked<B> {
     /// The response body as forwarded.

@@ -25,6 +25,7 @@ pub use self::serve::{Accepted, End, serve_conn};
 use std::convert::Infallible;
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use http_body_util::BodyExt;
 use http_body_util::combinators::BoxBody;
@@ -39,7 +40,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use tracing::{debug, info, warn};
 
 use self::answer::{Unserved, classify, failure_response, own_response, target_response};
-use self::body::{Counted, Moving};
+use self::body::{AppBody, Counted, Moving};
 use self::pool::{Lane, UpstreamSide};
 use self::serve::{Tunnel, TunnelSlot};
 use self::target::TargetSide;
@@ -54,7 +55,10 @@ type Body = BoxBody<Bytes, hyper::Error>;
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// A request as the pools send it.
-type Outgoing = Request<Moving<Counted<Incoming>>>;
+/// A request body on its way to the upstream or target.
+type OutBody = Moving<Counted<AppBody>>;
+
+type Outgoing = Request<OutBody>;
 
 /// A byte stream for an upgraded request's own connection, upstream or target.
 trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
@@ -148,19 +152,22 @@ impl HttpRoute {
         if let Some(client) = &client {
             client.decorate(req.headers_mut());
         }
-        let m = &self.ctx.metrics;
-        let idle = self.ctx.route.idle_timeout;
-        let req = req.map(|inner| {
-            let counted = Counted {
-                inner,
-                counter: m.bytes_to_upstream.clone(),
-                upstream_of: None,
-                _exchange: None,
-                budget: None,
-            };
-            Moving::new(counted, idle)
-        });
-        let (resp, exchange) = self.send(req, app_h2, &lane).await;
+        let replay = replayable(&req);
+        let dials = self.ctx.pool_dials.load(Ordering::Relaxed);
+        let req = req.map(|inner| self.out_body(AppBody::App(inner)));
+        let (mut resp, mut exchange) = self.send(req, app_h2, &lane).await;
+        // Sent on a connection that existed before (no dial began meanwhile), which the peer
+        // had closed: a fresh connection would have failed for a reason worth reporting.
+        let reused = self.ctx.pool_dials.load(Ordering::Relaxed) == dials;
+        if let (Err(e), Some(again), true) = (&resp, replay, reused)
+            && stale_connection(e)
+        {
+            // A pooled connection the peer had already closed: sent once more on another.
+            debug!(route = %self.ctx.route.name, error = ?e.to_string(), "bodiless request retried on a fresh connection");
+            drop(exchange.take());
+            let again = again.map(|()| self.out_body(AppBody::Empty));
+            (resp, exchange) = self.send(again, app_h2, &lane).await;
+        }
         let resp = match resp {
             Ok(r) => r,
             Err(e) => return Ok(self.unserved(classify(&e, &self.ctx.server_name))),
@@ -179,12 +186,24 @@ impl HttpRoute {
         strip_hop_by_hop(&mut parts.headers, false);
         let body = Counted {
             inner: body,
-            counter: m.bytes_from_upstream.clone(),
+            counter: self.ctx.metrics.bytes_from_upstream.clone(),
             upstream_of: Some(self.ctx.clone()),
             _exchange: exchange,
             budget: app_h2.then(|| lane.budget.clone()),
         };
         Ok(self.answer(Response::from_parts(parts, body.boxed())))
+    }
+
+    /// A request body as sent: counted into `bytes_total` and bounded by `--idle-timeout`.
+    fn out_body(&self, inner: AppBody) -> OutBody {
+        let counted = Counted {
+            inner,
+            counter: self.ctx.metrics.bytes_to_upstream.clone(),
+            upstream_of: None,
+            _exchange: None,
+            budget: None,
+        };
+        Moving::new(counted, self.ctx.route.idle_timeout)
     }
 
     /// Send a request on the route's pool. An h2 app connection's requests go through its
@@ -483,4 +502,52 @@ fn is_upgrade(req: &Request<Incoming>) -> bool {
                 v.split(',')
                     .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
             })
+}
+
+/// A copy of a request that may be sent twice: a safe method (RFC 9110 9.2.1) with no body,
+/// and only when it failed on a reused connection (a fresh one failing is a real failure).
+/// hyper's pool already resends a request that never left; this covers one written to a
+/// pooled connection the peer closed at that moment (nginx's `proxy_next_upstream error`
+/// does the same for idempotent requests). `None` for anything else: never sent twice.
+fn replayable(req: &Request<Incoming>) -> Option<Request<()>> {
+    use hyper::Method;
+    use hyper::body::Body as _;
+    let safe = matches!(
+        *req.method(),
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
+    );
+    if !safe || !req.body().is_end_stream() {
+        return None;
+    }
+    let mut copy = Request::new(());
+    *copy.method_mut() = req.method().clone();
+    *copy.uri_mut() = req.uri().clone();
+    *copy.version_mut() = req.version();
+    *copy.headers_mut() = req.headers().clone();
+    Some(copy)
+}
+
+/// Whether a request failed because its pooled connection was already closed by the peer
+/// (reset, or closed before any response byte), not because a dial or the peer's answer failed.
+fn stale_connection(e: &legacy::Error) -> bool {
+    if e.is_connect() {
+        return false;
+    }
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(h) = err.downcast_ref::<hyper::Error>()
+            && (h.is_incomplete_message() || h.is_canceled() || h.is_closed())
+        {
+            return true;
+        }
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            use std::io::ErrorKind as K;
+            return matches!(
+                io.kind(),
+                K::ConnectionReset | K::BrokenPipe | K::ConnectionAborted | K::UnexpectedEof
+            );
+        }
+        cur = err.source();
+    }
+    false
 }

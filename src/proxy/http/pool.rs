@@ -8,7 +8,6 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::task::{Context, Poll};
 
 use hyper::Uri;
-use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -21,8 +20,8 @@ use hyper::header::HeaderValue;
 use hyper::http::uri::Authority;
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use super::body::{Budget, Counted, Moving};
-use super::{BoxError, Dest, HttpRoute};
+use super::body::Budget;
+use super::{BoxError, Dest, HttpRoute, OutBody};
 use crate::config::HttpSettings;
 use crate::failure::Class;
 use crate::proxy::RouteCtx;
@@ -159,7 +158,7 @@ pub(super) struct Pool {
     /// The identity the pool's connections were made with.
     config: Arc<ClientConfig>,
     /// hyper-util's pooled client; clones share the pool.
-    client: Client<Connector, Moving<Counted<Incoming>>>,
+    client: Client<Connector, OutBody>,
 }
 
 /// Where an outbound route's requests go: the upstream over pooled mTLS connections, with
@@ -210,10 +209,7 @@ impl UpstreamSide {
     }
 
     /// The pool for the identity in force, rebuilt after a reload.
-    pub(super) fn client(
-        &self,
-        ctx: &Arc<RouteCtx>,
-    ) -> Client<Connector, Moving<Counted<Incoming>>> {
+    pub(super) fn client(&self, ctx: &Arc<RouteCtx>) -> Client<Connector, OutBody> {
         let config = ctx.identity.current();
         let current = self.pool.load();
         if Arc::ptr_eq(&current.config, &config) {
@@ -233,10 +229,7 @@ impl UpstreamSide {
         &self,
         ctx: &Arc<RouteCtx>,
         lane: &Lane,
-    ) -> (
-        Client<Connector, Moving<Counted<Incoming>>>,
-        Option<OwnedSemaphorePermit>,
-    ) {
+    ) -> (Client<Connector, OutBody>, Option<OwnedSemaphorePermit>) {
         while self.speaks.get() != SPEAKS_H2 {
             // Unknown counts as HTTP/1.1 until a dial has told (no lane is opened for nothing),
             // but a request waiting for its turn goes on in the lane as soon as it is known.
@@ -293,6 +286,8 @@ pub(super) async fn pool_slot(
     slots: Arc<Semaphore>,
 ) -> Result<OwnedSemaphorePermit, BoxError> {
     let wait = ctx.route.connect_timeout;
+    ctx.pool_dials
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     match tokio::time::timeout(wait, slots.acquire_owned()).await {
         Ok(Ok(p)) => Ok(p),
         _ => {

@@ -10,16 +10,14 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use hyper::Uri;
-use hyper::body::Incoming;
 use hyper::http::uri::Authority;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::Semaphore;
 
-use super::BoxError;
-use super::body::{Counted, Moving};
 use super::pool::{PooledIo, client_builder, pool_slot};
+use super::{BoxError, OutBody};
 use crate::config::Target;
 use crate::proxy::RouteCtx;
 use crate::proxy::inbound::{Refusal, TargetConn, dial};
@@ -27,7 +25,7 @@ use crate::proxy::inbound::{Refusal, TargetConn, dial};
 /// Where an inbound route's requests go.
 pub(super) struct TargetSide {
     /// hyper-util's pooled client, HTTP/1.1 only; clones share the pool.
-    pub(super) client: Client<TargetConnector, Moving<Counted<Incoming>>>,
+    pub(super) client: Client<TargetConnector, OutBody>,
     /// The authority of every target URI (the pool's key), and the `Host` of a request that
     /// came without one: the target's `HOST:PORT`, `localhost` for a unix socket.
     pub(super) uri_authority: Authority,
