@@ -5,6 +5,7 @@ pub mod connect_proxy;
 pub mod files;
 pub mod h2raw;
 pub mod http;
+pub mod inbound;
 pub mod net;
 pub mod nginx;
 pub mod pki;
