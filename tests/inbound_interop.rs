@@ -1,7 +1,7 @@
 //! Inbound routes against real clients: Python's `ssl` module and `openssl s_client` (tcp
 //! mode: relayed bytes, and each refusal's alert), `curl --cert` over HTTP/1.1 and h2 and
 //! Python's `http.client` (http mode: the target sees Envoy's `X-Forwarded-Client-Cert`, never
-//! the client's own), and a whole mesh hop in one process: app → outbound http route (client
+//! the client's own), and a whole mesh hop (two processes): app → outbound http route (client
 //! certificate A) → inbound http route (`--verify-uri-san` for A) → target.
 
 use std::net::SocketAddr;
@@ -9,7 +9,10 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use crate::support::inbound::{EchoTarget, inbound_cmd, openssl_s_client, output_text, run_client};
+use crate::support::http::{HttpUpstream, Seen, assert_sidecar_error, raw_call};
+use crate::support::inbound::{
+    EchoTarget, inbound_cmd, inbound_http_cmd, openssl_s_client, output_text, run_client,
+};
 use crate::support::pki::{CLIENT_CN, Identity, LeafSpec};
 use crate::support::*;
 
@@ -142,4 +145,226 @@ async fn openssl_s_client_sees_each_refusal_alert() {
         assert_eq!(field(&line, "reason"), Some(reason), "{what}: {line}");
     }
     assert_eq!(target.accepted(), 0, "a refused client caused a dial");
+}
+
+// ---------------------------------------------------------------------------------------------
+// http mode: the identity header as clients see it
+
+/// The SPIFFE-like URI, the DNS name and the common name of the test's "web" client.
+const WEB_URI: &str = "spiffe://example.org/ns/shop/sa/web";
+const WEB_DNS: &str = "web.shop.example";
+
+/// A client leaf with one URI SAN, one DNS SAN and `CN=web`.
+fn web_client(pki: &Pki) -> Identity {
+    let spec = LeafSpec {
+        uris: &[WEB_URI],
+        names: &[WEB_DNS],
+        ..LeafSpec::client("web")
+    };
+    pki.leaf(&pki.ca, "web", spec)
+}
+
+/// Envoy's `X-Forwarded-Client-Cert` for a leaf, computed here from its DER and the names the
+/// test PKI put in: `Hash=<hex SHA-256 of the DER>;Subject="CN=..."`, then `URI=` (bare when
+/// there is none) and `DNS=` per SAN.
+fn expected_xfcc(leaf: &Identity, cn: &str, uri: Option<&str>, dns: Option<&str>) -> String {
+    let mut want = format!(
+        "Hash={};Subject=\"CN={cn}\";URI={}",
+        hex(&sha256(&leaf.der)),
+        uri.unwrap_or("")
+    );
+    if let Some(dns) = dns {
+        want.push_str(&format!(";DNS={dns}"));
+    }
+    want
+}
+
+/// The `X-Forwarded-*` headers a target must see from an inbound route for a client on
+/// 127.0.0.1 that sent `sent_xff` (if any) and a forged `X-Forwarded-Client-Cert`.
+fn assert_forwarded(seen: &Seen, xfcc: &str, sent_xff: Option<&str>, what: &str) {
+    assert_eq!(
+        seen.all("x-forwarded-client-cert"),
+        vec![xfcc],
+        "{what}: the target's X-Forwarded-Client-Cert: {seen:#?}"
+    );
+    assert_eq!(
+        seen.all("x-forwarded-proto"),
+        vec!["https"],
+        "{what}: {seen:#?}"
+    );
+    let xff = seen.all("x-forwarded-for").join(", ");
+    let want = match sent_xff {
+        Some(sent) => format!("{sent}, 127.0.0.1"),
+        None => "127.0.0.1".to_string(),
+    };
+    assert_eq!(xff, want, "{what}: X-Forwarded-For: {seen:#?}");
+}
+
+/// `curl --cert --key --cacert` over HTTP/1.1 and over h2 (ALPN): the request reaches the
+/// target with Envoy's `X-Forwarded-Client-Cert` for curl's leaf (curl's own forged one
+/// removed), `X-Forwarded-Proto: https` and the client's address appended to
+/// `X-Forwarded-For`; curl gets the target's answer over the protocol it asked for.
+#[tokio::test(flavor = "multi_thread")]
+async fn curl_with_a_client_certificate_over_http1_and_h2_gets_xfcc_set() {
+    let pki = Pki::new();
+    let web = web_client(&pki);
+    let target = HttpUpstream::plain().await;
+    let proxy = inbound_http_cmd(&pki, target.addr)
+        .args(["--verify-uri-san", "spiffe://example.org/ns/shop/sa/*"])
+        .start();
+    let port = proxy.addr().port();
+    let want = expected_xfcc(&web, "web", Some(WEB_URI), Some(WEB_DNS));
+    for (flag, version) in [("--http1.1", "1.1"), ("--http2", "2")] {
+        let id = format!("curl{flag}");
+        let mut cmd = Command::new("curl");
+        cmd.args(["-sS", "--max-time", "10", flag, "--resolve"])
+            .arg(format!("localhost:{port}:127.0.0.1"))
+            .arg("--cacert")
+            .arg(&pki.ca.pem)
+            .arg("--cert")
+            .arg(&web.cert)
+            .arg("--key")
+            .arg(&web.key)
+            .args(["-H", "X-Forwarded-Client-Cert: forged"])
+            .args(["-H", "X-Forwarded-For: 203.0.113.7"])
+            .args(["-H", &format!("x-request-id: {id}")])
+            .args(["-w", "\nversion=%{http_version} status=%{http_code}"])
+            .arg(format!("https://localhost:{port}/hello"));
+        let out = blocking(|| run_client(cmd, Duration::ZERO, WAIT));
+        let text = output_text(&out);
+        assert!(out.status.success(), "{flag}: curl failed:\n{text}");
+        assert!(
+            text.starts_with("ok\n") && text.contains(&format!("version={version} status=200")),
+            "{flag}: curl printed {text:?}"
+        );
+        let seen = target.stats.request(&id);
+        assert_forwarded(&seen, &want, Some("203.0.113.7"), flag);
+        assert_eq!(seen.target, "/hello");
+    }
+}
+
+/// Python's `http.client.HTTPSConnection` with a client certificate: a GET and a POST with a
+/// 100 KiB body on one keep-alive connection; the target gets the whole body and every request
+/// carries the identity header.
+const PY_HTTP_CLIENT: &str = r#"
+import hashlib, http.client, ssl, sys
+port, ca, cert, key = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+ctx = ssl.create_default_context(cafile=ca)
+ctx.load_cert_chain(cert, key)
+c = http.client.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=10)
+c.request("GET", "/py-get", headers={"x-request-id": "py-get"})
+r = c.getresponse()
+print("GET", r.status, r.read().decode().strip())
+body = bytes(range(256)) * 400
+c.request("POST", "/upload", body=body, headers={"x-request-id": "py-post"})
+r = c.getresponse()
+print("POST", r.status, r.read().decode().strip())
+print("SENT", len(body), hashlib.sha256(body).hexdigest())
+"#;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn python_http_client_get_and_post_with_a_client_certificate() {
+    let pki = Pki::new();
+    let target = HttpUpstream::plain().await;
+    let proxy = inbound_http_cmd(&pki, target.addr)
+        .args(["--verify-cn", CLIENT_CN])
+        .start();
+    let mut cmd = Command::new("python3");
+    cmd.args(["-c", PY_HTTP_CLIENT])
+        .arg(proxy.addr().port().to_string())
+        .arg(&pki.ca.pem)
+        .arg(&pki.client.cert)
+        .arg(&pki.client.key);
+    let text = output_text(&blocking(|| run_client(cmd, Duration::ZERO, WAIT)));
+    let sent = text
+        .lines()
+        .find_map(|l| l.strip_prefix("SENT "))
+        .unwrap_or_else(|| panic!("python printed {text}"));
+    assert!(text.contains("GET 200 ok\n"), "python printed {text}");
+    assert!(
+        text.contains(&format!("POST 200 {sent}\n")),
+        "the target did not get the whole body: {text}"
+    );
+    let want = expected_xfcc(&pki.client, CLIENT_CN, None, None);
+    for id in ["py-get", "py-post"] {
+        assert_forwarded(&target.stats.request(id), &want, None, id);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// http mode: a whole mesh hop
+
+/// An outbound http-mode route presenting `id`, towards `inbound`.
+fn outbound_to(pki: &Pki, inbound: SocketAddr, id: &Identity) -> Sidecar {
+    run_cmd_files(
+        format!("localhost:{}", inbound.port()),
+        &id.cert,
+        &id.key,
+        &pki.ca.pem,
+    )
+    .args(["--mode", "http"])
+    .start()
+}
+
+/// app (plain HTTP) → outbound http route (client certificate A, SPIFFE-like URI) → inbound
+/// http route (server certificate `localhost`, `--verify-uri-san` A's URI) → target: the target
+/// sees Envoy's header naming A's URI and A's leaf hash, and the app the target's answer. A
+/// second outbound route presenting a URI not on the inbound's list gets the app a 502 with
+/// the outbound route's own failure body; the inbound logs `reason=not_allowed` and the target
+/// sees nothing more.
+#[tokio::test(flavor = "multi_thread")]
+async fn mesh_hop_app_outbound_inbound_target_carries_the_callers_identity() {
+    let pki = Pki::new();
+    let a = web_client(&pki);
+    let stranger = LeafSpec {
+        uris: &["spiffe://example.org/ns/other/sa/batch"],
+        ..LeafSpec::client("batch")
+    };
+    let stranger = pki.leaf(&pki.ca, "batch", stranger);
+    let target = HttpUpstream::plain().await;
+    let mut inbound = inbound_http_cmd(&pki, target.addr)
+        .args(["--verify-uri-san", WEB_URI])
+        .start();
+    let outbound = outbound_to(&pki, inbound.addr(), &a);
+    let reply = raw_call(
+        outbound.addr(),
+        b"GET /mesh HTTP/1.1\r\nHost: app.invalid\r\nx-request-id: mesh-1\r\n\
+          X-Forwarded-Client-Cert: forged-by-the-app\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(reply.status, 200, "{reply:?}");
+    assert_eq!(reply.text(), "ok\n");
+    let seen = target.stats.request("mesh-1");
+    let want = expected_xfcc(&a, "web", Some(WEB_URI), Some(WEB_DNS));
+    assert_forwarded(&seen, &want, None, "mesh hop");
+    assert_eq!(
+        seen.host(),
+        Some(format!("localhost:{}", inbound.addr().port()).as_str())
+    );
+
+    let refused = outbound_to(&pki, inbound.addr(), &stranger);
+    let reply = raw_call(
+        refused.addr(),
+        b"GET /mesh HTTP/1.1\r\nHost: app.invalid\r\nx-request-id: mesh-2\r\n\
+          Connection: close\r\n\r\n",
+    )
+    .await;
+    assert_sidecar_error(
+        reply.status,
+        reply.header("content-type"),
+        &reply.text(),
+        502,
+        "client_cert_rejected",
+    );
+    let line = blocking(|| {
+        inbound.wait_for_line("the inbound's refusal line", WAIT, |l| {
+            is_conn_line(l) && field(l, "reason") == Some("not_allowed")
+        })
+    });
+    assert_eq!(field(&line, "outcome"), Some("tls_error"), "{line}");
+    assert_eq!(
+        target.stats.request_count(),
+        1,
+        "the refused caller reached the target"
+    );
 }

@@ -75,7 +75,6 @@ pub fn inbound_cmd(pki: &Pki, target: impl std::fmt::Display) -> Cmd {
 }
 
 /// [`inbound_cmd`] with `--mode http`.
-#[allow(dead_code)] // used by the http-mode tests
 pub fn inbound_http_cmd(pki: &Pki, target: impl std::fmt::Display) -> Cmd {
     inbound_cmd(pki, target).args(["--mode", "http"])
 }

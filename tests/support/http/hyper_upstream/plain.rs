@@ -3,7 +3,6 @@
 
 use super::*;
 
-#[allow(dead_code)] // until the http-mode tests use it
 impl HttpUpstream {
     /// A plaintext HTTP/1.1 server on 127.0.0.1:0 answering the same paths as the mTLS one
     /// (each connection recorded with no TLS facts). It stops when dropped.
@@ -40,7 +39,6 @@ impl HttpUpstream {
     }
 }
 
-#[allow(dead_code)]
 async fn serve_plain(
     tcp: TcpStream,
     stats: Arc<HttpStats>,
