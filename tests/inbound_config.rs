@@ -41,7 +41,11 @@ fn every_refusal_is_exit_2_naming_its_flag() {
         (with(&["--server-name", "x"]), "--server-name"),
         (with(&["--proxy", "http://127.0.0.1:3128"]), "--proxy"),
         (with(&["--no-proxy", "example.com"]), "--no-proxy"),
-        (with(&["--mode", "http"]), "not supported yet"),
+        (
+            with(&["--mode", "http", "--proxy-protocol", "v1"]),
+            "--proxy-protocol",
+        ),
+        (with(&["--mode", "http", "--alpn", "h2"]), "--alpn"),
         (
             vec![
                 "--target",

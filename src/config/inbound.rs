@@ -146,6 +146,31 @@ fn refuse_outbound_flags(args: &RunArgs) -> Result<(), Error> {
     Ok(())
 }
 
+/// What only tcp mode does, refused on an http-mode inbound route (it would be ignored there):
+/// a PROXY header (the target is told the client in headers instead) and a user `--alpn` (the
+/// listener offers exactly `h2` and `http/1.1`).
+fn refuse_tcp_only_flags(args: &RunArgs) -> Result<(), Error> {
+    if args.mode != Mode::Http {
+        return Ok(());
+    }
+    if let Some(p) = args.inbound_args.proxy_protocol {
+        return Err(invalid(
+            "--proxy-protocol",
+            &format!("{p:?}").to_lowercase(),
+            "applies only to tcp mode; in http mode the target gets the client's identity in \
+             X-Forwarded-Client-Cert and its address in X-Forwarded-For",
+        ));
+    }
+    if !args.alpn.is_empty() {
+        return Err(invalid(
+            "--alpn",
+            &args.alpn.join(","),
+            "applies only to tcp mode; an http-mode inbound route offers exactly h2 and http/1.1",
+        ));
+    }
+    Ok(())
+}
+
 /// The authorization rule; an open door (no name, no pin, no `--allow-any-client`) is refused.
 fn parse_rule(args: &RunArgs) -> Result<Rule, Error> {
     let a = &args.inbound_args;
@@ -203,13 +228,7 @@ fn timeouts(args: &RunArgs) -> Result<(Duration, Duration, Option<Duration>), Er
 /// Build an inbound route. Checks run in a fixed order, as for outbound routes.
 pub(super) fn route(name: String, args: &RunArgs) -> Result<Route, Error> {
     refuse_outbound_flags(args)?;
-    if args.mode == Mode::Http {
-        return Err(invalid(
-            "--mode",
-            "http",
-            "http mode on an inbound route is not supported yet; use tcp",
-        ));
-    }
+    refuse_tcp_only_flags(args)?;
     // Every client must present a certificate: any listen address is fine.
     let listen = parse_listen(&args.listen, true, &name)?;
     let target = match &args.inbound_args.target {
@@ -239,7 +258,11 @@ pub(super) fn route(name: String, args: &RunArgs) -> Result<Route, Error> {
         files: tls_files(args)?,
         checks: Checks::default(),
         tls_min: args.tls_min,
-        alpn: parse_alpn(args)?,
+        alpn: match args.mode {
+            Mode::Tcp => parse_alpn(args)?,
+            // What the server side of HTTP mode speaks, nothing else.
+            Mode::Http => vec![b"h2".to_vec(), b"http/1.1".to_vec()],
+        },
         reload_interval: (!reload.is_zero()).then_some(reload),
         inbound: Some(rule),
     };
@@ -257,14 +280,16 @@ pub(super) fn route(name: String, args: &RunArgs) -> Result<Route, Error> {
             std::net::Ipv4Addr::UNSPECIFIED.into(),
         ),
         tls,
-        mode: Mode::Tcp,
+        mode: args.mode,
         http: HttpSettings {
             header_timeout: parse_duration("--header-timeout", &args.header_timeout)?,
-            ..HttpSettings::default()
+            pool_idle_timeout: parse_duration("--pool-idle-timeout", &args.pool_idle_timeout)?,
+            pool_max_idle: args.pool_max_idle,
+            pool_max_connections: args.pool_max_connections,
         },
         connect_timeout,
         via: Via::Direct,
-        idle_timeout: idle_timeout(Mode::Tcp, idle),
+        idle_timeout: idle_timeout(args.mode, idle),
         max_connections: args.max_connections,
         direction: Direction::Inbound(Box::new(Inbound {
             target,

@@ -67,9 +67,11 @@ pub fn header(leaf_der: &[u8]) -> Option<String> {
 
 /// Removes every `X-Forwarded-Client-Cert` the client sent and sets `xfcc` instead, sets
 /// `X-Forwarded-Proto: https`, and appends `client_ip` to `X-Forwarded-For` (several
-/// `X-Forwarded-For` lines from the client are joined into one, in order, first). An `xfcc` that
-/// is not a valid header value leaves the request without the header, never with the client's.
-pub fn strip_and_set(headers: &mut HeaderMap, xfcc: &str, client_ip: IpAddr) {
+/// `X-Forwarded-For` lines from the client are joined into one, in order, first). A client on a
+/// unix listener has no IP: `unix:` is appended instead, as nginx does, so the last hop is never
+/// one the client wrote. An `xfcc` that is not a valid header value leaves the request without
+/// the header, never with the client's.
+pub fn strip_and_set(headers: &mut HeaderMap, xfcc: &str, client_ip: Option<IpAddr>) {
     headers.remove(&X_FORWARDED_CLIENT_CERT);
     if let Ok(value) = HeaderValue::from_str(xfcc) {
         headers.insert(X_FORWARDED_CLIENT_CERT.clone(), value);
@@ -81,7 +83,7 @@ pub fn strip_and_set(headers: &mut HeaderMap, xfcc: &str, client_ip: IpAddr) {
         .map(|v| trim(v.as_bytes()))
         .filter(|v| !v.is_empty())
         .collect();
-    let ip = client_ip.to_canonical().to_string();
+    let ip = client_ip.map_or_else(|| "unix:".to_string(), |ip| ip.to_canonical().to_string());
     chain.push(ip.as_bytes());
     let joined = chain.join(&b", "[..]);
     // Every part came from a valid header value or is an IP address, so this cannot fail;
@@ -441,7 +443,7 @@ mod tests {
         strip_and_set(
             &mut h,
             "Hash=ab;Subject=\"CN=c\";URI=",
-            "192.0.2.7".parse().unwrap(),
+            Some("192.0.2.7".parse().unwrap()),
         );
         let xfcc: Vec<_> = h.get_all(&X_FORWARDED_CLIENT_CERT).iter().collect();
         assert_eq!(xfcc, ["Hash=ab;Subject=\"CN=c\";URI="]);
@@ -457,7 +459,7 @@ mod tests {
             ("x-forwarded-for", "203.0.113.1, 198.51.100.2"),
             ("x-forwarded-for", " 198.51.100.3 "),
         ]);
-        strip_and_set(&mut h, "Hash=ab", "2001:db8::7".parse().unwrap());
+        strip_and_set(&mut h, "Hash=ab", Some("2001:db8::7".parse().unwrap()));
         let xff: Vec<_> = h.get_all(&X_FORWARDED_FOR).iter().collect();
         assert_eq!(
             xff,
@@ -468,14 +470,21 @@ mod tests {
     #[test]
     fn strip_and_set_writes_mapped_ipv4_as_ipv4() {
         let mut h = HeaderMap::new();
-        strip_and_set(&mut h, "Hash=ab", "::ffff:192.0.2.9".parse().unwrap());
+        strip_and_set(&mut h, "Hash=ab", Some("::ffff:192.0.2.9".parse().unwrap()));
         assert_eq!(h.get(&X_FORWARDED_FOR).unwrap(), "192.0.2.9");
+    }
+
+    #[test]
+    fn strip_and_set_without_an_ip_appends_unix() {
+        let mut h = map(&[("x-forwarded-for", "192.0.2.1")]);
+        strip_and_set(&mut h, "Hash=ab", None);
+        assert_eq!(h.get(&X_FORWARDED_FOR).unwrap(), "192.0.2.1, unix:");
     }
 
     #[test]
     fn strip_and_set_with_an_invalid_value_sends_no_xfcc() {
         let mut h = map(&[("x-forwarded-client-cert", "forged")]);
-        strip_and_set(&mut h, "bad\nvalue", "127.0.0.1".parse().unwrap());
+        strip_and_set(&mut h, "bad\nvalue", Some("127.0.0.1".parse().unwrap()));
         assert!(h.get(&X_FORWARDED_CLIENT_CERT).is_none());
     }
 }

@@ -8,10 +8,13 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Instant;
 
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
@@ -129,14 +132,14 @@ impl Client {
 }
 
 /// How the connection ended, for the access line and the metrics.
-enum End {
+pub(super) enum End {
     Ok,
     Refused(Refusal, String),
     Failed(Class, String),
 }
 
 /// The inbound access-log record of one connection; logs itself when dropped.
-struct InboundLog<'a> {
+pub(super) struct InboundLog<'a> {
     ctx: &'a RouteCtx,
     peer: String,
     target: String,
@@ -144,7 +147,7 @@ struct InboundLog<'a> {
     client: Client,
     /// Near = target, far = client: `near_to_far` is bytes to the client.
     moved: Moved,
-    end: End,
+    pub(super) end: End,
     /// The route's refusal-line limiter.
     limit: &'a Mutex<LogLimit>,
 }
@@ -161,7 +164,7 @@ impl Drop for InboundLog<'_> {
             End::Ok => {
                 m.connection_finished(None);
                 info!(
-                    route = %route, peer = %peer, client = %client, client_id = %client_id,
+                    route = %route, peer = %peer, client = ?client, client_id = ?client_id,
                     target = %target, bytes_from_client = from_client,
                     bytes_to_client = to_client, duration_ms, outcome = %"ok", "connection"
                 );
@@ -171,8 +174,8 @@ impl Drop for InboundLog<'_> {
                 let allowed = self.limit.lock().ok().and_then(|mut l| l.allow());
                 if let Some(suppressed) = allowed {
                     warn!(
-                        route = %route, peer = %peer, client = %client,
-                        client_id = %client_id, target = %target, bytes_from_client = from_client,
+                        route = %route, peer = %peer, client = ?client,
+                        client_id = ?client_id, target = %target, bytes_from_client = from_client,
                         bytes_to_client = to_client, duration_ms, outcome = %r.outcome(),
                         reason = %r.reason(), error = ?error, suppressed, "connection"
                     );
@@ -181,7 +184,7 @@ impl Drop for InboundLog<'_> {
             End::Failed(class, error) => {
                 m.connection_finished(Some(*class));
                 warn!(
-                    route = %route, peer = %peer, client = %client, client_id = %client_id,
+                    route = %route, peer = %peer, client = ?client, client_id = ?client_id,
                     target = %target, bytes_from_client = from_client,
                     bytes_to_client = to_client, duration_ms, outcome = %class.outcome(),
                     reason = %class.reason(), error = ?error, "connection"
@@ -276,16 +279,17 @@ where
     }
 }
 
-/// Serve one inbound connection; its access line is written when it ends.
-/// `addrs` are the client's and our own address (a TCP listener), for the PROXY header.
-pub(super) async fn handle<S>(
-    ctx: &RouteCtx,
+/// The client's side of one inbound connection, both modes: counted in `active_connections`
+/// from accept, TLS handshake under `--handshake-timeout`. A refused client is logged (the
+/// record drops here) and `None` is returned: nothing is dialled for it.
+pub(super) async fn handshake<'a, S>(
+    ctx: &'a RouteCtx,
     inbound: &Inbound,
     conn: S,
     peer: String,
-    addrs: Option<(SocketAddr, SocketAddr)>,
-    cut: CancellationToken,
-) where
+    cut: &CancellationToken,
+) -> Option<(tokio_rustls::server::TlsStream<S>, InboundLog<'a>)>
+where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     ctx.metrics.active.inc();
@@ -299,23 +303,40 @@ pub(super) async fn handle<S>(
         end: End::Refused(Refusal::Protocol, "ended before the handshake".into()),
         limit: &ctx.refusals,
     };
-    let Some(config) = ctx.identity.server() else {
-        return;
-    };
-    let mut tls = match accept(config, inbound, conn, &cut).await {
+    let config = ctx.identity.server()?;
+    let tls = match accept(config, inbound, conn, cut).await {
         Ok(s) => s,
         Err(end) => {
             log.end = end;
-            return;
+            return None;
         }
     };
-    let leaf = tls
-        .get_ref()
-        .1
-        .peer_certificates()
+    log.client = Client::of(leaf_of(tls.get_ref().1));
+    Some((tls, log))
+}
+
+/// The verified client's leaf certificate (DER).
+pub(super) fn leaf_of(tls: &rustls::ServerConnection) -> Option<&[u8]> {
+    tls.peer_certificates()
         .and_then(|c| c.first())
-        .map(|c| c.as_ref());
-    log.client = Client::of(leaf);
+        .map(|c| c.as_ref())
+}
+
+/// Serve one inbound tcp-mode connection; its access line is written when it ends.
+/// `addrs` are the client's and our own address (a TCP listener), for the PROXY header.
+pub(super) async fn handle<S>(
+    ctx: &RouteCtx,
+    inbound: &Inbound,
+    conn: S,
+    peer: String,
+    addrs: Option<(SocketAddr, SocketAddr)>,
+    cut: CancellationToken,
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let Some((mut tls, mut log)) = handshake(ctx, inbound, conn, peer, &cut).await else {
+        return;
+    };
     // The PROXY header goes to the target before any client byte (built now: the TLS facts).
     let header = inbound
         .proxy_protocol
@@ -345,6 +366,101 @@ pub(super) async fn handle<S>(
         Ok(()) => End::Ok,
         Err((class, msg)) => End::Failed(class, msg),
     };
+}
+
+impl InboundLog<'_> {
+    /// An http-mode connection ended: `failure` is why, if it was not a normal close (the
+    /// client's, a graceful shutdown or an idle keep-alive connection closed), and `counts`
+    /// the plaintext bytes its TLS stream carried.
+    pub(super) fn http_ended(&mut self, failure: Option<(Class, &str)>, counts: &Counts) {
+        self.moved.far_to_near = counts.read.load(Ordering::Relaxed);
+        self.moved.near_to_far = counts.written.load(Ordering::Relaxed);
+        self.end = match failure {
+            None => End::Ok,
+            Some((class, msg)) => End::Failed(class, msg.into()),
+        };
+    }
+}
+
+/// Plaintext bytes read from and written to a client's TLS stream in http mode.
+#[derive(Debug, Default)]
+pub(super) struct Counts {
+    read: AtomicU64,
+    written: AtomicU64,
+}
+
+/// A stream that adds what passes through it to shared [`Counts`] (one atomic add per call).
+pub(super) struct Counting<S> {
+    inner: S,
+    counts: Arc<Counts>,
+}
+
+impl<S> Counting<S> {
+    pub(super) fn new(inner: S) -> (Self, Arc<Counts>) {
+        let counts = Arc::new(Counts::default());
+        (
+            Counting {
+                inner,
+                counts: counts.clone(),
+            },
+            counts,
+        )
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Counting<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let r = Pin::new(&mut this.inner).poll_read(cx, buf);
+        let n = buf.filled().len().saturating_sub(before) as u64;
+        this.counts.read.fetch_add(n, Ordering::Relaxed);
+        r
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Counting<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = &r {
+            this.counts.written.fetch_add(*n as u64, Ordering::Relaxed);
+        }
+        r
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = &r {
+            this.counts.written.fetch_add(*n as u64, Ordering::Relaxed);
+        }
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
 }
 
 /// The `--proxy-protocol` header for this connection. Without addresses (a unix listener) v1

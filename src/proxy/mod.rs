@@ -21,7 +21,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, Span, warn};
 
 use crate::cli::Mode;
-use crate::config::Route;
+use crate::config::{self, Route};
 use crate::egress::Proxy;
 use crate::failure::Failure;
 use crate::listen::{self, Conn, Listener, LogLimit};
@@ -205,6 +205,25 @@ fn spawn_conn(
     let span = conn_span(ctx, &peer);
     let ctx = ctx.clone();
     let cut = life.cut.clone();
+    if let (Some(route), Some(i)) = (http, ctx.route.inbound()) {
+        let (route, inbound, stop) = (route.clone(), i.clone(), life.stop_accepting.clone());
+        life.tracker.spawn(
+            async move {
+                let ends = (stop, cut);
+                match conn {
+                    Conn::Tcp(s) => {
+                        let _ = s.set_nodelay(true);
+                        let ip = s.peer_addr().ok().map(|a| a.ip());
+                        inbound_http(&ctx, &inbound, route, s, peer, ip, ends).await
+                    }
+                    Conn::Unix(s) => inbound_http(&ctx, &inbound, route, s, peer, None, ends).await,
+                }
+                drop(permit);
+            }
+            .instrument(span),
+        );
+        return;
+    }
     if let Some(route) = http {
         let (route, stop) = (route.clone(), life.stop_accepting.clone());
         life.tracker.spawn(
@@ -215,9 +234,9 @@ fn spawn_conn(
                 open.end = match conn {
                     Conn::Tcp(s) => {
                         let _ = s.set_nodelay(true);
-                        http::serve_conn(route, s, stop, cut).await
+                        http::serve_conn(route, s, None, stop, cut).await
                     }
-                    Conn::Unix(s) => http::serve_conn(route, s, stop, cut).await,
+                    Conn::Unix(s) => http::serve_conn(route, s, None, stop, cut).await,
                 };
                 drop(open);
                 drop(permit);
@@ -254,4 +273,28 @@ fn spawn_conn(
         }
         .instrument(span),
     );
+}
+
+/// Serve one inbound http-mode connection: the client's handshake as in tcp mode (a refused
+/// client is logged and never causes a dial), then its requests to the target, each carrying
+/// the identity read once from the verified leaf. `ends` are the stop and cut signals.
+async fn inbound_http<S>(
+    ctx: &RouteCtx,
+    inbound: &config::Inbound,
+    route: Arc<http::HttpRoute>,
+    conn: S,
+    peer: String,
+    ip: Option<std::net::IpAddr>,
+    ends: (CancellationToken, CancellationToken),
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (stop, cut) = ends;
+    let Some((tls, mut log)) = inbound::handshake(ctx, inbound, conn, peer, &cut).await else {
+        return;
+    };
+    let client = http::ClientId::of(inbound::leaf_of(tls.get_ref().1), ip);
+    let (io, counts) = inbound::Counting::new(tls);
+    let end = http::serve_conn(route, io, Some(client), stop, cut).await;
+    log.http_ended(end.failure(), &counts);
 }

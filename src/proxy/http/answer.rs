@@ -9,7 +9,9 @@ use hyper::header::{self, HeaderValue};
 
 use super::Body;
 use super::pool::PoolFull;
+use super::target::TargetFailure;
 use crate::failure::{self, Class, Failure};
+use crate::proxy::inbound::Refusal;
 
 /// What the app is told about a class of upstream failure: a fixed sentence, so no resolved
 /// address, file path or text from the peer or a proxy reaches the app (the warn line has them).
@@ -67,10 +69,28 @@ pub(super) fn failure_response(f: &Failure) -> Response<Body> {
     own_response(code, f.class.reason(), sentence(f.class))
 }
 
+/// The answer to the client of an inbound route when the target could not be reached: 504
+/// when it did not answer within `--connect-timeout`, 502 otherwise.
+pub(super) fn target_response(refusal: Refusal) -> Response<Body> {
+    let (code, sentence) = match refusal {
+        Refusal::TargetTimeout => (
+            StatusCode::GATEWAY_TIMEOUT,
+            "the target did not answer within --connect-timeout",
+        ),
+        _ => (
+            StatusCode::BAD_GATEWAY,
+            "the target refused the connection or cannot be resolved",
+        ),
+    };
+    own_response(code, refusal.reason(), sentence)
+}
+
 /// Why a request got no upstream answer.
 pub(super) enum Unserved {
     Failed(Failure),
     PoolFull(String),
+    /// An inbound route's target could not be reached.
+    Target(TargetFailure),
 }
 
 /// Find our classified failure (from the connector) or an I/O cause in a client error.
@@ -79,6 +99,12 @@ pub(super) fn classify(e: &(dyn std::error::Error + 'static), server_name: &str)
     while let Some(err) = cur {
         if let Some(f) = err.downcast_ref::<Failure>() {
             return Unserved::Failed(f.clone());
+        }
+        if let Some(t) = err.downcast_ref::<TargetFailure>() {
+            return Unserved::Target(TargetFailure {
+                refusal: t.refusal,
+                message: t.message.clone(),
+            });
         }
         if let Some(p) = err.downcast_ref::<PoolFull>() {
             return Unserved::PoolFull(p.to_string());

@@ -1,104 +1,127 @@
-//! HTTP mode: the app speaks HTTP/1.1 or h2c (prior knowledge) to the listener; each request
-//! goes upstream over a pool of long-lived mTLS connections (hyper-util's pooled client), h2 or
-//! http/1.1 as the upstream picks by ALPN, so apps that open a connection per request no longer
-//! pay a handshake each.
+//! HTTP mode, both directions. Outbound: the app speaks HTTP/1.1 or h2c (prior knowledge) to
+//! the listener; each request goes upstream over a pool of long-lived mTLS connections
+//! (hyper-util's pooled client), h2 or http/1.1 as the upstream picks by ALPN, so apps that open
+//! a connection per request no longer pay a handshake each. Inbound: a verified client speaks
+//! HTTP/1.1 or h2 (by ALPN) over mTLS; each request goes to the plaintext target over pooled
+//! HTTP/1.1 connections, carrying the client's identity in headers.
 //!
-//! The pool belongs to one identity: when a reload publishes a new client configuration, the
-//! next request builds a new pool and the old one is dropped with its idle connections (busy
-//! ones finish their requests first).
+//! One connection path serves both: [`serve_conn`] with its bounds, [`HttpRoute::forward`]
+//! with its framing checks, answers, budgets and watches. Only where requests go ([`Dest`])
+//! and how they are decorated (`Host` rewritten to the upstream, or identity headers for the
+//! target) differ.
+//!
+//! The outbound pool belongs to one identity: when a reload publishes a new client
+//! configuration, the next request builds a new pool and the old one is dropped with its idle
+//! connections (busy ones finish their requests first).
 
 mod answer;
 mod body;
 mod pool;
 mod serve;
+mod target;
 
 pub use self::serve::{End, serve_conn};
 
 use std::convert::Infallible;
+use std::net::IpAddr;
 use std::sync::Arc;
 
-use arc_swap::ArcSwap;
 use http_body_util::BodyExt;
 use http_body_util::combinators::BoxBody;
 use hyper::body::{Bytes, Incoming};
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::http::uri::Scheme;
 use hyper::{Request, Response, StatusCode, Uri, Version};
+use hyper_util::client::legacy;
 use hyper_util::rt::TokioIo;
-use tokio::sync::Semaphore;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::OwnedSemaphorePermit;
 use tracing::{debug, info, warn};
 
-use self::answer::{Unserved, classify, failure_response, own_response};
+use self::answer::{Unserved, classify, failure_response, own_response, target_response};
 use self::body::{Counted, Moving};
-use self::pool::{Lane, Pool, SHARED, Speaks};
+use self::pool::{Lane, UpstreamSide};
 use self::serve::{Tunnel, TunnelSlot};
+use self::target::TargetSide;
 use super::RouteCtx;
 use super::framing;
 use crate::failure::{Class, Failure};
+use crate::inbound::xfcc;
 use crate::upstream;
 
 type Body = BoxBody<Bytes, hyper::Error>;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// The route's HTTP side: the pool in force and what requests are rewritten with.
+/// A request as the pools send it.
+type Outgoing = Request<Moving<Counted<Incoming>>>;
+
+/// A byte stream for an upgraded request's own connection, upstream or target.
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+/// The route's HTTP side: where its requests go.
 pub struct HttpRoute {
     /// The route: settings, identity and metrics.
     ctx: Arc<RouteCtx>,
-    /// `Host` / `:authority` sent upstream: the server name, with `:PORT` unless 443.
-    authority: HeaderValue,
-    /// The authority of every upstream URI.
-    uri_authority: hyper::http::uri::Authority,
-    /// The shared pool of the identity in force; swapped for a new one after a reload.
-    pool: ArcSwap<Pool>,
-    /// `--pool-max-connections` permits, shared by the pools of every identity: a connection
-    /// holds one until it closes, so a reload does not double the bound.
-    slots: Arc<Semaphore>,
-    /// `SPEAKS_*`: what the last dial's ALPN agreed.
-    speaks: Arc<Speaks>,
+    /// The upstream's mTLS pool (outbound) or the target's plaintext pool (inbound).
+    dest: Dest,
 }
 
-impl HttpRoute {
-    pub fn new(ctx: Arc<RouteCtx>) -> Self {
-        let port = ctx.route.upstream.port;
-        let name = &ctx.server_name;
-        let host = if name.contains(':') {
-            format!("[{name}]")
-        } else {
-            name.clone()
-        };
-        let authority = if port == 443 {
-            host
-        } else {
-            format!("{host}:{port}")
-        };
-        let config = ctx.identity.current();
-        let slots = Arc::new(Semaphore::new(ctx.route.http.pool_max_connections));
-        let speaks = Arc::new(Speaks::default());
-        let pool = Pool::new(&ctx, config, &slots, &speaks, SHARED);
-        HttpRoute {
-            slots,
-            speaks,
-            authority: HeaderValue::from_str(&authority)
-                .unwrap_or(HeaderValue::from_static("localhost")),
-            // The server name was validated at startup; the fallback only keeps this total.
-            uri_authority: authority
-                .parse()
-                .unwrap_or(hyper::http::uri::Authority::from_static("localhost")),
-            pool: ArcSwap::from_pointee(pool),
-            ctx,
+/// Where a route's requests go, and so how they are decorated.
+enum Dest {
+    /// Outbound: the upstream, `Host` / `:authority` rewritten to its name.
+    Upstream(UpstreamSide),
+    /// Inbound: the target, `Host` kept, the client's identity in headers.
+    Target(Box<TargetSide>),
+}
+
+/// Who the client of an inbound connection is, as every request of it tells the target:
+/// computed once per connection from the verified leaf.
+#[derive(Debug, Clone)]
+pub struct ClientId {
+    /// `X-Forwarded-Client-Cert` (Envoy's format); `None` if the leaf does not parse, and then
+    /// the requests carry none (never the client's own).
+    xfcc: Option<String>,
+    /// Appended to `X-Forwarded-For`; `None` on a unix listener.
+    ip: Option<IpAddr>,
+}
+
+impl ClientId {
+    pub fn of(leaf: Option<&[u8]>, ip: Option<IpAddr>) -> Self {
+        ClientId {
+            xfcc: leaf.and_then(xfcc::header),
+            ip,
         }
+    }
+
+    /// Remove any identity header the client sent and set ours.
+    fn decorate(&self, headers: &mut HeaderMap) {
+        // An invalid value (never from `header`) removes the client's and sets none.
+        xfcc::strip_and_set(headers, self.xfcc.as_deref().unwrap_or("\n"), self.ip);
     }
 }
 
 impl HttpRoute {
-    /// Forward one request.
+    pub fn new(ctx: Arc<RouteCtx>) -> Self {
+        let dest = match ctx.route.inbound() {
+            Some(i) => Dest::Target(Box::new(TargetSide::new(&ctx, &i.target))),
+            None => Dest::Upstream(UpstreamSide::new(&ctx)),
+        };
+        HttpRoute { ctx, dest }
+    }
+}
+
+impl HttpRoute {
+    /// Forward one request. `client` is the verified client of an inbound connection.
     async fn forward(
         self: Arc<Self>,
         mut req: Request<Incoming>,
         lane: Arc<Lane>,
+        client: Option<Arc<ClientId>>,
     ) -> Result<Response<Body>, Infallible> {
         if is_upgrade(&req) {
-            return Ok(self.upgrade(req).await);
+            return Ok(self.upgrade(req, client.as_deref()).await);
         }
         if let Err(refusal) = framing::check_request(req.headers()) {
             warn!(
@@ -112,12 +135,19 @@ impl HttpRoute {
                 refusal.sentence(),
             )));
         }
-        let uri = match self.upstream_uri(&req) {
+        let uri = match self.dest_uri(&req) {
             Ok(u) => u,
             Err(f) => return Ok(self.fail(f)),
         };
         let app_h2 = req.version() == Version::HTTP_2;
+        let host = self.host_for(&req);
         rewrite_for_upstream(&mut req, uri);
+        if let Some(host) = host {
+            req.headers_mut().insert(header::HOST, host);
+        }
+        if let Some(client) = &client {
+            client.decorate(req.headers_mut());
+        }
         let m = &self.ctx.metrics;
         let idle = self.ctx.route.idle_timeout;
         let req = req.map(|inner| {
@@ -130,12 +160,8 @@ impl HttpRoute {
             };
             Moving::new(counted, idle)
         });
-        let (client, exchange) = if app_h2 {
-            self.lane_client(&lane).await
-        } else {
-            (self.client(), None)
-        };
-        let resp = match client.request(req).await {
+        let (resp, exchange) = self.send(req, app_h2, &lane).await;
+        let resp = match resp {
             Ok(r) => r,
             Err(e) => return Ok(self.unserved(classify(&e, &self.ctx.server_name))),
         };
@@ -161,12 +187,44 @@ impl HttpRoute {
         Ok(self.answer(Response::from_parts(parts, body.boxed())))
     }
 
-    /// The upstream URI of an app's request: our scheme and authority, the app's path and
-    /// query. Built from parts, not by pasting strings: `OPTIONS *` must stay `*`.
-    fn upstream_uri(&self, req: &Request<Incoming>) -> Result<Uri, Failure> {
+    /// Send a request on the route's pool. An h2 app connection's requests go through its
+    /// [`Lane`]: to an HTTP/1.1 server at most a few at once, each holding its turn (the
+    /// returned permit) until its response ends.
+    async fn send(
+        &self,
+        req: Outgoing,
+        app_h2: bool,
+        lane: &Lane,
+    ) -> (
+        Result<Response<Incoming>, legacy::Error>,
+        Option<OwnedSemaphorePermit>,
+    ) {
+        match &self.dest {
+            Dest::Upstream(u) => {
+                let (client, exchange) = if app_h2 {
+                    u.lane_client(&self.ctx, lane).await
+                } else {
+                    (u.client(&self.ctx), None)
+                };
+                (client.request(req).await, exchange)
+            }
+            Dest::Target(t) => {
+                let exchange = if app_h2 { lane.h1_turn().await } else { None };
+                (t.client.request(req).await, exchange)
+            }
+        }
+    }
+
+    /// The URI of a request at the upstream or target: its scheme and authority, the app's
+    /// path and query. Built from parts, not by pasting strings: `OPTIONS *` must stay `*`.
+    fn dest_uri(&self, req: &Request<Incoming>) -> Result<Uri, Failure> {
+        let (scheme, authority) = match &self.dest {
+            Dest::Upstream(u) => (Scheme::HTTPS, &u.uri_authority),
+            Dest::Target(t) => (Scheme::HTTP, &t.uri_authority),
+        };
         let mut parts = hyper::http::uri::Parts::default();
-        parts.scheme = Some(hyper::http::uri::Scheme::HTTPS);
-        parts.authority = Some(self.uri_authority.clone());
+        parts.scheme = Some(scheme);
+        parts.authority = Some(authority.clone());
         parts.path_and_query = Some(
             req.uri()
                 .path_and_query()
@@ -175,6 +233,41 @@ impl HttpRoute {
         );
         Uri::from_parts(parts)
             .map_err(|e| Failure::new(Class::Protocol, format!("bad request target: {e}")))
+    }
+
+    /// The `Host` a request carries to the target: the client's own (an h2 client's
+    /// `:authority` becomes `Host`); `None` outbound, where the pool derives it from the URI.
+    fn host_for(&self, req: &Request<Incoming>) -> Option<HeaderValue> {
+        let Dest::Target(t) = &self.dest else {
+            return None;
+        };
+        if let Some(h) = req.headers().get(header::HOST) {
+            return Some(h.clone());
+        }
+        let authority = req.uri().authority().unwrap_or(&t.uri_authority);
+        HeaderValue::from_str(authority.as_str()).ok()
+    }
+
+    /// A connection of its own for an upgraded request, and the `Host` it is sent with.
+    async fn dial_dedicated(
+        &self,
+        req: &Request<Incoming>,
+    ) -> Result<(Box<dyn Io>, Option<HeaderValue>), Response<Body>> {
+        match &self.dest {
+            Dest::Upstream(u) => {
+                let mut config = (*self.ctx.identity.current()).clone();
+                config.alpn_protocols = vec![b"http/1.1".to_vec()];
+                let (route, proxy) = (&self.ctx.route, self.ctx.proxy.as_deref());
+                match upstream::connect(route, proxy, Arc::new(config)).await {
+                    Ok(c) => Ok((Box::new(c.stream), Some(u.authority.clone()))),
+                    Err(f) => Err(self.fail(f)),
+                }
+            }
+            Dest::Target(t) => match t.dial().await {
+                Ok(c) => Ok((Box::new(c), self.host_for(req))),
+                Err(f) => Err(self.unserved(Unserved::Target(f))),
+            },
+        }
     }
 
     fn log_ambiguous_framing(&self, headers: &HeaderMap) {
@@ -203,6 +296,15 @@ impl HttpRoute {
     fn unserved(&self, u: Unserved) -> Response<Body> {
         match u {
             Unserved::Failed(f) => self.fail(f),
+            Unserved::Target(t) => {
+                warn!(
+                    route = %self.ctx.route.name,
+                    reason = t.refusal.reason(),
+                    error = ?t.message,
+                    "target request failed"
+                );
+                self.answer(target_response(t.refusal))
+            }
             Unserved::PoolFull(detail) => {
                 warn!(
                     route = %self.ctx.route.name,
@@ -224,20 +326,19 @@ impl HttpRoute {
         r
     }
 
-    /// HTTP/1.1 Upgrade: a dedicated http/1.1 upstream connection; after its 101, bytes flow
-    /// both ways between the two upgraded connections.
-    async fn upgrade(self: Arc<Self>, mut req: Request<Incoming>) -> Response<Body> {
-        let mut config = (*self.ctx.identity.current()).clone();
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
-        let conn =
-            match upstream::connect(&self.ctx.route, self.ctx.proxy.as_deref(), Arc::new(config))
-                .await
-            {
-                Ok(c) => c,
-                Err(f) => return self.fail(f),
-            };
+    /// HTTP/1.1 Upgrade: a dedicated http/1.1 connection to the upstream or target; after its
+    /// 101, bytes flow both ways between the two upgraded connections.
+    async fn upgrade(
+        self: Arc<Self>,
+        mut req: Request<Incoming>,
+        client: Option<&ClientId>,
+    ) -> Response<Body> {
+        let (io, host) = match self.dial_dedicated(&req).await {
+            Ok(x) => x,
+            Err(answer) => return answer,
+        };
         let (mut sender, connection) =
-            match hyper::client::conn::http1::handshake(TokioIo::new(conn.stream)).await {
+            match hyper::client::conn::http1::handshake(TokioIo::new(io)).await {
                 Ok(x) => x,
                 Err(e) => {
                     return self.unserved(classify(&e, &self.ctx.server_name));
@@ -256,7 +357,12 @@ impl HttpRoute {
             .to_string();
         parts.uri = path.parse().unwrap_or_else(|_| Uri::from_static("/"));
         strip_hop_by_hop(&mut parts.headers, true);
-        parts.headers.insert(header::HOST, self.authority.clone());
+        if let Some(host) = host {
+            parts.headers.insert(header::HOST, host);
+        }
+        if let Some(client) = client {
+            client.decorate(&mut parts.headers);
+        }
         let mut resp = match sender.send_request(Request::from_parts(parts, body)).await {
             Ok(r) => r,
             Err(e) => return self.unserved(classify(&e, &self.ctx.server_name)),

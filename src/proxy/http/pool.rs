@@ -16,8 +16,13 @@ use rustls::ClientConfig;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tracing::debug;
 
+use arc_swap::ArcSwap;
+use hyper::header::HeaderValue;
+use hyper::http::uri::Authority;
+use tokio::io::{AsyncRead, AsyncWrite};
+
 use super::body::{Budget, Counted, Moving};
-use super::{BoxError, HttpRoute};
+use super::{BoxError, Dest, HttpRoute};
 use crate::failure::Class;
 use crate::proxy::RouteCtx;
 use crate::upstream;
@@ -132,6 +137,13 @@ impl Lane {
         }
     }
 
+    /// A turn among the connection's [`LANE_H1_EXCHANGES`] requests at an HTTP/1.1 server,
+    /// held until the response ends.
+    pub(super) async fn h1_turn(&self) -> Option<OwnedSemaphorePermit> {
+        // The semaphore is never closed.
+        self.h1_exchanges.clone().acquire_owned().await.ok()
+    }
+
     /// After a reload: drop the pool made with the old identity, so its idle connection closes
     /// now (busy ones finish their requests first) instead of lingering with a replaced
     /// certificate.
@@ -149,36 +161,66 @@ pub(super) struct Pool {
     client: Client<Connector, Moving<Counted<Incoming>>>,
 }
 
-impl HttpRoute {
-    /// Watch for reloads: at each new identity, replace the pool at once, so the idle
-    /// connections made with the old identity close without waiting for the next request.
-    pub fn watch_reloads(self: &Arc<Self>) {
-        let mut generations = self.ctx.identity.subscribe();
-        let route = Arc::downgrade(self);
-        tokio::spawn(async move {
-            while generations.changed().await.is_ok() {
-                let Some(route) = route.upgrade() else { return };
-                let _ = route.client();
-            }
-        });
+/// Where an outbound route's requests go: the upstream over pooled mTLS connections, with
+/// `Host` / `:authority` rewritten to its name.
+pub(super) struct UpstreamSide {
+    /// `Host` / `:authority` sent upstream: the server name, with `:PORT` unless 443.
+    pub(super) authority: HeaderValue,
+    /// The authority of every upstream URI.
+    pub(super) uri_authority: Authority,
+    /// The shared pool of the identity in force; swapped for a new one after a reload.
+    pool: ArcSwap<Pool>,
+    /// `--pool-max-connections` permits, shared by the pools of every identity: a connection
+    /// holds one until it closes, so a reload does not double the bound.
+    slots: Arc<Semaphore>,
+    /// `SPEAKS_*`: what the last dial's ALPN agreed.
+    speaks: Arc<Speaks>,
+}
+
+impl UpstreamSide {
+    pub(super) fn new(ctx: &Arc<RouteCtx>) -> Self {
+        let port = ctx.route.upstream.port;
+        let name = &ctx.server_name;
+        let host = if name.contains(':') {
+            format!("[{name}]")
+        } else {
+            name.clone()
+        };
+        let authority = if port == 443 {
+            host
+        } else {
+            format!("{host}:{port}")
+        };
+        let config = ctx.identity.current();
+        let slots = Arc::new(Semaphore::new(ctx.route.http.pool_max_connections));
+        let speaks = Arc::new(Speaks::default());
+        let pool = Pool::new(ctx, config, &slots, &speaks, SHARED);
+        UpstreamSide {
+            slots,
+            speaks,
+            authority: HeaderValue::from_str(&authority)
+                .unwrap_or(HeaderValue::from_static("localhost")),
+            // The server name was validated at startup; the fallback only keeps this total.
+            uri_authority: authority
+                .parse()
+                .unwrap_or(Authority::from_static("localhost")),
+            pool: ArcSwap::from_pointee(pool),
+        }
     }
 
     /// The pool for the identity in force, rebuilt after a reload.
-    pub(super) fn client(&self) -> Client<Connector, Moving<Counted<Incoming>>> {
-        let config = self.ctx.identity.current();
+    pub(super) fn client(
+        &self,
+        ctx: &Arc<RouteCtx>,
+    ) -> Client<Connector, Moving<Counted<Incoming>>> {
+        let config = ctx.identity.current();
         let current = self.pool.load();
         if Arc::ptr_eq(&current.config, &config) {
             return current.client.clone();
         }
-        let fresh = Arc::new(Pool::new(
-            &self.ctx,
-            config,
-            &self.slots,
-            &self.speaks,
-            SHARED,
-        ));
+        let fresh = Arc::new(Pool::new(ctx, config, &self.slots, &self.speaks, SHARED));
         let client = fresh.client.clone();
-        debug!(route = %self.ctx.route.name, "new identity: new upstream pool; idle connections of the old one close");
+        debug!(route = %ctx.route.name, "new identity: new upstream pool; idle connections of the old one close");
         self.pool.store(fresh);
         client
     }
@@ -188,6 +230,7 @@ impl HttpRoute {
     /// first request and again after a reload.
     pub(super) async fn lane_client(
         &self,
+        ctx: &Arc<RouteCtx>,
         lane: &Lane,
     ) -> (
         Client<Connector, Moving<Counted<Incoming>>>,
@@ -203,24 +246,58 @@ impl HttpRoute {
                 break;
             }
             tokio::select! {
-                // The semaphore is never closed.
-                permit = lane.h1_exchanges.clone().acquire_owned() => {
-                    return (self.client(), permit.ok());
-                }
+                permit = lane.h1_turn() => return (self.client(ctx), permit),
                 () = &mut learned => {}
             }
         }
-        let config = self.ctx.identity.current();
+        let config = ctx.identity.current();
         let Ok(mut pool) = lane.pool.lock() else {
-            return (self.client(), None);
+            return (self.client(ctx), None);
         };
         if let Some(p) = pool.as_ref().filter(|p| Arc::ptr_eq(&p.config, &config)) {
             return (p.client.clone(), None);
         }
-        let fresh = Pool::new(&self.ctx, config, &self.slots, &self.speaks, LANE);
+        let fresh = Pool::new(ctx, config, &self.slots, &self.speaks, LANE);
         let client = fresh.client.clone();
         *pool = Some(Arc::new(fresh));
         (client, None)
+    }
+}
+
+impl HttpRoute {
+    /// Watch for reloads: at each new identity, replace the pool at once, so the idle
+    /// connections made with the old identity close without waiting for the next request.
+    /// (An inbound route's target connections are plaintext: no identity to retire them for.)
+    pub fn watch_reloads(self: &Arc<Self>) {
+        if !matches!(self.dest, Dest::Upstream(_)) {
+            return;
+        }
+        let mut generations = self.ctx.identity.subscribe();
+        let route = Arc::downgrade(self);
+        tokio::spawn(async move {
+            while generations.changed().await.is_ok() {
+                let Some(route) = route.upgrade() else { return };
+                if let Dest::Upstream(u) = &route.dest {
+                    let _ = u.client(&route.ctx);
+                }
+            }
+        });
+    }
+}
+
+/// One of the route's `--pool-max-connections` slots for a new connection. Waiting is bounded
+/// like a dial; meanwhile the pool hands the request any connection that falls idle.
+pub(super) async fn pool_slot(
+    ctx: &RouteCtx,
+    slots: Arc<Semaphore>,
+) -> Result<OwnedSemaphorePermit, BoxError> {
+    let wait = ctx.route.connect_timeout;
+    match tokio::time::timeout(wait, slots.acquire_owned()).await {
+        Ok(Ok(p)) => Ok(p),
+        _ => {
+            let max = ctx.route.http.pool_max_connections;
+            Err(Box::new(PoolFull { wait, max }) as BoxError)
+        }
     }
 }
 
@@ -274,9 +351,9 @@ pub(super) struct Connector {
 }
 
 impl tower_service::Service<Uri> for Connector {
-    type Response = UpstreamIo;
+    type Response = PooledIo<upstream::Upstream>;
     type Error = BoxError;
-    type Future = Pin<Box<dyn Future<Output = Result<UpstreamIo, BoxError>> + Send>>;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         Poll::Ready(Ok(()))
@@ -288,16 +365,7 @@ impl tower_service::Service<Uri> for Connector {
         let slots = self.slots.clone();
         let speaks = self.speaks.clone();
         Box::pin(async move {
-            // Waiting for a slot is bounded like a dial; meanwhile the pool hands this request
-            // any connection that falls idle.
-            let wait = ctx.route.connect_timeout;
-            let permit = match tokio::time::timeout(wait, slots.acquire_owned()).await {
-                Ok(Ok(p)) => p,
-                _ => {
-                    let max = ctx.route.http.pool_max_connections;
-                    return Err(Box::new(PoolFull { wait, max }) as BoxError);
-                }
-            };
+            let permit = pool_slot(&ctx, slots).await?;
             let mut attempt = ctx.connect(config.clone()).await;
             if matches!(&attempt, Err(f) if f.class == Class::Refused) {
                 attempt = ctx.connect(config).await;
@@ -310,7 +378,7 @@ impl tower_service::Service<Uri> for Connector {
                     // A pooled connection is counted when dialled: its requests are counted
                     // in `http_requests_total`.
                     m.connection_finished(None);
-                    Ok(UpstreamIo {
+                    Ok(PooledIo {
                         io: TokioIo::new(c.stream),
                         h2,
                         _slot: permit,
@@ -325,24 +393,25 @@ impl tower_service::Service<Uri> for Connector {
     }
 }
 
-/// A pooled upstream connection, telling the pool which protocol ALPN agreed.
-pub(super) struct UpstreamIo {
-    /// The TLS stream to the upstream.
-    io: TokioIo<upstream::Upstream>,
+/// A pooled connection (the TLS stream to the upstream, or a target socket), telling the pool
+/// which protocol ALPN agreed.
+pub(super) struct PooledIo<T> {
+    /// The connection's byte stream.
+    pub(super) io: TokioIo<T>,
     /// ALPN agreed h2: the pool speaks h2 on it.
-    h2: bool,
+    pub(super) h2: bool,
     /// This connection's `--pool-max-connections` slot, given back when it closes.
-    _slot: OwnedSemaphorePermit,
+    pub(super) _slot: OwnedSemaphorePermit,
 }
 
-impl Connection for UpstreamIo {
+impl<T> Connection for PooledIo<T> {
     fn connected(&self) -> Connected {
         let c = Connected::new();
         if self.h2 { c.negotiated_h2() } else { c }
     }
 }
 
-impl hyper::rt::Read for UpstreamIo {
+impl<T: AsyncRead + AsyncWrite + Unpin> hyper::rt::Read for PooledIo<T> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -352,7 +421,7 @@ impl hyper::rt::Read for UpstreamIo {
     }
 }
 
-impl hyper::rt::Write for UpstreamIo {
+impl<T: AsyncRead + AsyncWrite + Unpin> hyper::rt::Write for PooledIo<T> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,

@@ -13,9 +13,10 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info};
 
-use super::HttpRoute;
 use super::body::Tracked;
 use super::pool::Lane;
+use super::{ClientId, HttpRoute};
+use crate::failure::Class;
 use crate::proxy::watch::{ConnWatch, Expired, Watched};
 
 /// Request headers larger than this get `431`.
@@ -76,6 +77,24 @@ pub enum End {
 }
 
 impl End {
+    /// Why the connection failed, for an inbound access line; `None` for a normal end (the
+    /// client closed, a graceful close at shutdown, an idle keep-alive connection closed).
+    pub fn failure(self) -> Option<(Class, &'static str)> {
+        match self {
+            End::Closed | End::Timeout(Expired::Idle) => None,
+            End::Error => Some((Class::Reset, "the client connection ended with an error")),
+            End::Cut => Some((Class::Drain, "cut: still open when --drain-timeout ran out")),
+            End::Timeout(Expired::Header) => Some((
+                Class::Timeout,
+                "no complete request head within --header-timeout",
+            )),
+            End::Timeout(Expired::Stalled) => Some((
+                Class::Idle,
+                "an open request moved no byte for --idle-timeout",
+            )),
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             End::Closed => "closed",
@@ -92,6 +111,7 @@ impl End {
 pub async fn serve_conn<I>(
     route: Arc<HttpRoute>,
     io: I,
+    client: Option<ClientId>,
     stop: CancellationToken,
     cut: CancellationToken,
 ) -> End
@@ -105,12 +125,13 @@ where
     let lane = Arc::new(Lane::new());
     let mut generations = route.ctx.identity.subscribe();
     let (r, w, slot, l) = (route.clone(), watch.clone(), tunnel.clone(), lane.clone());
+    let client = client.map(Arc::new);
     let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
         let open = w.request(req.version());
         req.extensions_mut().insert(slot.clone());
-        let (r, lane) = (r.clone(), l.clone());
+        let (r, lane, client) = (r.clone(), l.clone(), client.clone());
         async move {
-            let resp = r.forward(req, lane).await?;
+            let resp = r.forward(req, lane, client).await?;
             Ok::<_, Infallible>(resp.map(|inner| Tracked { inner, _open: open }))
         }
     });
