@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use rustls::pki_types::ServerName;
 use rustls::{ClientConfig, RootCertStore};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
@@ -162,4 +162,22 @@ pub fn openssl_s_client(addr: SocketAddr, id: Option<&Identity>, ca: &Path) -> S
         cmd.arg("-cert").arg(&id.cert).arg("-key").arg(&id.key);
     }
     output_text(&run_client(cmd, Duration::from_millis(300), WAIT))
+}
+
+/// Reads until the server ends the connection (FIN, reset, or a TLS error such as a missing
+/// close_notify all count); returns what arrived before. Fails after `limit`.
+pub async fn read_until_end(stream: &mut (impl AsyncRead + Unpin), limit: Duration) -> Vec<u8> {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 16 * 1024];
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return got,
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+            Err(_) => panic!(
+                "the connection was not closed within {limit:?} ({} bytes read)",
+                got.len()
+            ),
+        }
+    }
 }

@@ -1,6 +1,7 @@
 //! Helpers shared by every test module.
 
 pub mod admin;
+pub mod bounds;
 pub mod connect_proxy;
 pub mod files;
 pub mod h2raw;

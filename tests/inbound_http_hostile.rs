@@ -1,0 +1,570 @@
+//! An inbound http-mode route against hostile or broken clients, over TLS: every sentence of
+//! the interface's "Hostile input and limits" that applies to an HTTP listener. Clients that
+//! complete TLS and then send no head, or drip one; idle keep-alive connections; stalled
+//! request bodies; the h2 bounds (100 streams, 64 KiB header lists, reset floods, a client that
+//! never reads); `--max-connections`; the refusal log's rate limit; a client that does not
+//! speak TLS; a target whose answer has both `Transfer-Encoding` and `Content-Length`.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use http_body_util::BodyExt;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::client::TlsStream;
+
+use crate::support::bounds::{around, frames_until, h1_get, rss};
+use crate::support::h2raw;
+use crate::support::http::{APP_HOST, HttpUpstream, assert_sidecar_error, empty, find};
+use crate::support::inbound::{
+    client_config, client_config_alpn, inbound_http_cmd, read_until_end, tls_connect,
+};
+use crate::support::*;
+
+type Tls = TlsStream<TcpStream>;
+
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    tokio::task::block_in_place(f)
+}
+
+/// An inbound http-mode route open to every client of the test CA, in front of `target`.
+fn proxy(pki: &Pki, target: SocketAddr, args: &[&str]) -> Sidecar {
+    inbound_http_cmd(pki, target)
+        .arg("--allow-any-client")
+        .args(args)
+        .start()
+}
+
+/// A TLS connection presenting the test client certificate that agreed on `alpn`.
+async fn open(pki: &Pki, addr: SocketAddr, alpn: &[u8]) -> Tls {
+    let config = client_config_alpn(pki, Some(&pki.client), &[alpn]);
+    let s = tls_connect(addr, config).await.expect("handshake");
+    assert_eq!(s.get_ref().1.alpn_protocol(), Some(alpn), "ALPN not agreed");
+    s
+}
+
+/// An h2 connection (ALPN `h2`) that has sent the preface and its SETTINGS.
+async fn open_h2(pki: &Pki, addr: SocketAddr) -> Tls {
+    let mut s = open(pki, addr, b"h2").await;
+    s.write_all(&h2raw::hello()).await.expect("write preface");
+    s
+}
+
+// ---------------------------------------------------------------------------------------------
+// Heads and idle connections
+
+/// `--header-timeout 2s`: after a complete TLS handshake, an HTTP/1.1 client that sends
+/// nothing, one that drips a request head a byte a second (slow loris) and an h2 client that
+/// sends only the preface are all closed after about 2 s, unanswered; nothing reaches the target.
+#[tokio::test(flavor = "multi_thread")]
+async fn silent_and_slow_loris_clients_are_closed_at_header_timeout() {
+    let pki = Pki::new();
+    let target = HttpUpstream::plain().await;
+    let proxy = proxy(&pki, target.addr, &["--header-timeout", "2s"]);
+    let started = Instant::now();
+    let mut silent = open(&pki, proxy.addr(), b"http/1.1").await;
+    let loris = open(&pki, proxy.addr(), b"http/1.1").await;
+    let mut preface_only = open_h2(&pki, proxy.addr()).await;
+    let (mut loris_rd, mut loris_wr) = tokio::io::split(loris);
+    let dripper = tokio::spawn(async move {
+        let head = format!("GET / HTTP/1.1\r\nHost: {APP_HOST}\r\nX-Slow: aaaaaaaaaaaaaaaaaaaa");
+        for b in head.as_bytes() {
+            if loris_wr.write_all(&[*b]).await.is_err() || loris_wr.flush().await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        tokio::time::sleep(WAIT).await;
+    });
+    let got = read_until_end(&mut silent, Duration::from_secs(10)).await;
+    assert!(got.is_empty(), "the silent client got {got:?}");
+    around(
+        "the silent client was closed",
+        started.elapsed(),
+        Duration::from_secs(2),
+        Duration::from_secs(3),
+    );
+    let got = read_until_end(&mut loris_rd, Duration::from_secs(10)).await;
+    assert!(
+        !String::from_utf8_lossy(&got).contains("200"),
+        "the slow-loris client was answered: {got:?}"
+    );
+    around(
+        "the slow-loris client was closed",
+        started.elapsed(),
+        Duration::from_secs(2),
+        Duration::from_secs(3),
+    );
+    dripper.abort();
+    let answer = frames_until(&mut preface_only, Duration::from_secs(10), |f| {
+        f.kind == h2raw::HEADERS
+    })
+    .await;
+    assert!(answer.is_none(), "the preface-only client got {answer:?}");
+    around(
+        "the preface-only h2 client was closed",
+        started.elapsed(),
+        Duration::from_secs(2),
+        Duration::from_secs(3),
+    );
+    assert_eq!(target.stats.request_count(), 0);
+}
+
+/// `--header-timeout 1s --idle-timeout 3s`: a keep-alive connection idle for 2 s between
+/// requests still serves the next one, and is closed about 3 s after its last answer.
+#[tokio::test(flavor = "multi_thread")]
+async fn idle_keepalive_is_closed_at_idle_timeout() {
+    let pki = Pki::new();
+    let target = HttpUpstream::plain().await;
+    let proxy = proxy(
+        &pki,
+        target.addr,
+        &["--header-timeout", "1s", "--idle-timeout", "3s"],
+    );
+    let mut c = open(&pki, proxy.addr(), b"http/1.1").await;
+    assert_eq!(h1_get(&mut c, "/first").await, 200);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        h1_get(&mut c, "/second").await,
+        200,
+        "a keep-alive connection idle for 2 s (over --header-timeout) must still serve"
+    );
+    let idle = Instant::now();
+    let got = read_until_end(&mut c, Duration::from_secs(10)).await;
+    assert!(got.is_empty(), "the idle connection got {got:?}");
+    around(
+        "the idle keep-alive connection was closed",
+        idle.elapsed(),
+        Duration::from_secs(3),
+        Duration::from_secs(3),
+    );
+}
+
+/// `--idle-timeout 1s`: a request body that stops after 10 of 100000 announced bytes is
+/// aborted: the client's connection is closed unanswered with 200 and the target sees its
+/// request cut off (its connection closes mid-body), never completed.
+#[tokio::test(flavor = "multi_thread")]
+async fn stalled_request_body_is_aborted_at_idle_timeout() {
+    let pki = Pki::new();
+    let target = HttpUpstream::plain().await;
+    let proxy = proxy(&pki, target.addr, &["--idle-timeout", "1s"]);
+    let mut c = open(&pki, proxy.addr(), b"http/1.1").await;
+    let stalled = Instant::now();
+    c.write_all(
+        format!(
+            "POST /upload HTTP/1.1\r\nHost: {APP_HOST}\r\nContent-Length: 100000\r\n\r\n0123456789"
+        )
+        .as_bytes(),
+    )
+    .await
+    .expect("write request");
+    let seen = target.stats.wait_requests(1).await;
+    let got = read_until_end(&mut c, Duration::from_secs(10)).await;
+    let text = String::from_utf8_lossy(&got);
+    assert!(
+        !text.starts_with("HTTP/1.1 200"),
+        "a stalled upload was answered as complete: {text:?}"
+    );
+    around(
+        "the stalled upload was aborted",
+        stalled.elapsed(),
+        Duration::from_secs(1),
+        Duration::from_secs(3),
+    );
+    target.stats.wait_closed(seen[0].conn, WAIT).await;
+    assert_eq!(target.stats.upload_bytes.load(Ordering::SeqCst), 10);
+}
+
+// ---------------------------------------------------------------------------------------------
+// h2 bounds
+
+/// 150 streams opened at once on one h2 connection (ignoring the server's SETTINGS): 50 are
+/// refused with `REFUSED_STREAM`, and no more than 100 reach the target.
+#[tokio::test(flavor = "multi_thread")]
+async fn h2_streams_beyond_100_are_refused() {
+    let pki = Pki::new();
+    let target = HttpUpstream::plain().await;
+    let proxy = proxy(&pki, target.addr, &[]);
+    let mut c = open_h2(&pki, proxy.addr()).await;
+    let mut bytes = Vec::new();
+    for i in 0..150u32 {
+        bytes.extend(h2raw::get(2 * i + 1, "/hold", &[]));
+    }
+    c.write_all(&bytes).await.expect("write requests");
+    let mut refused = 0;
+    let end = frames_until(&mut c, WAIT, |f| {
+        if f.kind == h2raw::RST_STREAM && f.error_code() == Some(h2raw::REFUSED_STREAM) {
+            refused += 1;
+        }
+        refused == 50 || f.kind == h2raw::GOAWAY
+    })
+    .await;
+    assert_eq!(refused, 50, "ended with {end:?}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let reached = target.stats.request_count();
+    assert!(reached <= 100, "{reached} requests reached the target");
+    target.release();
+}
+
+/// A 100 KiB header list on h2 is refused (an error answer, a stream reset or GOAWAY) and never
+/// reaches the target; a normal request on a new connection still works.
+#[tokio::test(flavor = "multi_thread")]
+async fn h2_header_list_over_64k_is_refused() {
+    let pki = Pki::new();
+    let target = HttpUpstream::plain().await;
+    let proxy = proxy(&pki, target.addr, &[]);
+    let mut c = open_h2(&pki, proxy.addr()).await;
+    let big = vec![b'a'; 100 * 1024];
+    c.write_all(&h2raw::get(1, "/big", &[("x-big", &big)]))
+        .await
+        .expect("write request");
+    let answer = frames_until(&mut c, WAIT, |f| {
+        f.kind == h2raw::GOAWAY
+            || (f.stream == 1 && matches!(f.kind, h2raw::HEADERS | h2raw::RST_STREAM))
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(target.stats.request_count(), 0, "answer {answer:?}");
+    let mut ok = open_h2(&pki, proxy.addr()).await;
+    ok.write_all(&h2raw::get(1, "/small", &[("x-small", b"1")]))
+        .await
+        .expect("write request");
+    let end = frames_until(&mut ok, WAIT, |f| {
+        f.stream == 1 && f.flags & h2raw::END_STREAM != 0
+    })
+    .await;
+    assert!(end.is_some(), "the normal request was not answered");
+    assert_eq!(target.stats.request_count(), 1);
+}
+
+/// At most this many of a 5000-stream reset flood may reach the target before the connection
+/// ends.
+const RESET_FLOOD_REACHED_LIMIT: usize = 200;
+
+/// A rapid-reset flood (HEADERS then RST_STREAM, 5000 times) ends the connection with GOAWAY
+/// `ENHANCE_YOUR_CALM`; only a bounded number of those requests reach the target, and the
+/// route keeps serving other clients.
+#[tokio::test(flavor = "multi_thread")]
+async fn h2_rapid_reset_flood_gets_goaway_and_the_target_sees_a_bounded_number() {
+    let pki = Pki::new();
+    let target = HttpUpstream::plain().await;
+    let proxy = proxy(&pki, target.addr, &[]);
+    let c = open_h2(&pki, proxy.addr()).await;
+    let (mut rd, mut wr) = tokio::io::split(c);
+    let mut bytes = Vec::new();
+    for i in 0..5000u32 {
+        bytes.extend(h2raw::get(2 * i + 1, "/hold", &[]));
+        bytes.extend(h2raw::rst_stream(2 * i + 1, h2raw::CANCEL));
+    }
+    let writer = tokio::spawn(async move {
+        let _ = wr.write_all(&bytes).await;
+        tokio::time::sleep(WAIT).await;
+    });
+    let goaway = frames_until(&mut rd, WAIT, |f| f.kind == h2raw::GOAWAY).await;
+    writer.abort();
+    let goaway = goaway.expect("the flood ended without GOAWAY");
+    assert_eq!(
+        goaway.error_code(),
+        Some(h2raw::ENHANCE_YOUR_CALM),
+        "{goaway:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let reached = target.stats.request_count();
+    eprintln!("reset flood: {reached} of 5000 requests reached the target");
+    assert!(
+        reached <= RESET_FLOOD_REACHED_LIMIT,
+        "{reached} of 5000 reset requests reached the target"
+    );
+    target.release();
+    let mut other = open(&pki, proxy.addr(), b"http/1.1").await;
+    assert_eq!(h1_get(&mut other, "/after").await, 200);
+}
+
+/// What 100 never-read streams may cost, as for the outbound app side (hostile_httpsrv): about
+/// 1 MiB of response data plus the bookkeeping of 100 open streams, with allocator noise.
+const HUNDRED_STREAMS_LIMIT: u64 = 4 * 1024 * 1024;
+
+/// An h2 client that opens its flow-control windows to the maximum, asks for 100 downloads of
+/// 4 MiB each and never reads: the sidecar's resident memory grows by at most
+/// [`HUNDRED_STREAMS_LIMIT`], and other clients' requests on the route still complete.
+#[tokio::test(flavor = "multi_thread")]
+async fn never_reading_h2_client_with_100_streams_costs_bounded_memory() {
+    let pki = Pki::new();
+    let target = HttpUpstream::plain().await;
+    let proxy = proxy(&pki, target.addr, &[]);
+    let addr = proxy.addr();
+    // Warm up allocator arenas, TLS and the target pool with a few transfers.
+    for i in 0..4 {
+        let mut c = open(&pki, addr, b"http/1.1").await;
+        let path = format!("/download?len=1048576&seed={i}");
+        assert_eq!(h1_get(&mut c, &path).await, 200);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = rss(proxy.pid());
+
+    let mut hog = open(&pki, addr, b"h2").await;
+    let mut bytes = h2raw::PREFACE.to_vec();
+    bytes.extend(h2raw::settings(&[(
+        h2raw::SETTINGS_INITIAL_WINDOW_SIZE,
+        0x7fff_ffff,
+    )]));
+    bytes.extend(h2raw::window_update(0, 0x7fff_ffff - 65_535));
+    for i in 0..100u32 {
+        bytes.extend(h2raw::get(2 * i + 1, "/download?len=4194304&seed=9", &[]));
+    }
+    hog.write_all(&bytes).await.expect("write requests");
+    target.stats.wait_requests(5).await;
+
+    let mut peak = before;
+    for i in 0..20 {
+        let mut c = open(&pki, addr, b"http/1.1").await;
+        assert_eq!(
+            h1_get(&mut c, &format!("/download?len=65536&seed={i}")).await,
+            200,
+            "another client's request while one client does not read"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        peak = peak.max(rss(proxy.pid()));
+    }
+    let growth = peak.saturating_sub(before);
+    eprintln!(
+        "inbound h2, 100 never-read streams: rss before {before} peak {peak} growth {growth}, \
+         {} requests at the target",
+        target.stats.request_count()
+    );
+    assert!(
+        growth <= HUNDRED_STREAMS_LIMIT,
+        "one never-reading client grew the sidecar by {growth} bytes (limit {HUNDRED_STREAMS_LIMIT})"
+    );
+    drop(hog);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Connections and refusals
+
+/// `--max-connections 2`: while two TLS clients are connected a third is not served (its
+/// handshake does not even complete); when one of the two closes, the third is served.
+#[tokio::test(flavor = "multi_thread")]
+async fn max_connections_holds_the_next_client_until_one_closes() {
+    let pki = Pki::new();
+    let target = HttpUpstream::plain().await;
+    let proxy = proxy(&pki, target.addr, &["--max-connections", "2"]);
+    let addr = proxy.addr();
+    let mut first = open(&pki, addr, b"http/1.1").await;
+    let mut second = open(&pki, addr, b"http/1.1").await;
+    assert_eq!(h1_get(&mut first, "/one").await, 200);
+    assert_eq!(h1_get(&mut second, "/two").await, 200);
+    let config = client_config_alpn(&pki, Some(&pki.client), &[b"http/1.1"]);
+    let third = tokio::spawn(async move {
+        let mut s = tls_connect(addr, config).await.expect("handshake");
+        h1_get(&mut s, "/three").await
+    });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        !third.is_finished(),
+        "a third client was served while two were connected"
+    );
+    assert_eq!(target.stats.request_count(), 2);
+    drop(first);
+    let status = tokio::time::timeout(WAIT, third)
+        .await
+        .expect("the third client was not served after one closed")
+        .expect("third client task");
+    assert_eq!(status, 200);
+    assert_eq!(h1_get(&mut second, "/two-again").await, 200);
+}
+
+/// A flood of clients without a certificate for 3 s: each is refused, but refusal lines are
+/// logged at most about once a second, and the lines plus their `suppressed=` counts add up to
+/// every refused connection.
+#[tokio::test(flavor = "multi_thread")]
+async fn refused_handshake_flood_is_logged_at_most_once_a_second_with_a_count() {
+    let pki = Pki::new();
+    let target = HttpUpstream::plain().await;
+    let mut proxy = proxy(&pki, target.addr, &[]);
+    let addr = proxy.addr();
+    let config = client_config(&pki, None);
+    let started = Instant::now();
+    let mut made = 0u64;
+    while started.elapsed() < Duration::from_secs(3) {
+        if let Ok(mut s) = tls_connect(addr, config.clone()).await {
+            let _ = s.write_all(b"GET / HTTP/1.1\r\n\r\n").await;
+            let _ = read_until_end(&mut s, WAIT).await;
+        }
+        made += 1;
+    }
+    // One more after a pause, so the last second's count is flushed into a line.
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    if let Ok(mut s) = tls_connect(addr, config.clone()).await {
+        let _ = read_until_end(&mut s, WAIT).await;
+    }
+    made += 1;
+    assert!(made > 20, "the flood made only {made} connections");
+    let is_refusal = |l: &str| is_conn_line(l) && field(l, "reason") == Some("no_client_cert");
+    let deadline = Instant::now() + WAIT;
+    let (lines, counted) = loop {
+        let lines: Vec<String> = proxy
+            .stderr_lines()
+            .into_iter()
+            .filter(|l| is_refusal(l))
+            .collect();
+        let counted: u64 = lines
+            .iter()
+            .map(|l| {
+                1 + field(l, "suppressed")
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0)
+            })
+            .sum();
+        if counted >= made || Instant::now() >= deadline {
+            break (lines, counted);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(
+        counted,
+        made,
+        "lines + suppressed counts vs connections made:\n{}",
+        lines.join("\n")
+    );
+    assert!(
+        (2..=6).contains(&lines.len()),
+        "{} refusal lines for {made} refused connections:\n{}",
+        lines.len(),
+        lines.join("\n")
+    );
+    assert!(proxy.try_exit().is_none(), "{}", proxy.stderr());
+    assert_eq!(target.stats.request_count(), 0);
+}
+
+/// A client that speaks plain HTTP to the TLS listener is closed with `reason=protocol`, and
+/// the target sees nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_does_not_speak_tls_is_refused_as_protocol() {
+    let pki = Pki::new();
+    let target = HttpUpstream::plain().await;
+    let mut proxy = proxy(&pki, target.addr, &[]);
+    let mut s = connect(proxy.addr()).await;
+    let _ = s
+        .write_all(format!("GET / HTTP/1.1\r\nHost: {APP_HOST}\r\n\r\n").as_bytes())
+        .await;
+    let got = read_until_end(&mut s, WAIT).await;
+    assert!(
+        !String::from_utf8_lossy(&got).contains("HTTP/1.1"),
+        "a plaintext client got an HTTP answer: {got:?}"
+    );
+    let line = blocking(|| proxy.wait_conn_lines(1)).remove(0);
+    assert_eq!(field(&line, "reason"), Some("protocol"), "{line}");
+    assert_eq!(field(&line, "outcome"), Some("tls_error"), "{line}");
+    assert_eq!(target.stats.tcp_accepted.load(Ordering::SeqCst), 0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Framing
+
+/// `chunked` and `Content-Length: 5` together, the chunked body being 26 bytes.
+const TE_AND_CL: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\
+transfer-encoding: chunked\r\ncontent-length: 5\r\nconnection: close\r\n\r\n\
+1a\r\nabcdefghijklmnopqrstuvwxyz\r\n0\r\n\r\n";
+
+const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz";
+
+/// A plaintext target that answers every request head with [`TE_AND_CL`] and closes.
+async fn te_and_cl_target() -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind target");
+    let addr = l.local_addr().expect("target addr");
+    let task = tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while find(&head, b"\r\n\r\n").is_none() {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = s.write_all(TE_AND_CL).await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    (addr, task)
+}
+
+/// Sends one GET over `tls` with hyper (HTTP/1.1 or h2 as agreed) and checks the answer is the
+/// sidecar's own `502 protocol` or the whole 26-byte body read to a clean end: never a shorter
+/// body presented as complete.
+async fn assert_whole_or_502(tls: Tls, what: &str) {
+    let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+    let io = TokioIo::new(tls);
+    let req = hyper::Request::builder()
+        .uri(format!("https://{APP_HOST}/te-cl"))
+        .body(empty())
+        .expect("request");
+    let resp = if h2 {
+        let (mut send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+            .await
+            .expect("h2 handshake");
+        tokio::spawn(conn);
+        tokio::time::timeout(WAIT, send.send_request(req)).await
+    } else {
+        let (mut send, conn) = hyper::client::conn::http1::handshake(io)
+            .await
+            .expect("HTTP/1.1 handshake");
+        tokio::spawn(conn);
+        let req = {
+            let (mut parts, body) = req.into_parts();
+            parts.uri = "/te-cl".parse().expect("uri");
+            parts
+                .headers
+                .insert(hyper::header::HOST, APP_HOST.parse().expect("host"));
+            hyper::Request::from_parts(parts, body)
+        };
+        tokio::time::timeout(WAIT, send.send_request(req)).await
+    };
+    let resp = resp
+        .unwrap_or_else(|_| panic!("{what}: no answer within {WAIT:?}"))
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    let status = resp.status().as_u16();
+    let content_type = resp
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let body = tokio::time::timeout(WAIT, resp.into_body().collect())
+        .await
+        .unwrap_or_else(|_| panic!("{what}: the body did not end within {WAIT:?}"));
+    match body {
+        // A body cut off with an error was not presented as complete: acceptable.
+        Err(_) => {}
+        Ok(b) if status == 502 => {
+            let text = String::from_utf8_lossy(&b.to_bytes()).into_owned();
+            assert_sidecar_error(status, content_type.as_deref(), &text, 502, "protocol");
+        }
+        Ok(b) => {
+            assert_eq!(status, 200, "{what}");
+            assert_eq!(
+                &b.to_bytes()[..],
+                ALPHABET,
+                "{what}: the client got a different body as complete"
+            );
+        }
+    }
+}
+
+/// A target answer with both `Transfer-Encoding` and `Content-Length` reaches neither an
+/// HTTP/1.1 nor an h2 client truncated to the `Content-Length` as if complete.
+#[tokio::test(flavor = "multi_thread")]
+async fn target_answer_with_te_and_content_length_is_never_truncated() {
+    let pki = Pki::new();
+    let (target, task) = te_and_cl_target().await;
+    let proxy = proxy(&pki, target, &[]);
+    for alpn in [&b"http/1.1"[..], b"h2"] {
+        let tls = open(&pki, proxy.addr(), alpn).await;
+        assert_whole_or_502(tls, &String::from_utf8_lossy(alpn)).await;
+    }
+    task.abort();
+}
