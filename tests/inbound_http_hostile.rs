@@ -17,10 +17,13 @@ use tokio_rustls::client::TlsStream;
 
 use crate::support::bounds::{around, frames_until, h1_get, rss};
 use crate::support::h2raw;
-use crate::support::http::{APP_HOST, HttpUpstream, assert_sidecar_error, empty, find};
+use crate::support::http::{
+    APP_HOST, HttpUpstream, assert_sidecar_error, empty, find, read_raw_reply,
+};
 use crate::support::inbound::{
     client_config, client_config_alpn, inbound_http_cmd, read_until_end, tls_connect,
 };
+use crate::support::pki::{CLIENT_CN, LeafSpec};
 use crate::support::*;
 
 type Tls = TlsStream<TcpStream>;
@@ -175,6 +178,220 @@ async fn stalled_request_body_is_aborted_at_idle_timeout() {
     );
     target.stats.wait_closed(seen[0].conn, WAIT).await;
     assert_eq!(target.stats.upload_bytes.load(Ordering::SeqCst), 10);
+}
+
+/// `--header-timeout 1s --idle-timeout 30s`: on a keep-alive connection, a later request head
+/// that starts and stalls is closed at `--header-timeout`, not left to the idle timeout.
+#[tokio::test(flavor = "multi_thread")]
+async fn later_head_that_stalls_is_closed_at_header_timeout() {
+    let pki = Pki::new();
+    let target = HttpUpstream::plain().await;
+    let proxy = proxy(
+        &pki,
+        target.addr,
+        &["--header-timeout", "1s", "--idle-timeout", "30s"],
+    );
+    let mut c = open(&pki, proxy.addr(), b"http/1.1").await;
+    assert_eq!(h1_get(&mut c, "/first").await, 200);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let started = Instant::now();
+    c.write_all(b"GET /second HT").await.expect("write");
+    let got = read_until_end(&mut c, Duration::from_secs(10)).await;
+    assert!(got.is_empty(), "the stalled head got {got:?}");
+    around(
+        "the stalled second head was closed",
+        started.elapsed(),
+        Duration::from_secs(1),
+        Duration::from_secs(3),
+    );
+    assert_eq!(target.stats.request_count(), 1);
+}
+
+/// `--header-timeout 1s --idle-timeout 2s`: an h2 connection with no stream open gets GOAWAY
+/// and is closed at the idle timeout (not at the header timeout).
+#[tokio::test(flavor = "multi_thread")]
+async fn idle_h2_connection_gets_goaway_at_idle_timeout() {
+    let pki = Pki::new();
+    let target = HttpUpstream::plain().await;
+    let proxy = proxy(
+        &pki,
+        target.addr,
+        &["--header-timeout", "1s", "--idle-timeout", "2s"],
+    );
+    let mut c = open_h2(&pki, proxy.addr()).await;
+    c.write_all(&h2raw::get(1, "/", &[]))
+        .await
+        .expect("write request");
+    let end = frames_until(&mut c, WAIT, |f| {
+        f.stream == 1 && f.flags & h2raw::END_STREAM != 0
+    })
+    .await;
+    assert!(end.is_some(), "no complete response");
+    let idle = Instant::now();
+    let goaway = frames_until(&mut c, Duration::from_secs(10), |f| f.kind == h2raw::GOAWAY).await;
+    assert!(goaway.is_some(), "closed without GOAWAY");
+    around(
+        "GOAWAY on the idle h2 connection",
+        idle.elapsed(),
+        Duration::from_secs(2),
+        Duration::from_secs(2),
+    );
+    let _ = read_until_end(&mut c, Duration::from_secs(5)).await;
+}
+
+/// h2: a request body that stalls is aborted at `--idle-timeout` even while the connection as
+/// a whole stays busy (a PING every 200 ms): the stream ends without a 200 and the target's
+/// connection is cut mid-body.
+#[tokio::test(flavor = "multi_thread")]
+async fn stalled_h2_request_body_is_aborted_while_the_connection_is_busy() {
+    let pki = Pki::new();
+    let target = HttpUpstream::plain().await;
+    let proxy = proxy(&pki, target.addr, &["--idle-timeout", "1s"]);
+    let c = open_h2(&pki, proxy.addr()).await;
+    let (mut rd, mut wr) = tokio::io::split(c);
+    let mut block = h2raw::get_block("/upload", &[("content-length", b"100000")]);
+    block[0] = 0x83; // :method POST (static table)
+    let mut bytes = h2raw::frame(h2raw::HEADERS, h2raw::END_HEADERS, 1, &block);
+    bytes.extend(h2raw::frame(0 /* DATA */, 0, 1, b"0123456789"));
+    wr.write_all(&bytes).await.expect("write request");
+    let stalled = Instant::now();
+    let pinger = tokio::spawn(async move {
+        for i in 0u64..50 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let ping = h2raw::frame(6 /* PING */, 0, 0, &i.to_be_bytes());
+            if wr.write_all(&ping).await.is_err() {
+                break;
+            }
+        }
+    });
+    let seen = target.stats.wait_requests(1).await;
+    let end = frames_until(&mut rd, Duration::from_secs(8), |f| {
+        f.stream == 1 && (f.kind == h2raw::RST_STREAM || f.kind == h2raw::HEADERS)
+    })
+    .await
+    .expect("the connection ended instead of the stream");
+    if end.kind == h2raw::HEADERS {
+        // An indexed `:status 200` is 0x88; anything else is an error answer.
+        assert_ne!(
+            end.payload.first(),
+            Some(&0x88),
+            "a stalled upload was answered 200"
+        );
+    }
+    around(
+        "the stalled h2 upload was aborted",
+        stalled.elapsed(),
+        Duration::from_secs(1),
+        Duration::from_secs(3),
+    );
+    target.stats.wait_closed(seen[0].conn, WAIT).await;
+    assert_eq!(target.stats.upload_bytes.load(Ordering::SeqCst), 10);
+    pinger.abort();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Identity cannot be forged or mixed up
+
+/// The identity header the target must see for `leaf` (`CN=cn`, no SANs).
+fn xfcc_of(leaf: &crate::support::pki::Identity, cn: &str) -> String {
+    format!("Hash={};Subject=\"CN={cn}\";URI=", hex(&sha256(&leaf.der)))
+}
+
+/// Two clients with different certificates take turns on one route whose target connections
+/// are pooled and shared (`--pool-max-connections 1`): every request the target sees carries
+/// exactly one `X-Forwarded-Client-Cert`, its own sender's, never the other's or a forged one.
+#[tokio::test(flavor = "multi_thread")]
+async fn pooled_target_connections_never_mix_up_identities() {
+    let pki = Pki::new();
+    let other = pki.leaf(&pki.ca, "other", LeafSpec::client("other-client"));
+    let target = HttpUpstream::plain().await;
+    let proxy = proxy(&pki, target.addr, &["--pool-max-connections", "1"]);
+    let ids = [(&pki.client, CLIENT_CN), (&other, "other-client")];
+    let mut conns = Vec::new();
+    for (id, _) in ids {
+        let config = client_config_alpn(&pki, Some(id), &[b"http/1.1"]);
+        conns.push(tls_connect(proxy.addr(), config).await.expect("handshake"));
+    }
+    for round in 0..3 {
+        for (n, c) in conns.iter_mut().enumerate() {
+            let req = format!(
+                "GET /r HTTP/1.1\r\nHost: {APP_HOST}\r\nx-request-id: c{n}-{round}\r\n\
+                 X-Forwarded-Client-Cert: Hash=00;URI=spiffe://example.org/forged\r\n\r\n"
+            );
+            c.write_all(req.as_bytes()).await.expect("write");
+            let mut buf = Vec::new();
+            let reply = read_raw_reply(c, &mut buf, WAIT).await;
+            assert_eq!(reply.status, 200, "{reply:?}");
+        }
+    }
+    let seen = target.stats.requests();
+    assert_eq!(seen.len(), 6, "{seen:#?}");
+    for s in &seen {
+        let n: usize = s.id().expect("request id")[1..2]
+            .parse()
+            .expect("client number");
+        let (leaf, cn) = ids[n];
+        assert_eq!(
+            s.all("x-forwarded-client-cert"),
+            vec![xfcc_of(leaf, cn)],
+            "{s:#?}"
+        );
+    }
+    let shared = (0..target.stats.conns().len()).any(|conn| {
+        let on: Vec<&str> = seen
+            .iter()
+            .filter(|s| s.conn == conn)
+            .filter_map(|s| s.id())
+            .collect();
+        on.iter().any(|i| i.starts_with("c0")) && on.iter().any(|i| i.starts_with("c1"))
+    });
+    assert!(
+        shared,
+        "no target connection carried both clients' requests: {seen:#?}"
+    );
+}
+
+/// A request smuggling attempt (`Transfer-Encoding: chunked` with `Content-Length`, a second
+/// request with a forged identity header hidden after the chunked body's end): whatever the
+/// route makes of the framing, every request that reaches the target carries the sender's own
+/// identity and no forged one.
+#[tokio::test(flavor = "multi_thread")]
+async fn smuggled_request_never_reaches_the_target_with_a_forged_identity() {
+    let pki = Pki::new();
+    let target = HttpUpstream::plain().await;
+    let proxy = proxy(&pki, target.addr, &[]);
+    let mut c = open(&pki, proxy.addr(), b"http/1.1").await;
+    let smuggle = format!(
+        "POST /upload HTTP/1.1\r\nHost: {APP_HOST}\r\nTransfer-Encoding: chunked\r\n\
+         Content-Length: 4\r\n\r\n0\r\n\r\n\
+         GET /smuggled HTTP/1.1\r\nHost: {APP_HOST}\r\n\
+         X-Forwarded-Client-Cert: Hash=00;URI=spiffe://example.org/admin\r\n\r\n"
+    );
+    let _ = c.write_all(smuggle.as_bytes()).await;
+    // Read whatever comes back for a while; the connection may stay open (keep-alive).
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = c.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+    .await;
+    let _ = tokio::time::timeout(Duration::from_secs(3), async {
+        while target.stats.request_count() < 2 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let want = xfcc_of(&pki.client, CLIENT_CN);
+    for s in target.stats.requests() {
+        assert_eq!(
+            s.all("x-forwarded-client-cert"),
+            vec![want.as_str()],
+            "{s:#?}"
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -209,7 +209,7 @@ async fn curl_with_a_client_certificate_over_http1_and_h2_gets_xfcc_set() {
     let pki = Pki::new();
     let web = web_client(&pki);
     let target = HttpUpstream::plain().await;
-    let proxy = inbound_http_cmd(&pki, target.addr)
+    let mut proxy = inbound_http_cmd(&pki, target.addr)
         .args(["--verify-uri-san", "spiffe://example.org/ns/shop/sa/*"])
         .start();
     let port = proxy.addr().port();
@@ -226,6 +226,10 @@ async fn curl_with_a_client_certificate_over_http1_and_h2_gets_xfcc_set() {
             .arg("--key")
             .arg(&web.key)
             .args(["-H", "X-Forwarded-Client-Cert: forged"])
+            .args([
+                "-H",
+                "x-forwarded-client-cert: Hash=00;URI=spiffe://example.org/admin",
+            ])
             .args(["-H", "X-Forwarded-For: 203.0.113.7"])
             .args(["-H", &format!("x-request-id: {id}")])
             .args(["-w", "\nversion=%{http_version} status=%{http_code}"])
@@ -240,6 +244,10 @@ async fn curl_with_a_client_certificate_over_http1_and_h2_gets_xfcc_set() {
         let seen = target.stats.request(&id);
         assert_forwarded(&seen, &want, Some("203.0.113.7"), flag);
         assert_eq!(seen.target, "/hello");
+    }
+    for line in blocking(|| proxy.wait_conn_lines(2)) {
+        assert_eq!(field(&line, "client_id"), Some(WEB_URI), "{line}");
+        assert_eq!(field(&line, "outcome"), Some("ok"), "{line}");
     }
 }
 
@@ -266,7 +274,7 @@ print("SENT", len(body), hashlib.sha256(body).hexdigest())
 async fn python_http_client_get_and_post_with_a_client_certificate() {
     let pki = Pki::new();
     let target = HttpUpstream::plain().await;
-    let proxy = inbound_http_cmd(&pki, target.addr)
+    let mut proxy = inbound_http_cmd(&pki, target.addr)
         .args(["--verify-cn", CLIENT_CN])
         .start();
     let mut cmd = Command::new("python3");
@@ -289,6 +297,15 @@ async fn python_http_client_get_and_post_with_a_client_certificate() {
     for id in ["py-get", "py-post"] {
         assert_forwarded(&target.stats.request(id), &want, None, id);
     }
+    // One access line for the connection, naming the client as the interface says.
+    let line = blocking(|| proxy.wait_conn_lines(1)).remove(0);
+    assert_eq!(field(&line, "outcome"), Some("ok"), "{line}");
+    assert_eq!(field(&line, "client"), Some("CN=test-client"), "{line}");
+    assert_eq!(field(&line, "client_id"), Some("-"), "{line}");
+    let target_addr = target.addr.to_string();
+    assert_eq!(field(&line, "target"), Some(target_addr.as_str()), "{line}");
+    assert!(num_field(&line, "bytes_from_client") >= 102_400, "{line}");
+    assert!(num_field(&line, "bytes_to_client") > 0, "{line}");
 }
 
 // ---------------------------------------------------------------------------------------------
