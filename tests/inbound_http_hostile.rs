@@ -394,6 +394,32 @@ async fn smuggled_request_never_reaches_the_target_with_a_forged_identity() {
     }
 }
 
+/// A client certificate whose names try to inject fields into the identity header: a subject
+/// `CN` holding `"`, `,` and `;`, and a URI SAN holding `;URI=...`. The target sees one
+/// `Subject` with those characters escaped as OpenSSL's RFC 2253 printer does and the URI
+/// double-quoted (Envoy's rule for a value holding `,;="\\`), so no extra `URI=` appears.
+#[tokio::test(flavor = "multi_thread")]
+async fn certificate_names_cannot_inject_fields_into_xfcc() {
+    let pki = Pki::new();
+    let uri = "spiffe://example.org/ns/a;URI=spiffe://example.org/admin";
+    let spec = LeafSpec {
+        uris: &[uri],
+        ..LeafSpec::client("evil\",URI=spiffe://x;DNS=y")
+    };
+    let evil = pki.leaf(&pki.ca, "evil", spec);
+    let target = HttpUpstream::plain().await;
+    let proxy = proxy(&pki, target.addr, &[]);
+    let config = client_config_alpn(&pki, Some(&evil), &[b"http/1.1"]);
+    let mut c = tls_connect(proxy.addr(), config).await.expect("handshake");
+    assert_eq!(h1_get(&mut c, "/evil").await, 200);
+    let want = format!(
+        "Hash={};Subject=\"CN=evil\\\"\\,URI=spiffe://x\\;DNS=y\";URI=\"{uri}\"",
+        hex(&sha256(&evil.der))
+    );
+    let seen = target.stats.wait_requests(1).await;
+    assert_eq!(seen[0].all("x-forwarded-client-cert"), vec![want.as_str()]);
+}
+
 // ---------------------------------------------------------------------------------------------
 // h2 bounds
 
