@@ -69,6 +69,7 @@ mod http;
 mod http_errors;
 mod http_pool;
 mod inbound_config;
+mod inbound_http;
 mod inbound_http_hostile;
 mod inbound_interop;
 mod inbound_state;

@@ -207,9 +207,10 @@ fn spawn_conn(
     let cut = life.cut.clone();
     if let (Some(route), Some(i)) = (http, ctx.route.inbound()) {
         let (route, inbound, stop) = (route.clone(), i.clone(), life.stop_accepting.clone());
+        let accepted = http::Accepted::now(&route);
         life.tracker.spawn(
             async move {
-                let ends = (stop, cut);
+                let ends = (accepted, stop, cut);
                 match conn {
                     Conn::Tcp(s) => {
                         let _ = s.set_nodelay(true);
@@ -226,6 +227,7 @@ fn spawn_conn(
     }
     if let Some(route) = http {
         let (route, stop) = (route.clone(), life.stop_accepting.clone());
+        let accepted = http::Accepted::now(&route);
         life.tracker.spawn(
             async move {
                 // Dropped (and logged) after the connection and any upgraded tunnel of it ended;
@@ -234,9 +236,9 @@ fn spawn_conn(
                 open.end = match conn {
                     Conn::Tcp(s) => {
                         let _ = s.set_nodelay(true);
-                        http::serve_conn(route, s, None, stop, cut).await
+                        http::serve_conn(route, s, accepted, stop, cut).await
                     }
-                    Conn::Unix(s) => http::serve_conn(route, s, None, stop, cut).await,
+                    Conn::Unix(s) => http::serve_conn(route, s, accepted, stop, cut).await,
                 };
                 drop(open);
                 drop(permit);
@@ -277,7 +279,8 @@ fn spawn_conn(
 
 /// Serve one inbound http-mode connection: the client's handshake as in tcp mode (a refused
 /// client is logged and never causes a dial), then its requests to the target, each carrying
-/// the identity read once from the verified leaf. `ends` are the stop and cut signals.
+/// the identity read once from the verified leaf. `ends`: the connection's clock, started at
+/// accept, and the stop and cut signals.
 async fn inbound_http<S>(
     ctx: &RouteCtx,
     inbound: &config::Inbound,
@@ -285,16 +288,16 @@ async fn inbound_http<S>(
     conn: S,
     peer: String,
     ip: Option<std::net::IpAddr>,
-    ends: (CancellationToken, CancellationToken),
+    ends: (http::Accepted, CancellationToken, CancellationToken),
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let (stop, cut) = ends;
+    let (accepted, stop, cut) = ends;
     let Some((tls, mut log)) = inbound::handshake(ctx, inbound, conn, peer, &cut).await else {
         return;
     };
     let client = http::ClientId::of(inbound::leaf_of(tls.get_ref().1), ip);
     let (io, counts) = inbound::Counting::new(tls);
-    let end = http::serve_conn(route, io, Some(client), stop, cut).await;
+    let end = http::serve_conn(route, io, accepted.with_client(client), stop, cut).await;
     log.http_ended(end.failure(), &counts);
 }

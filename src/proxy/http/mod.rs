@@ -20,7 +20,7 @@ mod pool;
 mod serve;
 mod target;
 
-pub use self::serve::{End, serve_conn};
+pub use self::serve::{Accepted, End, serve_conn};
 
 use std::convert::Infallible;
 use std::net::IpAddr;

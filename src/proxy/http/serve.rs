@@ -105,21 +105,49 @@ impl End {
     }
 }
 
+/// One accepted connection as HTTP mode serves it: its clock, started at accept (so
+/// `--header-timeout` counts from accept, the TLS handshake of an inbound client included), and
+/// on an inbound route the verified client its requests are decorated with.
+pub struct Accepted {
+    /// The connection's watch, made at accept.
+    watch: Arc<ConnWatch>,
+    /// The inbound client, once its handshake is done; `None` outbound.
+    client: Option<ClientId>,
+}
+
+impl Accepted {
+    /// Call at accept: the head clock starts now.
+    pub fn now(route: &HttpRoute) -> Self {
+        let (settings, idle) = (&route.ctx.route.http, route.ctx.route.idle_timeout);
+        Accepted {
+            watch: ConnWatch::new(settings.header_timeout, idle),
+            client: None,
+        }
+    }
+
+    /// The verified client of an inbound connection.
+    pub fn with_client(self, client: ClientId) -> Self {
+        Accepted {
+            client: Some(client),
+            ..self
+        }
+    }
+}
+
 /// Serve one app connection until it ends, shutting it down gracefully (h1 `Connection:
 /// close`, h2 GOAWAY) when `stop` fires and abandoning it when `cut` does. An upgraded request's
 /// tunnel runs here too, after the HTTP part of the connection is over.
 pub async fn serve_conn<I>(
     route: Arc<HttpRoute>,
     io: I,
-    client: Option<ClientId>,
+    accepted: Accepted,
     stop: CancellationToken,
     cut: CancellationToken,
 ) -> End
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let (settings, idle) = (&route.ctx.route.http, route.ctx.route.idle_timeout);
-    let watch = ConnWatch::new(settings.header_timeout, idle);
+    let Accepted { watch, client } = accepted;
     let builder = server_builder();
     let tunnel = TunnelSlot::default();
     let lane = Arc::new(Lane::new());
