@@ -394,6 +394,75 @@ async fn smuggled_request_never_reaches_the_target_with_a_forged_identity() {
     }
 }
 
+/// A client that names the identity headers in `Connection` (asking a proxy to drop them as
+/// hop-by-hop) does not make the target lose them: the target still sees the route's own
+/// `X-Forwarded-Client-Cert`, `X-Forwarded-Proto` and `X-Forwarded-For`.
+#[tokio::test(flavor = "multi_thread")]
+async fn connection_header_cannot_strip_the_identity_headers() {
+    let pki = Pki::new();
+    let target = HttpUpstream::plain().await;
+    let proxy = proxy(&pki, target.addr, &[]);
+    let mut c = open(&pki, proxy.addr(), b"http/1.1").await;
+    c.write_all(
+        format!(
+            "GET /hop HTTP/1.1\r\nHost: {APP_HOST}\r\nConnection: keep-alive, \
+             X-Forwarded-Client-Cert, X-Forwarded-For, X-Forwarded-Proto\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .expect("write");
+    let mut buf = Vec::new();
+    assert_eq!(read_raw_reply(&mut c, &mut buf, WAIT).await.status, 200);
+    let seen = target.stats.wait_requests(1).await;
+    let want = xfcc_of(&pki.client, CLIENT_CN);
+    assert_eq!(
+        seen[0].all("x-forwarded-client-cert"),
+        vec![want.as_str()],
+        "{seen:#?}"
+    );
+    assert_eq!(seen[0].all("x-forwarded-proto"), vec!["https"], "{seen:#?}");
+    assert_eq!(
+        seen[0].all("x-forwarded-for"),
+        vec!["127.0.0.1"],
+        "{seen:#?}"
+    );
+}
+
+/// A forged identity under a name with underscores (`X_Forwarded_Client_Cert`), which CGI,
+/// WSGI, Rack and PHP turn into the same variable as the real header
+/// (`HTTP_X_FORWARDED_CLIENT_CERT`), never reaches the target: the interface is silent, nginx
+/// drops headers with underscores by default, and the safer choice is to drop them (at least
+/// those that collide with the identity headers).
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "fails: a client's X_Forwarded_Client_Cert (underscores) reaches the target, where CGI/WSGI apps read it as the identity header"]
+async fn underscore_variant_of_the_identity_header_never_reaches_the_target() {
+    let pki = Pki::new();
+    let target = HttpUpstream::plain().await;
+    let proxy = proxy(&pki, target.addr, &[]);
+    let mut c = open(&pki, proxy.addr(), b"http/1.1").await;
+    c.write_all(
+        format!(
+            "GET /underscore HTTP/1.1\r\nHost: {APP_HOST}\r\n\
+             X_Forwarded_Client_Cert: Hash=00;URI=spiffe://example.org/admin\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .expect("write");
+    let mut buf = Vec::new();
+    let status = read_raw_reply(&mut c, &mut buf, WAIT).await.status;
+    if status == 400 {
+        return;
+    }
+    assert_eq!(status, 200);
+    let seen = target.stats.wait_requests(1).await;
+    assert!(
+        seen[0].all("x_forwarded_client_cert").is_empty(),
+        "the forged underscore header reached the target: {seen:#?}"
+    );
+}
+
 /// A client certificate whose names try to inject fields into the identity header: a subject
 /// `CN` holding `"`, `,` and `;`, and a URI SAN holding `;URI=...`. The target sees one
 /// `Subject` with those characters escaped as OpenSSL's RFC 2253 printer does and the URI

@@ -201,8 +201,8 @@ fn assert_forwarded(seen: &Seen, xfcc: &str, sent_xff: Option<&str>, what: &str)
 }
 
 /// `curl --cert --key --cacert` over HTTP/1.1 and over h2 (ALPN): the request reaches the
-/// target with Envoy's `X-Forwarded-Client-Cert` for curl's leaf (curl's own forged one
-/// removed), `X-Forwarded-Proto: https` and the client's address appended to
+/// target with Envoy's `X-Forwarded-Client-Cert` for curl's leaf (curl's own forged ones
+/// removed), `X-Forwarded-Proto: https` (curl's `http` replaced) and the client's address appended to
 /// `X-Forwarded-For`; curl gets the target's answer over the protocol it asked for.
 #[tokio::test(flavor = "multi_thread")]
 async fn curl_with_a_client_certificate_over_http1_and_h2_gets_xfcc_set() {
@@ -231,6 +231,7 @@ async fn curl_with_a_client_certificate_over_http1_and_h2_gets_xfcc_set() {
                 "x-forwarded-client-cert: Hash=00;URI=spiffe://example.org/admin",
             ])
             .args(["-H", "X-Forwarded-For: 203.0.113.7"])
+            .args(["-H", "X-Forwarded-Proto: http"])
             .args(["-H", &format!("x-request-id: {id}")])
             .args(["-w", "\nversion=%{http_version} status=%{http_code}"])
             .arg(format!("https://localhost:{port}/hello"));
