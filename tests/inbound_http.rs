@@ -252,30 +252,44 @@ async fn call1(
     sender: &mut hyper::client::conn::http1::SendRequest<Body>,
     req: Request<Body>,
 ) -> Reply {
-    tokio::time::timeout(WAIT, sender.ready())
-        .await
-        .expect("the connection ready within the wait")
-        .expect("the connection is open");
-    let resp = tokio::time::timeout(WAIT, sender.send_request(req))
-        .await
-        .expect("a response head within the wait")
-        .expect("response");
-    read_reply_within(resp, http::BIG_WAIT).await
+    let ready = tokio::time::timeout(WAIT, sender.ready()).await;
+    assert!(
+        matches!(ready, Ok(Ok(()))),
+        "connection not ready: {ready:?}"
+    );
+    reply_of(sender.send_request(req)).await
 }
 
 async fn call2(
     mut sender: hyper::client::conn::http2::SendRequest<Body>,
     req: Request<Body>,
 ) -> Reply {
-    tokio::time::timeout(WAIT, sender.ready())
-        .await
-        .expect("the connection ready within the wait")
-        .expect("the connection is open");
-    let resp = tokio::time::timeout(WAIT, sender.send_request(req))
+    let ready = tokio::time::timeout(WAIT, sender.ready()).await;
+    assert!(
+        matches!(ready, Ok(Ok(()))),
+        "connection not ready: {ready:?}"
+    );
+    reply_of(sender.send_request(req)).await
+}
+
+/// The whole reply to a request sent, its head within [`WAIT`].
+async fn reply_of(
+    sent: impl std::future::Future<Output = hyper::Result<Response<Incoming>>>,
+) -> Reply {
+    let resp = tokio::time::timeout(WAIT, sent)
         .await
         .expect("a response head within the wait")
         .expect("response");
-    read_reply_within(resp, WAIT).await
+    read_reply_within(resp, http::BIG_WAIT).await
+}
+
+/// A request for `path` with `Host: host`.
+fn get(path: &str, host: &str, body: Body) -> Request<Body> {
+    Request::builder()
+        .uri(path)
+        .header("host", host)
+        .body(body)
+        .expect("request")
 }
 
 /// A client leaf with a URI and a DNS SAN.
@@ -418,11 +432,7 @@ async fn h2_streams_become_http1_requests_on_pooled_target_connections() {
     // Later clients, each on a connection of its own, reuse the pooled target connections.
     for _ in 0..5 {
         let mut sender = h1(&pki, proxy.addr(), &web).await;
-        let req = Request::builder()
-            .uri("/again")
-            .header("host", "shop.internal")
-            .body(empty())
-            .expect("request");
+        let req = get("/again", "shop.internal", empty());
         assert_eq!(call1(&mut sender, req).await.status, 200);
     }
     assert_eq!(
@@ -464,11 +474,7 @@ async fn a_chunked_request_body_and_a_large_response_arrive_intact() {
     assert!(reply.body == parts.concat(), "the echoed body differs");
     let seen = target.seen();
     assert_eq!(seen[0].body, parts.concat(), "the target got another body");
-    let req = Request::builder()
-        .uri("/big")
-        .header("host", "app")
-        .body(empty())
-        .expect("request");
+    let req = get("/big", "app", empty());
     let reply = call1(&mut sender, req).await;
     assert_eq!(reply.status, 200);
     assert_eq!(reply.body.len(), BIG);
@@ -487,11 +493,7 @@ async fn a_target_that_is_down_gets_502_and_one_that_does_not_answer_504() {
         .args(["--verify-cn", CLIENT_CN])
         .start();
     let mut sender = h1(&pki, proxy.addr(), &pki.client).await;
-    let req = Request::builder()
-        .uri("/")
-        .header("host", "app")
-        .body(empty())
-        .expect("request");
+    let req = get("/", "app", empty());
     let reply = call1(&mut sender, req).await;
     assert_reply_is_sidecar_error(&reply, 502, "target_refused");
     proxy.wait_for_line("a warn line with reason=target_refused", WAIT, |l| {
@@ -515,11 +517,7 @@ async fn a_target_that_is_down_gets_502_and_one_that_does_not_answer_504() {
         .args(["--verify-cn", CLIENT_CN, "--connect-timeout", "500ms"])
         .start();
     let mut sender = h1(&pki, proxy.addr(), &pki.client).await;
-    let req = Request::builder()
-        .uri("/")
-        .header("host", "app")
-        .body(empty())
-        .expect("request");
+    let req = get("/", "app", empty());
     let reply = call1(&mut sender, req).await;
     assert_reply_is_sidecar_error(&reply, 504, "target_timeout");
     proxy.wait_for_line("a warn line with reason=target_timeout", WAIT, |l| {
@@ -541,11 +539,7 @@ async fn a_refused_client_never_reaches_the_target() {
             hyper::client::conn::http1::handshake::<_, Body>(TokioIo::new(s)).await
     {
         tokio::spawn(conn);
-        let req = Request::builder()
-            .uri("/")
-            .header("host", "app")
-            .body(empty())
-            .expect("request");
+        let req = get("/", "app", empty());
         let r = tokio::time::timeout(WAIT, sender.send_request(req)).await;
         assert!(
             matches!(r, Ok(Err(_))),
@@ -631,11 +625,7 @@ async fn a_unix_target_gets_the_requests() {
         .start();
     let mut sender = h1(&pki, proxy.addr(), &pki.client).await;
     for _ in 0..3 {
-        let req = Request::builder()
-            .uri("/unix")
-            .header("host", "app.local")
-            .body(full("hello"))
-            .expect("request");
+        let req = get("/unix", "app.local", full("hello"));
         let reply = call1(&mut sender, req).await;
         assert_eq!(reply.status, 200);
         assert_eq!(reply.text(), "hello");
@@ -675,4 +665,57 @@ async fn the_header_timeout_counts_from_accept() {
     let line = proxy.wait_conn_lines(1).remove(0);
     assert_eq!(field(&line, "reason"), Some("timeout"), "{line}");
     assert_eq!(target.accepted(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reload_changes_new_handshakes_and_leaves_open_connections_serving() {
+    let pki = Pki::new();
+    let target = Target::start().await;
+    let ca = pki.path("live-ca.pem");
+    std::fs::copy(&pki.ca.pem, &ca).expect("copy");
+    let mut proxy = Cmd::new()
+        .args([
+            "run",
+            "--inbound",
+            "--mode",
+            "http",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .arg("--target")
+        .arg(target.addr.to_string())
+        .arg("--cert")
+        .arg(&pki.server.cert)
+        .arg("--key")
+        .arg(&pki.server.key)
+        .arg("--ca")
+        .arg(&ca)
+        .args(["--allow-any-client", "--reload-interval", "0"])
+        .start();
+    let open = h2(&pki, proxy.addr(), &pki.client).await;
+    let before = call2(open.clone(), get("https://app/one", "app", empty())).await;
+    assert_eq!(before.status, 200);
+    // The client's CA is no longer trusted for new handshakes.
+    let other = pki.other_ca();
+    crate::support::files::atomic_copy(&other.pem, &ca);
+    proxy.signal("HUP");
+    proxy.wait_for_line("the reload line", WAIT, |l| l.contains("identity reloaded"));
+    let refused = async {
+        let mut s = tls(&pki, proxy.addr(), &pki.client, b"h2").await?;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await?;
+        let mut buf = [0u8; 64];
+        s.read(&mut buf).await
+    };
+    let r = tokio::time::timeout(WAIT, refused).await.expect("in time");
+    assert!(
+        r.is_err(),
+        "a client of the old CA got in after the reload: {r:?}"
+    );
+    proxy.wait_for_line("the refusal", WAIT, |l| {
+        field(l, "reason") == Some("unknown_ca")
+    });
+    let after = call2(open.clone(), get("https://app/two", "app", empty())).await;
+    assert_eq!(after.status, 200, "the open connection still serves");
+    assert_eq!(target.seen().len(), 2);
 }

@@ -201,30 +201,14 @@ fn spawn_conn(
     accepted: Accepted,
     life: &Lifecycle,
 ) {
+    if let (Some(route), Some(_)) = (http, ctx.route.inbound()) {
+        spawn_inbound_http(ctx, route, accepted, life);
+        return;
+    }
     let Accepted { conn, peer, permit } = accepted;
     let span = conn_span(ctx, &peer);
     let ctx = ctx.clone();
     let cut = life.cut.clone();
-    if let (Some(route), Some(i)) = (http, ctx.route.inbound()) {
-        let (route, inbound, stop) = (route.clone(), i.clone(), life.stop_accepting.clone());
-        let accepted = http::Accepted::now(&route);
-        life.tracker.spawn(
-            async move {
-                let ends = (accepted, stop, cut);
-                match conn {
-                    Conn::Tcp(s) => {
-                        let _ = s.set_nodelay(true);
-                        let ip = s.peer_addr().ok().map(|a| a.ip());
-                        inbound_http(&ctx, &inbound, route, s, peer, ip, ends).await
-                    }
-                    Conn::Unix(s) => inbound_http(&ctx, &inbound, route, s, peer, None, ends).await,
-                }
-                drop(permit);
-            }
-            .instrument(span),
-        );
-        return;
-    }
     if let Some(route) = http {
         let (route, stop) = (route.clone(), life.stop_accepting.clone());
         let accepted = http::Accepted::now(&route);
@@ -270,6 +254,40 @@ fn spawn_conn(
             match conn {
                 Conn::Tcp(s) => tcp::handle(&ctx, s, peer, cut).await,
                 Conn::Unix(s) => tcp::handle(&ctx, s, peer, cut).await,
+            }
+            drop(permit);
+        }
+        .instrument(span),
+    );
+}
+
+/// [`spawn_conn`] for an inbound route in http mode.
+fn spawn_inbound_http(
+    ctx: &Arc<RouteCtx>,
+    route: &Arc<http::HttpRoute>,
+    accepted: Accepted,
+    life: &Lifecycle,
+) {
+    let Accepted { conn, peer, permit } = accepted;
+    let span = conn_span(ctx, &peer);
+    let Some(inbound) = ctx.route.inbound().cloned() else {
+        return;
+    };
+    let (ctx, route) = (ctx.clone(), route.clone());
+    let ends = (
+        http::Accepted::now(&route),
+        life.stop_accepting.clone(),
+        life.cut.clone(),
+    );
+    life.tracker.spawn(
+        async move {
+            match conn {
+                Conn::Tcp(s) => {
+                    let _ = s.set_nodelay(true);
+                    let ip = s.peer_addr().ok().map(|a| a.ip());
+                    inbound_http(&ctx, &inbound, route, s, peer, ip, ends).await
+                }
+                Conn::Unix(s) => inbound_http(&ctx, &inbound, route, s, peer, None, ends).await,
             }
             drop(permit);
         }

@@ -23,6 +23,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::body::{Budget, Counted, Moving};
 use super::{BoxError, Dest, HttpRoute};
+use crate::config::HttpSettings;
 use crate::failure::Class;
 use crate::proxy::RouteCtx;
 use crate::upstream;
@@ -309,15 +310,7 @@ impl Pool {
         speaks: &Arc<Speaks>,
         windows: Windows,
     ) -> Self {
-        let http = &ctx.route.http;
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .pool_idle_timeout(http.pool_idle_timeout)
-            .pool_max_idle_per_host(http.pool_max_idle)
-            // A request on a pooled connection that closed before the request was written is
-            // sent again on a fresh one (the upstream never saw it).
-            .retry_canceled_requests(true)
+        let client = client_builder(&ctx.route.http)
             .http2_initial_stream_window_size(windows.stream)
             .http2_initial_connection_window_size(windows.conn)
             .http2_keep_alive_interval(H2_PING_INTERVAL)
@@ -334,6 +327,20 @@ impl Pool {
             });
         Pool { config, client }
     }
+}
+
+/// hyper-util's pooled client with the route's pool bounds (`--pool-idle-timeout`,
+/// `--pool-max-idle`), for the upstream and the target alike.
+pub(super) fn client_builder(http: &HttpSettings) -> hyper_util::client::legacy::Builder {
+    let mut b = Client::builder(TokioExecutor::new());
+    b.pool_timer(TokioTimer::new())
+        .timer(TokioTimer::new())
+        .pool_idle_timeout(http.pool_idle_timeout)
+        .pool_max_idle_per_host(http.pool_max_idle)
+        // A request on a pooled connection that closed before the request was written is
+        // sent again on a fresh one (the upstream or target never saw it).
+        .retry_canceled_requests(true);
+    b
 }
 
 /// Dials the upstream for the pool: our resolve/connect/handshake, with one more try when the

@@ -112,7 +112,7 @@ pub struct Accepted {
     /// The connection's watch, made at accept.
     watch: Arc<ConnWatch>,
     /// The inbound client, once its handshake is done; `None` outbound.
-    client: Option<ClientId>,
+    client: Option<Arc<ClientId>>,
 }
 
 impl Accepted {
@@ -128,7 +128,7 @@ impl Accepted {
     /// The verified client of an inbound connection.
     pub fn with_client(self, client: ClientId) -> Self {
         Accepted {
-            client: Some(client),
+            client: Some(Arc::new(client)),
             ..self
         }
     }
@@ -153,7 +153,6 @@ where
     let lane = Arc::new(Lane::new());
     let mut generations = route.ctx.identity.subscribe();
     let (r, w, slot, l) = (route.clone(), watch.clone(), tunnel.clone(), lane.clone());
-    let client = client.map(Arc::new);
     let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
         let open = w.request(req.version());
         req.extensions_mut().insert(slot.clone());

@@ -13,13 +13,13 @@ use hyper::Uri;
 use hyper::body::Incoming;
 use hyper::http::uri::Authority;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::Semaphore;
 
 use super::BoxError;
 use super::body::{Counted, Moving};
-use super::pool::{PooledIo, pool_slot};
+use super::pool::{PooledIo, client_builder, pool_slot};
 use crate::config::Target;
 use crate::proxy::RouteCtx;
 use crate::proxy::inbound::{Refusal, TargetConn, dial};
@@ -48,15 +48,7 @@ impl TargetSide {
             target: target.clone(),
             slots: Arc::new(Semaphore::new(http.pool_max_connections)),
         };
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .pool_idle_timeout(http.pool_idle_timeout)
-            .pool_max_idle_per_host(http.pool_max_idle)
-            // A request on a pooled connection that closed before the request was written is
-            // sent again on a fresh one (the target never saw it).
-            .retry_canceled_requests(true)
-            .build(connector.clone());
+        let client = client_builder(http).build(connector.clone());
         TargetSide {
             client,
             // Validated at startup; the fallback only keeps this total.
