@@ -399,6 +399,50 @@ async fn mesh_hop_app_outbound_inbound_target_carries_the_callers_identity() {
     );
 }
 
+/// The same hop in ONE process (a pod's sidecar): a config file with an outbound http route
+/// (`default`, client certificate A) whose upstream is the same process's inbound http route
+/// (`inbound`, `verify_uri_san` A's URI). The target sees A's identity; at shutdown the inbound
+/// route's access line names A's URI.
+#[tokio::test(flavor = "multi_thread")]
+async fn mesh_hop_in_one_process_with_a_config_file() {
+    let pki = Pki::new();
+    let a = web_client(&pki);
+    let target = HttpUpstream::plain().await;
+    // The outbound route must name the inbound's port before the process binds it.
+    let in_port = free_port();
+    let file = pki.write(
+        "mesh.toml",
+        format!(
+            "[[route]]\nname = \"default\"\nlisten = \"127.0.0.1:0\"\n\
+             upstream = \"localhost:{in_port}\"\nmode = \"http\"\n\
+             cert = {:?}\nkey = {:?}\nca = {:?}\n\n\
+             [[route]]\nname = \"inbound\"\ninbound = true\n\
+             listen = \"127.0.0.1:{in_port}\"\ntarget = \"{}\"\nmode = \"http\"\n\
+             cert = {:?}\nkey = {:?}\nca = {:?}\nverify_uri_san = [\"{WEB_URI}\"]\n",
+            a.cert, a.key, pki.ca.pem, target.addr, pki.server.cert, pki.server.key, pki.ca.pem
+        ),
+    );
+    let mut proxy = Cmd::new().arg("run").arg("--config").arg(&file).start();
+    let reply = raw_call(
+        proxy.addr(),
+        b"GET /one-process HTTP/1.1\r\nHost: app.invalid\r\nx-request-id: one\r\n\
+          Connection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(reply.status, 200, "{reply:?}");
+    let want = expected_xfcc(&a, "web", Some(WEB_URI), Some(WEB_DNS));
+    assert_forwarded(&target.stats.request("one"), &want, None, "one process");
+    // The outbound pool keeps its connection to the inbound route open; the access line comes
+    // when it ends, here with the drain.
+    proxy.signal("TERM");
+    let line = blocking(|| {
+        proxy.wait_for_line("the inbound route's access line", WAIT, |l| {
+            is_conn_line(l) && field(l, "route") == Some("inbound")
+        })
+    });
+    assert_eq!(field(&line, "client_id"), Some(WEB_URI), "{line}");
+}
+
 /// The caller the inbound route refuses (TLS 1.3: its `access_denied` alert arrives after the
 /// outbound's handshake, on the first read) is told why: the outbound's 502 says
 /// `client_cert_rejected` as its tcp mode logs it, not a bare `reset` or `io`.
