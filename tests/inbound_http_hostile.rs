@@ -351,6 +351,57 @@ async fn pooled_target_connections_never_mix_up_identities() {
     );
 }
 
+/// A client that resumes its TLS session (a 1.3 ticket, a 1.2 session id) is still named on
+/// every request: the resumed connection's requests carry the same identity header as the
+/// full handshake's.
+#[tokio::test(flavor = "multi_thread")]
+async fn resumed_sessions_carry_the_same_identity() {
+    let pki = Pki::new();
+    let target = HttpUpstream::plain().await;
+    let proxy = proxy(&pki, target.addr, &[]);
+    let want = xfcc_of(&pki.client, CLIENT_CN);
+    for (name, version) in [
+        ("1.3", &rustls::version::TLS13),
+        ("1.2", &rustls::version::TLS12),
+    ] {
+        init_crypto();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(pki.ca.der.clone()).expect("add CA");
+        let mut config = rustls::ClientConfig::builder_with_protocol_versions(&[version])
+            .with_root_certificates(roots)
+            .with_client_auth_cert(pki.client.chain(), pki.client.key_der())
+            .expect("client cert");
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let config = std::sync::Arc::new(config);
+        let mut kinds = Vec::new();
+        for n in 0..2 {
+            let mut c = tls_connect(proxy.addr(), config.clone())
+                .await
+                .expect("handshake");
+            let req = format!(
+                "GET /resume HTTP/1.1\r\nHost: {APP_HOST}\r\nx-request-id: {name}-{n}\r\n\r\n"
+            );
+            c.write_all(req.as_bytes()).await.expect("write");
+            let mut buf = Vec::new();
+            assert_eq!(read_raw_reply(&mut c, &mut buf, WAIT).await.status, 200);
+            kinds.push(c.get_ref().1.handshake_kind());
+        }
+        assert_eq!(
+            kinds[1],
+            Some(rustls::HandshakeKind::Resumed),
+            "TLS {name}: the second connection did not resume ({kinds:?})"
+        );
+        for (n, kind) in kinds.iter().enumerate() {
+            let seen = target.stats.request(&format!("{name}-{n}"));
+            assert_eq!(
+                seen.all("x-forwarded-client-cert"),
+                vec![want.as_str()],
+                "TLS {name}, connection {n} ({kind:?})"
+            );
+        }
+    }
+}
+
 /// A request smuggling attempt (`Transfer-Encoding: chunked` with `Content-Length`, a second
 /// request with a forged identity header hidden after the chunked body's end): whatever the
 /// route makes of the framing, every request that reaches the target carries the sender's own
