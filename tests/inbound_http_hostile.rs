@@ -681,6 +681,79 @@ async fn h2_header_list_over_64k_is_refused() {
     assert_eq!(target.stats.request_count(), 1);
 }
 
+/// A CONTINUATION flood: a HEADERS frame without END_HEADERS followed by 32 MiB of
+/// CONTINUATION frames that never end the block. The connection is ended (GOAWAY or a close)
+/// long before the flood is through, the sidecar's memory does not follow the flood, nothing
+/// reaches the target, and other clients are served.
+#[tokio::test(flavor = "multi_thread")]
+async fn h2_continuation_flood_ends_the_connection_with_bounded_memory() {
+    let pki = Pki::new();
+    let target = HttpUpstream::plain().await;
+    let proxy = proxy(&pki, target.addr, &[]);
+    let mut warm = open(&pki, proxy.addr(), b"http/1.1").await;
+    assert_eq!(h1_get(&mut warm, "/warm").await, 200);
+    drop(warm);
+    let before = rss(proxy.pid());
+    let c = open_h2(&pki, proxy.addr()).await;
+    let (mut rd, mut wr) = tokio::io::split(c);
+    let writer = tokio::spawn(async move {
+        let mut head = h2raw::get_block("/cont", &[]);
+        head.extend([0x00, 0x01, b'x', 0x01, b'y']);
+        if wr
+            .write_all(&h2raw::frame(h2raw::HEADERS, h2raw::END_STREAM, 1, &head))
+            .await
+            .is_err()
+        {
+            return 0usize;
+        }
+        // 16 KiB of literal fields `x-NNNN: aaaa...` per frame, never END_HEADERS.
+        let mut block = Vec::new();
+        while block.len() < 16 * 1024 - 64 {
+            block.extend([0x00, 0x06]);
+            block.extend(format!("x-{:04}", block.len() % 10_000).as_bytes());
+            block.extend([0x20]);
+            block.extend([b'a'; 32]);
+        }
+        let cont = h2raw::frame(h2raw::CONTINUATION, 0, 1, &block);
+        let mut sent = 0;
+        for _ in 0..2048 {
+            if wr.write_all(&cont).await.is_err() {
+                break;
+            }
+            sent += cont.len();
+        }
+        sent
+    });
+    let end = frames_until(&mut rd, Duration::from_secs(30), |f| {
+        f.kind == h2raw::GOAWAY || (f.stream == 1 && f.kind == h2raw::HEADERS)
+    })
+    .await;
+    if let Some(f) = &end {
+        assert_eq!(
+            f.kind,
+            h2raw::GOAWAY,
+            "the flooded stream was answered: {f:?}"
+        );
+    }
+    let sent = tokio::time::timeout(WAIT, writer)
+        .await
+        .expect("the flood writer did not stop")
+        .expect("writer task");
+    let growth = rss(proxy.pid()).saturating_sub(before);
+    eprintln!("CONTINUATION flood: {sent} bytes written, ended by {end:?}, rss growth {growth}");
+    assert!(
+        sent < 32 * 1024 * 1024,
+        "the whole 32 MiB flood was accepted"
+    );
+    assert!(
+        growth < 8 * 1024 * 1024,
+        "the flood grew the sidecar by {growth} bytes"
+    );
+    assert_eq!(target.stats.request_count(), 1);
+    let mut other = open(&pki, proxy.addr(), b"http/1.1").await;
+    assert_eq!(h1_get(&mut other, "/after").await, 200);
+}
+
 /// At most this many of a 5000-stream reset flood may reach the target before the connection
 /// ends.
 const RESET_FLOOD_REACHED_LIMIT: usize = 200;
