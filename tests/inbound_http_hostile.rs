@@ -894,6 +894,43 @@ async fn max_connections_holds_the_next_client_until_one_closes() {
     assert_eq!(h1_get(&mut second, "/two-again").await, 200);
 }
 
+/// `--max-connections 2 --handshake-timeout 1s`: two TCP clients that never start TLS hold
+/// both slots only until the handshake timeout; a real client waiting behind them is then
+/// served, about a second later.
+#[tokio::test(flavor = "multi_thread")]
+async fn silent_tcp_clients_hold_slots_only_until_the_handshake_timeout() {
+    let pki = Pki::new();
+    let target = HttpUpstream::plain().await;
+    let proxy = proxy(
+        &pki,
+        target.addr,
+        &["--max-connections", "2", "--handshake-timeout", "1s"],
+    );
+    let addr = proxy.addr();
+    let started = Instant::now();
+    let mut silent = [connect(addr).await, connect(addr).await];
+    let config = client_config_alpn(&pki, Some(&pki.client), &[b"http/1.1"]);
+    let real = tokio::spawn(async move {
+        let mut s = tls_connect(addr, config).await.expect("handshake");
+        h1_get(&mut s, "/behind").await
+    });
+    let status = tokio::time::timeout(WAIT, real)
+        .await
+        .expect("the real client was never served")
+        .expect("client task");
+    assert_eq!(status, 200);
+    around(
+        "the real client was served",
+        started.elapsed(),
+        Duration::from_secs(1),
+        Duration::from_secs(3),
+    );
+    for s in &mut silent {
+        let got = read_until_end(s, WAIT).await;
+        assert!(got.is_empty(), "a silent client got {got:?}");
+    }
+}
+
 /// A flood of clients without a certificate for 3 s: each is refused, but refusal lines are
 /// logged at most about once a second, and the lines plus their `suppressed=` counts add up to
 /// every refused connection.
