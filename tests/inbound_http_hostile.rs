@@ -180,6 +180,25 @@ async fn stalled_request_body_is_aborted_at_idle_timeout() {
     assert_eq!(target.stats.upload_bytes.load(Ordering::SeqCst), 10);
 }
 
+/// HTTP/1.1 request headers over 64 KiB get `431` and never reach the target; 32 KiB pass.
+#[tokio::test(flavor = "multi_thread")]
+async fn oversized_h1_request_headers_get_431() {
+    let pki = Pki::new();
+    let target = HttpUpstream::plain().await;
+    let proxy = proxy(&pki, target.addr, &[]);
+    for (size, want) in [(100 * 1024, 431), (32 * 1024, 200)] {
+        let mut c = open(&pki, proxy.addr(), b"http/1.1").await;
+        let big = "a".repeat(size);
+        let req = format!("GET /big HTTP/1.1\r\nHost: {APP_HOST}\r\nx-big: {big}\r\n\r\n");
+        // The sidecar may answer before reading it all.
+        let _ = c.write_all(req.as_bytes()).await;
+        let mut buf = Vec::new();
+        let status = read_raw_reply(&mut c, &mut buf, WAIT).await.status;
+        assert_eq!(status, want, "{size} bytes of request headers");
+    }
+    assert_eq!(target.stats.request_count(), 1);
+}
+
 /// `--header-timeout 1s --idle-timeout 30s`: on a keep-alive connection, a later request head
 /// that starts and stalls is closed at `--header-timeout`, not left to the idle timeout.
 #[tokio::test(flavor = "multi_thread")]
