@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use crate::support::http::{HttpUpstream, Seen, assert_sidecar_error, raw_call};
 use crate::support::inbound::{
-    EchoTarget, inbound_cmd, inbound_http_cmd, openssl_s_client, output_text, run_client,
+    EchoTarget, have_tool, inbound_cmd, inbound_http_cmd, openssl_s_client, output_text, run_client,
 };
 use crate::support::pki::{CLIENT_CN, Identity, LeafSpec};
 use crate::support::*;
@@ -67,6 +67,12 @@ fn python_tls(addr: SocketAddr, ca: &Path, id: Option<&Identity>) -> String {
 /// one access line giving the reason, and the target sees only the allowed one.
 #[tokio::test(flavor = "multi_thread")]
 async fn python_ssl_client_is_relayed_or_refused_with_its_alert() {
+    if !have_tool(
+        "python3",
+        "python_ssl_client_is_relayed_or_refused_with_its_alert",
+    ) {
+        return;
+    }
     let pki = Pki::new();
     let target = EchoTarget::start().await;
     let wrong = pki.leaf(&pki.ca, "wrong", LeafSpec::client("intruder"));
@@ -117,6 +123,9 @@ async fn python_ssl_client_is_relayed_or_refused_with_its_alert() {
 /// reports the alert the interface names for each; the target sees no connection.
 #[tokio::test(flavor = "multi_thread")]
 async fn openssl_s_client_sees_each_refusal_alert() {
+    if !have_tool("openssl", "openssl_s_client_sees_each_refusal_alert") {
+        return;
+    }
     let pki = Pki::new();
     let target = EchoTarget::start().await;
     let other = pki.other_ca();
@@ -206,6 +215,12 @@ fn assert_forwarded(seen: &Seen, xfcc: &str, sent_xff: Option<&str>, what: &str)
 /// `X-Forwarded-For`; curl gets the target's answer over the protocol it asked for.
 #[tokio::test(flavor = "multi_thread")]
 async fn curl_with_a_client_certificate_over_http1_and_h2_gets_xfcc_set() {
+    if !have_tool(
+        "curl",
+        "curl_with_a_client_certificate_over_http1_and_h2_gets_xfcc_set",
+    ) {
+        return;
+    }
     let pki = Pki::new();
     let web = web_client(&pki);
     let target = HttpUpstream::plain().await;
@@ -273,6 +288,12 @@ print("SENT", len(body), hashlib.sha256(body).hexdigest())
 
 #[tokio::test(flavor = "multi_thread")]
 async fn python_http_client_get_and_post_with_a_client_certificate() {
+    if !have_tool(
+        "python3",
+        "python_http_client_get_and_post_with_a_client_certificate",
+    ) {
+        return;
+    }
     let pki = Pki::new();
     let target = HttpUpstream::plain().await;
     let mut proxy = inbound_http_cmd(&pki, target.addr)

@@ -181,3 +181,20 @@ pub async fn read_until_end(stream: &mut (impl AsyncRead + Unpin), limit: Durati
         }
     }
 }
+
+/// Whether `tool` is an executable on `PATH`; if not, prints that `test` is skipped and why
+/// (a third-party client's test is skipped only when the tool is absent).
+pub fn have_tool(tool: &str, test: &str) -> bool {
+    let found = std::env::var_os("PATH").is_some_and(|path| {
+        std::env::split_paths(&path).any(|dir| {
+            std::fs::metadata(dir.join(tool)).is_ok_and(|m| {
+                m.is_file()
+                    && std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o111 != 0
+            })
+        })
+    });
+    if !found {
+        println!("skipped {test}: no {tool} on PATH");
+    }
+    found
+}
