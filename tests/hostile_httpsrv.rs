@@ -9,7 +9,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::support::admin::{admin_addr, scrape_until};
-use crate::support::h2raw::{self, Frame};
+use crate::support::bounds::{around, frames_until, h1_get, rss};
+use crate::support::h2raw;
 use crate::support::http::{APP_HOST, Alpn, HttpUpstream, WS_WELCOME, http_cmd, read_raw_reply};
 use crate::support::{Pki, Sidecar, WAIT, connect, field, read_until_closed};
 
@@ -24,42 +25,6 @@ fn proxy(pki: &Pki, up: &HttpUpstream, args: &[&str]) -> Sidecar {
     http_cmd(pki, format!("localhost:{}", up.port()))
         .args(args)
         .start()
-}
-
-/// Asserts that `took` lies in `[at - 0.1 s, at + slack]`.
-fn around(what: &str, took: Duration, at: Duration, slack: Duration) {
-    assert!(
-        took + Duration::from_millis(100) >= at && took <= at + slack,
-        "{what}: after {took:?}, expected about {at:?} (at most {slack:?} late)"
-    );
-}
-
-/// One HTTP/1.1 GET on an open connection; returns the status.
-async fn h1_get(stream: &mut TcpStream, path: &str) -> u16 {
-    stream
-        .write_all(format!("GET {path} HTTP/1.1\r\nHost: {APP_HOST}\r\n\r\n").as_bytes())
-        .await
-        .expect("write request");
-    let mut buf = Vec::new();
-    read_raw_reply(stream, &mut buf, WAIT).await.status
-}
-
-/// Reads frames until `pred` matches one (returned) or the connection ends (`None`).
-async fn frames_until(
-    stream: &mut TcpStream,
-    limit: Duration,
-    mut pred: impl FnMut(&Frame) -> bool,
-) -> Option<Frame> {
-    let deadline = Instant::now() + limit;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match h2raw::read_frame(stream, left).await {
-            Ok(Some(f)) if pred(&f) => return Some(f),
-            Ok(Some(_)) => {}
-            Ok(None) => return None,
-            Err(_) => panic!("no matching h2 frame and no close within {limit:?}"),
-        }
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -614,17 +579,6 @@ async fn h2c_rapid_reset_flood_gets_goaway() {
     );
     let mut other = connect(proxy.addr()).await;
     assert_eq!(h1_get(&mut other, "/after").await, 200);
-}
-
-/// Resident memory of a process, in bytes.
-fn rss(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status");
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS");
-    kb * 1024
 }
 
 /// An h2c app that opens its flow-control windows to the maximum, asks for `streams` 4 MiB

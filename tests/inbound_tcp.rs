@@ -6,98 +6,18 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use rustls::pki_types::ServerName;
-use rustls::{AlertDescription, ClientConfig, RootCertStore};
+use rustls::{AlertDescription, ClientConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio_rustls::TlsConnector;
+use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
+use crate::support::inbound::{
+    EchoTarget as Target, client_config, inbound_cmd, openssl_s_client, tls_connect,
+};
 use crate::support::pki::{CLIENT_CN, Identity, LeafSpec};
 use crate::support::*;
-
-/// A plaintext target on 127.0.0.1 that echoes every connection (and closes its write side at
-/// the client's end of stream), counting the connections it accepted.
-struct Target {
-    addr: SocketAddr,
-    accepted: Arc<AtomicUsize>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for Target {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-impl Target {
-    async fn echo() -> Target {
-        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind target");
-        let addr = l.local_addr().expect("target addr");
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let count = accepted.clone();
-        let task = tokio::spawn(async move {
-            while let Ok((mut s, _)) = l.accept().await {
-                count.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(async move {
-                    let (mut r, mut w) = s.split();
-                    let _ = tokio::io::copy(&mut r, &mut w).await;
-                    let _ = w.shutdown().await;
-                });
-            }
-        });
-        Target {
-            addr,
-            accepted,
-            task,
-        }
-    }
-
-    fn accepted(&self) -> usize {
-        self.accepted.load(Ordering::SeqCst)
-    }
-}
-
-/// `run --inbound` on 127.0.0.1:0 with the test server identity and CA, towards `target`.
-fn inbound_cmd(pki: &Pki, target: impl std::fmt::Display) -> Cmd {
-    Cmd::new()
-        .args(["run", "--inbound", "--listen", "127.0.0.1:0", "--target"])
-        .arg(target.to_string())
-        .arg("--cert")
-        .arg(&pki.server.cert)
-        .arg("--key")
-        .arg(&pki.server.key)
-        .arg("--ca")
-        .arg(&pki.ca.pem)
-}
-
-/// A client config trusting the test CA and presenting `id`, if any.
-fn client_config(pki: &Pki, id: Option<&Identity>) -> Arc<ClientConfig> {
-    init_crypto();
-    let mut roots = RootCertStore::empty();
-    roots.add(pki.ca.der.clone()).expect("add CA");
-    let b = ClientConfig::builder().with_root_certificates(roots);
-    Arc::new(match id {
-        Some(id) => b
-            .with_client_auth_cert(id.chain(), id.key_der())
-            .expect("client cert"),
-        None => b.with_no_client_auth(),
-    })
-}
-
-async fn tls_connect(
-    addr: SocketAddr,
-    config: Arc<ClientConfig>,
-) -> std::io::Result<TlsStream<TcpStream>> {
-    let tcp = connect(addr).await;
-    let name = ServerName::try_from("localhost").expect("name");
-    tokio::time::timeout(WAIT, TlsConnector::from(config).connect(name, tcp))
-        .await
-        .expect("handshake within the wait")
-}
 
 /// The alert a refused client receives: TLS 1.3 finishes the client's side of the handshake
 /// before the server judges the certificate, so the alert comes with the first read.
@@ -127,7 +47,7 @@ const WAIT: Duration = Duration::from_secs(10);
 #[tokio::test(flavor = "multi_thread")]
 async fn an_allowed_client_is_relayed_both_ways_with_half_close() {
     let pki = Pki::new();
-    let target = Target::echo().await;
+    let target = Target::start().await;
     let mut proxy = inbound_cmd(&pki, target.addr)
         .args(["--verify-cn", CLIENT_CN])
         .start();
@@ -223,7 +143,7 @@ async fn refused_clients_get_their_alert_and_reason_and_the_target_sees_nothing(
             "not_allowed",
         ),
     ];
-    let target = Target::echo().await;
+    let target = Target::start().await;
     for (what, id, alert, reason) in cases {
         let mut proxy = inbound_cmd(&pki, target.addr)
             .args(["--verify-cn", CLIENT_CN, "--crl"])
@@ -274,7 +194,7 @@ async fn refused_clients_get_their_alert_and_reason_and_the_target_sees_nothing(
 #[tokio::test(flavor = "multi_thread")]
 async fn a_silent_client_is_cut_at_the_handshake_timeout() {
     let pki = Pki::new();
-    let target = Target::echo().await;
+    let target = Target::start().await;
     let mut proxy = inbound_cmd(&pki, target.addr)
         .args(["--allow-any-client", "--handshake-timeout", "500ms"])
         .start();
@@ -315,7 +235,7 @@ async fn a_target_that_is_down_is_target_refused() {
 #[tokio::test(flavor = "multi_thread")]
 async fn sighup_reloads_the_server_certificate_for_new_handshakes() {
     let pki = Pki::new();
-    let target = Target::echo().await;
+    let target = Target::start().await;
     let cert = pki.path("live.pem");
     let key = pki.path("live-key.pem");
     std::fs::copy(&pki.server.cert, &cert).expect("copy");
@@ -355,53 +275,13 @@ async fn sighup_reloads_the_server_certificate_for_new_handshakes() {
 #[tokio::test(flavor = "multi_thread")]
 async fn openssl_s_client_sees_access_denied() {
     let pki = Pki::new();
-    let target = Target::echo().await;
+    let target = Target::start().await;
     let wrong = pki.leaf(&pki.ca, "wrong", LeafSpec::client("intruder"));
     let proxy = inbound_cmd(&pki, target.addr)
         .args(["--verify-cn", CLIENT_CN])
         .start();
-    let addr = proxy.addr();
-    let (cert, key, ca) = (wrong.cert.clone(), wrong.key.clone(), pki.ca.pem.clone());
-    let out = tokio::task::spawn_blocking(move || {
-        let mut child = std::process::Command::new("openssl")
-            .args([
-                "s_client",
-                "-connect",
-                &addr.to_string(),
-                "-servername",
-                "localhost",
-            ])
-            .arg("-cert")
-            .arg(&cert)
-            .arg("-key")
-            .arg(&key)
-            .arg("-CAfile")
-            .arg(&ca)
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("run openssl");
-        // Keep stdin open briefly so s_client reads the server's alert, then close it.
-        std::thread::sleep(Duration::from_millis(300));
-        drop(child.stdin.take());
-        let deadline = Instant::now() + WAIT;
-        loop {
-            if child.try_wait().expect("wait").is_some() {
-                break;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        child.wait_with_output().expect("output")
-    })
-    .await
-    .expect("openssl task");
     let text =
-        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+        tokio::task::block_in_place(|| openssl_s_client(proxy.addr(), Some(&wrong), &pki.ca.pem));
     assert!(
         text.to_lowercase().contains("access denied"),
         "openssl did not report access denied:\n{text}"

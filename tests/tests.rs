@@ -75,6 +75,8 @@ mod http_pool;
 mod http_retry;
 mod inbound_config;
 mod inbound_http;
+mod inbound_http_hostile;
+mod inbound_interop;
 mod inbound_state;
 mod inbound_tcp;
 mod interop;

@@ -1,10 +1,12 @@
 //! Helpers shared by every test module.
 
 pub mod admin;
+pub mod bounds;
 pub mod connect_proxy;
 pub mod files;
 pub mod h2raw;
 pub mod http;
+pub mod inbound;
 pub mod net;
 pub mod nginx;
 pub mod pki;

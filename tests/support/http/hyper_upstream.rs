@@ -3,6 +3,8 @@
 
 use super::*;
 
+mod plain;
+
 /// An mTLS HTTP server on 127.0.0.1:0 that requires a client certificate from the test CA.
 /// It stops when dropped. What it answers, by path:
 ///

@@ -197,7 +197,7 @@ impl HttpStats {
         .await;
     }
 
-    fn add_conn(&self, mut conn: UpConn) -> usize {
+    pub(super) fn add_conn(&self, mut conn: UpConn) -> usize {
         let mut conns = self.conns.lock().unwrap();
         conn.id = conns.len();
         conns.push(conn);
