@@ -72,6 +72,7 @@ pub fn header(leaf_der: &[u8]) -> Option<String> {
 /// one the client wrote. An `xfcc` that is not a valid header value leaves the request without
 /// the header, never with the client's.
 pub fn strip_and_set(headers: &mut HeaderMap, xfcc: &str, client_ip: Option<IpAddr>) {
+    strip_underscore_variants(headers);
     headers.remove(&X_FORWARDED_CLIENT_CERT);
     if let Ok(value) = HeaderValue::from_str(xfcc) {
         headers.insert(X_FORWARDED_CLIENT_CERT.clone(), value);
@@ -91,6 +92,30 @@ pub fn strip_and_set(headers: &mut HeaderMap, xfcc: &str, client_ip: Option<IpAd
     let value = HeaderValue::from_bytes(&joined)
         .unwrap_or_else(|_| HeaderValue::from_str(&ip).unwrap_or(HeaderValue::from_static("")));
     headers.insert(X_FORWARDED_FOR.clone(), value);
+}
+
+/// Removes `X_Forwarded_Client_Cert` and the like: names that differ from our three headers
+/// only by `_` for `-`. CGI, WSGI, Rack and PHP read both spellings as one variable
+/// (`HTTP_X_FORWARDED_CLIENT_CERT`), so a client could forge the identity there; nginx drops
+/// every underscore header by default, we drop only these.
+fn strip_underscore_variants(headers: &mut HeaderMap) {
+    let ours = [
+        &X_FORWARDED_CLIENT_CERT,
+        &X_FORWARDED_PROTO,
+        &X_FORWARDED_FOR,
+    ];
+    let forged: Vec<HeaderName> = headers
+        .keys()
+        .filter(|n| n.as_str().contains('_'))
+        .filter(|n| {
+            let dashed = n.as_str().replace('_', "-");
+            ours.iter().any(|o| o.as_str() == dashed)
+        })
+        .cloned()
+        .collect();
+    for name in forged {
+        headers.remove(&name);
+    }
 }
 
 fn trim(v: &[u8]) -> &[u8] {

@@ -380,6 +380,11 @@ impl InboundLog<'_> {
             Some((class, msg)) => End::Failed(class, msg.into()),
         };
     }
+
+    /// The connection is refused after the handshake (the access line says why).
+    pub(super) fn refuse(&mut self, refusal: Refusal, msg: String) {
+        self.end = End::Refused(refusal, msg);
+    }
 }
 
 /// Plaintext bytes read from and written to a client's TLS stream in http mode.

@@ -319,6 +319,12 @@ async fn inbound_http<S>(
         return;
     };
     let client = http::ClientId::of(inbound::leaf_of(tls.get_ref().1), ip);
+    if !client.has_identity() {
+        // Never a request without the header the target relies on: closed before any.
+        let why = "the client certificate's names cannot be carried in X-Forwarded-Client-Cert";
+        log.refuse(inbound::Refusal::NotAllowed, why.into());
+        return;
+    }
     let (io, counts) = inbound::Counting::new(tls);
     let end = http::serve_conn(route, io, accepted.with_client(client), stop, cut).await;
     log.http_ended(end.failure(), &counts);

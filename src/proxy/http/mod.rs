@@ -99,6 +99,12 @@ impl ClientId {
         }
     }
 
+    /// Whether the verified leaf gave an `X-Forwarded-Client-Cert` value (a name holding a
+    /// control character cannot be carried; such a client is refused, never forwarded bare).
+    pub fn has_identity(&self) -> bool {
+        self.xfcc.is_some()
+    }
+
     /// Remove any identity header the client sent and set ours.
     fn decorate(&self, headers: &mut HeaderMap) {
         // An invalid value (never from `header`) removes the client's and sets none.
