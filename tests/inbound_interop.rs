@@ -468,7 +468,7 @@ async fn mesh_hop_in_one_process_with_a_config_file() {
 /// outbound's handshake, on the first read) is told why: the outbound's 502 says
 /// `client_cert_rejected` as its tcp mode logs it, not a bare `reset` or `io`.
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "fails: outbound http mode answers 502 `reset` or `io` (not `client_cert_rejected`) when a TLS 1.3 upstream refuses its certificate after the handshake"]
+
 async fn mesh_hop_refused_caller_gets_client_cert_rejected() {
     let pki = Pki::new();
     let stranger = LeafSpec {

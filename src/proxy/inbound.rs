@@ -264,7 +264,7 @@ where
 {
     let accept = tokio::time::timeout(
         inbound.handshake_timeout,
-        TlsAcceptor::from(config).accept(conn),
+        TlsAcceptor::from(config).accept(conn).into_fallible(),
     );
     tokio::select! {
         r = accept => match r {
@@ -272,11 +272,36 @@ where
                 let t = humantime::format_duration(inbound.handshake_timeout);
                 Err(End::Refused(Refusal::HandshakeTimeout, format!("no complete TLS handshake within --handshake-timeout {t}")))
             }
-            Ok(Err(e)) => Err(End::Refused(Refusal::of_handshake(&e), format!("client handshake failed: {e}"))),
+            Ok(Err((e, io))) => {
+                linger(io).await;
+                Err(End::Refused(Refusal::of_handshake(&e), format!("client handshake failed: {e}")))
+            }
             Ok(Ok(s)) => Ok(s),
         },
         _ = cut.cancelled() => Err(End::Failed(Class::Drain, "cut at shutdown during the client's handshake".into())),
     }
+}
+
+/// Close a refused client's socket so that the alert just written reaches it: send FIN, then
+/// read and drop what the client still sends (at most 64 KiB, for at most 500 ms). Closing with
+/// unread bytes (a TLS 1.3 client's first request, sent right after its Finished) would make
+/// the kernel answer RST and throw the alert away (nginx's lingering close, bounded).
+async fn linger<S: AsyncRead + AsyncWrite + Unpin>(mut io: S) {
+    use tokio::io::AsyncReadExt;
+    const LINGER_BYTES: usize = 64 * 1024;
+    const LINGER_TIME: std::time::Duration = std::time::Duration::from_millis(500);
+    let drain = async {
+        let _ = io.shutdown().await;
+        let mut buf = [0u8; 4096];
+        let mut seen = 0;
+        while seen < LINGER_BYTES {
+            match io.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => seen += n,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(LINGER_TIME, drain).await;
 }
 
 /// The client's side of one inbound connection, both modes: counted in `active_connections`

@@ -51,6 +51,10 @@ pub struct RouteCtx {
     /// HTTP mode: dials the route's pools have begun. A request that saw none begin while it
     /// was out went on a connection that already existed (see the retry in `http::forward`).
     pub pool_dials: std::sync::atomic::AtomicU64,
+    /// HTTP mode: the last TLS error a pooled upstream connection read (a TLS 1.3 server
+    /// refuses our certificate after our handshake ended, so the alert reaches the pool's
+    /// connection task, not the request), and when.
+    pub pool_tls_error: std::sync::Mutex<Option<(std::time::Instant, rustls::Error)>>,
 }
 
 impl RouteCtx {
@@ -74,7 +78,23 @@ impl RouteCtx {
             listen,
             refusals: std::sync::Mutex::new(LogLimit::per_second()),
             pool_dials: std::sync::atomic::AtomicU64::new(0),
+            pool_tls_error: std::sync::Mutex::new(None),
         }
+    }
+
+    /// Record a TLS error read on a pooled upstream connection.
+    pub fn note_pool_tls_error(&self, e: &rustls::Error) {
+        if let Ok(mut slot) = self.pool_tls_error.lock() {
+            *slot = Some((std::time::Instant::now(), e.clone()));
+        }
+    }
+
+    /// The TLS error a pooled upstream connection read at or after `since`, if any.
+    pub fn pool_tls_error_since(&self, since: std::time::Instant) -> Option<rustls::Error> {
+        let slot = self.pool_tls_error.lock().ok()?;
+        slot.as_ref()
+            .filter(|(at, _)| *at >= since)
+            .map(|(_, e)| e.clone())
     }
 
     /// Dial the upstream with `config` (resolve, connect, TLS handshake) and record what a

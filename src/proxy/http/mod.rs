@@ -46,7 +46,7 @@ use self::serve::{Tunnel, TunnelSlot};
 use self::target::TargetSide;
 use super::RouteCtx;
 use super::framing;
-use crate::failure::{Class, Failure};
+use crate::failure::{self, Class, Failure};
 use crate::inbound::xfcc;
 use crate::upstream;
 
@@ -160,6 +160,7 @@ impl HttpRoute {
         }
         let replay = replayable(&req);
         let dials = self.ctx.pool_dials.load(Ordering::Relaxed);
+        let sent_at = std::time::Instant::now();
         let req = req.map(|inner| self.out_body(AppBody::App(inner)));
         let (mut resp, mut exchange) = self.send(req, app_h2, &lane).await;
         // Sent on a connection that existed before (no dial began meanwhile), which the peer
@@ -176,7 +177,7 @@ impl HttpRoute {
         }
         let resp = match resp {
             Ok(r) => r,
-            Err(e) => return Ok(self.unserved(classify(&e, &self.ctx.server_name))),
+            Err(e) => return Ok(self.unserved(self.classify_sent(&e, sent_at))),
         };
         let (mut parts, body) = resp.into_parts();
         if let Err(refusal) = framing::check_response(&parts.headers) {
@@ -198,6 +199,24 @@ impl HttpRoute {
             budget: app_h2.then(|| lane.budget.clone()),
         };
         Ok(self.answer(Response::from_parts(parts, body.boxed())))
+    }
+
+    /// Why a request sent at `sent_at` failed. A connection closed under it (`reset`, `io`)
+    /// after a pooled connection read a TLS alert meanwhile is that alert: a TLS 1.3 server
+    /// refuses our certificate only after our side of the handshake ended.
+    fn classify_sent(&self, e: &legacy::Error, sent_at: std::time::Instant) -> Unserved {
+        let u = classify(e, &self.ctx.server_name);
+        match &u {
+            Unserved::Failed(f) if matches!(f.class, Class::Reset | Class::Io) => {
+                match self.ctx.pool_tls_error_since(sent_at) {
+                    Some(tls) => {
+                        Unserved::Failed(failure::classify_tls(&tls, &self.ctx.server_name))
+                    }
+                    None => u,
+                }
+            }
+            _ => u,
+        }
     }
 
     /// A request body as sent: counted into `bytes_total` and bounded by `--idle-timeout`.

@@ -384,6 +384,7 @@ impl tower_service::Service<Uri> for Connector {
                         io: TokioIo::new(c.stream),
                         h2,
                         _slot: permit,
+                        tls_errors_to: Some(ctx.clone()),
                     })
                 }
                 Err(f) => {
@@ -404,6 +405,9 @@ pub(super) struct PooledIo<T> {
     pub(super) h2: bool,
     /// This connection's `--pool-max-connections` slot, given back when it closes.
     pub(super) _slot: OwnedSemaphorePermit,
+    /// Outbound: the route, told of a TLS error read on this connection (see
+    /// [`RouteCtx::note_pool_tls_error`]).
+    pub(super) tls_errors_to: Option<Arc<RouteCtx>>,
 }
 
 impl<T> Connection for PooledIo<T> {
@@ -419,7 +423,14 @@ impl<T: AsyncRead + AsyncWrite + Unpin> hyper::rt::Read for PooledIo<T> {
         cx: &mut Context<'_>,
         buf: hyper::rt::ReadBufCursor<'_>,
     ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.io).poll_read(cx, buf);
+        if let (Poll::Ready(Err(e)), Some(ctx)) = (&r, &this.tls_errors_to)
+            && let Some(tls) = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>())
+        {
+            ctx.note_pool_tls_error(tls);
+        }
+        r
     }
 }
 

@@ -121,6 +121,7 @@ impl tower_service::Service<Uri> for TargetConnector {
                 io: TokioIo::new(conn),
                 h2: false,
                 _slot: permit,
+                tls_errors_to: None,
             })
         })
     }
