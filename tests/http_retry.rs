@@ -8,13 +8,11 @@ use std::sync::{Arc, Mutex};
 
 use hyper::Request;
 use hyper_util::rt::TokioIo;
-use rustls::pki_types::ServerName;
-use rustls::{ClientConfig, RootCertStore};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio_rustls::TlsConnector;
 
 use crate::support::http::{Body, Reply, empty, full, read_reply_within};
+use crate::support::inbound::{client_config_alpn, inbound_http_cmd, tls_connect};
 use crate::support::pki::CLIENT_CN;
 use crate::support::*;
 
@@ -76,22 +74,8 @@ async fn read_request(s: &mut TcpStream) -> Option<String> {
 
 /// An HTTP/1.1 client over mTLS with the test client identity.
 async fn client(pki: &Pki, addr: SocketAddr) -> hyper::client::conn::http1::SendRequest<Body> {
-    init_crypto();
-    let mut roots = RootCertStore::empty();
-    roots.add(pki.ca.der.clone()).expect("add CA");
-    let mut config = ClientConfig::builder()
-        .with_root_certificates(roots)
-        .with_client_auth_cert(pki.client.chain(), pki.client.key_der())
-        .expect("client cert");
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let name = ServerName::try_from("localhost").expect("name");
-    let tls = tokio::time::timeout(
-        WAIT,
-        TlsConnector::from(Arc::new(config)).connect(name, connect(addr).await),
-    )
-    .await
-    .expect("handshake within the wait")
-    .expect("handshake");
+    let config = client_config_alpn(pki, Some(&pki.client), &[b"http/1.1"]);
+    let tls = tls_connect(addr, config).await.expect("handshake");
     let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
         .await
         .expect("HTTP/1.1 handshake");
@@ -123,24 +107,7 @@ async fn call(sender: &mut hyper::client::conn::http1::SendRequest<Body>, method
 }
 
 fn cmd(pki: &Pki, target: SocketAddr) -> Cmd {
-    Cmd::new()
-        .args([
-            "run",
-            "--inbound",
-            "--mode",
-            "http",
-            "--listen",
-            "127.0.0.1:0",
-        ])
-        .arg("--target")
-        .arg(target.to_string())
-        .arg("--cert")
-        .arg(&pki.server.cert)
-        .arg("--key")
-        .arg(&pki.server.key)
-        .arg("--ca")
-        .arg(&pki.ca.pem)
-        .args(["--verify-cn", CLIENT_CN])
+    inbound_http_cmd(pki, target).args(["--verify-cn", CLIENT_CN])
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -22,6 +22,7 @@ use tokio_rustls::TlsConnector;
 use crate::support::http::{
     Body, Reply, assert_reply_is_sidecar_error, channel_body, empty, full, read_reply_within,
 };
+use crate::support::inbound::inbound_http_cmd;
 use crate::support::pki::{CLIENT_CN, Identity, LeafSpec};
 use crate::support::*;
 
@@ -157,27 +158,6 @@ async fn answer(mut req: Request<Incoming>, log: &Mutex<Vec<Seen>>) -> Response<
         return Response::new(full(pattern(8, BIG)));
     }
     Response::new(full(body))
-}
-
-/// `run --inbound --mode http` on 127.0.0.1:0 with the test server identity and CA.
-fn inbound_http_cmd(pki: &Pki, target: impl std::fmt::Display) -> Cmd {
-    Cmd::new()
-        .args([
-            "run",
-            "--inbound",
-            "--mode",
-            "http",
-            "--listen",
-            "127.0.0.1:0",
-        ])
-        .arg("--target")
-        .arg(target.to_string())
-        .arg("--cert")
-        .arg(&pki.server.cert)
-        .arg("--key")
-        .arg(&pki.server.key)
-        .arg("--ca")
-        .arg(&pki.ca.pem)
 }
 
 /// A client presenting `id` with ALPN `alpn`, over TLS to `addr`.
