@@ -71,6 +71,7 @@ mod http_pool;
 mod inbound_config;
 mod inbound_state;
 mod inbound_tcp;
+mod inbound_tls_choice;
 mod interop;
 mod lifecycle;
 mod proxy;
