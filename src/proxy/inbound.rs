@@ -302,7 +302,10 @@ pub(super) async fn handle<S>(
     let Some(config) = ctx.identity.server() else {
         return;
     };
-    let mut tls = match accept(config, inbound, conn, &cut).await {
+    // The handshake and the dial run boxed: their futures are large and over once the relay
+    // starts, and a task is as big as its largest state for as long as it lives (an idle
+    // connection would carry their room for nothing).
+    let mut tls = match Box::pin(accept(config, inbound, conn, &cut)).await {
         Ok(s) => s,
         Err(end) => {
             log.end = end;
@@ -321,7 +324,7 @@ pub(super) async fn handle<S>(
         .proxy_protocol
         .map(|v| proxy_header(v, addrs, tls.get_ref().1));
     let target = tokio::select! {
-        t = dial(&inbound.target, ctx.route.connect_timeout) => t,
+        t = Box::pin(dial(&inbound.target, ctx.route.connect_timeout)) => t,
         _ = cut.cancelled() => {
             log.end = End::Failed(Class::Drain, "cut at shutdown before the target answered".into());
             return;
