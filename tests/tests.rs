@@ -79,6 +79,7 @@ mod inbound_http_hostile;
 mod inbound_interop;
 mod inbound_state;
 mod inbound_tcp;
+mod inbound_tls_choice;
 mod interop;
 mod lifecycle;
 mod proxy;

@@ -359,7 +359,10 @@ pub(super) async fn handle<S>(
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let Some((mut tls, mut log)) = handshake(ctx, inbound, conn, peer, &cut).await else {
+    // The handshake and the dial run boxed: their futures are large and over once the relay
+    // starts, and a task is as big as its largest state for as long as it lives (an idle
+    // connection would carry their room for nothing).
+    let Some((mut tls, mut log)) = Box::pin(handshake(ctx, inbound, conn, peer, &cut)).await else {
         return;
     };
     // The PROXY header goes to the target before any client byte (built now: the TLS facts).
@@ -367,7 +370,7 @@ pub(super) async fn handle<S>(
         .proxy_protocol
         .map(|v| proxy_header(v, addrs, tls.get_ref().1));
     let target = tokio::select! {
-        t = dial(&inbound.target, ctx.route.connect_timeout) => t,
+        t = Box::pin(dial(&inbound.target, ctx.route.connect_timeout)) => t,
         _ = cut.cancelled() => {
             log.end = End::Failed(Class::Drain, "cut at shutdown before the target answered".into());
             return;

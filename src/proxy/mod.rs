@@ -335,7 +335,8 @@ async fn inbound_http<S>(
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let (accepted, stop, cut) = ends;
-    let Some((tls, mut log)) = inbound::handshake(ctx, inbound, conn, peer, &cut).await else {
+    let Some((tls, mut log)) = Box::pin(inbound::handshake(ctx, inbound, conn, peer, &cut)).await
+    else {
         return;
     };
     let client = http::ClientId::of(inbound::leaf_of(tls.get_ref().1), ip);

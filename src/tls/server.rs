@@ -73,6 +73,13 @@ pub fn build(
         .with_client_cert_verifier(verifier)
         .with_cert_resolver(Arc::new(FixedServerCert(certified)));
     config.alpn_protocols = settings.alpn.clone();
+    // The cipher suite by our order (AES-128-GCM, AES-256-GCM, ChaCha20; see `provider`), not
+    // the client's, as Go's crypto/tls (ghostunnel) and BoringSSL (Envoy) servers do with AES
+    // hardware: OpenSSL and curl clients list AES-256 first (a 256 MiB download through the
+    // route cost 1,429 M user-space instructions under callgrind with AES-256, 1,343 M with
+    // AES-128). The key exchange group still follows the client's order, so the key share it
+    // sent is used.
+    config.ignore_client_order = true;
     // Fresh at every build: a new ticket key (TLS 1.3 tickets, TLS 1.2 tickets) and a new
     // session cache (TLS 1.2 session IDs), so nothing resumes across a reload.
     config.ticketer = rustls::crypto::aws_lc_rs::Ticketer::new()
