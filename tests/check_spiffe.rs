@@ -264,3 +264,22 @@ async fn an_inbound_spiffe_route_reports_its_rule_and_dials_the_target() {
     let (code, out, _) = check(args).await;
     assert_eq!(code, 1, "the target is gone: {out}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slow_api_and_a_silent_upstream_share_one_connect_timeout() {
+    let ca = SpiffeCa::new(TD);
+    let api = WorkloadApi::start().await;
+    // The API answers late but inside --connect-timeout 4s; the upstream never answers TLS.
+    api.delay_first_answer(Duration::from_millis(3_500));
+    api.issue(&[&ca.svid("/ns/shop/sa/web")], &[&ca]);
+    let silent = crate::support::upstream::Silent::start().await;
+    let mut args = outbound(&api.endpoint(), silent.addr, SERVER_ID);
+    let at = args.len() - 1;
+    args[at] = "4s".into();
+    let (code, out, took) = check(args).await;
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("  SVID             "), "the SVID came: {out}");
+    assert!(out.contains("did not finish within"), "{out}");
+    // The dial got what the API left of the 4 s, not 4 s more.
+    assert!(took < Duration::from_secs(6), "took {took:?}: {out}");
+}

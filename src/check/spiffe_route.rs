@@ -160,6 +160,7 @@ pub(super) async fn check(
     mut r: RouteReport,
 ) -> RouteReport {
     let now = crate::tls::cert::now_unix();
+    let started = std::time::Instant::now();
     let socket = source.socket.display().to_string();
     let fetched =
         match api::fetch(&source.socket, source.id.as_deref(), route.connect_timeout).await {
@@ -171,6 +172,14 @@ pub(super) async fn check(
             }
         };
     r.spiffe = Some(api::describe(&socket, &fetched, now, &mut r.problems));
+    // One --connect-timeout for the whole route, so `check` still ends within it + 5 s: the
+    // dial gets what the Workload API left of it.
+    let mut route = route.clone();
+    route.connect_timeout = route
+        .connect_timeout
+        .saturating_sub(started.elapsed())
+        .max(std::time::Duration::from_millis(100));
+    let route = &route;
     if let Some(inbound) = route.inbound() {
         r.inbound = Some(InboundReport {
             authorization: route.tls.inbound.as_ref().map_or_else(
