@@ -5,6 +5,10 @@
 //! - `dial`: resolve, connect, a hand-driven handshake that records what the upstream showed
 //! - `explain`: failures in words: which side rejected what, and what to do
 //! - `report`: the report's types, as `--format json` prints them
+//! - `spiffe`: `--spiffe` routes: one Workload API fetch (SVID, bundles), its report, and why
+//!   nothing came ("waiting for the Workload API") or a peer's domain has no bundle, in words
+//! - `spiffe_route`: a `--spiffe` route checked with that SVID and a verifier by the peer's own
+//!   trust domain bundle, then `--verify-uri-san`
 //! - `text`: the human-readable report
 
 mod cert;
