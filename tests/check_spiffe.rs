@@ -258,6 +258,10 @@ async fn an_inbound_spiffe_route_reports_its_rule_and_dials_the_target() {
         out.contains(&format!("  SVID             {SERVER_ID}")),
         "{out}"
     );
+    assert!(
+        out.contains("route default: inbound, listen 127.0.0.1:0"),
+        "{out}"
+    );
     assert!(out.contains("spiffe://example.org/ns/shop/sa/*"), "{out}");
     assert!(out.contains("PASS"), "{out}");
     drop(target);

@@ -162,6 +162,17 @@ pub(super) async fn check(
     let now = crate::tls::cert::now_unix();
     let started = std::time::Instant::now();
     let socket = source.socket.display().to_string();
+    if route.inbound().is_some() {
+        r.inbound = Some(InboundReport {
+            authorization: route.tls.inbound.as_ref().map_or_else(
+                || "nobody (no rule)".into(),
+                |rule| format!("lets in {}", rule.describe()),
+            ),
+            client_cas: None,
+            crls: Vec::new(),
+            listen_names: "not checked: clients verify our SPIFFE ID, not a DNS name".into(),
+        });
+    }
     let fetched =
         match api::fetch(&source.socket, source.id.as_deref(), route.connect_timeout).await {
             Ok(f) => f,
@@ -181,15 +192,6 @@ pub(super) async fn check(
         .max(std::time::Duration::from_millis(100));
     let route = &route;
     if let Some(inbound) = route.inbound() {
-        r.inbound = Some(InboundReport {
-            authorization: route.tls.inbound.as_ref().map_or_else(
-                || "nobody (no rule)".into(),
-                |rule| format!("lets in {}", rule.describe()),
-            ),
-            client_cas: None,
-            crls: Vec::new(),
-            listen_names: "not checked: clients verify our SPIFFE ID, not a DNS name".into(),
-        });
         super::inbound::dial_target(route, inbound, &mut r).await;
         return r.finish();
     }
