@@ -18,6 +18,8 @@
 //! - `config_file`: `run --config FILE`: errors naming file, line and key; many routes, each with
 //!   its own identity, trust and timeouts or `[defaults]`; shared identities; `[admin]`
 //! - `check_cmd`: the `check` command against good and failing upstreams, text and JSON, nginx
+//! - `check_spiffe`: `check` on `--spiffe` routes: SVID, bundles, federation, waiting for the
+//!   Workload API, no bundle for a trust domain, `--spiffe-id`, inbound
 //! - `check_inbound`: `check` on inbound routes: direction, rule, client CAs, CRLs, listen names
 //! - `checks`: `--crl`, `--verify-uri-san` and `--pin-sha256` on top of chain and name checks
 //! - `demo`: `demo` both ways: outbound -> mTLS -> inbound (http mode) -> plain app, identity via XFCC
@@ -47,6 +49,10 @@
 //!   connections, TCP keepalive, escaped peer certificate text
 //! - `hostile_httpup`: http mode's upstream side: ambiguous framing, bodies of unknown length,
 //!   `OPTIONS *`, the pool cap, never-reading apps, PINGs, content-free 502 bodies
+//! - `spiffe_wapi_server`: the scripted SPIFFE Workload API of `support::workload_api`, checked
+//!   with the `spiffe` crate's client
+//! - `spiffe_routes`, `spiffe_lifecycle`: `--spiffe` routes against it: both directions with no
+//!   files, trust domains and federation, `--spiffe-id`, startup wait, rotation, outage, withdrawal
 //! - `proxy`: egress through an HTTP CONNECT proxy (`--proxy`, `--proxy-ca`, `--proxy-auth-file`,
 //!   `--no-proxy`, `--proxy-from-env`), one file per subtopic: `tunnel` (names only the proxy
 //!   resolves), `credentials`, `bypass`, `failures` (every failure class), `http_mode`,
@@ -57,6 +63,7 @@ mod support;
 mod admin;
 mod check_cmd;
 mod check_inbound;
+mod check_spiffe;
 mod checks;
 mod config_file;
 mod demo;
@@ -88,6 +95,9 @@ mod proxy_protocol_interop;
 mod refusal;
 mod rotation;
 mod spiffe_config;
+mod spiffe_lifecycle;
+mod spiffe_routes;
+mod spiffe_wapi_server;
 mod startup;
 mod systemd;
 mod tcp;

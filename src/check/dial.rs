@@ -44,7 +44,7 @@ pub struct Seen {
 
 /// What the recording verifier and certificate resolver saw, shared by both and read after the
 /// handshake.
-type SeenDuringHandshake = Arc<Mutex<Seen>>;
+pub type SeenDuringHandshake = Arc<Mutex<Seen>>;
 
 fn lock(seen: &SeenDuringHandshake) -> std::sync::MutexGuard<'_, Seen> {
     seen.lock().unwrap_or_else(PoisonError::into_inner)
@@ -145,7 +145,16 @@ pub fn client_config(
     seen: &SeenDuringHandshake,
 ) -> Result<Arc<ClientConfig>, String> {
     let verifier = identity::upstream_verifier(&route.tls, material).map_err(|e| e.to_string())?;
-    let mut config = (*loaded.config).clone();
+    Ok(recording((*loaded.config).clone(), verifier, seen))
+}
+
+/// `config` with `verifier` (the one it was built with) and its certificate resolver wrapped in
+/// recorders that fill `seen`.
+pub fn recording(
+    mut config: ClientConfig,
+    verifier: Arc<dyn ServerCertVerifier>,
+    seen: &SeenDuringHandshake,
+) -> Arc<ClientConfig> {
     config
         .dangerous()
         .set_certificate_verifier(Arc::new(RecordingVerifier {
@@ -156,7 +165,7 @@ pub fn client_config(
         inner: config.client_auth_cert_resolver.clone(),
         seen: seen.clone(),
     });
-    Ok(Arc::new(config))
+    Arc::new(config)
 }
 
 pub fn new_seen() -> SeenDuringHandshake {

@@ -245,7 +245,7 @@ fn own_chain(chain: &[CertificateDer<'static>], r: &mut RouteReport) {
 }
 
 /// Dial the target once, the way the route does.
-async fn dial_target(route: &Route, inbound: &Inbound, r: &mut RouteReport) {
+pub(super) async fn dial_target(route: &Route, inbound: &Inbound, r: &mut RouteReport) {
     let limit = route.connect_timeout;
     match dial(&inbound.target, limit).await {
         Ok(TargetConn::Tcp(s)) => {

@@ -5,6 +5,10 @@
 //! - `dial`: resolve, connect, a hand-driven handshake that records what the upstream showed
 //! - `explain`: failures in words: which side rejected what, and what to do
 //! - `report`: the report's types, as `--format json` prints them
+//! - `spiffe`: `--spiffe` routes: one Workload API fetch (SVID, bundles), its report, and why
+//!   nothing came ("waiting for the Workload API") or a peer's domain has no bundle, in words
+//! - `spiffe_route`: a `--spiffe` route checked with that SVID and a verifier by the peer's own
+//!   trust domain bundle, then `--verify-uri-san`
 //! - `text`: the human-readable report
 
 mod cert;
@@ -12,6 +16,8 @@ mod dial;
 mod explain;
 mod inbound;
 mod report;
+mod spiffe;
+mod spiffe_route;
 mod text;
 
 use crate::cli::CheckFormat;
@@ -209,6 +215,9 @@ fn trust_line(trust: &Trust) -> String {
 async fn check_route(route: &Route, proxy: Option<&Proxy>) -> RouteReport {
     let now = now_unix();
     let mut r = RouteReport::new(route, proxy);
+    if let IdentitySource::Spiffe(source) = &route.tls.files.identity {
+        return spiffe_route::check(route, proxy, source, r).await;
+    }
     let material = match load::Material::read(&route.tls.files) {
         Ok(m) => m,
         Err(e) => return r.fail(e.to_string()),
@@ -230,12 +239,39 @@ async fn check_route(route: &Route, proxy: Option<&Proxy>) -> RouteReport {
     }
     let trust = trust_of(&material);
     r.trust = Some(trust_line(&trust));
-
     let seen = dial::new_seen();
     let config = match dial::client_config(route, &material, &loaded, &seen) {
         Ok(c) => c,
         Err(e) => return r.fail(e),
     };
+    let ours = Ours {
+        trust: &trust,
+        names: &our_names,
+        leaf: our_leaf.as_ref(),
+    };
+    dial_and_judge(route, proxy, config, seen, &ours, r, |_, _| None).await
+}
+
+/// What we present and trust, for the explanations.
+struct Ours<'a> {
+    trust: &'a Trust,
+    names: &'a [Names],
+    leaf: Option<&'a Summary>,
+}
+
+/// Dial the upstream once with `config` (its recorders share `seen`), record what was seen and
+/// judge the outcome. `first_say` may explain a handshake error better than the generic
+/// explanations (it gets the error and the upstream's chain as sent).
+async fn dial_and_judge(
+    route: &Route,
+    proxy: Option<&Proxy>,
+    config: std::sync::Arc<rustls::ClientConfig>,
+    seen: dial::SeenDuringHandshake,
+    ours: &Ours<'_>,
+    mut r: RouteReport,
+    first_say: impl Fn(&rustls::Error, &[rustls::pki_types::CertificateDer<'static>]) -> Option<String>,
+) -> RouteReport {
+    let now = now_unix();
     let d = dial::dial(route, proxy, config).await;
     let seen = std::mem::take(&mut *seen.lock().unwrap_or_else(|p| p.into_inner()));
 
@@ -254,12 +290,17 @@ async fn check_route(route: &Route, proxy: Option<&Proxy>) -> RouteReport {
     );
     r.client_cert_requested = (seen.requested || handshake_done).then_some(seen.requested);
 
+    if let Outcome::Handshake(e) = &d.outcome
+        && let Some(problem) = first_say(e, &seen.chain)
+    {
+        return r.fail(problem);
+    }
     let server_name = r.server_name.clone().unwrap_or_default();
     let cx = Context {
         server_name: &server_name,
-        trust: &trust,
-        ours: &our_names,
-        our_leaf: our_leaf.as_ref(),
+        trust: ours.trust,
+        ours: ours.names,
+        our_leaf: ours.leaf,
         theirs: &their_names,
         their_summaries: &r.upstream_chain,
         hints: &r.accepted_cas,

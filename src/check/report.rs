@@ -4,6 +4,7 @@
 use serde::Serialize;
 
 use super::cert::Summary;
+use super::spiffe::SpiffeReport;
 use crate::config::{Route, Via};
 use crate::egress::Proxy;
 use crate::upstream::server_name_str;
@@ -46,6 +47,9 @@ pub struct RouteReport {
     pub trust: Option<String>,
     /// Inbound: who is let in, the client CAs and CRLs, the listen names; `null` outbound.
     pub inbound: Option<InboundReport>,
+    /// `--spiffe` routes: the Workload API socket, the SVID and the trust bundles held;
+    /// `null` on a route with files.
+    pub spiffe: Option<SpiffeReport>,
     /// The egress proxy hop, when `--proxy` (or `HTTPS_PROXY`) is set for this route.
     pub proxy: Option<ProxyReport>,
     /// Every address the upstream's name resolved to (empty through a proxy: it resolves).
@@ -188,6 +192,7 @@ impl RouteReport {
             server_certificate: None,
             trust: None,
             inbound: None,
+            spiffe: None,
             proxy: match (&route.via, proxy) {
                 (Via::Bypass { proxy, entry }, _) => Some(ProxyReport {
                     url: proxy.url.to_string(),

@@ -4,6 +4,7 @@ use std::fmt::Write as _;
 
 use super::cert::Summary;
 use super::report::{ClientCertificate, InboundReport, ProxyReport, RouteReport, TlsInfo};
+use super::spiffe::SpiffeReport;
 
 fn or_none(items: &[String]) -> String {
     if items.is_empty() {
@@ -38,6 +39,9 @@ pub fn render(r: &RouteReport) -> String {
                 r.server_name.as_deref().unwrap_or("-")
             );
         }
+    }
+    if let Some(s) = &r.spiffe {
+        spiffe(&mut out, s);
     }
     if let Some(c) = &r.client_certificate {
         client_certificate(&mut out, "client certificate", c);
@@ -83,6 +87,41 @@ pub fn render(r: &RouteReport) -> String {
         }
     }
     out
+}
+
+/// A `--spiffe` route's identity: the socket, the SVID, every trust domain held.
+fn spiffe(out: &mut String, s: &SpiffeReport) {
+    let _ = writeln!(out, "  workload API     {}", s.socket);
+    match &s.svid {
+        Some(v) => {
+            let _ = writeln!(out, "  SVID             {}", v.spiffe_id);
+            let _ = writeln!(out, "    subject    {}", v.cert.subject);
+            cert_lines(out, "    ", &v.cert);
+            let _ = writeln!(out, "    chain      {} certificate(s)", v.chain_length);
+        }
+        None => {
+            let _ = writeln!(out, "  SVID             none received");
+        }
+    }
+    if s.offered.len() > 1 {
+        let _ = writeln!(out, "  SVIDs offered    {}", s.offered.join(", "));
+    }
+    if s.svid.is_some() && s.bundles.is_empty() {
+        let _ = writeln!(out, "  trust bundles    none");
+    }
+    for b in &s.bundles {
+        let expiry = match (&b.earliest_not_after, &b.earliest_validity) {
+            (Some(at), Some(words)) => format!(", earliest expiry {at} ({words})"),
+            _ => String::new(),
+        };
+        let _ = writeln!(
+            out,
+            "  trust bundle     {}: {} authorit{}{expiry}",
+            b.trust_domain,
+            b.authorities,
+            if b.authorities == 1 { "y" } else { "ies" }
+        );
+    }
 }
 
 /// An inbound route's head: which way it carries traffic, its server certificate, who it lets

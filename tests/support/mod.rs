@@ -14,6 +14,7 @@ pub mod proc;
 pub mod raw_h1;
 pub mod refused;
 pub mod upstream;
+pub mod workload_api;
 
 use std::fmt::Display;
 use std::path::Path;
