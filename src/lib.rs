@@ -12,6 +12,7 @@
 //!  config ................ routes from flags and TOML files: plain values, no live objects
 //!  egress, metrics ....... HTTP CONNECT proxies (URL, --no-proxy, tunnel); prometheus families
 //!  failure ............... Class and Failure: every way a connection fails, classified
+//!  spiffe ................ the Workload API client: SVIDs and bundles published as identities
 //!  tls ................... Settings, files, keys, verify, identity (one snapshot), reload
 //!  cli, transport, resolve, notify, signal, telemetry, pki, wait ... values and I/O helpers
 //! ```
@@ -27,6 +28,7 @@
 //!   `tls::keys` private keys, KDF bounds and PKCS#12, `tls::cert` certificate facts,
 //!   `tls::verify` CRL/URI SAN/pin checks on top of webpki, `tls::identity` the client config
 //!   published as one `Arc<Loaded>`, `tls::reload` polling, SIGHUP, all-or-nothing reloads
+//! - `spiffe`: `spiffe::id` SPIFFE ID syntax; the Workload API stream, published through `tls`
 //! - `failure`: `Class`, `Failure`, TLS and I/O error classification, escaping of peer text
 //! - `egress`: `egress::url`, `egress::no_proxy`, `egress::tunnel` (CONNECT, auth, proxy TLS)
 //! - `metrics`: prometheus-client families and per-route handles
@@ -61,6 +63,7 @@ pub mod pki;
 pub mod proxy;
 pub mod resolve;
 pub mod signal;
+pub mod spiffe;
 pub mod telemetry;
 pub mod tls;
 pub mod transport;

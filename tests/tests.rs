@@ -8,6 +8,7 @@
 //!   binary (`run_cmd`, `run_cmd_files`, `Cmd::startup_error`), socket helpers
 //! - `tcp`: byte integrity, full duplex, half-close, concurrency, SNI and client identity, resumption
 //! - `refusal`: failed upstream connections and the `reason=` each one logs
+//! - `spiffe_config`: `--spiffe` routes' refusals (files, socket, rule, `--spiffe-id`), variables, keys
 //! - `startup`: startup errors (exit 2), key formats, environment variables, `dev-pki`, `demo`
 //! - `lifecycle`: signals, draining, `--max-connections`, `--idle-timeout`
 //! - `interop`: nginx and `openssl s_server` as the upstream
@@ -90,6 +91,7 @@ mod proxy;
 mod proxy_protocol_interop;
 mod refusal;
 mod rotation;
+mod spiffe_config;
 mod spiffe_lifecycle;
 mod spiffe_routes;
 mod spiffe_wapi_server;

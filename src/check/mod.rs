@@ -82,6 +82,7 @@ fn identity_file(route: &Route) -> String {
     match &route.tls.files.identity {
         IdentitySource::Pem { cert, .. } => format!("--cert {}", cert.display()),
         IdentitySource::Pkcs12 { file, .. } => format!("--pkcs12 {}", file.display()),
+        IdentitySource::Spiffe(s) => format!("--spiffe-socket {}", s.socket.display()),
     }
 }
 

@@ -2,14 +2,13 @@
 //! the range-checked value parsers clap calls;
 //! `config` turns these raw values into a validated `config::Config`.
 
-use std::ops::RangeInclusive;
-use std::path::PathBuf;
+use std::{ops::RangeInclusive, path::PathBuf};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-
 mod inbound;
-
+mod spiffe;
 pub use inbound::{InboundArgs, ProxyProtocol};
+pub use spiffe::SpiffeArgs;
 
 /// Plaintext-to-mTLS sidecar: apps speak plain TCP on localhost, mtls-sidecar presents their
 /// client certificate to the upstream and verifies it.
@@ -129,7 +128,7 @@ pub struct RunArgs {
         long,
         env = "MTLS_SIDECAR_CERT", group = "route_flags",
         value_name = "FILE",
-        required_unless_present_any = ["pkcs12", "config"],
+        required_unless_present_any = ["pkcs12", "config", "spiffe"],
         conflicts_with = "pkcs12"
     )]
     pub cert: Option<PathBuf>,
@@ -139,7 +138,7 @@ pub struct RunArgs {
         long,
         env = "MTLS_SIDECAR_KEY", group = "route_flags",
         value_name = "FILE",
-        required_unless_present_any = ["pkcs12", "config"],
+        required_unless_present_any = ["pkcs12", "config", "spiffe"],
         conflicts_with = "pkcs12"
     )]
     pub key: Option<PathBuf>,
@@ -395,6 +394,8 @@ pub struct RunArgs {
 
     #[command(flatten)]
     pub inbound_args: InboundArgs,
+    #[command(flatten)]
+    pub spiffe_args: SpiffeArgs,
 
     /// Enable POST /shutdown on the admin listener (lets a Job's main container stop the sidecar)
     #[arg(long, env = "MTLS_SIDECAR_ADMIN_ALLOW_SHUTDOWN")]

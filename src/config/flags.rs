@@ -214,6 +214,14 @@ pub(super) fn outbound_route(name: String, args: &RunArgs) -> Result<Route, Erro
     let alpn = parse_alpn(args)?;
     let files = tls_files(args)?;
     let checks = parse_checks(args)?;
+    if matches!(files.identity, IdentitySource::Spiffe(_)) && checks.uri_sans.is_empty() {
+        return Err(invalid(
+            "--verify-uri-san",
+            "",
+            "missing: a --spiffe outbound route checks the upstream's SPIFFE ID instead of its \
+             hostname, so it needs at least one --verify-uri-san (spiffe://domain/path)",
+        ));
+    }
     check_allow_uid(args, &listen)?;
     let reload = parse_duration("--reload-interval", &args.reload_interval)?;
     let listen_mode = parse_mode(&args.listen_mode)?;
@@ -296,6 +304,13 @@ pub(super) fn parse_alpn(args: &RunArgs) -> Result<Vec<Vec<u8>>, Error> {
 
 /// The client identity (`--pkcs12`, or `--cert` and `--key`) and the upstream trust files.
 pub(super) fn tls_files(args: &RunArgs) -> Result<TlsFiles, Error> {
+    if let Some(source) = super::spiffe::source(args)? {
+        return Ok(TlsFiles {
+            identity: IdentitySource::Spiffe(source),
+            ca: None,
+            crls: Vec::new(),
+        });
+    }
     let identity = match (&args.pkcs12, &args.cert, &args.key) {
         (Some(file), _, _) => IdentitySource::Pkcs12 {
             file: file.clone(),

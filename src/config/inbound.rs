@@ -244,7 +244,7 @@ pub(super) fn route(name: String, args: &RunArgs) -> Result<Route, Error> {
             ));
         }
     };
-    if args.ca.is_none() {
+    if args.ca.is_none() && !args.spiffe_args.spiffe {
         return Err(invalid(
             "--ca",
             "",

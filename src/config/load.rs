@@ -114,6 +114,9 @@ struct RouteToml {
     allow_any_client: Setting<bool>,
     handshake_timeout: Setting<String>,
     proxy_protocol: Setting<String>,
+    spiffe: Setting<bool>,
+    spiffe_socket: Setting<String>,
+    spiffe_id: Setting<String>,
 }
 
 /// A value ready to become command-line words.
@@ -169,7 +172,9 @@ impl RouteToml {
             no_proxy,
             target,
             handshake_timeout,
-            proxy_protocol
+            proxy_protocol,
+            spiffe_socket,
+            spiffe_id
         );
         many!(
             allow_uid,
@@ -183,6 +188,7 @@ impl RouteToml {
         for (key, v) in [
             ("inbound", &self.inbound),
             ("allow_any_client", &self.allow_any_client),
+            ("spiffe", &self.spiffe),
         ] {
             if let Some(v) = v {
                 out.push((key, Val::Flag(*v.get_ref()), v.span()));
@@ -411,12 +417,12 @@ fn file_route(
         }
     }
     let has = |k: &str| merged.iter().any(|(mk, _, _)| *mk == k);
-    if !(has("pkcs12") || (has("cert") && has("key"))) {
+    if !(has("pkcs12") || (has("cert") && has("key")) || has("spiffe")) {
         return Err(src.error(
             header,
             if has("cert") { "key" } else { "cert" },
             format!(
-                "route {name:?} has no client identity: set cert and key (or pkcs12) in it or in [defaults]"
+                "route {name:?} has no client identity: set cert and key (or pkcs12, or spiffe) in it or in [defaults]"
             ),
         ));
     }

@@ -22,6 +22,7 @@ use crate::tls::Settings;
 mod flags;
 mod inbound;
 pub mod load;
+pub mod spiffe;
 
 pub use flags::{
     HTTP_IDLE_TIMEOUT, MAX_DURATION, parse_admin, parse_duration, parse_listen, parse_mode,

@@ -12,6 +12,9 @@ use zeroize::Zeroizing;
 /// Why certificate material (or any file read with [`read_bounded`]) cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// A `--spiffe` route's identity is streamed from the Workload API (`crate::spiffe`).
+    #[error("--spiffe-socket {}: the identity comes from the Workload API, not files", path.display())]
+    NotFiles { path: PathBuf },
     #[error("cannot read {flag} {}: {source}", path.display())]
     Read {
         flag: &'static str,

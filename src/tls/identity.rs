@@ -111,6 +111,7 @@ pub fn build_from(settings: &Settings, material: &load::Material) -> Result<Load
         let (cert, key) = match &settings.files.identity {
             IdentitySource::Pem { cert, key, .. } => (cert.clone(), key.clone()),
             IdentitySource::Pkcs12 { file, .. } => (file.clone(), file.clone()),
+            IdentitySource::Spiffe(s) => (s.socket.clone(), s.socket.clone()),
         };
         match e {
             rustls::Error::InconsistentKeys(_) => {

@@ -52,6 +52,17 @@ pub enum IdentitySource {
         file: PathBuf,
         password: Option<PathBuf>,
     },
+    /// `--spiffe`: an X.509-SVID and its trust bundles, streamed from the Workload API.
+    Spiffe(SpiffeSource),
+}
+
+/// Where a `--spiffe` route's identity comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SpiffeSource {
+    /// The Workload API's unix socket (`--spiffe-socket`, else `SPIFFE_ENDPOINT_SOCKET`).
+    pub socket: PathBuf,
+    /// `--spiffe-id`: the SVID to use; `None` = the first one the API sends.
+    pub id: Option<String>,
 }
 
 impl IdentitySource {
@@ -60,6 +71,7 @@ impl IdentitySource {
         match self {
             IdentitySource::Pem { cert, .. } => cert,
             IdentitySource::Pkcs12 { file, .. } => file,
+            IdentitySource::Spiffe(s) => &s.socket,
         }
     }
 }
@@ -94,6 +106,11 @@ impl Material {
                 file: FileBytes::read("--pkcs12", file)?,
                 password: opt("--pkcs12-password-file", password)?,
             },
+            IdentitySource::Spiffe(s) => {
+                return Err(Error::NotFiles {
+                    path: s.socket.clone(),
+                });
+            }
         };
         Ok(Material {
             identity,

@@ -19,7 +19,7 @@ pub mod server;
 pub mod verify;
 
 pub use authorize::Rule;
-pub use load::{IdentitySource, TlsFiles};
+pub use load::{IdentitySource, SpiffeSource, TlsFiles};
 pub use verify::Checks;
 
 /// Everything a route's TLS client configuration is built from. Routes with equal settings
