@@ -254,3 +254,22 @@ async fn two_sidecars_authenticate_each_other_by_spiffe_ids() {
     let line = wrong.wait_for_line("the refusal", WAIT, is_conn_line);
     assert_eq!(field(&line, "reason"), Some("uri_san_mismatch"), "{line}");
 }
+
+/// Without `--spiffe-socket` the socket comes from `SPIFFE_ENDPOINT_SOCKET`, as for every
+/// SPIFFE workload.
+#[tokio::test(flavor = "multi_thread")]
+async fn socket_from_spiffe_endpoint_socket() {
+    let ca = SpiffeCa::new(TD);
+    let api = WorkloadApi::start().await;
+    let me = ca.svid("/ns/shop/sa/web");
+    api.issue(&[&me], &[&ca]);
+    let up = spiffe_upstream(&ca.svid("/ns/shop/sa/api"), &[&ca]).await;
+    let cmd = Cmd::new()
+        .args(["run", "--listen", "127.0.0.1:0", "--upstream"])
+        .arg(up.addr.to_string())
+        .args(["--spiffe", "--verify-uri-san", SERVER_ID])
+        .env("SPIFFE_ENDPOINT_SOCKET", api.endpoint());
+    let mut proxy = start(&cmd);
+    let conn = accepted(&mut proxy, &up).await;
+    assert_eq!(conn.client_der.as_deref(), Some(me.der.as_ref()));
+}
