@@ -274,3 +274,79 @@ async fn bundle_only_update_is_one_reload() {
     let m = scrape(admin).await;
     assert!(m.value("mtls_sidecar_reloads_total", &[("result", "success")]) >= 1.0);
 }
+
+/// The serial `/status` shows for the route's identity, and its `spiffe_id`.
+async fn status_identity(admin: std::net::SocketAddr) -> (String, String) {
+    let status = get(admin, "/status").await;
+    let json: serde_json::Value = serde_json::from_str(&status.body).expect("status JSON");
+    let id = &json["identities"][0];
+    let text = |k: &str| id[k].as_str().unwrap_or_default().to_owned();
+    (text("serial"), text("spiffe_id"))
+}
+
+/// Inbound: `/status` shows the SVID's `spiffe_id`; a rotation is published (new serial) and
+/// clients keep being served; a withdrawal refuses new clients until a new SVID.
+#[tokio::test(flavor = "multi_thread")]
+async fn inbound_rotation_status_and_withdrawal() {
+    use crate::spiffe_routes::{CLIENT_ID, inbound_cmd, inbound_echo};
+    use crate::support::inbound::EchoTarget;
+    use crate::support::pki::serial_of;
+    let ca = SpiffeCa::new(TD);
+    let api = WorkloadApi::start().await;
+    let first = ca.svid("/ns/shop/sa/api");
+    api.issue(&[&first], &[&ca]);
+    let target = EchoTarget::start().await;
+    let cmd = with_admin(inbound_cmd(&api, target.addr, CLIENT_ID));
+    let mut proxy = start(&cmd);
+    let admin = admin_addr(&mut proxy);
+    wait_for_answer(admin, "/readyz", "200", WAIT, |r| r.status == 200).await;
+    let client = ca.svid("/ns/shop/sa/web");
+    let said = b"hello through spiffe\n".to_vec();
+    assert_eq!(
+        inbound_echo(proxy.addr(), &client, &[&ca])
+            .await
+            .expect("served"),
+        said
+    );
+    assert_eq!(
+        status_identity(admin).await,
+        (serial_of(&first.der), SERVER_ID.to_owned())
+    );
+    let second = ca.svid("/ns/shop/sa/api");
+    api.set_svids(&[&second]);
+    let deadline = Instant::now() + WAIT;
+    while status_identity(admin).await.0 != serial_of(&second.der) {
+        assert!(
+            Instant::now() < deadline,
+            "rotation not published in /status"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        inbound_echo(proxy.addr(), &client, &[&ca])
+            .await
+            .expect("served"),
+        said
+    );
+    api.deny();
+    wait_for_answer(admin, "/readyz", "503", WAIT, |r| r.status == 503).await;
+    let accepted = target.accepted();
+    let got = inbound_echo(proxy.addr(), &client, &[&ca]).await;
+    assert!(
+        !matches!(&got, Ok(b) if !b.is_empty()),
+        "served while withdrawn: {got:?}"
+    );
+    assert_eq!(
+        target.accepted(),
+        accepted,
+        "no dial to the target while withdrawn"
+    );
+    api.set_svids(&[&ca.svid("/ns/shop/sa/api")]);
+    wait_for_answer(admin, "/readyz", "200", WAIT, |r| r.status == 200).await;
+    assert_eq!(
+        inbound_echo(proxy.addr(), &client, &[&ca])
+            .await
+            .expect("served again"),
+        said
+    );
+}
