@@ -7,6 +7,7 @@
 
 use std::fmt::Display;
 
+use crate::support::admin::{Metrics, admin_addr, scrape_until};
 use crate::support::inbound::{EchoTarget, read_until_end};
 use crate::support::refused::{accepted, refused};
 use crate::support::upstream::Behavior;
@@ -122,7 +123,19 @@ async fn inbound_refuses_other_ids_and_unknown_trust_domains() {
     let api = WorkloadApi::start().await;
     api.issue(&[&ca.svid("/ns/shop/sa/api")], &[&ca]);
     let target = EchoTarget::start().await;
-    let mut proxy = start(&inbound_cmd(&api, target.addr, CLIENT_ID));
+    let cmd = inbound_cmd(&api, target.addr, CLIENT_ID).args(["--admin", "127.0.0.1:0"]);
+    let mut proxy = start(&cmd);
+    let admin = admin_addr(&mut proxy);
+    let failures = |reason: &'static str| {
+        move |m: &Metrics| {
+            m.get(
+                "mtls_sidecar_connection_failures_total",
+                &[("reason", reason)],
+            )
+            .unwrap_or(0.0)
+                >= 1.0
+        }
+    };
     // A client of a trust domain with no bundle, even with the admitted path.
     let foreign = stranger.svid("/ns/shop/sa/web");
     let got = inbound_echo(proxy.addr(), &foreign, &[&ca]).await;
@@ -130,6 +143,13 @@ async fn inbound_refuses_other_ids_and_unknown_trust_domains() {
         !matches!(&got, Ok(b) if !b.is_empty()),
         "foreign client got through: {got:?}"
     );
+    let m = scrape_until(admin, failures("unknown_ca")).await;
+    assert!(
+        failures("unknown_ca")(&m),
+        "no unknown_ca refusal:\n{}",
+        m.text
+    );
+    // The first refusal's line (later ones may be rate-limited).
     let line = proxy.wait_for_line("the refusal", WAIT, |l| field(l, "reason").is_some());
     assert_eq!(field(&line, "reason"), Some("unknown_ca"), "{line}");
     // Right trust domain, wrong workload.
@@ -139,9 +159,12 @@ async fn inbound_refuses_other_ids_and_unknown_trust_domains() {
         !matches!(&got, Ok(b) if !b.is_empty()),
         "other client got through: {got:?}"
     );
-    proxy.wait_for_line("not_allowed", WAIT, |l| {
-        field(l, "reason") == Some("not_allowed")
-    });
+    let m = scrape_until(admin, failures("not_allowed")).await;
+    assert!(
+        failures("not_allowed")(&m),
+        "no not_allowed refusal:\n{}",
+        m.text
+    );
     assert_eq!(
         target.accepted(),
         0,
