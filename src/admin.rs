@@ -62,7 +62,11 @@ impl AdminState {
         }
         let now = now_unix();
         self.routes.iter().find_map(|r| {
-            let leaf = r.identity.leaf();
+            let loaded = r.identity.loaded();
+            if let Some(why) = &loaded.absent {
+                return Some(format!("route {}: {why}", r.route.name));
+            }
+            let leaf = &loaded.leaf;
             leaf.check_validity(now).err().map(|why| {
                 let kind = match r.route.inbound() {
                     Some(_) => "server",
@@ -97,9 +101,11 @@ impl AdminState {
             .routes
             .iter()
             .map(|r| {
-                let l = r.identity.leaf();
+                let loaded = r.identity.loaded();
+                let l = &loaded.leaf;
                 json!({
                     "route": r.route.name,
+                    "spiffe_id": loaded.spiffe_id,
                     "subject": l.subject,
                     "sans": l.sans,
                     "issuer": l.issuer,

@@ -18,6 +18,8 @@ use crate::listen::{self, Listener, SystemdFds};
 use crate::metrics::Metrics;
 use crate::notify;
 use crate::proxy::{self, Lifecycle, RouteCtx};
+use crate::spiffe::client::{WAITING, Watcher};
+use crate::tls::IdentitySource;
 use crate::tls::identity::{self, Identity};
 use crate::tls::reload::{ReloadOutcomes, Reloader};
 
@@ -47,14 +49,22 @@ pub struct App {
     config: Config,
     /// Each route's shared state with its bound listener, served by `run` in config order.
     routes: Vec<(Arc<RouteCtx>, Listener)>,
-    /// One reload loop per shared identity, started by `run`.
-    reloaders: Vec<Reloader>,
+    /// One reload loop per shared identity (files or the Workload API), started by `run`.
+    reloaders: Vec<IdentityLoop>,
     /// The admin listener, bound but not yet served.
     admin: Option<std::net::TcpListener>,
     /// Every metric family, registered once, served at `/metrics`.
     metrics: Arc<Metrics>,
     /// Reload outcomes of every route.
     pub reload_stats: Arc<ReloadOutcomes>,
+}
+
+/// What keeps one shared identity current.
+enum IdentityLoop {
+    /// Polls the files (and SIGHUP).
+    Files(Reloader),
+    /// Streams the Workload API (`--spiffe`).
+    Spiffe(Watcher),
 }
 
 /// Routes whose TLS settings are equal share one loaded identity and one reload loop.
@@ -109,7 +119,10 @@ impl App {
     pub async fn run(self, shutdown: CancellationToken, hup: watch::Receiver<u64>) {
         let stop_reloading = CancellationToken::new();
         for r in self.reloaders {
-            tokio::spawn(r.run(hup.clone(), stop_reloading.clone()));
+            match r {
+                IdentityLoop::Files(r) => tokio::spawn(r.run(hup.clone(), stop_reloading.clone())),
+                IdentityLoop::Spiffe(w) => tokio::spawn(w.run(stop_reloading.clone())),
+            };
         }
         let _stop_reloading = stop_reloading.drop_guard();
         let life = Lifecycle {
@@ -216,10 +229,14 @@ fn load_identities(
             identities.push(g.identity.clone());
             continue;
         }
-        let loaded = identity::build(&route.tls).map_err(|source| StartupError::Tls {
-            route: route.name.clone(),
-            source,
-        })?;
+        // A SPIFFE identity arrives from the Workload API once serving: none until then.
+        let loaded = match &route.tls.files.identity {
+            IdentitySource::Spiffe(_) => identity::Loaded::absent(WAITING),
+            _ => identity::build(&route.tls).map_err(|source| StartupError::Tls {
+                route: route.name.clone(),
+                source,
+            })?,
+        };
         let id = Arc::new(Identity::new(&loaded));
         identities.push(id.clone());
         groups.push(IdentityGroup {
@@ -280,13 +297,24 @@ fn reloader(
     routes: &[(Arc<RouteCtx>, Listener)],
     reload_stats: &Arc<ReloadOutcomes>,
     group: IdentityGroup,
-) -> Reloader {
+) -> IdentityLoop {
     let name = group
         .members
         .iter()
         .map(|&m| config.routes[m].name.as_str())
         .collect::<Vec<_>>()
         .join(",");
+    let gauges = group
+        .members
+        .iter()
+        .map(|&m| routes[m].0.metrics.client_expiry.clone())
+        .collect();
+    let settings = config.routes[group.first].tls.clone();
+    if let IdentitySource::Spiffe(source) = &settings.files.identity {
+        let source = source.clone();
+        let (id, stats) = (group.identity, reload_stats.clone());
+        return IdentityLoop::Spiffe(Watcher::new(name, settings, source, id, stats, gauges));
+    }
     let leaf = &group.loaded.leaf;
     if config.routes[group.first].inbound().is_some() {
         info!(
@@ -301,20 +329,14 @@ fn reloader(
             "client identity loaded"
         );
     }
-    let gauges = group
-        .members
-        .iter()
-        .map(|&m| routes[m].0.metrics.client_expiry.clone())
-        .collect();
-    let settings = config.routes[group.first].tls.clone();
-    Reloader::new(
+    IdentityLoop::Files(Reloader::new(
         name,
         settings,
         group.identity,
         reload_stats.clone(),
         gauges,
         &group.loaded,
-    )
+    ))
 }
 
 /// Bind the admin listener, if any: a TCP socket (an address, or a systemd socket).

@@ -6,6 +6,7 @@ use std::io;
 
 use rustls::{AlertDescription, CertificateError};
 
+use crate::spiffe::verify::SpiffeError;
 use crate::tls::verify::CheckError;
 
 /// Why a connection failed, as a stable class. `reason()` is the access-log `reason` field and
@@ -46,6 +47,11 @@ pub enum Class {
     ProxyProtocol,
     /// The TLS handshake with an `https://` proxy failed.
     ProxyTls,
+    /// A `--spiffe` route has no identity (none yet from the Workload API, or withdrawn) and
+    /// none came within `--connect-timeout`.
+    NoIdentity,
+    /// `--spiffe`: the upstream's trust domain has no bundle, or its leaf no SPIFFE ID.
+    NoTrustBundle,
 }
 
 impl Class {
@@ -73,6 +79,8 @@ impl Class {
             Class::ProxyRefused => "proxy_refused",
             Class::ProxyProtocol => "proxy_protocol",
             Class::ProxyTls => "proxy_tls",
+            Class::NoIdentity => "no_identity",
+            Class::NoTrustBundle => "no_trust_bundle",
         }
     }
 
@@ -95,9 +103,12 @@ impl Class {
             | Class::UriSanMismatch
             | Class::PinMismatch
             | Class::Protocol
-            | Class::ProxyTls => "tls_error",
+            | Class::ProxyTls
+            | Class::NoTrustBundle => "tls_error",
             Class::Idle => "ok",
-            Class::Reset | Class::Io | Class::Drain | Class::ProxyProtocol => "error",
+            Class::Reset | Class::Io | Class::Drain | Class::ProxyProtocol | Class::NoIdentity => {
+                "error"
+            }
         }
     }
 
@@ -194,6 +205,10 @@ pub fn classify_tls(e: &rustls::Error, server_name: &str) -> Failure {
                     Some(c @ CheckError::Pin { .. }) => {
                         Failure::new(Class::PinMismatch, c.to_string())
                     }
+                    None if inner.downcast_ref::<SpiffeError>().is_some() => Failure::new(
+                        Class::NoTrustBundle,
+                        format!("the upstream certificate was refused: {inner}"),
+                    ),
                     _ => Failure::new(
                         Class::Protocol,
                         format!("the upstream certificate was refused: {inner}"),

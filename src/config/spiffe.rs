@@ -33,7 +33,19 @@ pub fn parse_socket(value: &str) -> Result<PathBuf, Error> {
             "the socket path is empty",
         ));
     }
-    Ok(PathBuf::from(path))
+    // The Workload API client takes absolute paths; a relative one is from the working
+    // directory at startup.
+    let path = PathBuf::from(path);
+    if path.is_absolute() {
+        return Ok(path);
+    }
+    std::env::current_dir().map(|d| d.join(&path)).map_err(|e| {
+        invalid(
+            "--spiffe-socket",
+            value,
+            format!("cannot make it absolute: {e}"),
+        )
+    })
 }
 
 /// The identity files and trust flags a `--spiffe` route may not have (the API gives both).

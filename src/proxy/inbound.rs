@@ -42,6 +42,8 @@ pub enum Refusal {
     Protocol,
     TargetRefused,
     TargetTimeout,
+    /// A `--spiffe` route with no identity in force, none within `--connect-timeout`.
+    NoIdentity,
 }
 
 impl Refusal {
@@ -57,6 +59,7 @@ impl Refusal {
             Refusal::Protocol => "protocol",
             Refusal::TargetRefused => "target_refused",
             Refusal::TargetTimeout => "target_timeout",
+            Refusal::NoIdentity => "no_identity",
         }
     }
 
@@ -65,6 +68,7 @@ impl Refusal {
         match self {
             Refusal::HandshakeTimeout | Refusal::TargetTimeout => "timeout",
             Refusal::TargetRefused => "connect_error",
+            Refusal::NoIdentity => "error",
             _ => "tls_error",
         }
     }
@@ -83,6 +87,15 @@ impl Refusal {
                 C::NotValidYet | C::NotValidYetContext { .. } => Refusal::Expired,
                 C::Revoked => Refusal::Revoked,
                 C::ApplicationVerificationFailure => Refusal::NotAllowed,
+                // A SPIFFE peer whose trust domain has no bundle (or no SPIFFE ID): no CA of
+                // ours can vouch for it.
+                C::Other(rustls::OtherError(inner))
+                    if inner
+                        .downcast_ref::<crate::spiffe::verify::SpiffeError>()
+                        .is_some() =>
+                {
+                    Refusal::UnknownCa
+                }
                 _ => Refusal::Protocol,
             },
             _ => Refusal::Protocol,
@@ -328,7 +341,13 @@ where
         end: End::Refused(Refusal::Protocol, "ended before the handshake".into()),
         limit: &ctx.refusals,
     };
-    let config = ctx.identity.server()?;
+    let config = match ctx.identity_within_timeout().await {
+        Ok(loaded) => loaded.server.clone()?,
+        Err(f) => {
+            log.end = End::Refused(Refusal::NoIdentity, f.message);
+            return None;
+        }
+    };
     let tls = match accept(config, inbound, conn, cut).await {
         Ok(s) => s,
         Err(end) => {

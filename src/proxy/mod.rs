@@ -101,7 +101,14 @@ impl RouteCtx {
     /// completed handshake tells: its duration and the upstream leaf's expiry. The outcome of
     /// the connection is counted by its owner when it ends (the access log in byte-stream
     /// mode, the pool's connector in HTTP mode), which also sees failures that come after.
+    /// A config taken while the route had no identity (a `--spiffe` route before its first
+    /// SVID or after a withdrawal) is replaced by the one published within `--connect-timeout`.
     pub async fn connect(&self, config: Arc<ClientConfig>) -> Result<upstream::Connected, Failure> {
+        let config = if crate::tls::identity::is_placeholder(&config) {
+            self.identity_within_timeout().await?.config.clone()
+        } else {
+            config
+        };
         let c = upstream::connect(&self.route, self.proxy.as_deref(), config).await?;
         self.metrics.handshake.observe(c.handshake.as_secs_f64());
         if let Some(leaf) = c
@@ -114,6 +121,25 @@ impl RouteCtx {
             self.metrics.upstream_leaf(leaf);
         }
         Ok(c)
+    }
+}
+
+impl RouteCtx {
+    /// The identity in force, waiting up to `--connect-timeout` for one when there is none;
+    /// else a `no_identity` failure.
+    pub async fn identity_within_timeout(
+        &self,
+    ) -> Result<Arc<crate::tls::identity::Loaded>, Failure> {
+        let limit = self.route.connect_timeout;
+        self.identity.present(limit).await.map_err(|why| {
+            Failure::new(
+                crate::failure::Class::NoIdentity,
+                format!(
+                    "{why}; none arrived within --connect-timeout {}",
+                    humantime::format_duration(limit)
+                ),
+            )
+        })
     }
 }
 

@@ -60,6 +60,58 @@ pub struct Loaded {
     pub loose_permissions: Vec<(&'static str, std::path::PathBuf, u32)>,
     /// Each CRL's file and nextUpdate, for the stale-CRL warning in reload.
     pub crl_next_updates: Vec<(std::path::PathBuf, i64)>,
+    /// A `--spiffe` route's SPIFFE ID (of the SVID in force), for `/status`.
+    pub spiffe_id: Option<String>,
+    /// `Some(why)` when no identity is in force (a `--spiffe` route before its first SVID, or
+    /// after the Workload API withdrew it): `config` then is a placeholder nothing dials with;
+    /// connections wait for a publish (up to `--connect-timeout`) or fail with `no_identity`.
+    pub absent: Option<String>,
+}
+
+/// The one client configuration every absent identity carries: told apart by pointer.
+fn placeholder_config() -> Arc<ClientConfig> {
+    static PLACEHOLDER: std::sync::OnceLock<Arc<ClientConfig>> = std::sync::OnceLock::new();
+    PLACEHOLDER
+        .get_or_init(|| {
+            Arc::new(
+                ClientConfig::builder_with_provider(provider())
+                    // Invariant: aws-lc-rs supports the default versions (TLS 1.2 and 1.3).
+                    .with_safe_default_protocol_versions()
+                    .expect("the default provider supports the default versions")
+                    .with_root_certificates(rustls::RootCertStore::empty())
+                    .with_no_client_auth(),
+            )
+        })
+        .clone()
+}
+
+impl Loaded {
+    /// No identity in force, and why (the `/readyz` text).
+    pub fn absent(why: impl Into<String>) -> Self {
+        Loaded {
+            config: placeholder_config(),
+            server: None,
+            leaf: Arc::new(CertInfo {
+                subject: "-".into(),
+                issuer: "-".into(),
+                serial: "-".into(),
+                not_before: 0,
+                not_after: 0,
+                sans: Vec::new(),
+                sha256_fingerprint: "-".into(),
+            }),
+            digest: [0; 32],
+            loose_permissions: Vec::new(),
+            crl_next_updates: Vec::new(),
+            spiffe_id: None,
+            absent: Some(why.into()),
+        }
+    }
+}
+
+/// Whether `config` is the placeholder of an absent identity (nothing may dial with it).
+pub fn is_placeholder(config: &Arc<ClientConfig>) -> bool {
+    Arc::ptr_eq(config, &placeholder_config())
 }
 
 /// Read every file of `settings` and build a complete client configuration from that one
@@ -136,12 +188,30 @@ pub fn build_from(settings: &Settings, material: &load::Material) -> Result<Load
         None => None,
     };
     let verifier: Arc<dyn ServerCertVerifier> = upstream_verifier(settings, material)?;
+    Ok(Loaded {
+        config: Arc::new(client_config(settings, verifier, certified)?),
+        server,
+        leaf,
+        digest: material.digest(),
+        loose_permissions: material.loose_permissions(),
+        crl_next_updates: material.crl_next_updates(),
+        spiffe_id: None,
+        absent: None,
+    })
+}
 
+/// The client configuration: protocol versions, `verifier`, the one client certificate, ALPN
+/// and (by default) a fresh session cache.
+pub fn client_config(
+    settings: &Settings,
+    verifier: Arc<dyn ServerCertVerifier>,
+    certified: Arc<CertifiedKey>,
+) -> Result<ClientConfig, Error> {
     let versions: &[&rustls::SupportedProtocolVersion] = match settings.tls_min {
         TlsMin::V12 => &[&rustls::version::TLS13, &rustls::version::TLS12],
         TlsMin::V13 => &[&rustls::version::TLS13],
     };
-    let mut config = ClientConfig::builder_with_provider(provider)
+    let mut config = ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(versions)
         .map_err(|e| Error::Build(e.to_string()))?
         .dangerous()
@@ -151,14 +221,7 @@ pub fn build_from(settings: &Settings, material: &load::Material) -> Result<Load
     // Resumption (tickets and TLS 1.2 session IDs) is on by default: repeat connections to the
     // upstream skip the full handshake where it allows. Each build has its own session cache,
     // so a new identity never rides on a ticket made with the old one.
-    Ok(Loaded {
-        config: Arc::new(config),
-        server,
-        leaf,
-        digest: material.digest(),
-        loose_permissions: material.loose_permissions(),
-        crl_next_updates: material.crl_next_updates(),
-    })
+    Ok(config)
 }
 
 /// The identity in force for a route. Connections take a snapshot with [`Identity::current`]
@@ -208,6 +271,23 @@ impl Identity {
         self.generation.send_modify(|g| *g += 1);
     }
 
+    /// The identity in force once there is one: at once, or after waiting up to `limit` for
+    /// a publish; else why there is none.
+    pub async fn present(&self, limit: std::time::Duration) -> Result<Arc<Loaded>, String> {
+        let mut ticks = self.subscribe();
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let loaded = self.loaded();
+            let Some(why) = loaded.absent.clone() else {
+                return Ok(loaded);
+            };
+            match tokio::time::timeout_at(deadline, ticks.changed()).await {
+                Ok(Ok(())) => continue,
+                _ => return Err(why),
+            }
+        }
+    }
+
     /// Ticks after every publish.
     pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
         self.generation.subscribe()
@@ -248,6 +328,8 @@ mod tests {
             digest: [tag; 32],
             loose_permissions: Vec::new(),
             crl_next_updates: Vec::new(),
+            spiffe_id: None,
+            absent: None,
         })
     }
 

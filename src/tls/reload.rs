@@ -62,7 +62,8 @@ impl ReloadOutcomes {
         }
     }
 
-    fn record(&self, error: Option<String>) {
+    /// Count one reload attempt (`None` = published) and keep it for `/status`.
+    pub fn record(&self, error: Option<String>) {
         let counter = if error.is_some() {
             &self.failures
         } else {

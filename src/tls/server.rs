@@ -63,6 +63,16 @@ pub fn build(
     certified: Arc<CertifiedKey>,
 ) -> Result<Arc<ServerConfig>, Error> {
     let verifier = client_verifier(material, rule)?;
+    build_with(settings, verifier, certified)
+}
+
+/// The whole server configuration from a client verifier already made (a SPIFFE route's
+/// verifier by trust domain, wrapped by its rule).
+pub fn build_with(
+    settings: &Settings,
+    verifier: Arc<dyn ClientCertVerifier>,
+    certified: Arc<CertifiedKey>,
+) -> Result<Arc<ServerConfig>, Error> {
     let versions: &[&rustls::SupportedProtocolVersion] = match settings.tls_min {
         TlsMin::V12 => &[&rustls::version::TLS13, &rustls::version::TLS12],
         TlsMin::V13 => &[&rustls::version::TLS13],

@@ -44,54 +44,52 @@ impl UpstreamVerifier {
     pub fn new(inner: Arc<WebPkiServerVerifier>, checks: Checks) -> Self {
         UpstreamVerifier { inner, checks }
     }
+}
 
-    fn extra_checks(&self, leaf: &CertificateDer<'_>) -> Result<(), CheckError> {
-        if self.checks.uri_sans.is_empty() && self.checks.pins.is_empty() {
-            return Ok(());
-        }
-        let (_, cert) =
-            x509_parser::parse_x509_certificate(leaf).map_err(|_| CheckError::Unparsable)?;
-        if !self.checks.uri_sans.is_empty() {
-            let found: Vec<String> = cert
-                .subject_alternative_name()
-                .ok()
-                .flatten()
-                .map(|san| {
-                    san.value
-                        .general_names
-                        .iter()
-                        .filter_map(|n| match n {
-                            x509_parser::extensions::GeneralName::URI(u) => Some(u.to_string()),
-                            _ => None,
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
-            if !found
-                .iter()
-                .any(|f| self.checks.uri_sans.iter().any(|w| w == f))
-            {
-                return Err(CheckError::UriSan {
-                    wanted: self.checks.uri_sans.join(", "),
-                    found: if found.is_empty() {
-                        "no URI SAN".into()
-                    } else {
-                        found.join(", ")
-                    },
-                });
-            }
-        }
-        if !self.checks.pins.is_empty() {
-            let pin: [u8; 32] = Sha256::digest(cert.tbs_certificate.subject_pki.raw).into();
-            if !self.checks.pins.contains(&pin) {
-                use base64::Engine as _;
-                return Err(CheckError::Pin {
-                    found: base64::engine::general_purpose::STANDARD.encode(pin),
-                });
-            }
-        }
-        Ok(())
+/// `--verify-uri-san` (exact) and `--pin-sha256` on a leaf whose chain already passed.
+pub fn extra_checks(checks: &Checks, leaf: &CertificateDer<'_>) -> Result<(), CheckError> {
+    if checks.uri_sans.is_empty() && checks.pins.is_empty() {
+        return Ok(());
     }
+    let (_, cert) =
+        x509_parser::parse_x509_certificate(leaf).map_err(|_| CheckError::Unparsable)?;
+    if !checks.uri_sans.is_empty() {
+        let found: Vec<String> = cert
+            .subject_alternative_name()
+            .ok()
+            .flatten()
+            .map(|san| {
+                san.value
+                    .general_names
+                    .iter()
+                    .filter_map(|n| match n {
+                        x509_parser::extensions::GeneralName::URI(u) => Some(u.to_string()),
+                        _ => None,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        if !found.iter().any(|f| checks.uri_sans.iter().any(|w| w == f)) {
+            return Err(CheckError::UriSan {
+                wanted: checks.uri_sans.join(", "),
+                found: if found.is_empty() {
+                    "no URI SAN".into()
+                } else {
+                    found.join(", ")
+                },
+            });
+        }
+    }
+    if !checks.pins.is_empty() {
+        let pin: [u8; 32] = Sha256::digest(cert.tbs_certificate.subject_pki.raw).into();
+        if !checks.pins.contains(&pin) {
+            use base64::Engine as _;
+            return Err(CheckError::Pin {
+                found: base64::engine::general_purpose::STANDARD.encode(pin),
+            });
+        }
+    }
+    Ok(())
 }
 
 impl ServerCertVerifier for UpstreamVerifier {
@@ -110,7 +108,7 @@ impl ServerCertVerifier for UpstreamVerifier {
             ocsp_response,
             now,
         )?;
-        self.extra_checks(end_entity).map_err(|e| {
+        extra_checks(&self.checks, end_entity).map_err(|e| {
             rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(e))))
         })?;
         Ok(verified)

@@ -39,6 +39,8 @@ fn sentence(class: Class) -> &'static str {
         Class::ProxyRefused => "the egress proxy refused the tunnel",
         Class::ProxyProtocol => "the egress proxy did not answer in HTTP",
         Class::ProxyTls => "the TLS handshake with the egress proxy failed",
+        Class::NoIdentity => "this proxy has no identity from the Workload API yet",
+        Class::NoTrustBundle => "the upstream's SPIFFE trust domain has no trust bundle",
     }
 }
 

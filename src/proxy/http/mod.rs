@@ -299,7 +299,11 @@ impl HttpRoute {
     ) -> Result<(Box<dyn Io>, Option<HeaderValue>), Response<Body>> {
         match &self.dest {
             Dest::Upstream(u) => {
-                let mut config = (*self.ctx.identity.current()).clone();
+                let loaded = match self.ctx.identity_within_timeout().await {
+                    Ok(l) => l,
+                    Err(f) => return Err(self.fail(f)),
+                };
+                let mut config = (*loaded.config).clone();
                 config.alpn_protocols = vec![b"http/1.1".to_vec()];
                 let (route, proxy) = (&self.ctx.route, self.ctx.proxy.as_deref());
                 match upstream::connect(route, proxy, Arc::new(config)).await {

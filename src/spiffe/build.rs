@@ -1,0 +1,139 @@
+//! One Workload API update to one identity generation: the chosen SVID (`--spiffe-id`, else
+//! the first), every trust bundle by domain, and from them the whole client (and inbound
+//! server) configuration, built as a file reload builds one: fresh session caches included.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls::sign::CertifiedKey;
+use sha2::{Digest, Sha256};
+
+use super::verify::{Bundles, ClientVerifier, ServerVerifier};
+use crate::tls::authorize::AuthorizingVerifier;
+use crate::tls::cert::CertInfo;
+use crate::tls::identity::{self, Loaded};
+use crate::tls::{Settings, SpiffeSource, provider};
+
+/// One X.509-SVID as the API sent it.
+#[derive(Debug, Clone)]
+pub struct Svid {
+    pub id: String,
+    /// Leaf first.
+    pub chain: Vec<CertificateDer<'static>>,
+    /// PKCS#8 DER.
+    pub key: Vec<u8>,
+}
+
+/// Everything one Workload API update holds.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    pub svids: Vec<Svid>,
+    /// CA certificates by trust domain name: the SVIDs' own and the federated ones.
+    pub bundles: BTreeMap<String, Vec<CertificateDer<'static>>>,
+}
+
+impl Snapshot {
+    /// SHA-256 over every SVID and bundle, to tell a changed update from a repeated one.
+    pub fn digest(&self) -> [u8; 32] {
+        let mut h = Sha256::new();
+        for s in &self.svids {
+            h.update(s.id.as_bytes());
+            for c in &s.chain {
+                h.update((c.len() as u64).to_le_bytes());
+                h.update(c.as_ref());
+            }
+            h.update(Sha256::digest(&s.key));
+        }
+        for (domain, cas) in &self.bundles {
+            h.update(domain.as_bytes());
+            for c in cas {
+                h.update((c.len() as u64).to_le_bytes());
+                h.update(c.as_ref());
+            }
+        }
+        h.finalize().into()
+    }
+
+    /// The SVID a route uses: `--spiffe-id`'s, else the first.
+    pub fn pick(&self, wanted: Option<&str>) -> Option<&Svid> {
+        match wanted {
+            Some(id) => self.svids.iter().find(|s| s.id == id),
+            None => self.svids.first(),
+        }
+    }
+}
+
+/// Why an update cannot become an identity: withdrawn (no SVID for the route) or unusable.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Unusable {
+    /// No SVID (or not the `--spiffe-id` one): the route has no identity until a new update.
+    NoSvid(String),
+    /// The SVID or a bundle cannot be used; the identity in force stays.
+    Bad(String),
+}
+
+/// Build the route's identity from `snap`.
+pub fn build(
+    settings: &Settings,
+    source: &SpiffeSource,
+    snap: &Snapshot,
+) -> Result<Loaded, Unusable> {
+    let svid = snap.pick(source.id.as_deref()).ok_or_else(|| {
+        Unusable::NoSvid(match &source.id {
+            Some(id) => format!(
+                "the Workload API sent no SVID for --spiffe-id {id} (it sent {})",
+                ids(snap)
+            ),
+            None => "the Workload API sent no SVID".to_string(),
+        })
+    })?;
+    let leaf = svid
+        .chain
+        .first()
+        .and_then(CertInfo::parse)
+        .map(Arc::new)
+        .ok_or_else(|| Unusable::Bad(format!("SVID {}: the leaf cannot be parsed", svid.id)))?;
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(svid.key.clone()));
+    let certified = CertifiedKey::from_der(svid.chain.clone(), key, &provider())
+        .map(Arc::new)
+        .map_err(|e| Unusable::Bad(format!("SVID {}: {e}", svid.id)))?;
+    let bundles = Bundles::new(&snap.bundles);
+    let bad = |e: String| Unusable::Bad(format!("SVID {}: {e}", svid.id));
+    let server = match &settings.inbound {
+        Some(rule) => {
+            let verifier = ClientVerifier::new(bundles.clone()).map_err(bad)?;
+            let authorizing = Arc::new(AuthorizingVerifier::new(Arc::new(verifier), rule.clone()));
+            Some(
+                crate::tls::server::build_with(settings, authorizing, certified.clone())
+                    .map_err(|e| bad(e.to_string()))?,
+            )
+        }
+        None => None,
+    };
+    let verifier = Arc::new(ServerVerifier::new(bundles, settings.checks.clone()));
+    let config =
+        identity::client_config(settings, verifier, certified).map_err(|e| bad(e.to_string()))?;
+    Ok(Loaded {
+        config: Arc::new(config),
+        server,
+        leaf,
+        digest: snap.digest(),
+        loose_permissions: Vec::new(),
+        crl_next_updates: Vec::new(),
+        spiffe_id: Some(svid.id.clone()),
+        absent: None,
+    })
+}
+
+/// The SPIFFE IDs of an update, for messages.
+fn ids(snap: &Snapshot) -> String {
+    if snap.svids.is_empty() {
+        return "none".into();
+    }
+    snap.svids
+        .iter()
+        .map(|s| s.id.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
