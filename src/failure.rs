@@ -269,3 +269,25 @@ pub fn classify_io(e: &io::Error, server_name: &str) -> Failure {
         _ => Failure::new(Class::Io, format!("upstream i/o error: {e}")),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    #[test]
+    fn a_spiffe_peer_without_a_bundle_is_named() {
+        let e = rustls::Error::InvalidCertificate(CertificateError::Other(rustls::OtherError(
+            Arc::new(SpiffeError::NoBundle("b.test".into())),
+        )));
+        let f = classify_tls(&e, "x");
+        assert_eq!(f.class, Class::NoTrustBundle);
+        assert_eq!(f.class.reason(), "no_trust_bundle");
+        assert!(
+            f.message.contains("no bundle for trust domain b.test"),
+            "{}",
+            f.message
+        );
+    }
+}

@@ -3,6 +3,7 @@
 //! `MTLS_SIDECAR_SPIFFE*` variables and the config keys (`spiffe`, `spiffe_socket`,
 //! `spiffe_id`, also in `[defaults]`). Each is exit 2 naming the flag (or file, line and key).
 
+use crate::support::admin::{admin_addr, get};
 use crate::support::*;
 
 const ID: &str = "spiffe://example.org/ns/shop/sa/web";
@@ -252,4 +253,45 @@ fn config_keys_mean_the_flags() {
         "[defaults]\nspiffe = true\nspiffe_socket = \"tcp:127.0.0.1:1\"\n{route}verify_uri_san = [\"{ID}\"]\n"
     );
     config_refused(&pki, &text, 3, "spiffe_socket");
+}
+
+/// Without any Workload API: the route listens at once, `/readyz` says what it waits for,
+/// `/status` has no SPIFFE ID yet, and a connection waits `--connect-timeout`, then fails
+/// with `reason=no_identity` (outbound tcp and inbound).
+#[tokio::test(flavor = "multi_thread")]
+async fn without_the_api_listeners_bind_and_connections_fail_no_identity() {
+    let pki = Pki::new();
+    for cmd in [
+        outbound(&pki).args(["--verify-uri-san", ID]),
+        inbound(&pki).args(["--verify-uri-san", ID]),
+    ] {
+        let cmd = cmd.args(["--admin", "127.0.0.1:0", "--connect-timeout", "700ms"]);
+        let mut proxy = cmd.start();
+        let admin = admin_addr(&mut proxy);
+        let ready = get(admin, "/readyz").await;
+        assert_eq!(ready.status, 503, "{}", ready.body);
+        assert!(
+            ready
+                .body
+                .contains("waiting for the first SVID from the Workload API"),
+            "{}",
+            ready.body
+        );
+        let status = get(admin, "/status").await;
+        assert!(
+            status.body.contains("\"spiffe_id\":null"),
+            "{}",
+            status.body
+        );
+        let started = std::time::Instant::now();
+        let mut conn = connect(proxy.addr()).await;
+        expect_closed_without_data(&mut conn, WAIT).await;
+        let waited = started.elapsed();
+        assert!(
+            waited >= std::time::Duration::from_millis(600),
+            "closed after {waited:?}, before --connect-timeout"
+        );
+        let line = proxy.wait_for_line("the access line", WAIT, is_conn_line);
+        assert_eq!(field(&line, "reason"), Some("no_identity"), "{line}");
+    }
 }

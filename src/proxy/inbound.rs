@@ -287,7 +287,8 @@ where
             }
             Ok(Err((e, io))) => {
                 linger(io).await;
-                Err(End::Refused(Refusal::of_handshake(&e), format!("client handshake failed: {e}")))
+                let why = crate::spiffe::verify::explain(&e).unwrap_or_else(|| e.to_string());
+                Err(End::Refused(Refusal::of_handshake(&e), format!("client handshake failed: {why}")))
             }
             Ok(Ok(s)) => Ok(s),
         },

@@ -137,3 +137,118 @@ fn ids(snap: &Snapshot) -> String {
         .collect::<Vec<_>>()
         .join(", ")
 }
+
+#[cfg(test)]
+mod tests {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, SanType};
+
+    use super::*;
+    use crate::cli::TlsMin;
+    use crate::tls::{Checks, IdentitySource, Rule, TlsFiles};
+
+    fn settings(inbound: bool) -> (Settings, SpiffeSource) {
+        let source = SpiffeSource {
+            socket: "/run/agent.sock".into(),
+            id: None,
+        };
+        let settings = Settings {
+            files: TlsFiles {
+                identity: IdentitySource::Spiffe(source.clone()),
+                ca: None,
+                crls: Vec::new(),
+            },
+            checks: Checks {
+                uri_sans: vec!["spiffe://a.test/db".into()],
+                pins: Vec::new(),
+            },
+            tls_min: TlsMin::V12,
+            alpn: Vec::new(),
+            reload_interval: None,
+            inbound: inbound.then(|| Rule {
+                uri_sans: vec!["spiffe://a.test/*".into()],
+                dns_sans: Vec::new(),
+                cns: Vec::new(),
+                pins: Vec::new(),
+                allow_any: false,
+            }),
+        };
+        (settings, source)
+    }
+
+    /// An update with one SVID per ID, all from one CA of a.test, and a.test's bundle.
+    fn snapshot(ids: &[&str]) -> Snapshot {
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca = CertificateParams::new(Vec::new()).unwrap();
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca_der = ca.self_signed(&ca_key).unwrap().der().clone();
+        let issuer = Issuer::new(ca, ca_key);
+        let svids = ids
+            .iter()
+            .map(|id| {
+                let key = KeyPair::generate().unwrap();
+                let mut p = CertificateParams::new(Vec::new()).unwrap();
+                p.subject_alt_names = vec![SanType::URI((*id).try_into().unwrap())];
+                let cert = p.signed_by(&key, &issuer).unwrap();
+                Svid {
+                    id: id.to_string(),
+                    chain: vec![cert.der().clone()],
+                    key: key.serialize_der(),
+                }
+            })
+            .collect();
+        Snapshot {
+            svids,
+            bundles: [("a.test".to_string(), vec![ca_der])].into(),
+        }
+    }
+
+    #[test]
+    fn the_first_svid_unless_one_is_named() {
+        let snap = snapshot(&["spiffe://a.test/web", "spiffe://a.test/batch"]);
+        let (settings, mut source) = settings(true);
+        let loaded = build(&settings, &source, &snap).unwrap();
+        assert_eq!(loaded.spiffe_id.as_deref(), Some("spiffe://a.test/web"));
+        assert!(loaded.server.is_some() && loaded.absent.is_none());
+        assert!(
+            loaded
+                .leaf
+                .sans
+                .contains(&"URI:spiffe://a.test/web".to_string())
+        );
+        source.id = Some("spiffe://a.test/batch".into());
+        let loaded = build(&settings, &source, &snap).unwrap();
+        assert_eq!(loaded.spiffe_id.as_deref(), Some("spiffe://a.test/batch"));
+        assert_eq!(loaded.digest, snap.digest());
+        source.id = Some("spiffe://a.test/other".into());
+        match build(&settings, &source, &snap) {
+            Err(Unusable::NoSvid(why)) => assert!(why.contains("spiffe://a.test/other"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_key_of_another_svid_is_unusable() {
+        let mut snap = snapshot(&["spiffe://a.test/web", "spiffe://a.test/batch"]);
+        snap.svids[0].key = snap.svids[1].key.clone();
+        let (settings, source) = settings(false);
+        assert!(matches!(
+            build(&settings, &source, &snap),
+            Err(Unusable::Bad(_))
+        ));
+        assert!(matches!(
+            build(&settings, &source, &Snapshot::default()),
+            Err(Unusable::NoSvid(_))
+        ));
+    }
+
+    #[test]
+    fn digests_tell_bundle_only_changes() {
+        let snap = snapshot(&["spiffe://a.test/web"]);
+        let mut federated = snap.clone();
+        federated
+            .bundles
+            .insert("b.test".into(), snap.bundles["a.test"].clone());
+        assert_eq!(snap.digest(), snap.clone().digest());
+        assert_ne!(snap.digest(), federated.digest());
+    }
+}

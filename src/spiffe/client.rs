@@ -176,11 +176,12 @@ impl Watcher {
 
     /// No identity from now on: new connections wait, then fail with `no_identity`.
     fn withdraw(&mut self, why: String) {
-        if self.identity.loaded().absent.is_some() && self.in_force.is_none() {
+        let reason = format!("no identity: the Workload API withdrew it ({why})");
+        // Each retry hears the same answer: one line per withdrawal, not per retry.
+        if self.identity.loaded().absent.as_ref() == Some(&reason) {
             return;
         }
         self.in_force = None;
-        let reason = format!("no identity: the Workload API withdrew it ({why})");
         warn!(route = %self.name, error = ?why, "the Workload API withdrew the identity; refusing new connections until a new SVID");
         self.identity.publish(Arc::new(Loaded::absent(reason)));
     }

@@ -34,6 +34,18 @@ pub enum SpiffeError {
     NoSpiffeId(String),
 }
 
+/// The SPIFFE refusal inside a failed handshake's I/O error, in words (rustls prints the
+/// inner error with `Debug`).
+pub fn explain(e: &std::io::Error) -> Option<String> {
+    let tls = e.get_ref()?.downcast_ref::<rustls::Error>()?;
+    match tls {
+        rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(inner))) => {
+            inner.downcast_ref::<SpiffeError>().map(ToString::to_string)
+        }
+        _ => None,
+    }
+}
+
 impl SpiffeError {
     fn into_rustls(self) -> rustls::Error {
         rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(self))))
@@ -240,5 +252,183 @@ impl ClientCertVerifier for ClientVerifier {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         algorithms().supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rcgen::{
+        BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+        SanType,
+    };
+
+    use super::*;
+
+    /// A trust domain's CA: its certificate (the bundle) and what signs its SVIDs.
+    struct Domain {
+        ca: CertificateDer<'static>,
+        issuer: Issuer<'static, KeyPair>,
+    }
+
+    impl Domain {
+        fn new() -> Domain {
+            let key = KeyPair::generate().unwrap();
+            let mut params = CertificateParams::new(Vec::new()).unwrap();
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            let ca = params.self_signed(&key).unwrap().der().clone();
+            Domain {
+                ca,
+                issuer: Issuer::new(params, key),
+            }
+        }
+
+        /// An X.509-SVID leaf for `id`, signed by this domain's CA.
+        fn svid(&self, id: &str) -> CertificateDer<'static> {
+            let key = KeyPair::generate().unwrap();
+            let mut params = CertificateParams::new(Vec::new()).unwrap();
+            params.subject_alt_names = vec![SanType::URI(id.try_into().unwrap())];
+            params.extended_key_usages = vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ];
+            params.signed_by(&key, &self.issuer).unwrap().der().clone()
+        }
+    }
+
+    fn bundles(list: &[(&str, &Domain)]) -> Bundles {
+        let map = list
+            .iter()
+            .map(|(name, d)| (name.to_string(), vec![d.ca.clone()]))
+            .collect();
+        Bundles::new(&map)
+    }
+
+    fn outbound(b: Bundles, wanted: &str) -> ServerVerifier {
+        ServerVerifier::new(
+            b,
+            Checks {
+                uri_sans: vec![wanted.to_string()],
+                pins: Vec::new(),
+            },
+        )
+    }
+
+    fn verify_server(v: &ServerVerifier, leaf: &CertificateDer<'_>) -> Result<(), rustls::Error> {
+        // The name is never checked: any name must do.
+        let name = ServerName::try_from("not-the-peer.invalid").unwrap();
+        v.verify_server_cert(leaf, &[], &name, &[], UnixTime::now())
+            .map(|_| ())
+    }
+
+    fn verify_client(v: &ClientVerifier, leaf: &CertificateDer<'_>) -> Result<(), rustls::Error> {
+        v.verify_client_cert(leaf, &[], UnixTime::now()).map(|_| ())
+    }
+
+    /// The `SpiffeError` inside a refusal, if that is what refused.
+    fn spiffe_error(e: &rustls::Error) -> Option<SpiffeError> {
+        match e {
+            rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(inner))) => {
+                inner.downcast_ref::<SpiffeError>().cloned()
+            }
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn own_domain_accepted_without_a_name_check() {
+        let a = Domain::new();
+        let v = outbound(bundles(&[("a.test", &a)]), "spiffe://a.test/db");
+        verify_server(&v, &a.svid("spiffe://a.test/db")).unwrap();
+        let c = ClientVerifier::new(bundles(&[("a.test", &a)])).unwrap();
+        verify_client(&c, &a.svid("spiffe://a.test/web")).unwrap();
+    }
+
+    #[test]
+    fn cross_domain_impersonation_is_refused() {
+        // b.test's CA issues an ID of a.test: it must be checked against a.test's bundle only.
+        let (a, b) = (Domain::new(), Domain::new());
+        let held = || bundles(&[("a.test", &a), ("b.test", &b)]);
+        let forged = b.svid("spiffe://a.test/db");
+        let e = verify_server(&outbound(held(), "spiffe://a.test/db"), &forged).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                rustls::Error::InvalidCertificate(
+                    CertificateError::UnknownIssuer | CertificateError::BadSignature
+                )
+            ),
+            "{e:?}"
+        );
+        let c = ClientVerifier::new(held()).unwrap();
+        let e = verify_client(&c, &forged).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                rustls::Error::InvalidCertificate(
+                    CertificateError::UnknownIssuer | CertificateError::BadSignature
+                )
+            ),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn federated_domain_accepted_unknown_domain_refused_by_name() {
+        let (a, b) = (Domain::new(), Domain::new());
+        let peer = b.svid("spiffe://b.test/api");
+        // Without b.test's bundle: refused, naming the domain, outbound and inbound.
+        let only_a = || bundles(&[("a.test", &a)]);
+        let e = verify_server(&outbound(only_a(), "spiffe://b.test/api"), &peer).unwrap_err();
+        assert_eq!(
+            spiffe_error(&e),
+            Some(SpiffeError::NoBundle("b.test".into()))
+        );
+        let c = ClientVerifier::new(only_a()).unwrap();
+        let e = verify_client(&c, &peer).unwrap_err();
+        assert_eq!(
+            spiffe_error(&e),
+            Some(SpiffeError::NoBundle("b.test".into()))
+        );
+        let io = std::io::Error::new(std::io::ErrorKind::InvalidData, e);
+        assert!(
+            explain(&io).is_some_and(|m| m.starts_with("no bundle for trust domain b.test")),
+            "{io}"
+        );
+        // With it (federated): accepted both ways.
+        let both = || bundles(&[("a.test", &a), ("b.test", &b)]);
+        verify_server(&outbound(both(), "spiffe://b.test/api"), &peer).unwrap();
+        verify_client(&ClientVerifier::new(both()).unwrap(), &peer).unwrap();
+    }
+
+    #[test]
+    fn the_uri_san_rule_runs_after_the_chain() {
+        let a = Domain::new();
+        let v = outbound(bundles(&[("a.test", &a)]), "spiffe://a.test/db");
+        let e = verify_server(&v, &a.svid("spiffe://a.test/other")).unwrap_err();
+        let refused_by_rule = match &e {
+            rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(inner))) => {
+                matches!(
+                    inner.downcast_ref::<crate::tls::verify::CheckError>(),
+                    Some(crate::tls::verify::CheckError::UriSan { .. })
+                )
+            }
+            _ => false,
+        };
+        assert!(refused_by_rule, "{e:?}");
+    }
+
+    #[test]
+    fn a_leaf_without_a_spiffe_id_is_refused() {
+        let a = Domain::new();
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let leaf = params.signed_by(&key, &a.issuer).unwrap().der().clone();
+        let v = outbound(bundles(&[("a.test", &a)]), "spiffe://a.test/db");
+        let e = verify_server(&v, &leaf).unwrap_err();
+        assert!(
+            matches!(spiffe_error(&e), Some(SpiffeError::NoSpiffeId(_))),
+            "{e:?}"
+        );
     }
 }
