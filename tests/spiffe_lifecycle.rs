@@ -80,6 +80,29 @@ async fn no_svid_within_connect_timeout_is_no_identity() {
     assert_eq!(up.stats.tls_accepted(), 0, "no dial without an identity");
 }
 
+/// The API is slow to answer (1.5 s): a connection made meanwhile waits and succeeds, well
+/// inside `--connect-timeout`.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slow_first_answer_is_waited_for() {
+    let ca = SpiffeCa::new(TD);
+    let api = WorkloadApi::start().await;
+    api.delay_first_answer(Duration::from_millis(1500));
+    api.issue(&[&ca.svid("/ns/shop/sa/web")], &[&ca]);
+    let up = spiffe_upstream(&ca.svid("/ns/shop/sa/api"), &[&ca]).await;
+    let cmd = outbound_cmd(&api, up.addr, SERVER_ID).args(["--connect-timeout", "10s"]);
+    let proxy = start(&cmd);
+    let started = Instant::now();
+    assert!(
+        echo_ok(proxy.addr(), 5).await,
+        "the early connection failed"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(1000),
+        "served before the API answered: {:?}",
+        started.elapsed()
+    );
+}
+
 /// A new SVID every second for six seconds while connections run back to back: every one
 /// succeeds, each rotation is one reload, and the upstream sees the new identities.
 #[tokio::test(flavor = "multi_thread")]

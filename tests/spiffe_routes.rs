@@ -120,6 +120,11 @@ async fn outbound_with_svids_only() {
         "SNI still goes out"
     );
     assert!(api.svid_requests() >= 1);
+    assert_eq!(
+        api.refused_requests(),
+        0,
+        "every request carried workload.spiffe.io: true"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -173,6 +178,10 @@ async fn inbound_refuses_other_ids_and_unknown_trust_domains() {
     // The first refusal's line (later ones may be rate-limited).
     let line = proxy.wait_for_line("the refusal", WAIT, |l| field(l, "reason").is_some());
     assert_eq!(field(&line, "reason"), Some("unknown_ca"), "{line}");
+    assert!(
+        line.contains("stranger.test"),
+        "the refusal names the trust domain: {line}"
+    );
     // Right trust domain, wrong workload.
     let other = ca.svid("/ns/shop/sa/batch");
     let got = inbound_echo(proxy.addr(), &other, &[&ca]).await;
