@@ -373,3 +373,59 @@ async fn inbound_rotation_status_and_withdrawal() {
         said
     );
 }
+
+/// Inbound: the server SVID rotates every second while clients connect back to back; none fails.
+#[tokio::test(flavor = "multi_thread")]
+async fn inbound_rotation_every_second_under_load_fails_no_client() {
+    use crate::spiffe_routes::{CLIENT_ID, inbound_cmd, inbound_echo};
+    use crate::support::inbound::EchoTarget;
+    let ca = Arc::new(SpiffeCa::new(TD));
+    let api = WorkloadApi::start().await;
+    api.issue(&[&ca.svid("/ns/shop/sa/api")], &[&ca]);
+    let target = EchoTarget::start().await;
+    let mut proxy = start(&with_admin(inbound_cmd(&api, target.addr, CLIENT_ID)));
+    let admin = admin_addr(&mut proxy);
+    wait_for_answer(admin, "/readyz", "200", WAIT, |r| r.status == 200).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let (done, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let mut workers = Vec::new();
+    for _ in 0..3 {
+        let (stop, done, failed, ca) = (stop.clone(), done.clone(), failed.clone(), ca.clone());
+        let addr = proxy.addr();
+        workers.push(tokio::spawn(async move {
+            let client = ca.svid("/ns/shop/sa/web");
+            while !stop.load(Ordering::SeqCst) {
+                match inbound_echo(addr, &client, &[&ca]).await {
+                    Ok(b) if b == b"hello through spiffe\n" => done.fetch_add(1, Ordering::SeqCst),
+                    _ => failed.fetch_add(1, Ordering::SeqCst),
+                };
+            }
+        }));
+    }
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        api.set_svids(&[&ca.svid("/ns/shop/sa/api")]);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::SeqCst);
+    for w in workers {
+        tokio::time::timeout(WAIT, w)
+            .await
+            .expect("worker ends")
+            .expect("worker");
+    }
+    assert_eq!(
+        failed.load(Ordering::SeqCst),
+        0,
+        "clients failed during rotation"
+    );
+    assert!(
+        done.load(Ordering::SeqCst) >= 15,
+        "too little load: {done:?}"
+    );
+    let reloaded = proxy.count_lines(|l| l.contains("identity reloaded"));
+    assert!(
+        reloaded >= 6,
+        "an `identity reloaded` line per rotation, got {reloaded}"
+    );
+}
