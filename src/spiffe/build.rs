@@ -16,13 +16,24 @@ use crate::tls::identity::{self, Loaded};
 use crate::tls::{Settings, SpiffeSource, provider};
 
 /// One X.509-SVID as the API sent it.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Svid {
     pub id: String,
     /// Leaf first.
     pub chain: Vec<CertificateDer<'static>>,
-    /// PKCS#8 DER.
-    pub key: Vec<u8>,
+    /// PKCS#8 DER, wiped when dropped.
+    pub key: zeroize::Zeroizing<Vec<u8>>,
+}
+
+/// Never the key: a snapshot printed anywhere shows its IDs and chain lengths only.
+impl std::fmt::Debug for Svid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Svid")
+            .field("id", &self.id)
+            .field("chain", &self.chain.len())
+            .field("key", &"<redacted>")
+            .finish()
+    }
 }
 
 /// Everything one Workload API update holds.
@@ -43,7 +54,7 @@ impl Snapshot {
                 h.update((c.len() as u64).to_le_bytes());
                 h.update(c.as_ref());
             }
-            h.update(Sha256::digest(&s.key));
+            h.update(Sha256::digest(s.key.as_slice()));
         }
         for (domain, cas) in &self.bundles {
             h.update(domain.as_bytes());
@@ -94,7 +105,7 @@ pub fn build(
         .and_then(CertInfo::parse)
         .map(Arc::new)
         .ok_or_else(|| Unusable::Bad(format!("SVID {}: the leaf cannot be parsed", svid.id)))?;
-    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(svid.key.clone()));
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(svid.key.to_vec()));
     let certified = CertifiedKey::from_der(svid.chain.clone(), key, &provider())
         .map(Arc::new)
         .map_err(|e| Unusable::Bad(format!("SVID {}: {e}", svid.id)))?;
@@ -192,7 +203,7 @@ mod tests {
                 Svid {
                     id: id.to_string(),
                     chain: vec![cert.der().clone()],
-                    key: key.serialize_der(),
+                    key: key.serialize_der().into(),
                 }
             })
             .collect();

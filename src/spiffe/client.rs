@@ -230,7 +230,7 @@ fn snapshot(ctx: &X509Context) -> Snapshot {
             .map(|s| Svid {
                 id: s.spiffe_id().to_string(),
                 chain: s.cert_chain().iter().map(der).collect(),
-                key: s.private_key().as_bytes().to_vec(),
+                key: s.private_key().as_bytes().to_vec().into(),
             })
             .collect(),
         bundles: ctx
