@@ -326,3 +326,56 @@ async fn socket_from_spiffe_endpoint_socket() {
     let conn = accepted(&mut proxy, &up).await;
     assert_eq!(conn.client_der.as_deref(), Some(me.der.as_ref()));
 }
+
+/// The SVID's private key, handed over by the Workload API, never reaches a log line at trace,
+/// `/status` or `/metrics`, in any of the forms bytes get printed in (base64, hex, Debug).
+#[tokio::test(flavor = "multi_thread")]
+async fn svid_key_never_printed() {
+    let ca = SpiffeCa::new(TD);
+    let api = WorkloadApi::start().await;
+    let me = ca.svid("/ns/shop/sa/web");
+    api.issue(&[&me], &[&ca]);
+    let up = spiffe_upstream(&ca.svid("/ns/shop/sa/api"), &[&ca]).await;
+    let cmd = outbound_cmd(&api, up.addr, SERVER_ID).args([
+        "--log-level",
+        "trace",
+        "--admin",
+        "127.0.0.1:0",
+    ]);
+    let mut proxy = start(&cmd);
+    let admin = admin_addr(&mut proxy);
+    accepted(&mut proxy, &up).await;
+    api.set_svids(&[&ca.svid("/ns/shop/sa/web")]);
+    proxy.wait_for_lines("a reload", 2, WAIT, |l| l.contains("identity reloaded"));
+    let key = me.pkcs8();
+    // The private scalar of the PKCS#8 EC key: the 32 bytes after ECPrivateKey's
+    // `version 1, OCTET STRING (32)` (02 01 01 04 20).
+    let at = key
+        .windows(5)
+        .position(|w| w == [2, 1, 1, 4, 32])
+        .expect("an EC private key")
+        + 5;
+    let tail = &key[at..at + 32];
+    let debug = format!("{tail:?}");
+    let debug = &debug[1..debug.len() - 1];
+    let forms = [
+        base64(key),
+        base64(tail)[..24].to_owned(),
+        hex(tail),
+        debug.to_owned(),
+    ];
+    let status = crate::support::admin::get(admin, "/status").await.body;
+    let metrics = crate::support::admin::get(admin, "/metrics").await.body;
+    for (what, text) in [
+        ("stderr", proxy.stderr()),
+        ("/status", status),
+        ("/metrics", metrics),
+    ] {
+        for form in &forms {
+            assert!(
+                !text.contains(form.as_str()),
+                "{what} holds the SVID key ({form})"
+            );
+        }
+    }
+}
