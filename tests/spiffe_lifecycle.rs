@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::spiffe_routes::{SERVER_ID, TD, outbound_cmd, spiffe_upstream, start};
+use crate::spiffe_routes::{SERVER_ID, TD, outbound_cmd, spiffe_upstream, start, try_echo};
 use crate::support::admin::{admin_addr, get, scrape, wait_for_answer};
 use crate::support::workload_api::{SpiffeCa, WorkloadApi};
 use crate::support::*;
@@ -20,7 +20,7 @@ fn with_admin(cmd: Cmd) -> Cmd {
 /// One echo through `proxy` that must work.
 async fn echo_ok(addr: std::net::SocketAddr, seed: u64) -> bool {
     let data = pattern(seed, 2000);
-    exchange(addr, data.clone()).await == data
+    try_echo(addr, &data).await == Some(data)
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -68,8 +68,8 @@ async fn no_svid_within_connect_timeout_is_no_identity() {
     let cmd = outbound_cmd(&api, up.addr, SERVER_ID).args(["--connect-timeout", "1s"]);
     let mut proxy = start(&cmd);
     let started = Instant::now();
-    let got = exchange(proxy.addr(), b"hello".to_vec()).await;
-    assert!(got.is_empty());
+    let got = try_echo(proxy.addr(), b"hello").await;
+    assert!(got.unwrap_or_default().is_empty());
     let line = proxy.wait_for_line("the failed connection", WAIT, is_conn_line);
     assert_eq!(field(&line, "reason"), Some("no_identity"), "{line}");
     assert!(
@@ -78,6 +78,29 @@ async fn no_svid_within_connect_timeout_is_no_identity() {
         started.elapsed()
     );
     assert_eq!(up.stats.tls_accepted(), 0, "no dial without an identity");
+}
+
+/// The API is slow to answer (1.5 s): a connection made meanwhile waits and succeeds, well
+/// inside `--connect-timeout`.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slow_first_answer_is_waited_for() {
+    let ca = SpiffeCa::new(TD);
+    let api = WorkloadApi::start().await;
+    api.delay_first_answer(Duration::from_millis(1500));
+    api.issue(&[&ca.svid("/ns/shop/sa/web")], &[&ca]);
+    let up = spiffe_upstream(&ca.svid("/ns/shop/sa/api"), &[&ca]).await;
+    let cmd = outbound_cmd(&api, up.addr, SERVER_ID).args(["--connect-timeout", "10s"]);
+    let proxy = start(&cmd);
+    let started = Instant::now();
+    assert!(
+        echo_ok(proxy.addr(), 5).await,
+        "the early connection failed"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(1000),
+        "served before the API answered: {:?}",
+        started.elapsed()
+    );
 }
 
 /// A new SVID every second for six seconds while connections run back to back: every one
@@ -273,4 +296,136 @@ async fn bundle_only_update_is_one_reload() {
     assert!(echo_ok(proxy.addr(), 1).await);
     let m = scrape(admin).await;
     assert!(m.value("mtls_sidecar_reloads_total", &[("result", "success")]) >= 1.0);
+}
+
+/// The serial `/status` shows for the route's identity, and its `spiffe_id`.
+async fn status_identity(admin: std::net::SocketAddr) -> (String, String) {
+    let status = get(admin, "/status").await;
+    let json: serde_json::Value = serde_json::from_str(&status.body).expect("status JSON");
+    let id = &json["identities"][0];
+    let text = |k: &str| id[k].as_str().unwrap_or_default().to_owned();
+    (text("serial"), text("spiffe_id"))
+}
+
+/// Inbound: `/status` shows the SVID's `spiffe_id`; a rotation is published (new serial) and
+/// clients keep being served; a withdrawal refuses new clients until a new SVID.
+#[tokio::test(flavor = "multi_thread")]
+async fn inbound_rotation_status_and_withdrawal() {
+    use crate::spiffe_routes::{CLIENT_ID, inbound_cmd, inbound_echo};
+    use crate::support::inbound::EchoTarget;
+    use crate::support::pki::serial_of;
+    let ca = SpiffeCa::new(TD);
+    let api = WorkloadApi::start().await;
+    let first = ca.svid("/ns/shop/sa/api");
+    api.issue(&[&first], &[&ca]);
+    let target = EchoTarget::start().await;
+    let cmd = with_admin(inbound_cmd(&api, target.addr, CLIENT_ID));
+    let mut proxy = start(&cmd);
+    let admin = admin_addr(&mut proxy);
+    wait_for_answer(admin, "/readyz", "200", WAIT, |r| r.status == 200).await;
+    let client = ca.svid("/ns/shop/sa/web");
+    let said = b"hello through spiffe\n".to_vec();
+    assert_eq!(
+        inbound_echo(proxy.addr(), &client, &[&ca])
+            .await
+            .expect("served"),
+        said
+    );
+    assert_eq!(
+        status_identity(admin).await,
+        (serial_of(&first.der), SERVER_ID.to_owned())
+    );
+    let second = ca.svid("/ns/shop/sa/api");
+    api.set_svids(&[&second]);
+    let deadline = Instant::now() + WAIT;
+    while status_identity(admin).await.0 != serial_of(&second.der) {
+        assert!(
+            Instant::now() < deadline,
+            "rotation not published in /status"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        inbound_echo(proxy.addr(), &client, &[&ca])
+            .await
+            .expect("served"),
+        said
+    );
+    api.deny();
+    wait_for_answer(admin, "/readyz", "503", WAIT, |r| r.status == 503).await;
+    let accepted = target.accepted();
+    let got = inbound_echo(proxy.addr(), &client, &[&ca]).await;
+    assert!(
+        !matches!(&got, Ok(b) if !b.is_empty()),
+        "served while withdrawn: {got:?}"
+    );
+    assert_eq!(
+        target.accepted(),
+        accepted,
+        "no dial to the target while withdrawn"
+    );
+    api.set_svids(&[&ca.svid("/ns/shop/sa/api")]);
+    wait_for_answer(admin, "/readyz", "200", WAIT, |r| r.status == 200).await;
+    assert_eq!(
+        inbound_echo(proxy.addr(), &client, &[&ca])
+            .await
+            .expect("served again"),
+        said
+    );
+}
+
+/// Inbound: the server SVID rotates every second while clients connect back to back; none fails.
+#[tokio::test(flavor = "multi_thread")]
+async fn inbound_rotation_every_second_under_load_fails_no_client() {
+    use crate::spiffe_routes::{CLIENT_ID, inbound_cmd, inbound_echo};
+    use crate::support::inbound::EchoTarget;
+    let ca = Arc::new(SpiffeCa::new(TD));
+    let api = WorkloadApi::start().await;
+    api.issue(&[&ca.svid("/ns/shop/sa/api")], &[&ca]);
+    let target = EchoTarget::start().await;
+    let mut proxy = start(&with_admin(inbound_cmd(&api, target.addr, CLIENT_ID)));
+    let admin = admin_addr(&mut proxy);
+    wait_for_answer(admin, "/readyz", "200", WAIT, |r| r.status == 200).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let (done, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let mut workers = Vec::new();
+    for _ in 0..3 {
+        let (stop, done, failed, ca) = (stop.clone(), done.clone(), failed.clone(), ca.clone());
+        let addr = proxy.addr();
+        workers.push(tokio::spawn(async move {
+            let client = ca.svid("/ns/shop/sa/web");
+            while !stop.load(Ordering::SeqCst) {
+                match inbound_echo(addr, &client, &[&ca]).await {
+                    Ok(b) if b == b"hello through spiffe\n" => done.fetch_add(1, Ordering::SeqCst),
+                    _ => failed.fetch_add(1, Ordering::SeqCst),
+                };
+            }
+        }));
+    }
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        api.set_svids(&[&ca.svid("/ns/shop/sa/api")]);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::SeqCst);
+    for w in workers {
+        tokio::time::timeout(WAIT, w)
+            .await
+            .expect("worker ends")
+            .expect("worker");
+    }
+    assert_eq!(
+        failed.load(Ordering::SeqCst),
+        0,
+        "clients failed during rotation"
+    );
+    assert!(
+        done.load(Ordering::SeqCst) >= 15,
+        "too little load: {done:?}"
+    );
+    let reloaded = proxy.count_lines(|l| l.contains("identity reloaded"));
+    assert!(
+        reloaded >= 6,
+        "an `identity reloaded` line per rotation, got {reloaded}"
+    );
 }

@@ -7,6 +7,7 @@
 
 use std::fmt::Display;
 
+use crate::support::admin::{Metrics, admin_addr, scrape_until};
 use crate::support::inbound::{EchoTarget, read_until_end};
 use crate::support::refused::{accepted, refused};
 use crate::support::upstream::Behavior;
@@ -69,6 +70,31 @@ pub async fn inbound_echo(
     Ok(read_until_end(&mut tls, WAIT).await)
 }
 
+/// One echo of `data` through a tcp-mode listener; `None` on any refusal (close, reset) instead
+/// of a panic.
+pub async fn try_echo(addr: std::net::SocketAddr, data: &[u8]) -> Option<Vec<u8>> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut rd, mut wr) = connect(addr).await.into_split();
+    let write = async move {
+        wr.write_all(data).await?;
+        wr.shutdown().await
+    };
+    let read = async move {
+        let mut got = Vec::new();
+        rd.read_to_end(&mut got).await.map(|_| got)
+    };
+    let both = async { tokio::join!(write, read) };
+    match tokio::time::timeout(WAIT, both)
+        .await
+        .expect("echo within the wait")
+    {
+        (Ok(()), Ok(got)) => Some(got),
+        (Err(_), Ok(got)) if got.is_empty() => None,
+        (_, Err(_)) => None,
+        (Err(_), Ok(got)) => Some(got),
+    }
+}
+
 /// A sidecar whose listening line came (listeners bind before any SVID arrives).
 pub fn start(cmd: &Cmd) -> Sidecar {
     cmd.spawn().listening()
@@ -94,6 +120,11 @@ async fn outbound_with_svids_only() {
         "SNI still goes out"
     );
     assert!(api.svid_requests() >= 1);
+    assert_eq!(
+        api.refused_requests(),
+        0,
+        "every request carried workload.spiffe.io: true"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -122,7 +153,15 @@ async fn inbound_refuses_other_ids_and_unknown_trust_domains() {
     let api = WorkloadApi::start().await;
     api.issue(&[&ca.svid("/ns/shop/sa/api")], &[&ca]);
     let target = EchoTarget::start().await;
-    let mut proxy = start(&inbound_cmd(&api, target.addr, CLIENT_ID));
+    let cmd = inbound_cmd(&api, target.addr, CLIENT_ID).args(["--admin", "127.0.0.1:0"]);
+    let mut proxy = start(&cmd);
+    let admin = admin_addr(&mut proxy);
+    let failures = |reason: &'static str| {
+        move |m: &Metrics| {
+            let labels = [("route", "default"), ("reason", reason)];
+            m.count("mtls_sidecar_connection_failures_total", &labels) >= 1.0
+        }
+    };
     // A client of a trust domain with no bundle, even with the admitted path.
     let foreign = stranger.svid("/ns/shop/sa/web");
     let got = inbound_echo(proxy.addr(), &foreign, &[&ca]).await;
@@ -130,8 +169,19 @@ async fn inbound_refuses_other_ids_and_unknown_trust_domains() {
         !matches!(&got, Ok(b) if !b.is_empty()),
         "foreign client got through: {got:?}"
     );
+    let m = scrape_until(admin, failures("unknown_ca")).await;
+    assert!(
+        failures("unknown_ca")(&m),
+        "no unknown_ca refusal:\n{}",
+        m.text
+    );
+    // The first refusal's line (later ones may be rate-limited).
     let line = proxy.wait_for_line("the refusal", WAIT, |l| field(l, "reason").is_some());
     assert_eq!(field(&line, "reason"), Some("unknown_ca"), "{line}");
+    assert!(
+        line.contains("stranger.test"),
+        "the refusal names the trust domain: {line}"
+    );
     // Right trust domain, wrong workload.
     let other = ca.svid("/ns/shop/sa/batch");
     let got = inbound_echo(proxy.addr(), &other, &[&ca]).await;
@@ -139,9 +189,12 @@ async fn inbound_refuses_other_ids_and_unknown_trust_domains() {
         !matches!(&got, Ok(b) if !b.is_empty()),
         "other client got through: {got:?}"
     );
-    proxy.wait_for_line("not_allowed", WAIT, |l| {
-        field(l, "reason") == Some("not_allowed")
-    });
+    let m = scrape_until(admin, failures("not_allowed")).await;
+    assert!(
+        failures("not_allowed")(&m),
+        "no not_allowed refusal:\n{}",
+        m.text
+    );
     assert_eq!(
         target.accepted(),
         0,
@@ -170,7 +223,7 @@ async fn outbound_refuses_unknown_trust_domain_then_accepts_it_federated() {
     loop {
         let before = up.stats.tls_accepted();
         let data = pattern(7, 100);
-        if exchange(proxy.addr(), data.clone()).await == data {
+        if try_echo(proxy.addr(), &data).await == Some(data) {
             assert!(up.stats.tls_accepted() > before);
             break;
         }
@@ -249,8 +302,80 @@ async fn two_sidecars_authenticate_each_other_by_spiffe_ids() {
         "spiffe://example.org/ns/shop/sa/db",
     );
     let mut wrong = start(&cmd);
-    let got = exchange(wrong.addr(), b"x".to_vec()).await;
-    assert!(got.is_empty());
+    let got = try_echo(wrong.addr(), b"x").await;
+    assert!(got.unwrap_or_default().is_empty());
     let line = wrong.wait_for_line("the refusal", WAIT, is_conn_line);
     assert_eq!(field(&line, "reason"), Some("uri_san_mismatch"), "{line}");
+}
+
+/// Without `--spiffe-socket` the socket comes from `SPIFFE_ENDPOINT_SOCKET`, as for every
+/// SPIFFE workload.
+#[tokio::test(flavor = "multi_thread")]
+async fn socket_from_spiffe_endpoint_socket() {
+    let ca = SpiffeCa::new(TD);
+    let api = WorkloadApi::start().await;
+    let me = ca.svid("/ns/shop/sa/web");
+    api.issue(&[&me], &[&ca]);
+    let up = spiffe_upstream(&ca.svid("/ns/shop/sa/api"), &[&ca]).await;
+    let cmd = Cmd::new()
+        .args(["run", "--listen", "127.0.0.1:0", "--upstream"])
+        .arg(up.addr.to_string())
+        .args(["--spiffe", "--verify-uri-san", SERVER_ID])
+        .env("SPIFFE_ENDPOINT_SOCKET", api.endpoint());
+    let mut proxy = start(&cmd);
+    let conn = accepted(&mut proxy, &up).await;
+    assert_eq!(conn.client_der.as_deref(), Some(me.der.as_ref()));
+}
+
+/// The SVID's private key, handed over by the Workload API, never reaches a log line at trace,
+/// `/status` or `/metrics`, in any of the forms bytes get printed in (base64, hex, Debug).
+#[tokio::test(flavor = "multi_thread")]
+async fn svid_key_never_printed() {
+    let ca = SpiffeCa::new(TD);
+    let api = WorkloadApi::start().await;
+    let me = ca.svid("/ns/shop/sa/web");
+    api.issue(&[&me], &[&ca]);
+    let up = spiffe_upstream(&ca.svid("/ns/shop/sa/api"), &[&ca]).await;
+    let cmd = outbound_cmd(&api, up.addr, SERVER_ID).args([
+        "--log-level",
+        "trace",
+        "--admin",
+        "127.0.0.1:0",
+    ]);
+    let mut proxy = start(&cmd);
+    let admin = admin_addr(&mut proxy);
+    accepted(&mut proxy, &up).await;
+    api.set_svids(&[&ca.svid("/ns/shop/sa/web")]);
+    proxy.wait_for_lines("a reload", 2, WAIT, |l| l.contains("identity reloaded"));
+    let key = me.pkcs8();
+    // The private scalar of the PKCS#8 EC key: the 32 bytes after ECPrivateKey's
+    // `version 1, OCTET STRING (32)` (02 01 01 04 20).
+    let at = key
+        .windows(5)
+        .position(|w| w == [2, 1, 1, 4, 32])
+        .expect("an EC private key")
+        + 5;
+    let tail = &key[at..at + 32];
+    let debug = format!("{tail:?}");
+    let debug = &debug[1..debug.len() - 1];
+    let forms = [
+        base64(key),
+        base64(tail)[..24].to_owned(),
+        hex(tail),
+        debug.to_owned(),
+    ];
+    let status = crate::support::admin::get(admin, "/status").await.body;
+    let metrics = crate::support::admin::get(admin, "/metrics").await.body;
+    for (what, text) in [
+        ("stderr", proxy.stderr()),
+        ("/status", status),
+        ("/metrics", metrics),
+    ] {
+        for form in &forms {
+            assert!(
+                !text.contains(form.as_str()),
+                "{what} holds the SVID key ({form})"
+            );
+        }
+    }
 }

@@ -163,3 +163,51 @@ async fn stops_and_starts_again_on_the_same_path() {
     c.fetch_x509_svid().await.expect("served again");
     assert_eq!(api.svid_requests(), 2);
 }
+
+/// The test SVIDs are good TLS identities both ways (serverAuth and clientAuth, chains to their
+/// trust domain's CA), and a client of another trust domain is refused by the upstream helper.
+#[tokio::test(flavor = "multi_thread")]
+async fn svids_authenticate_both_ways_in_process() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let ca = SpiffeCa::new("example.org");
+    let up = crate::support::Upstream::start(
+        ca.svid("/api").server_config(&[&ca]),
+        vec![crate::support::Behavior::Echo],
+    )
+    .await;
+    let client = ca.svid("/web");
+    let config = std::sync::Arc::new(client.client_config(&[&ca]));
+    let tcp = crate::support::connect(up.addr).await;
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await
+        .expect("handshake");
+    tls.write_all(b"ping").await.unwrap();
+    let mut buf = [0u8; 4];
+    tokio::time::timeout(WAIT, tls.read_exact(&mut buf))
+        .await
+        .expect("echo in time")
+        .unwrap();
+    assert_eq!(&buf, b"ping");
+    let seen = up.stats.conns().last().cloned().expect("a connection");
+    assert_eq!(seen.client_der.as_deref(), Some(client.der.as_ref()));
+    // Another trust domain's SVID does not chain to this CA.
+    let stranger = SpiffeCa::new("stranger.test").svid("/web");
+    let config = std::sync::Arc::new(stranger.client_config(&[&ca]));
+    let tcp = crate::support::connect(up.addr).await;
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let refused = async {
+        let mut tls = tokio_rustls::TlsConnector::from(config)
+            .connect(name, tcp)
+            .await?;
+        tls.write_all(b"ping").await?;
+        tls.read_exact(&mut buf).await
+    };
+    assert!(
+        tokio::time::timeout(WAIT, refused)
+            .await
+            .expect("in time")
+            .is_err()
+    );
+}

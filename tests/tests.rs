@@ -51,7 +51,7 @@
 //!   `OPTIONS *`, the pool cap, never-reading apps, PINGs, content-free 502 bodies
 //! - `spiffe_wapi_server`: the scripted SPIFFE Workload API of `support::workload_api`, checked
 //!   with the `spiffe` crate's client
-//! - `spiffe_routes`, `spiffe_lifecycle`: `--spiffe` routes against it: both directions with no
+//! - `spiffe_routes`, `spiffe_lifecycle`, `spiffe_http`: `--spiffe` routes against it: both directions with no
 //!   files, trust domains and federation, `--spiffe-id`, startup wait, rotation, outage, withdrawal
 //! - `proxy`: egress through an HTTP CONNECT proxy (`--proxy`, `--proxy-ca`, `--proxy-auth-file`,
 //!   `--no-proxy`, `--proxy-from-env`), one file per subtopic: `tunnel` (names only the proxy
@@ -95,6 +95,7 @@ mod proxy_protocol_interop;
 mod refusal;
 mod rotation;
 mod spiffe_config;
+mod spiffe_http;
 mod spiffe_lifecycle;
 mod spiffe_routes;
 mod spiffe_wapi_server;

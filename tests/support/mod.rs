@@ -15,6 +15,7 @@ pub mod raw_h1;
 pub mod refused;
 pub mod upstream;
 pub mod workload_api;
+pub mod workload_api_pki;
 
 use std::fmt::Display;
 use std::path::Path;
