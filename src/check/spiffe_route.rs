@@ -23,7 +23,6 @@ use super::{Ours, dial};
 use crate::cli::TlsMin;
 use crate::config::Route;
 use crate::egress::Proxy;
-use crate::tls::authorize::uri_matches;
 use crate::tls::{SpiffeSource, provider};
 
 /// Why the check-side SPIFFE verifier refused the upstream.
@@ -83,7 +82,8 @@ impl ServerCertVerifier for SpiffeVerifier {
             now,
             self.algs.all,
         )?;
-        if !self.allowed.iter().any(|p| uri_matches(p, &id)) {
+        // Exact IDs, as `run` compares an outbound route's `--verify-uri-san` (tls::verify).
+        if !self.allowed.iter().any(|p| *p == id) {
             return Err(refused(Refused::NotAllowed {
                 found: id,
                 wanted: self.allowed.join(", "),
