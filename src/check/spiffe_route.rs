@@ -83,7 +83,7 @@ impl ServerCertVerifier for SpiffeVerifier {
             self.algs.all,
         )?;
         // Exact IDs, as `run` compares an outbound route's `--verify-uri-san` (tls::verify).
-        if !self.allowed.iter().any(|p| *p == id) {
+        if !self.allowed.contains(&id) {
             return Err(refused(Refused::NotAllowed {
                 found: id,
                 wanted: self.allowed.join(", "),
