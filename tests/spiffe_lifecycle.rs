@@ -429,3 +429,46 @@ async fn inbound_rotation_every_second_under_load_fails_no_client() {
         "an `identity reloaded` line per rotation, got {reloaded}"
     );
 }
+
+/// The API stays connected but sends nothing more while the SVID in force expires: the route
+/// turns not ready and stops dialling with it (a silent API is not an outage, and an expired
+/// SVID is never kept in force).
+#[tokio::test(flavor = "multi_thread")]
+async fn an_svid_that_expires_while_the_api_is_silent_is_withdrawn() {
+    let ca = SpiffeCa::new(TD);
+    let api = WorkloadApi::start().await;
+    let now = time::OffsetDateTime::now_utc();
+    let short = ca.svid_valid(
+        "/ns/shop/sa/web",
+        now - time::Duration::minutes(1),
+        now + time::Duration::seconds(3),
+    );
+    api.issue(&[&short], &[&ca]);
+    let up = spiffe_upstream(&ca.svid("/ns/shop/sa/api"), &[&ca]).await;
+    let cmd = with_admin(outbound_cmd(&api, up.addr, SERVER_ID)).args(["--connect-timeout", "1s"]);
+    let mut proxy = start(&cmd);
+    let admin = admin_addr(&mut proxy);
+    wait_for_answer(admin, "/readyz", "200", WAIT, |r| r.status == 200).await;
+    wait_for_answer(admin, "/readyz", "503 after the SVID expired", WAIT, |r| {
+        r.status == 503 && r.body.contains("expired")
+    })
+    .await;
+    let accepted_before = up.stats.tls_accepted();
+    assert!(
+        !echo_ok(proxy.addr(), 1).await,
+        "a new connection got through with an expired SVID"
+    );
+    assert_eq!(
+        up.stats.tls_accepted(),
+        accepted_before,
+        "dialled with an expired SVID"
+    );
+    assert_eq!(
+        api.open_streams(),
+        1,
+        "the API stayed connected (not an outage)"
+    );
+    proxy.wait_for_line("the withdrawal line", WAIT, |l| {
+        l.contains("the SVID expired and the Workload API sent no new one")
+    });
+}

@@ -114,7 +114,16 @@ impl Watcher {
             Ok(s) => s,
             Err(e) => return ended(e),
         };
-        while let Some(update) = updates.next().await {
+        loop {
+            // An API that stays connected but silent must not keep an expired SVID in force.
+            let update = tokio::select! {
+                u = updates.next() => u,
+                () = until(self.expiry()) => {
+                    self.withdraw_if_expired();
+                    continue;
+                }
+            };
+            let Some(update) = update else { break };
             if *in_outage {
                 *in_outage = false;
                 info!(route = %self.name, "the Workload API is reachable again");
@@ -186,14 +195,25 @@ impl Watcher {
         self.identity.publish(Arc::new(Loaded::absent(reason)));
     }
 
-    /// During an outage the last SVID serves only while valid.
+    /// When the SVID in force stops being valid (its not-after, plus a second); `None`
+    /// while there is none.
+    fn expiry(&self) -> Option<tokio::time::Instant> {
+        let loaded = self.identity.loaded();
+        if loaded.absent.is_some() {
+            return None;
+        }
+        let left = u64::try_from(loaded.leaf.not_after - now_unix()).unwrap_or(0);
+        Some(tokio::time::Instant::now() + Duration::from_secs(left.saturating_add(1)))
+    }
+
+    /// The last SVID serves only while valid (during an outage, or an API gone silent).
     fn withdraw_if_expired(&mut self) {
         let loaded = self.identity.loaded();
         if loaded.absent.is_none() && loaded.leaf.not_after < now_unix() {
             self.in_force = None;
-            warn!(route = %self.name, "the SVID expired while the Workload API was unreachable; refusing new connections until a new SVID");
+            warn!(route = %self.name, "the SVID expired and the Workload API sent no new one; refusing new connections until a new SVID");
             self.identity.publish(Arc::new(Loaded::absent(
-                "no identity: the SVID expired while the Workload API was unreachable",
+                "no identity: the SVID expired and the Workload API sent no new one",
             )));
         }
     }
@@ -243,5 +263,13 @@ fn snapshot(ctx: &X509Context) -> Snapshot {
                 )
             })
             .collect(),
+    }
+}
+
+/// Sleeps until `at`; never returns without one.
+async fn until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
