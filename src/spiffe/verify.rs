@@ -74,13 +74,19 @@ impl Bundles {
 
     /// The bundle of the peer's own trust domain, by its leaf's SPIFFE ID.
     fn for_peer(&self, leaf: &CertificateDer<'_>) -> Result<&Arc<RootCertStore>, SpiffeError> {
-        let id = spiffe_id(leaf)?;
-        let domain = crate::spiffe::id::trust_domain(&id)
-            .map_err(|why| SpiffeError::NoSpiffeId(format!("{id}: {why}")))?;
+        let domain = peer_domain(leaf)?;
         self.by_domain
-            .get(domain)
-            .ok_or_else(|| SpiffeError::NoBundle(domain.to_string()))
+            .get(&domain)
+            .ok_or(SpiffeError::NoBundle(domain))
     }
+}
+
+/// The trust domain of the leaf's SPIFFE ID (one parse of the certificate).
+fn peer_domain(leaf: &CertificateDer<'_>) -> Result<String, SpiffeError> {
+    let id = spiffe_id(leaf)?;
+    crate::spiffe::id::trust_domain(&id)
+        .map(str::to_string)
+        .map_err(|why| SpiffeError::NoSpiffeId(format!("{id}: {why}")))
 }
 
 /// The leaf's SPIFFE ID: its one `spiffe://` URI SAN (an X.509-SVID has exactly one).
@@ -188,7 +194,6 @@ impl ServerCertVerifier for ServerVerifier {
 #[derive(Debug)]
 pub struct ClientVerifier {
     by_domain: BTreeMap<String, Arc<dyn ClientCertVerifier>>,
-    bundles: Bundles,
 }
 
 impl ClientVerifier {
@@ -203,7 +208,7 @@ impl ClientVerifier {
                 .map_err(|e| format!("client verifier for trust domain {domain}: {e}"))?;
             by_domain.insert(domain.clone(), v);
         }
-        Ok(ClientVerifier { by_domain, bundles })
+        Ok(ClientVerifier { by_domain })
     }
 }
 
@@ -218,14 +223,7 @@ impl ClientCertVerifier for ClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        self.bundles
-            .for_peer(end_entity)
-            .map_err(SpiffeError::into_rustls)?;
-        let domain = crate::spiffe::id::trust_domain(
-            &spiffe_id(end_entity).map_err(SpiffeError::into_rustls)?,
-        )
-        .map(str::to_string)
-        .unwrap_or_default();
+        let domain = peer_domain(end_entity).map_err(SpiffeError::into_rustls)?;
         let Some(inner) = self.by_domain.get(&domain) else {
             return Err(SpiffeError::NoBundle(domain).into_rustls());
         };
