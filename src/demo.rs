@@ -225,6 +225,7 @@ fn proxy_route(args: &DemoArgs, dir: &std::path::Path, upstream_port: u16) -> Re
         idle_timeout: None,
         max_connections: 10_000,
         direction: Direction::Outbound,
+        ops: config::Ops::default(),
     })
 }
 
@@ -267,6 +268,7 @@ fn inbound_route(dir: &std::path::Path, app: SocketAddr) -> Result<Route, Error>
             proxy_protocol: None,
             listen_host: Some("127.0.0.1".into()),
         })),
+        ops: config::Ops::default(),
     })
 }
 

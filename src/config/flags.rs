@@ -242,6 +242,7 @@ pub(super) fn outbound_route(name: String, args: &RunArgs) -> Result<Route, Erro
         pool_idle_timeout: parse_duration("--pool-idle-timeout", &args.pool_idle_timeout)?,
         pool_max_idle: args.pool_max_idle,
         pool_max_connections: args.pool_max_connections,
+        pool_max_lifetime: super::ops::pool_max_lifetime(args)?,
     };
     Ok(Route {
         name,
@@ -259,6 +260,7 @@ pub(super) fn outbound_route(name: String, args: &RunArgs) -> Result<Route, Erro
         idle_timeout: idle_timeout(args.mode, idle),
         max_connections: args.max_connections,
         direction: super::Direction::Outbound,
+        ops: super::ops::parse(args)?,
     })
 }
 

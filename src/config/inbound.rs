@@ -289,6 +289,7 @@ pub(super) fn route(name: String, args: &RunArgs) -> Result<Route, Error> {
             pool_idle_timeout: parse_duration("--pool-idle-timeout", &args.pool_idle_timeout)?,
             pool_max_idle: args.pool_max_idle,
             pool_max_connections: args.pool_max_connections,
+            pool_max_lifetime: super::ops::pool_max_lifetime(args)?,
         },
         connect_timeout,
         via: Via::Direct,
@@ -300,6 +301,7 @@ pub(super) fn route(name: String, args: &RunArgs) -> Result<Route, Error> {
             proxy_protocol: args.inbound_args.proxy_protocol,
             listen_host: listen_host(&args.listen),
         })),
+        ops: super::ops::parse(args)?,
     })
 }
 

@@ -117,6 +117,9 @@ struct RouteToml {
     spiffe: Setting<bool>,
     spiffe_socket: Setting<String>,
     spiffe_id: Setting<String>,
+    access_log: Setting<String>,
+    reload_canary: Setting<bool>,
+    pool_max_lifetime: Setting<String>,
 }
 
 /// A value ready to become command-line words.
@@ -174,7 +177,9 @@ impl RouteToml {
             handshake_timeout,
             proxy_protocol,
             spiffe_socket,
-            spiffe_id
+            spiffe_id,
+            access_log,
+            pool_max_lifetime
         );
         many!(
             allow_uid,
@@ -189,6 +194,7 @@ impl RouteToml {
             ("inbound", &self.inbound),
             ("allow_any_client", &self.allow_any_client),
             ("spiffe", &self.spiffe),
+            ("reload_canary", &self.reload_canary),
         ] {
             if let Some(v) = v {
                 out.push((key, Val::Flag(*v.get_ref()), v.span()));

@@ -22,6 +22,7 @@ use crate::tls::Settings;
 mod flags;
 mod inbound;
 pub mod load;
+mod ops;
 pub mod spiffe;
 
 pub use flags::{
@@ -29,6 +30,7 @@ pub use flags::{
     parse_pin, parse_server_name, parse_upstream,
 };
 pub use inbound::{Direction, Inbound, Target, parse_target};
+pub use ops::Ops;
 
 /// Everything `run` needs, validated.
 #[derive(Debug, Clone)]
@@ -107,6 +109,8 @@ pub struct Route {
     pub max_connections: usize,
     /// Outbound (the fields above) or inbound (its target, handshake bound, PROXY header).
     pub direction: Direction,
+    /// Access log, reload canary.
+    pub ops: Ops,
 }
 
 /// Build one route from flag-shaped values (the flags themselves, or a config file's route
@@ -142,6 +146,9 @@ pub struct HttpSettings {
     /// Upstream connections open at once (a semaphore in the pool's connector), so one app
     /// opening many streams cannot make as many upstream connections.
     pub pool_max_connections: usize,
+    /// Pooled connections older than this take no new requests (`None` = forever), so DNS
+    /// changes and new backends are picked up.
+    pub pool_max_lifetime: Option<Duration>,
 }
 
 impl Default for HttpSettings {
@@ -151,6 +158,7 @@ impl Default for HttpSettings {
             pool_idle_timeout: Duration::from_secs(90),
             pool_max_idle: 64,
             pool_max_connections: 1024,
+            pool_max_lifetime: Some(Duration::from_secs(600)),
         }
     }
 }

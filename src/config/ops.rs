@@ -1,0 +1,41 @@
+//! The operations settings of a route (issue 16): `--access-log`, `--reload-canary` and
+//! `--pool-max-lifetime`, validated for the route's direction and mode.
+
+use std::time::Duration;
+
+use super::{Error, invalid, parse_duration};
+use crate::cli::{AccessLog, RunArgs};
+
+/// What a route does for operators beyond proxying.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Ops {
+    /// `--access-log`: connection lines, request lines as well (http mode), or none. In tcp
+    /// mode `request` is the same as `connection`: a connection is the unit there.
+    pub access_log: AccessLog,
+    /// `--reload-canary`: dial the upstream with a changed identity before publishing it.
+    pub reload_canary: bool,
+}
+
+/// The route's `Ops`; `--reload-canary` is refused on an inbound route (it has no upstream to
+/// try an identity on).
+pub(super) fn parse(args: &RunArgs) -> Result<Ops, Error> {
+    let o = &args.ops_args;
+    if o.reload_canary && args.inbound_args.inbound {
+        return Err(invalid(
+            "--reload-canary",
+            "true",
+            "applies only to an outbound route: an inbound route has no upstream to try a \
+             new identity on",
+        ));
+    }
+    Ok(Ops {
+        access_log: o.access_log,
+        reload_canary: o.reload_canary,
+    })
+}
+
+/// `--pool-max-lifetime`: `None` = forever (`0`).
+pub(super) fn pool_max_lifetime(args: &RunArgs) -> Result<Option<Duration>, Error> {
+    let d = parse_duration("--pool-max-lifetime", &args.ops_args.pool_max_lifetime)?;
+    Ok((!d.is_zero()).then_some(d))
+}
