@@ -237,13 +237,7 @@ pub(super) fn outbound_route(name: String, args: &RunArgs) -> Result<Route, Erro
         reload_interval: (!reload.is_zero()).then_some(reload),
         inbound: None,
     };
-    let http = HttpSettings {
-        header_timeout: parse_duration("--header-timeout", &args.header_timeout)?,
-        pool_idle_timeout: parse_duration("--pool-idle-timeout", &args.pool_idle_timeout)?,
-        pool_max_idle: args.pool_max_idle,
-        pool_max_connections: args.pool_max_connections,
-        pool_max_lifetime: super::ops::pool_max_lifetime(args)?,
-    };
+    let http = http_settings(args)?;
     Ok(Route {
         name,
         listen,
@@ -261,6 +255,17 @@ pub(super) fn outbound_route(name: String, args: &RunArgs) -> Result<Route, Erro
         max_connections: args.max_connections,
         direction: super::Direction::Outbound,
         ops: super::ops::parse(args)?,
+    })
+}
+
+/// HTTP mode's bounds (both directions).
+pub(super) fn http_settings(args: &RunArgs) -> Result<HttpSettings, Error> {
+    Ok(HttpSettings {
+        header_timeout: parse_duration("--header-timeout", &args.header_timeout)?,
+        pool_idle_timeout: parse_duration("--pool-idle-timeout", &args.pool_idle_timeout)?,
+        pool_max_idle: args.pool_max_idle,
+        pool_max_connections: args.pool_max_connections,
+        pool_max_lifetime: super::ops::pool_max_lifetime(args)?,
     })
 }
 

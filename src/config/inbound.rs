@@ -10,7 +10,7 @@ use super::flags::{
     check_allow_uid, check_counts, idle_timeout, parse_alpn, parse_duration, parse_listen,
     parse_mode, parse_pin, resolve_host_port, split_host_port, tls_files,
 };
-use super::{Error, HttpSettings, Route, Upstream, Via, invalid};
+use super::{Error, Route, Upstream, Via, invalid};
 use crate::cli::{Mode, ProxyProtocol, RunArgs};
 use crate::tls::{Checks, Rule, Settings};
 
@@ -284,13 +284,7 @@ pub(super) fn route(name: String, args: &RunArgs) -> Result<Route, Error> {
         ),
         tls,
         mode: args.mode,
-        http: HttpSettings {
-            header_timeout: parse_duration("--header-timeout", &args.header_timeout)?,
-            pool_idle_timeout: parse_duration("--pool-idle-timeout", &args.pool_idle_timeout)?,
-            pool_max_idle: args.pool_max_idle,
-            pool_max_connections: args.pool_max_connections,
-            pool_max_lifetime: super::ops::pool_max_lifetime(args)?,
-        },
+        http: super::flags::http_settings(args)?,
         connect_timeout,
         via: Via::Direct,
         idle_timeout: idle_timeout(args.mode, idle),
