@@ -33,6 +33,8 @@ pub struct AdminState {
     /// Cancelling it begins the same graceful shutdown as SIGTERM.
     shutdown: CancellationToken,
     allow_shutdown: bool,
+    /// `GET /upstreamz`: probe rounds, one at a time, answers cached.
+    upstreamz: Arc<crate::upstreamz::Upstreamz>,
 }
 
 impl AdminState {
@@ -44,6 +46,7 @@ impl AdminState {
         allow_shutdown: bool,
     ) -> Self {
         AdminState {
+            upstreamz: crate::upstreamz::Upstreamz::new(routes.clone()),
             routes,
             metrics,
             reload,
@@ -113,6 +116,8 @@ impl AdminState {
                     "not_before": rfc3339(l.not_before),
                     "not_after": rfc3339(l.not_after),
                     "sha256_fingerprint": l.sha256_fingerprint,
+                    "intermediates": loaded.trust.intermediates_json(),
+                    "ca_bundle": loaded.trust.ca_bundle_json(),
                 })
             })
             .collect();
@@ -227,6 +232,16 @@ fn respond(
     (answer, false)
 }
 
+/// `200` when every probed route passed, else `503`; one line per route either way.
+fn upstreamz_response(a: &crate::upstreamz::Answer) -> Response<Full<Bytes>> {
+    let code = if a.ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    text(code, a.body.clone())
+}
+
 /// Serve the admin endpoints on a thread of their own.
 pub fn spawn(listener: std::net::TcpListener, state: Arc<AdminState>) {
     let spawned = std::thread::Builder::new()
@@ -290,7 +305,13 @@ async fn serve(listener: std::net::TcpListener, state: Arc<AdminState>) {
             let service = {
                 let (state, asked) = (state.clone(), shutdown_asked.clone());
                 hyper::service::service_fn(move |req| {
-                    let (r, shutdown) = respond(&state, &req, peer);
+                    let get = req.method() == Method::GET || req.method() == Method::HEAD;
+                    let probe =
+                        (get && req.uri().path() == "/upstreamz").then(|| state.upstreamz.clone());
+                    let (r, shutdown) = match probe {
+                        Some(_) => (text(StatusCode::OK, ""), false),
+                        None => respond(&state, &req, peer),
+                    };
                     if shutdown {
                         asked.store(true, Ordering::SeqCst);
                         // The bound for a caller that never reads its answer.
@@ -300,7 +321,13 @@ async fn serve(listener: std::net::TcpListener, state: Arc<AdminState>) {
                             token.cancel();
                         });
                     }
-                    async move { Ok::<_, Infallible>(r) }
+                    async move {
+                        let r = match probe {
+                            Some(u) => upstreamz_response(&*u.answer().await),
+                            None => r,
+                        };
+                        Ok::<_, Infallible>(r)
+                    }
                 })
             };
             // After `POST /shutdown` the answer carries `Connection: close`, so this ends once

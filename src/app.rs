@@ -124,6 +124,8 @@ impl App {
                 IdentityLoop::Spiffe(w) => tokio::spawn(w.run(stop_reloading.clone())),
             };
         }
+        let ctxs: Vec<_> = self.routes.iter().map(|(ctx, _)| ctx.clone()).collect();
+        crate::ca_expiry::spawn_all(&ctxs, &stop_reloading);
         let _stop_reloading = stop_reloading.drop_guard();
         let life = Lifecycle {
             stop_accepting: CancellationToken::new(),

@@ -7,6 +7,7 @@
 //!  main, demo ............ the binary; demo = a built-in mTLS upstream with the proxy in front
 //!  app ................... open proxies, load identities, bind listeners, serve, drain; exit 2
 //!  admin, check .......... /healthz /readyz /metrics /status POST /shutdown; the `check` command
+//!  upstreamz, ca_expiry .. GET /upstreamz (probe rounds, cached); CA expiry gauge and warnings
 //!  proxy ................. accept loop, limits, access log; tcp mode (relay), http mode (pool)
 //!  upstream, listen ...... dial: resolve, connect, tunnel, handshake; TCP/unix/systemd listeners
 //!  config ................ routes from flags and TOML files: plain values, no live objects
@@ -27,7 +28,8 @@
 //!   `tls::file` bounded reads, `tls::load` PEM chains, CAs, CRLs and the `Material` snapshot,
 //!   `tls::keys` private keys, KDF bounds and PKCS#12, `tls::cert` certificate facts,
 //!   `tls::verify` CRL/URI SAN/pin checks on top of webpki, `tls::identity` the client config
-//!   published as one `Arc<Loaded>`, `tls::reload` polling, SIGHUP, all-or-nothing reloads
+//!   published as one `Arc<Loaded>`, `tls::reload` polling, SIGHUP, all-or-nothing reloads,
+//!   `tls::trust` the CAs trusted and the intermediates sent, described per generation
 //! - `spiffe`: `spiffe::id` SPIFFE ID syntax; the Workload API stream, published through `tls`
 //! - `failure`: `Class`, `Failure`, TLS and I/O error classification, escaping of peer text
 //! - `egress`: `egress::url`, `egress::no_proxy`, `egress::tunnel` (CONNECT, auth, proxy TLS)
@@ -43,12 +45,16 @@
 //!   `proxy::framing`
 //! - `check`: validate, dial once through `upstream`, explain failures (text or JSON)
 //! - `admin`: the admin endpoints, on their own thread
+//! - `upstreamz`: `GET /upstreamz`: one `check::probe` per outbound route, single flight, 5 s cache
+//! - `ca_expiry`: follows each identity's publishes: `ca_cert_expiry_timestamp_seconds` and the
+//!   daily warnings for CAs and intermediates (`tls::trust` describes them)
 //! - `app`: startup and the serve/drain lifecycle; `notify` systemd READY/RELOADING/STOPPING;
 //!   `signal` SIGTERM/SIGINT; `wait` the `wait` command; `pki` `dev-pki`; `telemetry` logging
 #![forbid(unsafe_code)]
 
 pub mod admin;
 pub mod app;
+pub mod ca_expiry;
 pub mod check;
 pub mod cli;
 pub mod config;
@@ -68,4 +74,5 @@ pub mod telemetry;
 pub mod tls;
 pub mod transport;
 pub mod upstream;
+pub mod upstreamz;
 pub mod wait;

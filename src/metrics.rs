@@ -71,6 +71,7 @@ pub struct Metrics {
     handshake: Family<RouteLabel, Histogram, fn() -> Histogram>,
     client_expiry: Family<RouteLabel, Gauge>,
     upstream_expiry: Family<RouteLabel, Gauge>,
+    ca_expiry: Family<RouteLabel, Gauge>,
     reloads: Family<ResultLabel, Counter>,
     http_requests: Family<CodeLabels, Counter>,
 }
@@ -101,6 +102,9 @@ pub struct RouteMetrics {
     last_upstream_leaf: Mutex<Vec<u8>>,
     /// `http_requests_total` and the route's name for its `code` series.
     http_requests: (Family<CodeLabels, Counter>, String),
+    /// `ca_cert_expiry_timestamp_seconds`: created once the route trusts a CA bundle of its
+    /// own, absent for the system trust store (see [`RouteMetrics::set_ca_expiry`]).
+    ca_expiry: (Family<RouteLabel, Gauge>, RouteLabel),
 }
 
 impl RouteMetrics {
@@ -142,6 +146,20 @@ impl RouteMetrics {
                 code,
             })
             .inc();
+    }
+
+    /// The earliest not-after among the route's trusted CAs; `None` removes the series (the
+    /// system trust store, or no identity yet).
+    pub fn set_ca_expiry(&self, not_after: Option<i64>) {
+        let (family, label) = &self.ca_expiry;
+        match not_after {
+            Some(t) => {
+                family.get_or_create(label).set(t);
+            }
+            None => {
+                family.remove(label);
+            }
+        }
     }
 
     /// Record the upstream leaf of a successful handshake.
@@ -217,6 +235,13 @@ impl Metrics {
             "Not-after of the upstream leaf seen at the last successful handshake, Unix seconds",
             upstream_expiry.clone(),
         );
+        let ca_expiry = Family::<RouteLabel, Gauge>::default();
+        registry.register(
+            "ca_cert_expiry_timestamp_seconds",
+            "Earliest not-after among the route's trusted CAs (--ca or SPIFFE bundles), Unix \
+             seconds; absent for the system trust store",
+            ca_expiry.clone(),
+        );
         let reloads = Family::<ResultLabel, Counter>::default();
         registry.register(
             "reloads",
@@ -238,6 +263,7 @@ impl Metrics {
             handshake,
             client_expiry,
             upstream_expiry,
+            ca_expiry,
             reloads,
             http_requests,
         }
@@ -275,6 +301,7 @@ impl Metrics {
             upstream_expiry: (self.upstream_expiry.clone(), r.clone()),
             last_upstream_leaf: Mutex::new(Vec::new()),
             http_requests: (self.http_requests.clone(), route.to_string()),
+            ca_expiry: (self.ca_expiry.clone(), r.clone()),
         }
     }
 

@@ -24,6 +24,10 @@
 //! - `checks`: `--crl`, `--verify-uri-san` and `--pin-sha256` on top of chain and name checks
 //! - `demo`: `demo` both ways: outbound -> mTLS -> inbound (http mode) -> plain app, identity via XFCC
 //! - `admin`: `/healthz`, `/readyz`, `/metrics`, `/status`, `POST /shutdown` and `wait`
+//! - `ca_expiry`: `ca_cert_expiry_timestamp_seconds` (files, reloads, SPIFFE bundles), the
+//!   intermediates and CA bundle in `/status`, CA and intermediate expiry warnings
+//! - `upstreamz`: `GET /upstreamz`: real handshakes per outbound route, failures in `check`'s
+//!   words, the 5 s cache and single flight, no effect on connection metrics
 //! - `systemd`: the notify protocol against a fake `NOTIFY_SOCKET`; socket activation
 //! - `unix`: `--listen unix:PATH`, `--listen-mode`, stale and live socket files, `--allow-uid`
 //! - `http`: `--mode http`: Host rewrite, ALPN upstream, h2c from the app, bodies and streaming,
@@ -61,6 +65,7 @@
 mod support;
 
 mod admin;
+mod ca_expiry;
 mod check_cmd;
 mod check_inbound;
 mod check_spiffe;
@@ -103,3 +108,4 @@ mod startup;
 mod systemd;
 mod tcp;
 mod unix;
+mod upstreamz;

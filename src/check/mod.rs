@@ -4,6 +4,7 @@
 //! - `cert`: certificate facts (names, validity in days, key type, where a chain ends)
 //! - `dial`: resolve, connect, a hand-driven handshake that records what the upstream showed
 //! - `explain`: failures in words: which side rejected what, and what to do
+//! - `probe`: one dial of a running route with its identity in force, for `/upstreamz`
 //! - `report`: the report's types, as `--format json` prints them
 //! - `spiffe`: `--spiffe` routes: one Workload API fetch (SVID, bundles), its report, and why
 //!   nothing came ("waiting for the Workload API") or a peer's domain has no bundle, in words
@@ -15,6 +16,7 @@ mod cert;
 mod dial;
 mod explain;
 mod inbound;
+pub mod probe;
 mod report;
 mod spiffe;
 mod spiffe_route;
@@ -268,9 +270,23 @@ async fn dial_and_judge(
     config: std::sync::Arc<rustls::ClientConfig>,
     seen: dial::SeenDuringHandshake,
     ours: &Ours<'_>,
-    mut r: RouteReport,
+    r: RouteReport,
     first_say: impl Fn(&rustls::Error, &[rustls::pki_types::CertificateDer<'static>]) -> Option<String>,
 ) -> RouteReport {
+    let (r, _) = dial_judge_seen(route, proxy, config, seen, ours, r, first_say).await;
+    r
+}
+
+/// [`dial_and_judge`], also handing back the upstream's chain as sent (leaf first).
+async fn dial_judge_seen(
+    route: &Route,
+    proxy: Option<&Proxy>,
+    config: std::sync::Arc<rustls::ClientConfig>,
+    seen: dial::SeenDuringHandshake,
+    ours: &Ours<'_>,
+    mut r: RouteReport,
+    first_say: impl Fn(&rustls::Error, &[rustls::pki_types::CertificateDer<'static>]) -> Option<String>,
+) -> (RouteReport, Vec<rustls::pki_types::CertificateDer<'static>>) {
     let now = now_unix();
     let d = dial::dial(route, proxy, config).await;
     let seen = std::mem::take(&mut *seen.lock().unwrap_or_else(|p| p.into_inner()));
@@ -293,7 +309,7 @@ async fn dial_and_judge(
     if let Outcome::Handshake(e) = &d.outcome
         && let Some(problem) = first_say(e, &seen.chain)
     {
-        return r.fail(problem);
+        return (r.fail(problem), seen.chain);
     }
     let server_name = r.server_name.clone().unwrap_or_default();
     let cx = Context {
@@ -308,7 +324,7 @@ async fn dial_and_judge(
     };
     let problem = judge(route, proxy, &d, seen.requested, &hints, &cx, &mut r.notes);
     r.problems.extend(problem);
-    r.finish()
+    (r.finish(), seen.chain)
 }
 
 /// What the dial saw on its way to the handshake: addresses, the proxy's answer, what TLS

@@ -13,6 +13,7 @@ use super::verify::{Bundles, ClientVerifier, ServerVerifier};
 use crate::tls::authorize::AuthorizingVerifier;
 use crate::tls::cert::CertInfo;
 use crate::tls::identity::{self, Loaded};
+use crate::tls::trust::TrustFacts;
 use crate::tls::{Settings, SpiffeSource, provider};
 
 /// One X.509-SVID as the API sent it.
@@ -123,8 +124,10 @@ pub fn build(
         None => None,
     };
     let verifier = Arc::new(ServerVerifier::new(bundles, settings.checks.clone()));
-    let config =
-        identity::client_config(settings, verifier, certified).map_err(|e| bad(e.to_string()))?;
+    let config = identity::client_config(settings, verifier.clone(), certified)
+        .map_err(|e| bad(e.to_string()))?;
+    let socket = source.socket.display().to_string();
+    let trust = TrustFacts::from_spiffe(&svid.chain, &socket, &snap.bundles);
     Ok(Loaded {
         config: Arc::new(config),
         server,
@@ -134,6 +137,8 @@ pub fn build(
         crl_next_updates: Vec::new(),
         spiffe_id: Some(svid.id.clone()),
         absent: None,
+        trust: Arc::new(trust),
+        verifier: Some(verifier),
     })
 }
 

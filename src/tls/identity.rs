@@ -15,6 +15,7 @@ use super::Settings;
 use super::cert::CertInfo;
 use super::load::{self, IdentitySource};
 use super::provider;
+use super::trust::TrustFacts;
 use super::verify::UpstreamVerifier;
 use crate::cli::TlsMin;
 
@@ -66,6 +67,13 @@ pub struct Loaded {
     /// after the Workload API withdrew it): `config` then is a placeholder nothing dials with;
     /// connections wait for a publish (up to `--connect-timeout`) or fail with `no_identity`.
     pub absent: Option<String>,
+    /// The CAs trusted and the intermediates sent, for `/status`, the CA expiry gauge and the
+    /// CA expiry warnings.
+    pub trust: Arc<TrustFacts>,
+    /// The upstream verifier inside `config` (rustls gives no access to it there), so that
+    /// `/upstreamz` can record the upstream's chain with the very verifier in force; `None`
+    /// while absent.
+    pub verifier: Option<Arc<dyn ServerCertVerifier>>,
 }
 
 /// The one client configuration every absent identity carries: told apart by pointer.
@@ -105,6 +113,8 @@ impl Loaded {
             crl_next_updates: Vec::new(),
             spiffe_id: None,
             absent: Some(why.into()),
+            trust: Arc::default(),
+            verifier: None,
         }
     }
 }
@@ -151,6 +161,11 @@ pub fn upstream_verifier(
 pub fn build_from(settings: &Settings, material: &load::Material) -> Result<Loaded, Error> {
     let (chain, key) = material.identity()?;
     let main_file = settings.files.identity.main_file();
+    let trust = TrustFacts::from_files(
+        &chain,
+        &main_file.display().to_string(),
+        material.ca.as_ref(),
+    );
     let leaf = CertInfo::parse(&chain[0]).map(Arc::new).ok_or_else(|| {
         Error::Build(format!(
             "{}: the leaf certificate cannot be parsed",
@@ -189,7 +204,7 @@ pub fn build_from(settings: &Settings, material: &load::Material) -> Result<Load
     };
     let verifier: Arc<dyn ServerCertVerifier> = upstream_verifier(settings, material)?;
     Ok(Loaded {
-        config: Arc::new(client_config(settings, verifier, certified)?),
+        config: Arc::new(client_config(settings, verifier.clone(), certified)?),
         server,
         leaf,
         digest: material.digest(),
@@ -197,6 +212,8 @@ pub fn build_from(settings: &Settings, material: &load::Material) -> Result<Load
         crl_next_updates: material.crl_next_updates(),
         spiffe_id: None,
         absent: None,
+        trust: Arc::new(trust),
+        verifier: Some(verifier),
     })
 }
 
@@ -330,6 +347,8 @@ mod tests {
             crl_next_updates: Vec::new(),
             spiffe_id: None,
             absent: None,
+            trust: Arc::default(),
+            verifier: None,
         })
     }
 

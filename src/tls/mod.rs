@@ -16,6 +16,7 @@ pub mod keys;
 pub mod load;
 pub mod reload;
 pub mod server;
+pub mod trust;
 pub mod verify;
 
 pub use authorize::Rule;

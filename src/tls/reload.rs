@@ -26,10 +26,10 @@ use super::cert::{now_unix, rfc3339};
 use super::identity::{self, Identity, Loaded};
 use super::load::Material;
 
-/// How far ahead an expiring client certificate is warned about.
-const EXPIRY_WARNING: Duration = Duration::from_secs(7 * 24 * 3600);
+/// How far ahead an expiring certificate (ours, a CA's, an intermediate's) is warned about.
+pub const EXPIRY_WARNING: Duration = Duration::from_secs(7 * 24 * 3600);
 /// How often the expiry warning (or error) repeats.
-const EXPIRY_REPEAT: Duration = Duration::from_secs(24 * 3600);
+pub const EXPIRY_REPEAT: Duration = Duration::from_secs(24 * 3600);
 /// Without periodic reloads, how often the expiry is still looked at.
 const EXPIRY_CHECK: Duration = Duration::from_secs(3600);
 

@@ -479,3 +479,55 @@ fn spki_pin(der: &[u8]) -> String {
 pub fn serial_of(der: &[u8]) -> String {
     super::hex(&raw_serial(der))
 }
+
+impl Pki {
+    /// A self-signed CA valid from a day ago until `not_after`, written to `NAME.pem`.
+    pub fn new_ca_until(&self, name: &str, cn: &str, not_after: OffsetDateTime) -> Ca {
+        let params = ca_params(cn, not_after);
+        let key = KeyPair::generate().expect("generate CA key");
+        let issuer = CertifiedIssuer::self_signed(params, key).expect("self-sign CA");
+        let pem = self.path(&format!("{name}.pem"));
+        std::fs::write(&pem, issuer.pem()).expect("write CA");
+        Ca {
+            pem,
+            der: issuer.der().clone(),
+            issuer,
+        }
+    }
+
+    /// An intermediate CA signed by `parent`, valid from a day ago until `not_after`, written
+    /// to `NAME.pem` (its certificate alone).
+    pub fn intermediate(&self, parent: &Ca, name: &str, cn: &str, not_after: OffsetDateTime) -> Ca {
+        let mut params = ca_params(cn, not_after);
+        params.use_authority_key_identifier_extension = true;
+        let key = KeyPair::generate().expect("generate intermediate key");
+        let issuer =
+            CertifiedIssuer::signed_by(params, key, &parent.issuer).expect("sign intermediate");
+        let pem = self.path(&format!("{name}.pem"));
+        std::fs::write(&pem, issuer.pem()).expect("write intermediate");
+        Ca {
+            pem,
+            der: issuer.der().clone(),
+            issuer,
+        }
+    }
+}
+
+fn ca_params(cn: &str, not_after: OffsetDateTime) -> CertificateParams {
+    let mut params = CertificateParams::new(Vec::<String>::new()).expect("ca params");
+    params.distinguished_name = DistinguishedName::new();
+    params.distinguished_name.push(DnType::CommonName, cn);
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    params.serial_number = Some(SerialNumber::from(fresh_serial()));
+    let now = OffsetDateTime::now_utc()
+        .replace_nanosecond(0)
+        .expect("0 ns");
+    params.not_before = now - TimeDuration::days(1);
+    params.not_after = not_after.replace_nanosecond(0).expect("0 ns");
+    params
+}
