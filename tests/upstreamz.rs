@@ -226,3 +226,29 @@ async fn many_routes_inbound_skipped_and_a_spiffe_route_without_identity() {
         "the skipped and waiting routes dialled nothing"
     );
 }
+
+/// App traffic leaves a session ticket behind; the probe still makes a full handshake, so the
+/// upstream judges our certificate again.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_probe_never_resumes_a_session() {
+    let pki = Pki::new();
+    let up = Upstream::echo(&pki.server, &pki.ca.der).await;
+    let (proxy, admin) = start(&admin_cmd(&pki, up.addr));
+    let data = pattern(3, 1000);
+    assert_eq!(exchange(proxy.addr(), data.clone()).await, data);
+    assert_eq!(exchange(proxy.addr(), data.clone()).await, data);
+    let kinds: Vec<_> = up.stats.conns().iter().map(|c| c.kind).collect();
+    assert_eq!(
+        kinds[1],
+        Some(rustls::HandshakeKind::Resumed),
+        "app connections resume here: {kinds:?}"
+    );
+    assert_eq!(get(admin, "/upstreamz").await.status, 200);
+    let conns = up.stats.conns();
+    assert_eq!(conns.len(), 3, "{conns:?}");
+    assert_eq!(
+        conns[2].kind,
+        Some(rustls::HandshakeKind::Full),
+        "{conns:?}"
+    );
+}

@@ -68,7 +68,13 @@ pub async fn probe(route: &Route, proxy: Option<&Proxy>, loaded: &Loaded) -> Pro
         leaf: leaf.as_ref(),
     };
     let seen = dial::new_seen();
-    let config = dial::recording((*loaded.config).clone(), verifier, &seen);
+    let mut config = (*loaded.config).clone();
+    // A full handshake every time: a resumed session would skip the upstream's verdict on
+    // our certificate, which is what the probe is for. (rustls already refuses to resume a
+    // session made under another verifier or resolver, and the recorders are new ones; this
+    // says so outright.)
+    config.resumption = rustls::client::Resumption::disabled();
+    let config = dial::recording(config, verifier, &seen);
     let report = RouteReport::new(route, proxy);
     let (r, theirs) =
         super::dial_judge_seen(route, proxy, config, seen, &ours, report, |_, _| None).await;
