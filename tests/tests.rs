@@ -93,6 +93,7 @@ mod lifecycle;
 mod proxy;
 mod proxy_protocol_interop;
 mod refusal;
+mod reload_canary;
 mod rotation;
 mod spiffe_config;
 mod spiffe_http;

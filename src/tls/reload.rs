@@ -415,7 +415,7 @@ impl Reloader {
         self.canary_logged = Some((digest, Instant::now()));
         error!(
             route = %self.name, canary_route = %route, alert = %alert,
-            accepted_cas = %accepts, serial = %loaded.leaf.serial, issuer = ?loaded.leaf.issuer,
+            accepted_cas = ?accepts, serial = %loaded.leaf.serial, issuer = ?loaded.leaf.issuer,
             "the upstream refused the new client certificate (reload canary); keeping the \
              current identity and trying again at the next poll"
         );
