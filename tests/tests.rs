@@ -90,6 +90,7 @@ mod inbound_tcp;
 mod inbound_tls_choice;
 mod interop;
 mod lifecycle;
+mod pool_lifetime;
 mod proxy;
 mod proxy_protocol_interop;
 mod refusal;
