@@ -2,12 +2,15 @@
 //! passed, the idle connection is closed (long before `--pool-idle-timeout`) and the next
 //! request dials a new one (which is what a changed DNS answer needs: the name is resolved at
 //! every dial); a response in flight across the lifetime completes intact; `0` keeps one
-//! connection. For the shared pool (HTTP/1.1 apps), an h2 app connection's lane, and both
-//! upstream protocols.
+//! connection. For the shared pool (HTTP/1.1 apps), an h2 app connection's lane, both upstream
+//! protocols, and an inbound route's target pool.
 
 use std::time::{Duration, Instant};
 
+use hyper_util::rt::TokioIo;
+
 use crate::support::http::*;
+use crate::support::inbound::{client_config_alpn, inbound_http_cmd, tls_connect};
 use crate::support::*;
 
 /// The lifetime the tests run with: long enough for a debug build on 2 loaded cores to send
@@ -168,4 +171,41 @@ async fn zero_keeps_one_connection() {
     app.get("/second").await;
     assert_eq!(conn_of(&up, 1), conn_of(&up, 0));
     assert!(!up.stats.conn(conn_of(&up, 0)).closed);
+}
+
+/// The inbound target pool expires too: its idle connection to the target closes at the
+/// lifetime and the next request dials the target anew.
+#[tokio::test(flavor = "multi_thread")]
+async fn inbound_target_connection_expires() {
+    let pki = Pki::new();
+    let target = HttpUpstream::plain().await;
+    let proxy = inbound_http_cmd(&pki, target.addr)
+        .args(["--pool-max-lifetime", "2s", "--allow-any-client"])
+        .start();
+    let config = client_config_alpn(&pki, Some(&pki.client), &[b"http/1.1"]);
+    let tls = tls_connect(proxy.addr(), config).await.expect("handshake");
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .expect("HTTP/1.1 handshake");
+    tokio::spawn(conn);
+    let mut get = async |path: &str| {
+        let req = h1_req("GET", path).body(empty()).unwrap();
+        let resp = tokio::time::timeout(WAIT, sender.send_request(req))
+            .await
+            .expect("a response within the wait")
+            .expect("a response");
+        let reply = read_reply(resp).await;
+        assert_eq!(reply.status, 200, "{path}: {reply:?}");
+    };
+    get("/first").await;
+    get("/second").await;
+    let first = conn_of(&target, 0);
+    assert_eq!(conn_of(&target, 1), first, "requests within the lifetime");
+    let limit = LIFETIME + Duration::from_secs(5);
+    eventually("the expired idle target connection closes", limit, || {
+        target.stats.conn(first).closed
+    })
+    .await;
+    get("/third").await;
+    assert_ne!(conn_of(&target, 2), first, "a request after the lifetime");
 }
