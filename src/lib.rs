@@ -27,7 +27,8 @@
 //!   `tls::file` bounded reads, `tls::load` PEM chains, CAs, CRLs and the `Material` snapshot,
 //!   `tls::keys` private keys, KDF bounds and PKCS#12, `tls::cert` certificate facts,
 //!   `tls::verify` CRL/URI SAN/pin checks on top of webpki, `tls::identity` the client config
-//!   published as one `Arc<Loaded>`, `tls::reload` polling, SIGHUP, all-or-nothing reloads
+//!   published as one `Arc<Loaded>`, `tls::reload` polling, SIGHUP, all-or-nothing reloads,
+//!   `tls::canary` what `--reload-canary` answers (the dial is `check::canary`)
 //! - `spiffe`: `spiffe::id` SPIFFE ID syntax; the Workload API stream, published through `tls`
 //! - `failure`: `Class`, `Failure`, TLS and I/O error classification, escaping of peer text
 //! - `egress`: `egress::url`, `egress::no_proxy`, `egress::tunnel` (CONNECT, auth, proxy TLS)

@@ -10,6 +10,10 @@
 //! On any failure the old identity stays, one warn line names the file and the problem, and the
 //! failure is counted in [`ReloadOutcomes`]. All of this runs on the blocking pool, off the connection
 //! path: connections only ever load the published `Arc`.
+//!
+//! With `--reload-canary`, a built identity whose certificate changed is first tried on the
+//! upstream (see [`super::canary`]); one the upstream refuses is not published while the one in
+//! force is valid, and nothing marks its content as seen, so every poll tries it again.
 
 use std::sync::{Arc, Mutex};
 
@@ -362,7 +366,7 @@ impl Reloader {
             }
             Verdict::Inconclusive { route, why } => {
                 warn!(
-                    route = %self.name, canary_route = %route, serial = %new_serial, why = %why,
+                    route = %self.name, canary_route = %route, serial = %new_serial, why = ?why,
                     "reload canary could not judge the new client certificate; publishing it"
                 );
                 true
