@@ -258,3 +258,55 @@ async fn an_expired_identity_in_force_is_replaced_even_if_refused() {
     assert_eq!(field(&line, "alert"), Some("UnknownCA"), "{line}");
     wait_reloaded(&mut proxy, &new);
 }
+
+/// Under TLS 1.2 the upstream's verdict is an alert inside the handshake: refused the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 3)]
+async fn a_tls12_upstream_refusal_keeps_the_old_identity() {
+    let pki = Pki::new();
+    let (old, _new_ca, new) = identities(&pki);
+    let live = LiveIdentity::new(pki.dir.path(), &old);
+    let config = ServerConfig::builder_with_protocol_versions(&[&rustls::version::TLS12])
+        .with_client_cert_verifier(SwapVerifier::new(&[&pki.ca]))
+        .with_single_cert(pki.server.chain(), pki.server.key_der())
+        .unwrap();
+    let up = Upstream::start(config, vec![Behavior::Echo]).await;
+    let mut proxy = run_cmd_files(up.addr, &live.cert, &live.key, &pki.ca.pem)
+        .args(["--server-name", "localhost", "--reload-interval", "200ms"])
+        .args(["--reload-canary"])
+        .start();
+    live.install(&new);
+    let line = blocking(|| {
+        proxy.wait_for_line("the canary's refusal", WAIT, |l| {
+            l.contains("ERROR") && l.contains("refused the new client certificate")
+        })
+    });
+    assert_eq!(field(&line, "alert"), Some("UnknownCA"), "{line}");
+    let c = accepted(&mut proxy, &up).await;
+    assert_presented(&c, &old, "while the TLS 1.2 upstream refuses the new one");
+}
+
+/// A reload that changes only `--ca` (our trust in the upstream) is not a new identity: no
+/// canary dial, published at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 3)]
+async fn a_ca_only_change_is_published_without_a_canary() {
+    let pki = Pki::new();
+    let live = LiveIdentity::new(pki.dir.path(), &pki.client);
+    let ca = pki.write("canary-ca.pem", std::fs::read(&pki.ca.pem).unwrap());
+    let up = upstream(&pki, SwapVerifier::new(&[&pki.ca])).await;
+    let mut proxy = run_cmd_files(up.addr, &live.cert, &live.key, &ca)
+        .args(["--server-name", "localhost", "--reload-interval", "200ms"])
+        .args(["--reload-canary"])
+        .start();
+    let other = pki.new_ca("canary-extra-ca", "an extra upstream CA");
+    let mut bundle = std::fs::read(&pki.ca.pem).unwrap();
+    bundle.extend(std::fs::read(&other.pem).unwrap());
+    atomic_write(&ca, bundle);
+    blocking(|| proxy.wait_for_line("the CA-only reload", WAIT, is_reloaded));
+    accepted(&mut proxy, &up).await;
+    assert!(
+        !proxy.stderr().contains("reload canary"),
+        "{}",
+        proxy.stderr()
+    );
+    assert_eq!(up.stats.tls_accepted(), 1, "a canary dial was made");
+}
