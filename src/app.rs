@@ -12,6 +12,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::admin::{self, AdminState};
+use crate::check::canary::RouteCanary;
 use crate::config::{Config, Via};
 use crate::egress::Proxy;
 use crate::listen::{self, Listener, SystemdFds};
@@ -85,7 +86,8 @@ impl App {
     pub async fn bind(config: Config) -> Result<App, StartupError> {
         let metrics = Arc::new(Metrics::new());
         let (ok, failed) = metrics.reload_counters();
-        let reload_stats = Arc::new(ReloadOutcomes::new(ok, failed));
+        let rejected = metrics.reload_counter("rejected_by_upstream");
+        let reload_stats = Arc::new(ReloadOutcomes::new(ok, failed).with_rejected(rejected));
         let proxies = config.open_proxies()?;
         let (identities, groups) = load_identities(&config)?;
         let mut systemd = SystemdFds::from_env();
@@ -312,7 +314,18 @@ fn reloader(
         .map(|&m| routes[m].0.metrics.client_expiry.clone())
         .collect();
     let settings = config.routes[group.first].tls.clone();
+    let canary = RouteCanary::new(
+        group
+            .members
+            .iter()
+            .map(|&m| (routes[m].0.route.clone(), routes[m].0.proxy.clone()))
+            .collect(),
+    );
     if let IdentitySource::Spiffe(source) = &settings.files.identity {
+        if canary.is_some() {
+            // SVID rotations come from the Workload API with no poll to retry at: see README.
+            warn!(route = %name, "--reload-canary does not apply to --spiffe routes; each SVID is published as it arrives");
+        }
         let source = source.clone();
         let (id, stats) = (group.identity, reload_stats.clone());
         return IdentityLoop::Spiffe(Watcher::new(name, settings, source, id, stats, gauges));
@@ -331,14 +344,18 @@ fn reloader(
             "client identity loaded"
         );
     }
-    IdentityLoop::Files(Reloader::new(
+    let reloader = Reloader::new(
         name,
         settings,
         group.identity,
         reload_stats.clone(),
         gauges,
         &group.loaded,
-    ))
+    );
+    IdentityLoop::Files(match canary {
+        Some(c) => reloader.with_canary(Box::new(c)),
+        None => reloader,
+    })
 }
 
 /// Bind the admin listener, if any: a TCP socket (an address, or a systemd socket).

@@ -29,7 +29,8 @@
 //!   `tls::keys` private keys, KDF bounds and PKCS#12, `tls::cert` certificate facts,
 //!   `tls::verify` CRL/URI SAN/pin checks on top of webpki, `tls::identity` the client config
 //!   published as one `Arc<Loaded>`, `tls::reload` polling, SIGHUP, all-or-nothing reloads,
-//!   `tls::trust` the CAs trusted and the intermediates sent, described per generation
+//!   `tls::trust` the CAs trusted and the intermediates sent, described per generation,
+//!   `tls::canary` what `--reload-canary` answers (the dial is `check::canary`)
 //! - `spiffe`: `spiffe::id` SPIFFE ID syntax; the Workload API stream, published through `tls`
 //! - `failure`: `Class`, `Failure`, TLS and I/O error classification, escaping of peer text
 //! - `egress`: `egress::url`, `egress::no_proxy`, `egress::tunnel` (CONNECT, auth, proxy TLS)

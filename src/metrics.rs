@@ -311,6 +311,11 @@ impl Metrics {
         (get("success"), get("failure"))
     }
 
+    /// The `reloads_total` counter of `result` (e.g. `rejected_by_upstream`).
+    pub fn reload_counter(&self, result: &'static str) -> Counter {
+        self.reloads.get_or_create(&ResultLabel { result }).clone()
+    }
+
     /// OpenMetrics text of every family.
     pub fn encode(&self) -> String {
         let mut out = String::with_capacity(4096);

@@ -14,6 +14,8 @@
 //! - `interop`: nginx and `openssl s_server` as the upstream
 //! - `rotation`: reloading identity and CA files (rename, `..data` swap, SIGHUP), broken
 //!   rotations, two-step writers, rotation under load, expiry warnings
+//! - `reload_canary`: `--reload-canary`: a rotation the upstream refuses is kept back until it
+//!   trusts the new CA; unreachable upstream, expired identity, no canary publish at once
 //! - `formats`: encrypted PKCS#8 keys and PKCS#12 identities with password files
 //! - `config_file`: `run --config FILE`: errors naming file, line and key; many routes, each with
 //!   its own identity, trust and timeouts or `[defaults]`; shared identities; `[admin]`
@@ -32,6 +34,7 @@
 //! - `unix`: `--listen unix:PATH`, `--listen-mode`, stale and live socket files, `--allow-uid`
 //! - `http`: `--mode http`: Host rewrite, ALPN upstream, h2c from the app, bodies and streaming,
 //!   trailers, `Expect: 100-continue`, upgrades, hop-by-hop headers, the mode's flags
+//! - `pool_lifetime`: `--pool-max-lifetime` on the shared pool, lanes and the inbound target pool
 //! - `http_pool`: the upstream pool (reuse, h2 multiplexing, stale retry, idle timeout and cap),
 //!   reloads, `http_requests_total`, draining, nginx as the upstream
 //! - `inbound_tcp`, `inbound_config`, `inbound_state`: inbound routes (mTLS in, plaintext to `--target`)
@@ -95,9 +98,11 @@ mod inbound_tcp;
 mod inbound_tls_choice;
 mod interop;
 mod lifecycle;
+mod pool_lifetime;
 mod proxy;
 mod proxy_protocol_interop;
 mod refusal;
+mod reload_canary;
 mod rotation;
 mod spiffe_config;
 mod spiffe_http;

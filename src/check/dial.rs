@@ -168,6 +168,19 @@ pub fn recording(
     Arc::new(config)
 }
 
+/// `config` with only its certificate resolver wrapped in a recorder (the verifier it was built
+/// with stays): what `--reload-canary` dials with, to learn the CA names the upstream accepts.
+pub fn recording_request(
+    mut config: ClientConfig,
+    seen: &SeenDuringHandshake,
+) -> Arc<ClientConfig> {
+    config.client_auth_cert_resolver = Arc::new(RecordingResolver {
+        inner: config.client_auth_cert_resolver.clone(),
+        seen: seen.clone(),
+    });
+    Arc::new(config)
+}
+
 pub fn new_seen() -> SeenDuringHandshake {
     Arc::default()
 }

@@ -1,6 +1,8 @@
 //! `check`: load and validate every route, handshake once with each upstream, and explain in
 //! plain words anything that fails.
 //!
+//! - `canary`: `--reload-canary`'s dial of a new client identity (the real dial path), judged
+//!   by the upstream's alert; the CA names it accepts come from its certificate request
 //! - `cert`: certificate facts (names, validity in days, key type, where a chain ends)
 //! - `dial`: resolve, connect, a hand-driven handshake that records what the upstream showed
 //! - `explain`: failures in words: which side rejected what, and what to do
@@ -12,6 +14,7 @@
 //!   trust domain bundle, then `--verify-uri-san`
 //! - `text`: the human-readable report
 
+pub mod canary;
 mod cert;
 mod dial;
 mod explain;

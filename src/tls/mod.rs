@@ -9,6 +9,7 @@ use rustls::crypto::CryptoProvider;
 use crate::cli::TlsMin;
 
 pub mod authorize;
+pub mod canary;
 pub mod cert;
 pub mod file;
 pub mod identity;

@@ -10,6 +10,10 @@
 //! On any failure the old identity stays, one warn line names the file and the problem, and the
 //! failure is counted in [`ReloadOutcomes`]. All of this runs on the blocking pool, off the connection
 //! path: connections only ever load the published `Arc`.
+//!
+//! With `--reload-canary`, a built identity whose certificate changed is first tried on the
+//! upstream (see [`super::canary`]); one the upstream refuses is not published while the one in
+//! force is valid, and nothing marks its content as seen, so every poll tries it again.
 
 use std::sync::{Arc, Mutex};
 
@@ -22,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use super::Settings;
+use super::canary::{self, Canary, Verdict};
 use super::cert::{now_unix, rfc3339};
 use super::identity::{self, Identity, Loaded};
 use super::load::Material;
@@ -32,6 +37,8 @@ pub const EXPIRY_WARNING: Duration = Duration::from_secs(7 * 24 * 3600);
 pub const EXPIRY_REPEAT: Duration = Duration::from_secs(24 * 3600);
 /// Without periodic reloads, how often the expiry is still looked at.
 const EXPIRY_CHECK: Duration = Duration::from_secs(3600);
+/// How often the same canary refusal is logged as an error (it is retried at every poll).
+const CANARY_REPEAT: Duration = Duration::from_secs(600);
 
 /// Reload outcomes of every route, in one place: the counters are the `reloads_total` series,
 /// and `/status` shows the last one.
@@ -41,6 +48,9 @@ pub struct ReloadOutcomes {
     pub successes: Counter,
     /// Reloads that kept the old identity (`reloads_total{result="failure"}`).
     pub failures: Counter,
+    /// New identities the upstream refused at the canary dial
+    /// (`reloads_total{result="rejected_by_upstream"}`).
+    pub rejected: Counter,
     /// The latest of either, for `/status`.
     pub last: Mutex<Option<LastReload>>,
 }
@@ -58,7 +68,25 @@ impl ReloadOutcomes {
         ReloadOutcomes {
             successes,
             failures,
+            rejected: Counter::default(),
             last: Mutex::new(None),
+        }
+    }
+
+    /// Count canary refusals in `rejected` (the `reloads_total` series of that result).
+    pub fn with_rejected(mut self, rejected: Counter) -> Self {
+        self.rejected = rejected;
+        self
+    }
+
+    /// Count one canary refusal and keep it (as the last reload's error) for `/status`.
+    pub fn record_rejected(&self, error: String) {
+        self.rejected.inc();
+        if let Ok(mut last) = self.last.lock() {
+            *last = Some(LastReload {
+                at: SystemTime::now(),
+                error: Some(error),
+            });
         }
     }
 
@@ -105,6 +133,12 @@ pub struct Reloader {
     /// When the stale-CRL warning was last logged; `None` after new CRLs are published, so
     /// it comes at once.
     crl_logged: Option<Instant>,
+    /// `--reload-canary`: tries a changed certificate on the upstream before it is published.
+    canary: Option<Box<dyn Canary>>,
+    /// The content last refused by the upstream, and when that error was logged: the same
+    /// refusal is logged as an error again only after [`CANARY_REPEAT`] (it is retried, and
+    /// counted, at every poll).
+    canary_logged: Option<([u8; 32], Instant)>,
 }
 
 impl Reloader {
@@ -128,9 +162,17 @@ impl Reloader {
             expiry_logged: None,
             crl_next_updates: loaded.crl_next_updates.clone(),
             crl_logged: None,
+            canary: None,
+            canary_logged: None,
         };
         r.warn_loose_permissions(loaded);
         r
+    }
+
+    /// Try every changed certificate on the upstream before publishing it (`--reload-canary`).
+    pub fn with_canary(mut self, canary: Box<dyn Canary>) -> Self {
+        self.canary = Some(canary);
+        self
     }
 
     /// Warn about secret files others can read: once per content in force (at startup and
@@ -265,6 +307,10 @@ impl Reloader {
                     return;
                 }
                 let loaded = Arc::new(loaded);
+                if !self.canary_allows(&loaded, digest).await {
+                    self.key_mismatch_seen = None;
+                    return;
+                }
                 self.identity.publish(loaded.clone());
                 self.crl_next_updates = loaded.crl_next_updates.clone();
                 self.crl_logged = None;
@@ -298,6 +344,85 @@ impl Reloader {
                 self.reported_broken = Some(Ok(digest));
             }
         }
+    }
+
+    /// `--reload-canary`: whether `loaded` may be published. Only a changed certificate is
+    /// tried; `false` only when the upstream refused it and the identity in force is still
+    /// valid. Nothing marks the content as seen then, so the next poll tries it again.
+    async fn canary_allows(&mut self, loaded: &Loaded, digest: [u8; 32]) -> bool {
+        let Some(canary) = &self.canary else {
+            return true;
+        };
+        let old = self.identity.loaded();
+        if !canary::identity_changed(&old, loaded) {
+            return true;
+        }
+        let new_serial = &loaded.leaf.serial;
+        let old_valid = old.absent.is_none() && old.leaf.check_validity(now_unix()).is_ok();
+        match canary.try_identity(loaded.config.clone()).await {
+            Verdict::Accepted => {
+                info!(route = %self.name, serial = %new_serial, "reload canary: the upstream accepted the new client certificate");
+                true
+            }
+            Verdict::Inconclusive { route, why } => {
+                warn!(
+                    route = %self.name, canary_route = %route, serial = %new_serial, why = ?why,
+                    "reload canary could not judge the new client certificate; publishing it"
+                );
+                true
+            }
+            Verdict::Rejected { route, alert, .. } if !old_valid => {
+                warn!(
+                    route = %self.name, canary_route = %route, alert = %alert, serial = %new_serial,
+                    "the upstream refused the new client certificate, but the one in force is \
+                     no longer valid; publishing the new one anyway"
+                );
+                true
+            }
+            Verdict::Rejected {
+                route,
+                alert,
+                accepted_cas,
+            } => {
+                self.canary_refused(&route, &alert, &accepted_cas, loaded, digest);
+                false
+            }
+        }
+    }
+
+    /// The upstream refused the new certificate: counted, shown in `/status`, and logged as an
+    /// error (again after [`CANARY_REPEAT`] while the refusal lasts).
+    fn canary_refused(
+        &mut self,
+        route: &str,
+        alert: &str,
+        accepted_cas: &[String],
+        loaded: &Loaded,
+        digest: [u8; 32],
+    ) {
+        let accepts = match accepted_cas {
+            [] => "(the upstream named none)".to_string(),
+            names => names.join("; "),
+        };
+        let msg = format!(
+            "the upstream of route {route} refused the new client certificate (serial {}, \
+             issuer {:?}) with alert {alert}; it accepts certificates from: {accepts}; keeping \
+             the current one and trying again at the next poll",
+            loaded.leaf.serial, loaded.leaf.issuer
+        );
+        self.outcomes.record_rejected(msg);
+        let repeat = matches!(self.canary_logged, Some((d, at)) if d == digest && at.elapsed() < CANARY_REPEAT);
+        if repeat {
+            debug!(route = %self.name, canary_route = %route, alert = %alert, "reload canary: still refused");
+            return;
+        }
+        self.canary_logged = Some((digest, Instant::now()));
+        error!(
+            route = %self.name, canary_route = %route, alert = %alert,
+            accepted_cas = ?accepts, serial = %loaded.leaf.serial, issuer = ?loaded.leaf.issuer,
+            "the upstream refused the new client certificate (reload canary); keeping the \
+             current identity and trying again at the next poll"
+        );
     }
 
     /// Counted (and shown in `/status`) before the line is logged, so whoever reads the line

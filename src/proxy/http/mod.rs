@@ -16,6 +16,7 @@
 
 mod answer;
 mod body;
+mod lifetime;
 mod pool;
 mod serve;
 mod target;
@@ -254,7 +255,7 @@ impl HttpRoute {
             }
             Dest::Target(t) => {
                 let exchange = if app_h2 { lane.h1_turn().await } else { None };
-                (t.client.request(req).await, exchange)
+                (t.client().request(req).await, exchange)
             }
         }
     }

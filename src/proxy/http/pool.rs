@@ -21,6 +21,7 @@ use hyper::http::uri::Authority;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::body::Budget;
+use super::lifetime::Expiry;
 use super::{BoxError, Dest, HttpRoute, OutBody};
 use crate::config::HttpSettings;
 use crate::failure::Class;
@@ -122,8 +123,9 @@ const LANE: Windows = Windows {
 pub(super) struct Lane {
     /// Turns of [`LANE_H1_EXCHANGES`] for requests to an HTTP/1.1 upstream.
     h1_exchanges: Arc<Semaphore>,
-    /// The lane's own pool (h2 upstream), made at its first request and again after a reload.
-    pool: std::sync::Mutex<Option<Arc<Pool>>>,
+    /// The lane's own pool (h2 upstream), made at its first request and again after a reload
+    /// or when its `--pool-max-lifetime` passed (its expiry drops it from here).
+    pool: Arc<std::sync::Mutex<Option<Arc<Pool>>>>,
     /// What the connection's response data may hold in hyper's hands.
     pub(super) budget: Arc<Budget>,
 }
@@ -132,7 +134,7 @@ impl Lane {
     pub(super) fn new() -> Self {
         Lane {
             h1_exchanges: Arc::new(Semaphore::new(LANE_H1_EXCHANGES)),
-            pool: std::sync::Mutex::new(None),
+            pool: Arc::default(),
             budget: Arc::default(),
         }
     }
@@ -159,6 +161,8 @@ pub(super) struct Pool {
     config: Arc<ClientConfig>,
     /// hyper-util's pooled client; clones share the pool.
     client: Client<Connector, OutBody>,
+    /// `--pool-max-lifetime`: once passed, the pool takes no new requests.
+    expiry: Expiry,
 }
 
 /// Where an outbound route's requests go: the upstream over pooled mTLS connections, with
@@ -175,6 +179,9 @@ pub(super) struct UpstreamSide {
     slots: Arc<Semaphore>,
     /// `SPEAKS_*`: what the last dial's ALPN agreed.
     speaks: Arc<Speaks>,
+    /// Told when the shared pool's `--pool-max-lifetime` passed, so that it is replaced (and
+    /// its idle connections closed) without waiting for a request.
+    expired: Arc<Notify>,
 }
 
 impl UpstreamSide {
@@ -194,10 +201,12 @@ impl UpstreamSide {
         let config = ctx.identity.current();
         let slots = Arc::new(Semaphore::new(ctx.route.http.pool_max_connections));
         let speaks = Arc::new(Speaks::default());
-        let pool = Pool::new(ctx, config, &slots, &speaks, SHARED);
+        let expired = Arc::new(Notify::new());
+        let pool = Pool::new(ctx, config, &slots, &speaks, SHARED, tell(&expired));
         UpstreamSide {
             slots,
             speaks,
+            expired,
             authority: HeaderValue::from_str(&authority)
                 .unwrap_or(HeaderValue::from_static("localhost")),
             // The server name was validated at startup; the fallback only keeps this total.
@@ -208,16 +217,19 @@ impl UpstreamSide {
         }
     }
 
-    /// The pool for the identity in force, rebuilt after a reload.
+    /// The pool for the identity in force, rebuilt after a reload or when its
+    /// `--pool-max-lifetime` passed.
     pub(super) fn client(&self, ctx: &Arc<RouteCtx>) -> Client<Connector, OutBody> {
         let config = ctx.identity.current();
         let current = self.pool.load();
-        if Arc::ptr_eq(&current.config, &config) {
+        if Arc::ptr_eq(&current.config, &config) && !current.expiry.passed() {
             return current.client.clone();
         }
-        let fresh = Arc::new(Pool::new(ctx, config, &self.slots, &self.speaks, SHARED));
+        let expired = tell(&self.expired);
+        let fresh = Pool::new(ctx, config, &self.slots, &self.speaks, SHARED, expired);
+        let fresh = Arc::new(fresh);
         let client = fresh.client.clone();
-        debug!(route = %ctx.route.name, "new identity: new upstream pool; idle connections of the old one close");
+        debug!(route = %ctx.route.name, "new identity or --pool-max-lifetime passed: new upstream pool; idle connections of the old one close");
         self.pool.store(fresh);
         client
     }
@@ -248,10 +260,22 @@ impl UpstreamSide {
         let Ok(mut pool) = lane.pool.lock() else {
             return (self.client(ctx), None);
         };
-        if let Some(p) = pool.as_ref().filter(|p| Arc::ptr_eq(&p.config, &config)) {
+        let usable = |p: &&Arc<Pool>| Arc::ptr_eq(&p.config, &config) && !p.expiry.passed();
+        if let Some(p) = pool.as_ref().filter(usable) {
             return (p.client.clone(), None);
         }
-        let fresh = Pool::new(ctx, config, &self.slots, &self.speaks, LANE);
+        // At its expiry the lane's pool drops itself from the lane, closing its connection
+        // once idle, even if the app connection stays quiet.
+        let slot = Arc::downgrade(&lane.pool);
+        let retire = Box::new(move || {
+            let Some(slot) = slot.upgrade() else { return };
+            if let Ok(mut p) = slot.lock()
+                && p.as_ref().is_some_and(|p| p.expiry.passed())
+            {
+                p.take();
+            }
+        });
+        let fresh = Pool::new(ctx, config, &self.slots, &self.speaks, LANE, retire);
         let client = fresh.client.clone();
         *pool = Some(Arc::new(fresh));
         (client, None)
@@ -259,17 +283,23 @@ impl UpstreamSide {
 }
 
 impl HttpRoute {
-    /// Watch for reloads: at each new identity, replace the pool at once, so the idle
-    /// connections made with the old identity close without waiting for the next request.
-    /// (An inbound route's target connections are plaintext: no identity to retire them for.)
+    /// Watch for reloads and for the shared pool's `--pool-max-lifetime`: at each, replace the
+    /// pool at once, so the idle connections of the old one close without waiting for the
+    /// next request. (An inbound route's target connections are plaintext: no identity to
+    /// retire them for; their pool retires itself at its lifetime, see `target`.)
     pub fn watch_reloads(self: &Arc<Self>) {
-        if !matches!(self.dest, Dest::Upstream(_)) {
+        let Dest::Upstream(u) = &self.dest else {
             return;
-        }
+        };
+        let expired = u.expired.clone();
         let mut generations = self.ctx.identity.subscribe();
         let route = Arc::downgrade(self);
         tokio::spawn(async move {
-            while generations.changed().await.is_ok() {
+            loop {
+                tokio::select! {
+                    r = generations.changed() => if r.is_err() { return },
+                    () = expired.notified() => {}
+                }
                 let Some(route) = route.upgrade() else { return };
                 if let Dest::Upstream(u) = &route.dest {
                     let _ = u.client(&route.ctx);
@@ -297,13 +327,23 @@ pub(super) async fn pool_slot(
     }
 }
 
+/// A pool expiry's action that tells `expired` (the shared pool's watcher replaces it).
+fn tell(expired: &Arc<Notify>) -> Box<dyn FnOnce() + Send> {
+    let expired = expired.clone();
+    // A permit is kept if the watcher is busy: it replaces the pool when it next looks.
+    Box::new(move || expired.notify_one())
+}
+
 impl Pool {
+    /// A pool with `windows`, dialling with `config`; at its `--pool-max-lifetime`, `retire`
+    /// is called to replace or drop it.
     pub(super) fn new(
         ctx: &Arc<RouteCtx>,
         config: Arc<ClientConfig>,
         slots: &Arc<Semaphore>,
         speaks: &Arc<Speaks>,
         windows: Windows,
+        retire: Box<dyn FnOnce() + Send>,
     ) -> Self {
         let client = client_builder(&ctx.route.http)
             .http2_initial_stream_window_size(windows.stream)
@@ -320,7 +360,12 @@ impl Pool {
                 slots: slots.clone(),
                 speaks: speaks.clone(),
             });
-        Pool { config, client }
+        let expiry = Expiry::start(ctx.route.http.pool_max_lifetime, retire);
+        Pool {
+            config,
+            client,
+            expiry,
+        }
     }
 }
 

@@ -16,16 +16,19 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::Semaphore;
 
+use super::lifetime::Expiry;
 use super::pool::{PooledIo, client_builder, pool_slot};
 use super::{BoxError, OutBody};
+use crate::config::HttpSettings;
 use crate::config::Target;
 use crate::proxy::RouteCtx;
 use crate::proxy::inbound::{Refusal, TargetConn, dial};
+use arc_swap::ArcSwapOption;
 
 /// Where an inbound route's requests go.
 pub(super) struct TargetSide {
-    /// hyper-util's pooled client, HTTP/1.1 only; clones share the pool.
-    pub(super) client: Client<TargetConnector, OutBody>,
+    /// The pool in force, replaced at its `--pool-max-lifetime`.
+    pool: Arc<TargetPools>,
     /// The authority of every target URI (the pool's key), and the `Host` of a request that
     /// came without one: the target's `HOST:PORT`, `localhost` for a unix socket.
     pub(super) uri_authority: Authority,
@@ -46,9 +49,14 @@ impl TargetSide {
             target: target.clone(),
             slots: Arc::new(Semaphore::new(http.pool_max_connections)),
         };
-        let client = client_builder(http).build(connector.clone());
+        let pool = Arc::new(TargetPools {
+            current: ArcSwapOption::empty(),
+            connector: connector.clone(),
+            http: http.clone(),
+        });
+        pool.renew();
         TargetSide {
-            client,
+            pool,
             // Validated at startup; the fallback only keeps this total.
             uri_authority: authority
                 .parse()
@@ -57,10 +65,56 @@ impl TargetSide {
         }
     }
 
+    /// The pooled client for the next request: hyper-util's, HTTP/1.1 only.
+    pub(super) fn client(&self) -> Client<TargetConnector, OutBody> {
+        match self.pool.current.load().as_ref() {
+            Some(p) if !p.expiry.passed() => p.client.clone(),
+            _ => self.pool.renew(),
+        }
+    }
+
     /// A connection of its own for an upgraded request (not pooled, not under the pool's
     /// bound: it holds the client connection's slot under `--max-connections`).
     pub(super) async fn dial(&self) -> Result<TargetConn, TargetFailure> {
         self.connector.dial().await
+    }
+}
+
+/// The target pool in force and what a new one is built from. At its `--pool-max-lifetime`
+/// a pool replaces itself (see `lifetime`): its idle connections close, busy ones finish.
+struct TargetPools {
+    /// hyper-util's pooled client with its expiry; `None` only while being built.
+    current: ArcSwapOption<TargetPool>,
+    /// Dials for every pool (and shares their `--pool-max-connections` permits).
+    connector: TargetConnector,
+    /// The pool bounds.
+    http: HttpSettings,
+}
+
+/// One generation of the target pool.
+struct TargetPool {
+    /// Clones share the pool.
+    client: Client<TargetConnector, OutBody>,
+    /// Once passed, the pool takes no new requests.
+    expiry: Expiry,
+}
+
+impl TargetPools {
+    /// Put a fresh pool in force (dropping the old one) and return its client.
+    fn renew(self: &Arc<Self>) -> Client<TargetConnector, OutBody> {
+        let client = client_builder(&self.http).build(self.connector.clone());
+        let me = Arc::downgrade(self);
+        let retire = Box::new(move || {
+            if let Some(pools) = me.upgrade() {
+                pools.renew();
+            }
+        });
+        let expiry = Expiry::start(self.http.pool_max_lifetime, retire);
+        self.current.store(Some(Arc::new(TargetPool {
+            client: client.clone(),
+            expiry,
+        })));
+        client
     }
 }
 
