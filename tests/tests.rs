@@ -60,6 +60,7 @@
 
 mod support;
 
+mod access_log_request;
 mod admin;
 mod check_cmd;
 mod check_inbound;
@@ -89,6 +90,7 @@ mod inbound_state;
 mod inbound_tcp;
 mod inbound_tls_choice;
 mod interop;
+mod latency_metrics;
 mod lifecycle;
 mod proxy;
 mod proxy_protocol_interop;
