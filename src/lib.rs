@@ -44,7 +44,8 @@
 //! - `check`: validate, dial once through `upstream`, explain failures (text or JSON)
 //! - `admin`: the admin endpoints, on their own thread
 //! - `app`: startup and the serve/drain lifecycle; `notify` systemd READY/RELOADING/STOPPING;
-//!   `signal` SIGTERM/SIGINT; `wait` the `wait` command; `pki` `dev-pki`; `telemetry` logging
+//!   `signal` SIGTERM/SIGINT; `wait` the `wait` command; `pki` `dev-pki`; `telemetry` logging;
+//!   `logwriter` stderr with request lines batched
 #![forbid(unsafe_code)]
 
 pub mod admin;
@@ -57,6 +58,7 @@ pub mod egress;
 pub mod failure;
 pub mod inbound;
 pub mod listen;
+pub mod logwriter;
 pub mod metrics;
 pub mod notify;
 pub mod pki;

@@ -289,3 +289,22 @@ async fn request_mode_in_tcp_mode_logs_connections() {
     stop(&mut proxy);
     assert_eq!(proxy.count_lines(is_request_line), 0);
 }
+
+/// An app that goes away before its answer: a line with status 0 and `reason=cancelled`.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_the_app_abandons_is_logged_as_cancelled() {
+    let pki = Pki::new();
+    let up = HttpUpstream::start(&pki, Alpn::Http11).await;
+    let mut proxy = request_cmd(&pki, up.port()).start();
+    let mut app = connect(proxy.addr()).await;
+    let head = format!("GET /hold HTTP/1.1\r\nHost: {APP_HOST}\r\n\r\n");
+    tokio::io::AsyncWriteExt::write_all(&mut app, head.as_bytes())
+        .await
+        .expect("write");
+    up.stats.wait_requests(1).await;
+    drop(app);
+    let line = request_lines(&mut proxy, 1).remove(0);
+    assert_eq!(num_field(&line, "status"), 0, "{line}");
+    assert_eq!(field(&line, "reason"), Some("cancelled"), "{line}");
+    assert_eq!(field(&line, "path"), Some("/hold"), "{line}");
+}
