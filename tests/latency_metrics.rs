@@ -204,3 +204,32 @@ async fn inbound_http_request_lines_and_durations() {
     let m = scrape_until(admin, |m| count(m, REQ) >= 3.0).await;
     assert_eq!(count(&m, REQ), 3.0, "{}", m.text);
 }
+
+/// An inbound tcp-mode route observes its client connections too.
+#[tokio::test(flavor = "multi_thread")]
+async fn inbound_tcp_connections_are_observed() {
+    use crate::support::inbound::{EchoTarget, inbound_cmd};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let pki = Pki::new();
+    let target = EchoTarget::start().await;
+    let mut proxy = inbound_cmd(&pki, target.addr)
+        .args(["--allow-any-client", "--admin", "127.0.0.1:0"])
+        .start();
+    let admin = admin_addr(&mut proxy);
+    for _ in 0..2 {
+        let config = client_config_alpn(&pki, Some(&pki.client), &[]);
+        let mut s = tls_connect(proxy.addr(), config).await.expect("handshake");
+        s.write_all(b"ping").await.expect("write");
+        s.shutdown().await.expect("close_notify");
+        let mut got = Vec::new();
+        let read = tokio::time::timeout(WAIT, s.read_to_end(&mut got)).await;
+        assert!(matches!(read, Ok(Ok(_))), "{read:?}");
+        assert_eq!(got, b"ping");
+    }
+    let m = scrape_until(admin, |m| count(m, CONN) >= 2.0).await;
+    assert_eq!(count(&m, CONN), 2.0, "{}", m.text);
+    assert_eq!(
+        m.get(&format!("{REQ}_count"), &[("route", "default")]),
+        None
+    );
+}

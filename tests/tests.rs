@@ -23,6 +23,10 @@
 //! - `check_inbound`: `check` on inbound routes: direction, rule, client CAs, CRLs, listen names
 //! - `checks`: `--crl`, `--verify-uri-san` and `--pin-sha256` on top of chain and name checks
 //! - `demo`: `demo` both ways: outbound -> mTLS -> inbound (http mode) -> plain app, identity via XFCC
+//! - `access_log_request`: `--access-log request|off` (request lines for h1/h2c apps, pool reuse in
+//!   `upstream_conn`, no query or header values, own 502 `reason`, JSON, escaping, `off`, tcp mode)
+//! - `latency_metrics`: `http_request_duration_seconds` and `connection_duration_seconds`; inbound
+//!   http request lines
 //! - `admin`: `/healthz`, `/readyz`, `/metrics`, `/status`, `POST /shutdown` and `wait`
 //! - `systemd`: the notify protocol against a fake `NOTIFY_SOCKET`; socket activation
 //! - `unix`: `--listen unix:PATH`, `--listen-mode`, stale and live socket files, `--allow-uid`
