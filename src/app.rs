@@ -280,7 +280,7 @@ async fn bind_routes(
                 !route.allow_uids.is_empty(),
             )
             .map_err(bind_err)?;
-        let route_metrics = metrics.route(&route.name);
+        let route_metrics = metrics.route(&route.name, route.mode);
         route_metrics.client_expiry.set(identity.leaf().not_after);
         let ctx = RouteCtx::new(
             route.clone(),

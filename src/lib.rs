@@ -50,7 +50,8 @@
 //! - `ca_expiry`: follows each identity's publishes: `ca_cert_expiry_timestamp_seconds` and the
 //!   daily warnings for CAs and intermediates (`tls::trust` describes them)
 //! - `app`: startup and the serve/drain lifecycle; `notify` systemd READY/RELOADING/STOPPING;
-//!   `signal` SIGTERM/SIGINT; `wait` the `wait` command; `pki` `dev-pki`; `telemetry` logging
+//!   `signal` SIGTERM/SIGINT; `wait` the `wait` command; `pki` `dev-pki`; `telemetry` logging;
+//!   `logwriter` stderr with request lines batched
 #![forbid(unsafe_code)]
 
 pub mod admin;
@@ -64,6 +65,7 @@ pub mod egress;
 pub mod failure;
 pub mod inbound;
 pub mod listen;
+pub mod logwriter;
 pub mod metrics;
 pub mod notify;
 pub mod pki;

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use mtls_sidecar::app::App;
 use mtls_sidecar::cli::{CheckArgs, Cli, Command, DemoArgs, DevPkiArgs, RunArgs, WaitArgs};
 use mtls_sidecar::config::Config;
-use mtls_sidecar::{demo, pki, signal, telemetry};
+use mtls_sidecar::{demo, logwriter, pki, signal, telemetry};
 
 /// Exit codes of the program, as the interface defines them.
 #[derive(Debug, Clone, Copy)]
@@ -23,6 +23,7 @@ impl From<Exit> for ExitCode {
 }
 
 fn fail(code: Exit, msg: impl std::fmt::Display) -> ExitCode {
+    logwriter::flush();
     eprintln!("mtls-sidecar: error: {msg}");
     code.into()
 }
@@ -72,7 +73,7 @@ fn run(rt: &tokio::runtime::Runtime, args: RunArgs) -> ExitCode {
         Ok(c) => c,
         Err(e) => return fail(Exit::Startup, e),
     };
-    with_signals(rt, |shutdown, hup| async move {
+    let code = with_signals(rt, |shutdown, hup| async move {
         match App::bind(config).await {
             Ok(app) => {
                 app.run(shutdown, hup).await;
@@ -80,7 +81,10 @@ fn run(rt: &tokio::runtime::Runtime, args: RunArgs) -> ExitCode {
             }
             Err(e) => fail(Exit::Startup, e),
         }
-    })
+    });
+    // The request lines still batched (see `logwriter`).
+    logwriter::flush();
+    code
 }
 
 /// `dev-pki`: write a throwaway PKI and say what each file is.

@@ -11,6 +11,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
+use crate::cli::Mode;
 use crate::failure::Class;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -61,6 +62,55 @@ fn handshake_histogram() -> Histogram {
     Histogram::new(HANDSHAKE_BUCKETS)
 }
 
+/// Request and connection duration buckets: 1 ms to 60 s.
+const DURATION_BUCKETS: [f64; 15] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+
+fn duration_histogram() -> Histogram {
+    Histogram::new(DURATION_BUCKETS)
+}
+
+const REQUEST_DURATION_HELP: &str =
+    "HTTP mode: time from a request's head received to its response head sent to the app";
+const CONNECTION_DURATION_HELP: &str =
+    "Byte-stream mode: lifetime of an app connection, observed when it ends";
+
+/// Families listed even with no series yet (prometheus-client leaves such a family out), so
+/// the schema is the same whatever mode the routes use: (name, type, help).
+const ALWAYS_LISTED: [(&str, &str, &str); 3] = [
+    ("http_requests", "counter", HTTP_HELP),
+    (
+        "http_request_duration_seconds",
+        "histogram",
+        REQUEST_DURATION_HELP,
+    ),
+    (
+        "connection_duration_seconds",
+        "histogram",
+        CONNECTION_DURATION_HELP,
+    ),
+];
+
+type HistogramFamily = Family<RouteLabel, Histogram, fn() -> Histogram>;
+
+/// The request and connection duration families, registered.
+fn register_durations(registry: &mut Registry) -> (HistogramFamily, HistogramFamily) {
+    let durations = || HistogramFamily::new_with_constructor(duration_histogram);
+    let (request, connection) = (durations(), durations());
+    registry.register(
+        "http_request_duration_seconds",
+        REQUEST_DURATION_HELP,
+        request.clone(),
+    );
+    registry.register(
+        "connection_duration_seconds",
+        CONNECTION_DURATION_HELP,
+        connection.clone(),
+    );
+    (request, connection)
+}
+
 /// Every family, and the registry that encodes them.
 pub struct Metrics {
     registry: Registry,
@@ -68,7 +118,9 @@ pub struct Metrics {
     failures: Family<ReasonLabels, Counter>,
     active: Family<RouteLabel, Gauge>,
     bytes: Family<DirectionLabels, Counter>,
-    handshake: Family<RouteLabel, Histogram, fn() -> Histogram>,
+    handshake: HistogramFamily,
+    request_duration: HistogramFamily,
+    connection_duration: HistogramFamily,
     client_expiry: Family<RouteLabel, Gauge>,
     upstream_expiry: Family<RouteLabel, Gauge>,
     ca_expiry: Family<RouteLabel, Gauge>,
@@ -93,6 +145,11 @@ pub struct RouteMetrics {
     pub bytes_to_upstream: Counter,
     pub bytes_from_upstream: Counter,
     pub handshake: Histogram,
+    /// `http_request_duration_seconds`: on an http-mode route only (its series is made for
+    /// http-mode routes alone).
+    pub request_duration: Option<Histogram>,
+    /// `connection_duration_seconds`: on a byte-stream-mode route only.
+    pub connection_duration: Option<Histogram>,
     pub client_expiry: Gauge,
     /// The family and label of the upstream expiry: its series is created at the first
     /// successful handshake, so no alert ever sees a 0 that means "not seen yet".
@@ -146,6 +203,13 @@ impl RouteMetrics {
                 code,
             })
             .inc();
+    }
+
+    /// A byte-stream-mode app connection accepted at `started` ended (a no-op in http mode).
+    pub fn connection_ended(&self, started: std::time::Instant) {
+        if let Some(h) = &self.connection_duration {
+            h.observe(started.elapsed().as_secs_f64());
+        }
     }
 
     /// The earliest not-after among the route's trusted CAs; `None` removes the series (the
@@ -215,9 +279,8 @@ impl Metrics {
             "Application bytes relayed (not TLS record bytes)",
             bytes.clone(),
         );
-        let handshake = Family::<RouteLabel, Histogram, fn() -> Histogram>::new_with_constructor(
-            handshake_histogram as fn() -> Histogram,
-        );
+        let handshake =
+            HistogramFamily::new_with_constructor(handshake_histogram as fn() -> Histogram);
         registry.register(
             "upstream_handshake_seconds",
             "Time of the TLS handshake with the upstream",
@@ -250,6 +313,7 @@ impl Metrics {
         );
         let http_requests = Family::<CodeLabels, Counter>::default();
         registry.register("http_requests", HTTP_HELP, http_requests.clone());
+        let (request_duration, connection_duration) = register_durations(&mut registry);
         // Both results are listed from the start, so an alert on failures sees a zero.
         for result in ["success", "failure"] {
             let _ = reloads.get_or_create(&ResultLabel { result });
@@ -261,6 +325,8 @@ impl Metrics {
             active,
             bytes,
             handshake,
+            request_duration,
+            connection_duration,
             client_expiry,
             upstream_expiry,
             ca_expiry,
@@ -269,8 +335,9 @@ impl Metrics {
         }
     }
 
-    /// Resolve a route's handles (creating its series, so they show as zero from the start).
-    pub fn route(&self, route: &str) -> RouteMetrics {
+    /// Resolve a route's handles (creating its series, so they show as zero from the start);
+    /// `mode` decides which duration histogram the route has.
+    pub fn route(&self, route: &str, mode: Mode) -> RouteMetrics {
         let r = RouteLabel {
             route: route.to_string(),
         };
@@ -297,6 +364,10 @@ impl Metrics {
             bytes_to_upstream: bytes("to_upstream"),
             bytes_from_upstream: bytes("from_upstream"),
             handshake: self.handshake.get_or_create(&r).clone(),
+            request_duration: (mode == Mode::Http)
+                .then(|| self.request_duration.get_or_create(&r).clone()),
+            connection_duration: (mode == Mode::Tcp)
+                .then(|| self.connection_duration.get_or_create(&r).clone()),
             client_expiry: self.client_expiry.get_or_create(&r).clone(),
             upstream_expiry: (self.upstream_expiry.clone(), r.clone()),
             last_upstream_leaf: Mutex::new(Vec::new()),
@@ -322,15 +393,14 @@ impl Metrics {
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         // prometheus-client leaves out a family with no series yet; OpenMetrics allows an empty
-        // family, and listing it keeps the schema the same in tcp mode (no HTTP requests).
-        const HTTP: &str = "# TYPE mtls_sidecar_http_requests counter\n";
-        if !out.contains(HTTP)
-            && let Some(eof) = out.rfind("# EOF")
-        {
-            out.insert_str(
-                eof,
-                &format!("# HELP mtls_sidecar_http_requests {HTTP_HELP}.\n{HTTP}"),
-            );
+        // family, and listing it keeps the schema the same whatever the routes' modes.
+        for (name, kind, help) in ALWAYS_LISTED {
+            let head = format!("# TYPE mtls_sidecar_{name} {kind}\n");
+            if !out.contains(&head)
+                && let Some(eof) = out.rfind("# EOF")
+            {
+                out.insert_str(eof, &format!("# HELP mtls_sidecar_{name} {help}.\n{head}"));
+            }
         }
         out
     }
@@ -343,11 +413,12 @@ mod tests {
     #[test]
     fn families_and_moves() {
         let m = Metrics::new();
-        let r = m.route("default");
+        let r = m.route("default", Mode::Tcp);
         r.connection_finished(None);
         r.connection_finished(Some(Class::Refused));
         r.bytes_to_upstream.inc_by(10);
         r.handshake.observe(0.003);
+        r.connection_ended(std::time::Instant::now());
         let text = m.encode();
         for want in [
             "mtls_sidecar_connections_total{route=\"default\",outcome=\"ok\"} 1",
@@ -358,6 +429,9 @@ mod tests {
             "mtls_sidecar_reloads_total{result=\"failure\"} 0",
             "# TYPE mtls_sidecar_http_requests counter",
             "# TYPE mtls_sidecar_client_cert_expiry_timestamp_seconds gauge",
+            "mtls_sidecar_connection_duration_seconds_bucket{le=\"0.001\",route=\"default\"} 1",
+            "mtls_sidecar_connection_duration_seconds_count{route=\"default\"} 1",
+            "# TYPE mtls_sidecar_http_request_duration_seconds histogram",
         ] {
             assert!(text.contains(want), "missing {want:?} in\n{text}");
         }

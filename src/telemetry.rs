@@ -37,9 +37,10 @@ fn filter(level: &str) -> Result<EnvFilter, Error> {
 
 pub fn init(args: &LogArgs) -> Result<(), Error> {
     let filter = filter(&args.log_level)?;
+    crate::logwriter::set_json(matches!(args.log_format, LogFormat::Json));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(crate::logwriter::LogWriter)
         .with_target(false);
     // try_init: a second init (tests, demo) keeps the first subscriber.
     let _ = match args.log_format {

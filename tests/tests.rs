@@ -25,6 +25,10 @@
 //! - `check_inbound`: `check` on inbound routes: direction, rule, client CAs, CRLs, listen names
 //! - `checks`: `--crl`, `--verify-uri-san` and `--pin-sha256` on top of chain and name checks
 //! - `demo`: `demo` both ways: outbound -> mTLS -> inbound (http mode) -> plain app, identity via XFCC
+//! - `access_log_request`: `--access-log request|off` (request lines for h1/h2c apps, pool reuse in
+//!   `upstream_conn`, no query or header values, own 502 `reason`, JSON, escaping, `off`, tcp mode)
+//! - `latency_metrics`: `http_request_duration_seconds` and `connection_duration_seconds`; inbound
+//!   http request lines
 //! - `admin`: `/healthz`, `/readyz`, `/metrics`, `/status`, `POST /shutdown` and `wait`
 //! - `ca_expiry`: `ca_cert_expiry_timestamp_seconds` (files, reloads, SPIFFE bundles), the
 //!   intermediates and CA bundle in `/status`, CA and intermediate expiry warnings
@@ -67,6 +71,7 @@
 
 mod support;
 
+mod access_log_request;
 mod admin;
 mod ca_expiry;
 mod check_cmd;
@@ -97,6 +102,7 @@ mod inbound_state;
 mod inbound_tcp;
 mod inbound_tls_choice;
 mod interop;
+mod latency_metrics;
 mod lifecycle;
 mod pool_lifetime;
 mod proxy;

@@ -16,6 +16,19 @@ pub struct Ops {
     pub reload_canary: bool,
 }
 
+impl Ops {
+    /// Whether the info-level connection lines are written (not `--access-log off`; failed
+    /// connections are logged at warn whatever it says).
+    pub fn connection_lines(&self) -> bool {
+        self.access_log != AccessLog::Off
+    }
+
+    /// Whether http mode writes a line per request (`--access-log request`).
+    pub fn request_lines(&self) -> bool {
+        self.access_log == AccessLog::Request
+    }
+}
+
 /// The route's `Ops`; `--reload-canary` is refused on an inbound route (it has no upstream to
 /// try an identity on).
 pub(super) fn parse(args: &RunArgs) -> Result<Ops, Error> {

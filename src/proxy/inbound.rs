@@ -173,14 +173,18 @@ impl Drop for InboundLog<'_> {
         let (client, client_id) = (&self.client.subject, &self.client.id);
         let (to_client, from_client) = (self.moved.near_to_far, self.moved.far_to_near);
         let duration_ms = self.started.elapsed().as_millis() as u64;
+        m.connection_ended(self.started);
         match &self.end {
             End::Ok => {
                 m.connection_finished(None);
-                info!(
-                    route = %route, peer = %peer, client = ?client, client_id = ?client_id,
-                    target = %target, bytes_from_client = from_client,
-                    bytes_to_client = to_client, duration_ms, outcome = %"ok", "connection"
-                );
+                // `--access-log off`: no info line (refusals and failures still warn).
+                if self.ctx.route.ops.connection_lines() {
+                    info!(
+                        route = %route, peer = %peer, client = ?client, client_id = ?client_id,
+                        target = %target, bytes_from_client = from_client,
+                        bytes_to_client = to_client, duration_ms, outcome = %"ok", "connection"
+                    );
+                }
             }
             End::Refused(r, error) => {
                 m.refused(r.outcome(), r.reason());

@@ -42,11 +42,16 @@ impl Drop for AccessLog<'_> {
         let m = &self.ctx.metrics;
         m.active.dec();
         m.connection_finished(self.failure.as_ref().map(|f| f.class));
+        m.connection_ended(self.started);
         let c = &self.moved;
+        // `--access-log off` silences the info lines; a failure's warn line stays.
+        let info = self.ctx.route.ops.connection_lines();
         let duration_ms = self.started.elapsed().as_millis() as u64;
         let route = &self.ctx.route.name;
         let upstream = &self.ctx.upstream;
         match &self.failure {
+            None if !info => {}
+            Some(f) if !info && !f.class.is_fault() => {}
             None => info!(
                 route = %route, peer = %self.peer, upstream = %upstream,
                 bytes_to_upstream = c.near_to_far, bytes_from_upstream = c.far_to_near,
@@ -97,6 +102,9 @@ impl<'a> HttpConnLog<'a> {
 impl Drop for HttpConnLog<'_> {
     fn drop(&mut self) {
         self.ctx.metrics.active.dec();
+        if !self.ctx.route.ops.connection_lines() {
+            return;
+        }
         info!(
             route = %self.ctx.route.name, peer = %self.peer, upstream = %self.ctx.upstream,
             duration_ms = self.started.elapsed().as_millis() as u64, mode = "http",

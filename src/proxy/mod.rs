@@ -261,7 +261,7 @@ fn spawn_conn(
     let cut = life.cut.clone();
     if let Some(route) = http {
         let (route, stop) = (route.clone(), life.stop_accepting.clone());
-        let accepted = http::Accepted::now(&route);
+        let accepted = http::Accepted::now(&route, &peer);
         life.tracker.spawn(
             async move {
                 // Dropped (and logged) after the connection and any upgraded tunnel of it ended;
@@ -325,7 +325,7 @@ fn spawn_inbound_http(
     };
     let (ctx, route) = (ctx.clone(), route.clone());
     let ends = (
-        http::Accepted::now(&route),
+        http::Accepted::now(&route, &peer),
         life.stop_accepting.clone(),
         life.cut.clone(),
     );

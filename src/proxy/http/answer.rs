@@ -9,6 +9,7 @@ use hyper::header::{self, HeaderValue};
 
 use super::Body;
 use super::pool::PoolFull;
+use super::reqlog::OwnAnswer;
 use super::target::TargetFailure;
 use crate::failure::{self, Class, Failure};
 use crate::proxy::inbound::Refusal;
@@ -45,7 +46,11 @@ fn sentence(class: Class) -> &'static str {
 }
 
 /// The proxy's own answer: `mtls-sidecar: <reason>: <sentence>`, one line of plain text.
-pub(super) fn own_response(code: StatusCode, reason: &str, sentence: &str) -> Response<Body> {
+pub(super) fn own_response(
+    code: StatusCode,
+    reason: &'static str,
+    sentence: &str,
+) -> Response<Body> {
     let body = format!("mtls-sidecar: {reason}: {sentence}\n");
     let mut r = Response::new(
         Full::new(Bytes::from(body))
@@ -53,6 +58,8 @@ pub(super) fn own_response(code: StatusCode, reason: &str, sentence: &str) -> Re
             .boxed(),
     );
     *r.status_mut() = code;
+    // For the request's access line (`--access-log request`).
+    r.extensions_mut().insert(OwnAnswer(reason));
     r.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; charset=utf-8"),

@@ -8,14 +8,44 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use hyper::body::{Bytes, Frame};
+use hyper::Request;
+use hyper::body::{Buf, Bytes, Frame, Incoming};
 use prometheus_client::metrics::counter::Counter;
 use tokio::sync::OwnedSemaphorePermit;
 use tracing::warn;
 
-use super::BoxError;
+use super::reqlog::RequestLog;
+use super::{BoxError, HttpRoute, OutBody, Outgoing, reqlog};
 use crate::proxy::RouteCtx;
 use crate::proxy::watch::InFlight;
+
+impl HttpRoute {
+    /// The app's request as sent: its body counted and bounded by [`HttpRoute::out_body`].
+    pub(super) fn outgoing(&self, mut req: Request<Incoming>) -> Outgoing {
+        let per_request = match self.ctx.route.ops.request_lines() {
+            true => req
+                .extensions_mut()
+                .remove::<reqlog::BytesIn>()
+                .map(|b| b.0),
+            false => None,
+        };
+        req.map(|inner| self.out_body(AppBody::App(inner), per_request))
+    }
+
+    /// A request body as sent: counted into `bytes_total` (and its access line's `bytes_in`)
+    /// and bounded by `--idle-timeout`.
+    pub(super) fn out_body(&self, inner: AppBody, per_request: Option<Counter>) -> OutBody {
+        let counted = Counted {
+            inner,
+            counter: self.ctx.metrics.bytes_to_upstream.clone(),
+            per_request,
+            upstream_of: None,
+            _exchange: None,
+            budget: None,
+        };
+        Moving::new(counted, self.ctx.route.idle_timeout)
+    }
+}
 
 /// A body that adds the size of every data frame passing through to a counter
 /// (`bytes_total`): one atomic add per frame.
@@ -24,6 +54,8 @@ pub(super) struct Counted<B> {
     pub(super) inner: B,
     /// The route's byte counter for this direction.
     pub(super) counter: Counter,
+    /// For a request body with `--access-log request`: its record's `bytes_in`.
+    pub(super) per_request: Option<Counter>,
     /// For a response body: the route whose upstream failed mid-body, logged at warn (the app
     /// only sees its connection or stream cut).
     pub(super) upstream_of: Option<Arc<RouteCtx>>,
@@ -57,6 +89,9 @@ where
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_mut() {
                     this.counter.inc_by(data.len() as u64);
+                    if let Some(c) = &this.per_request {
+                        c.inc_by(data.len() as u64);
+                    }
                     if let Some(budget) = &this.budget {
                         *data = budget.charge(std::mem::take(data));
                     }
@@ -276,6 +311,9 @@ pub(super) struct Tracked<B> {
     pub(super) inner: B,
     /// The request counts as open in the connection's watch until this is dropped.
     pub(super) _open: InFlight,
+    /// `--access-log request`: the request's record, told the body bytes passing through and
+    /// written when this is dropped (the response ended or was cut).
+    pub(super) log: Option<Box<RequestLog>>,
 }
 
 impl<B: hyper::body::Body + Unpin> hyper::body::Body for Tracked<B> {
@@ -286,7 +324,14 @@ impl<B: hyper::body::Body + Unpin> hyper::body::Body for Tracked<B> {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
-        Pin::new(&mut self.get_mut().inner).poll_frame(cx)
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_frame(cx);
+        if let (Some(log), Poll::Ready(Some(Ok(frame)))) = (&mut this.log, &r)
+            && let Some(data) = frame.data_ref()
+        {
+            log.bytes_out += data.remaining() as u64;
+        }
+        r
     }
 
     fn is_end_stream(&self) -> bool {

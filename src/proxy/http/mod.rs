@@ -18,6 +18,7 @@ mod answer;
 mod body;
 mod lifetime;
 mod pool;
+mod reqlog;
 mod serve;
 mod target;
 
@@ -126,7 +127,7 @@ impl HttpRoute {
 impl HttpRoute {
     /// Forward one request. `client` is the verified client of an inbound connection.
     async fn forward(
-        self: Arc<Self>,
+        &self,
         mut req: Request<Incoming>,
         lane: Arc<Lane>,
         client: Option<Arc<ClientId>>,
@@ -162,7 +163,7 @@ impl HttpRoute {
         let replay = replayable(&req);
         let dials = self.ctx.pool_dials.load(Ordering::Relaxed);
         let sent_at = std::time::Instant::now();
-        let req = req.map(|inner| self.out_body(AppBody::App(inner)));
+        let req = self.outgoing(req);
         let (mut resp, mut exchange) = self.send(req, app_h2, &lane).await;
         // Sent on a connection that existed before (no dial began meanwhile), which the peer
         // had closed: a fresh connection would have failed for a reason worth reporting.
@@ -173,7 +174,7 @@ impl HttpRoute {
             // A pooled connection the peer had already closed: sent once more on another.
             debug!(route = %self.ctx.route.name, error = ?e.to_string(), "bodiless request retried on a fresh connection");
             drop(exchange.take());
-            let again = again.map(|()| self.out_body(AppBody::Empty));
+            let again = again.map(|()| self.out_body(AppBody::Empty, None));
             (resp, exchange) = self.send(again, app_h2, &lane).await;
         }
         let resp = match resp {
@@ -195,6 +196,7 @@ impl HttpRoute {
         let body = Counted {
             inner: body,
             counter: self.ctx.metrics.bytes_from_upstream.clone(),
+            per_request: None,
             upstream_of: Some(self.ctx.clone()),
             _exchange: exchange,
             budget: app_h2.then(|| lane.budget.clone()),
@@ -218,18 +220,6 @@ impl HttpRoute {
             }
             _ => u,
         }
-    }
-
-    /// A request body as sent: counted into `bytes_total` and bounded by `--idle-timeout`.
-    fn out_body(&self, inner: AppBody) -> OutBody {
-        let counted = Counted {
-            inner,
-            counter: self.ctx.metrics.bytes_to_upstream.clone(),
-            upstream_of: None,
-            _exchange: None,
-            budget: None,
-        };
-        Moving::new(counted, self.ctx.route.idle_timeout)
     }
 
     /// Send a request on the route's pool. An h2 app connection's requests go through its
@@ -378,7 +368,7 @@ impl HttpRoute {
     /// HTTP/1.1 Upgrade: a dedicated http/1.1 connection to the upstream or target; after its
     /// 101, bytes flow both ways between the two upgraded connections.
     async fn upgrade(
-        self: Arc<Self>,
+        &self,
         mut req: Request<Incoming>,
         client: Option<&ClientId>,
     ) -> Response<Body> {
@@ -430,11 +420,14 @@ impl HttpRoute {
                     }
                 };
                 let (mut a, mut u) = (TokioIo::new(a), TokioIo::new(u));
+                let lines = ctx.route.ops.connection_lines();
                 match tokio::io::copy_bidirectional(&mut a, &mut u).await {
                     Ok((to, from)) => {
                         m.bytes_to_upstream.inc_by(to);
                         m.bytes_from_upstream.inc_by(from);
-                        info!(route = %route, bytes_to_upstream = to, bytes_from_upstream = from, "upgraded connection closed")
+                        if lines {
+                            info!(route = %route, bytes_to_upstream = to, bytes_from_upstream = from, "upgraded connection closed")
+                        }
                     }
                     Err(e) => {
                         info!(route = %route, error = ?e.to_string(), "upgraded connection failed")

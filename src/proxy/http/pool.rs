@@ -22,6 +22,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::body::Budget;
 use super::lifetime::Expiry;
+use super::reqlog::UpstreamConn;
 use super::{BoxError, Dest, HttpRoute, OutBody};
 use crate::config::HttpSettings;
 use crate::failure::Class;
@@ -309,17 +310,20 @@ impl HttpRoute {
     }
 }
 
-/// One of the route's `--pool-max-connections` slots for a new connection. Waiting is bounded
-/// like a dial; meanwhile the pool hands the request any connection that falls idle.
+/// One of the route's `--pool-max-connections` slots for a new connection, and the dial's
+/// number on the route (the connection's id in request lines). Waiting is bounded like a
+/// dial; meanwhile the pool hands the request any connection that falls idle.
 pub(super) async fn pool_slot(
     ctx: &RouteCtx,
     slots: Arc<Semaphore>,
-) -> Result<OwnedSemaphorePermit, BoxError> {
+) -> Result<(OwnedSemaphorePermit, u64), BoxError> {
     let wait = ctx.route.connect_timeout;
-    ctx.pool_dials
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dial = ctx
+        .pool_dials
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        + 1;
     match tokio::time::timeout(wait, slots.acquire_owned()).await {
-        Ok(Ok(p)) => Ok(p),
+        Ok(Ok(p)) => Ok((p, dial)),
         _ => {
             let max = ctx.route.http.pool_max_connections;
             Err(Box::new(PoolFull { wait, max }) as BoxError)
@@ -412,7 +416,7 @@ impl tower_service::Service<Uri> for Connector {
         let slots = self.slots.clone();
         let speaks = self.speaks.clone();
         Box::pin(async move {
-            let permit = pool_slot(&ctx, slots).await?;
+            let (permit, dial) = pool_slot(&ctx, slots).await?;
             let mut attempt = ctx.connect(config.clone()).await;
             if matches!(&attempt, Err(f) if f.class == Class::Refused) {
                 attempt = ctx.connect(config).await;
@@ -430,6 +434,7 @@ impl tower_service::Service<Uri> for Connector {
                         h2,
                         _slot: permit,
                         tls_errors_to: Some(ctx.clone()),
+                        id: ctx.route.ops.request_lines().then_some(dial),
                     })
                 }
                 Err(f) => {
@@ -453,11 +458,18 @@ pub(super) struct PooledIo<T> {
     /// Outbound: the route, told of a TLS error read on this connection (see
     /// [`RouteCtx::note_pool_tls_error`]).
     pub(super) tls_errors_to: Option<Arc<RouteCtx>>,
+    /// With `--access-log request`: the connection's id, which hyper-util copies into every
+    /// response read on it (one allocation per response, so only when a line will show it).
+    pub(super) id: Option<u64>,
 }
 
 impl<T> Connection for PooledIo<T> {
     fn connected(&self) -> Connected {
         let c = Connected::new();
+        let c = match self.id {
+            Some(id) => c.extra(UpstreamConn(id)),
+            None => c,
+        };
         if self.h2 { c.negotiated_h2() } else { c }
     }
 }

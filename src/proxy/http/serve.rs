@@ -7,17 +7,18 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper::Request;
 use hyper::body::Incoming;
+use hyper::{Request, Response};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info};
 
 use super::body::Tracked;
 use super::pool::Lane;
-use super::{ClientId, HttpRoute};
+use super::reqlog::{self, RequestLog};
+use super::{Body, ClientId, HttpRoute};
 use crate::failure::Class;
-use crate::proxy::watch::{ConnWatch, Expired, Watched};
+use crate::proxy::watch::{ConnWatch, Expired, InFlight, Watched};
 
 /// Request headers larger than this get `431`.
 const MAX_HEADER_BYTES: usize = 64 * 1024;
@@ -113,15 +114,19 @@ pub struct Accepted {
     watch: Arc<ConnWatch>,
     /// The inbound client, once its handshake is done; `None` outbound.
     client: Option<Arc<ClientId>>,
+    /// The app's (inbound: the client's) address for the request lines; `None` unless
+    /// `--access-log request`.
+    peer: Option<Arc<str>>,
 }
 
 impl Accepted {
-    /// Call at accept: the head clock starts now.
-    pub fn now(route: &HttpRoute) -> Self {
+    /// Call at accept: the head clock starts now. `peer` is the app's address, as logs show it.
+    pub fn now(route: &HttpRoute, peer: &str) -> Self {
         let (settings, idle) = (&route.ctx.route.http, route.ctx.route.idle_timeout);
         Accepted {
             watch: ConnWatch::new(settings.header_timeout, idle),
             client: None,
+            peer: route.ctx.route.ops.request_lines().then(|| Arc::from(peer)),
         }
     }
 
@@ -147,7 +152,7 @@ pub async fn serve_conn<I>(
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let Accepted { watch, client } = accepted;
+    let (watch, client, peer) = (accepted.watch, accepted.client, accepted.peer);
     let builder = server_builder();
     let tunnel = TunnelSlot::default();
     let lane = Arc::new(Lane::new());
@@ -157,10 +162,7 @@ where
         let open = w.request(req.version());
         req.extensions_mut().insert(slot.clone());
         let (r, lane, client) = (r.clone(), l.clone(), client.clone());
-        async move {
-            let resp = r.forward(req, lane, client).await?;
-            Ok::<_, Infallible>(resp.map(|inner| Tracked { inner, _open: open }))
-        }
+        one_request(r, req, lane, client, open, peer.clone())
     });
     let io = TokioIo::new(Watched::new(io, watch.clone()));
     let conn = builder.serve_connection_with_upgrades(io, service);
@@ -216,6 +218,28 @@ where
         None if closing.is_some() => End::Timeout(Expired::Idle),
         None => End::Closed,
     }
+}
+
+/// One request of an app connection, from its head to the response head; the response body
+/// keeps it open in the connection's watch and carries its access-log record, if any.
+/// `peer` is set only with `--access-log request`.
+async fn one_request(
+    route: Arc<HttpRoute>,
+    mut req: Request<Incoming>,
+    lane: Arc<Lane>,
+    client: Option<Arc<ClientId>>,
+    open: InFlight,
+    peer: Option<Arc<str>>,
+) -> Result<Response<Tracked<Body>>, Infallible> {
+    let started = std::time::Instant::now();
+    let mut log = peer.map(|p| RequestLog::start(&route.ctx, p, &mut req, started));
+    let resp = route.forward(req, lane, client).await?;
+    reqlog::answered(&route.ctx, started, &resp, log.as_deref_mut());
+    Ok(resp.map(|inner| Tracked {
+        inner,
+        _open: open,
+        log,
+    }))
 }
 
 /// The earlier of two optional instants.

@@ -166,7 +166,7 @@ impl tower_service::Service<Uri> for TargetConnector {
     fn call(&mut self, _uri: Uri) -> Self::Future {
         let this = self.clone();
         Box::pin(async move {
-            let permit = pool_slot(&this.ctx, this.slots.clone()).await?;
+            let (permit, dial) = pool_slot(&this.ctx, this.slots.clone()).await?;
             let conn = this.dial().await.map_err(|f| Box::new(f) as BoxError)?;
             if let TargetConn::Tcp(s) = &conn {
                 let _ = s.set_nodelay(true);
@@ -176,6 +176,7 @@ impl tower_service::Service<Uri> for TargetConnector {
                 h2: false,
                 _slot: permit,
                 tls_errors_to: None,
+                id: this.ctx.route.ops.request_lines().then_some(dial),
             })
         })
     }
