@@ -15,6 +15,7 @@
 //!  spiffe ................ the Workload API client: SVIDs and bundles published as identities
 //!  tls ................... Settings, files, keys, verify, identity (one snapshot), reload
 //!  cli, transport, resolve, notify, signal, telemetry, pki, wait ... values and I/O helpers
+//!  otel .................. OpenTelemetry spans and their exporter (cargo feature `otel`)
 //! ```
 //!
 //! `python3 ../shared/tools/module-cycles.py src` (run by `.ci/run`) keeps it one-way.
@@ -45,6 +46,7 @@
 //! - `admin`: the admin endpoints, on their own thread
 //! - `app`: startup and the serve/drain lifecycle; `notify` systemd READY/RELOADING/STOPPING;
 //!   `signal` SIGTERM/SIGINT; `wait` the `wait` command; `pki` `dev-pki`; `telemetry` logging
+//! - `otel`: OpenTelemetry traces from the `OTEL_*` variables: request, dial and connection spans
 #![forbid(unsafe_code)]
 
 pub mod admin;
@@ -59,6 +61,7 @@ pub mod inbound;
 pub mod listen;
 pub mod metrics;
 pub mod notify;
+pub mod otel;
 pub mod pki;
 pub mod proxy;
 pub mod resolve;

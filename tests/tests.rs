@@ -90,6 +90,8 @@ mod inbound_tcp;
 mod inbound_tls_choice;
 mod interop;
 mod lifecycle;
+#[cfg(feature = "otel")]
+mod otel_traces;
 mod proxy;
 mod proxy_protocol_interop;
 mod refusal;

@@ -22,11 +22,12 @@ use tracing::{info, warn};
 
 use super::RouteCtx;
 use super::relay::{self, Moved, Relay};
-use crate::cli::ProxyProtocol;
+use crate::cli::{Mode, ProxyProtocol};
 use crate::config::{Inbound, Target};
 use crate::failure::{Class, escape};
 use crate::inbound::proxy_protocol::{self, TlsFacts};
 use crate::listen::LogLimit;
+use crate::otel::{ConnSpan, Direction};
 use crate::resolve::{self, Resolver};
 use crate::transport::ReadySocket;
 
@@ -104,15 +105,15 @@ impl Refusal {
 }
 
 /// Who the verified client is, for the access line.
-struct Client {
+pub(super) struct Client {
     /// The leaf's subject.
     subject: String,
     /// First URI SAN, else first DNS SAN, else `-`.
-    id: String,
+    pub(super) id: String,
 }
 
 impl Client {
-    fn of(leaf: Option<&[u8]>) -> Client {
+    pub(super) fn of(leaf: Option<&[u8]>) -> Client {
         let unknown = || Client {
             subject: "-".into(),
             id: "-".into(),
@@ -151,6 +152,17 @@ pub(super) enum End {
     Failed(Class, String),
 }
 
+impl End {
+    /// The outcome, and the reason of a failure.
+    fn outcome(&self) -> (&'static str, Option<&'static str>) {
+        match self {
+            End::Ok => ("ok", None),
+            End::Refused(r, _) => (r.outcome(), Some(r.reason())),
+            End::Failed(c, _) => (c.outcome(), Some(c.reason())),
+        }
+    }
+}
+
 /// The inbound access-log record of one connection; logs itself when dropped.
 pub(super) struct InboundLog<'a> {
     ctx: &'a RouteCtx,
@@ -163,6 +175,8 @@ pub(super) struct InboundLog<'a> {
     pub(super) end: End,
     /// The route's refusal-line limiter.
     limit: &'a Mutex<LogLimit>,
+    /// tcp mode: the connection's OpenTelemetry span (nothing when traces are off).
+    span: ConnSpan,
 }
 
 impl Drop for InboundLog<'_> {
@@ -173,6 +187,9 @@ impl Drop for InboundLog<'_> {
         let (client, client_id) = (&self.client.subject, &self.client.id);
         let (to_client, from_client) = (self.moved.near_to_far, self.moved.far_to_near);
         let duration_ms = self.started.elapsed().as_millis() as u64;
+        let (outcome, reason) = self.end.outcome();
+        self.span
+            .end(client_id, (to_client, from_client), outcome, reason);
         match &self.end {
             End::Ok => {
                 m.connection_finished(None);
@@ -334,13 +351,20 @@ where
     ctx.metrics.active.inc();
     let mut log = InboundLog {
         ctx,
-        peer,
         target: inbound.target.to_string(),
         started: Instant::now(),
         client: Client::of(None),
         moved: Moved::default(),
         end: End::Refused(Refusal::Protocol, "ended before the handshake".into()),
         limit: &ctx.refusals,
+        // http mode traces each request instead.
+        span: ConnSpan::start_if(
+            ctx.route.mode == Mode::Tcp,
+            &ctx.route.name,
+            &peer,
+            Direction::Inbound,
+        ),
+        peer,
     };
     let config = match ctx.identity_within_timeout().await {
         Ok(loaded) => loaded.server.clone()?,
@@ -349,7 +373,8 @@ where
             return None;
         }
     };
-    let tls = match accept(config, inbound, conn, cut).await {
+    let accepted = accept(config, inbound, conn, cut);
+    let tls = match log.span.handshake(accepted, |e: &End| e.outcome().1).await {
         Ok(s) => s,
         Err(end) => {
             log.end = end;

@@ -45,7 +45,11 @@ fn sentence(class: Class) -> &'static str {
 }
 
 /// The proxy's own answer: `mtls-sidecar: <reason>: <sentence>`, one line of plain text.
-pub(super) fn own_response(code: StatusCode, reason: &str, sentence: &str) -> Response<Body> {
+pub(super) fn own_response(
+    code: StatusCode,
+    reason: &'static str,
+    sentence: &str,
+) -> Response<Body> {
     let body = format!("mtls-sidecar: {reason}: {sentence}\n");
     let mut r = Response::new(
         Full::new(Bytes::from(body))
@@ -57,6 +61,10 @@ pub(super) fn own_response(code: StatusCode, reason: &str, sentence: &str) -> Re
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
+    if crate::otel::enabled() {
+        // The request span's `error.type`.
+        r.extensions_mut().insert(crate::otel::OwnReason(reason));
+    }
     r
 }
 

@@ -19,6 +19,7 @@ mod body;
 mod pool;
 mod serve;
 mod target;
+mod traced;
 
 pub use self::serve::{Accepted, End, serve_conn};
 
@@ -89,6 +90,8 @@ pub struct ClientId {
     xfcc: Option<String>,
     /// Appended to `X-Forwarded-For`; `None` on a unix listener.
     ip: Option<IpAddr>,
+    /// The client's URI SAN (else DNS SAN) for its requests' spans; only when traces are on.
+    id: Option<String>,
 }
 
 impl ClientId {
@@ -96,6 +99,7 @@ impl ClientId {
         ClientId {
             xfcc: leaf.and_then(xfcc::header),
             ip,
+            id: crate::otel::enabled().then(|| super::inbound::Client::of(leaf).id),
         }
     }
 
@@ -124,7 +128,7 @@ impl HttpRoute {
 
 impl HttpRoute {
     /// Forward one request. `client` is the verified client of an inbound connection.
-    async fn forward(
+    async fn forward_request(
         self: Arc<Self>,
         mut req: Request<Incoming>,
         lane: Arc<Lane>,
