@@ -91,6 +91,8 @@ mod inbound_tls_choice;
 mod interop;
 mod lifecycle;
 #[cfg(feature = "otel")]
+mod otel_routes;
+#[cfg(feature = "otel")]
 mod otel_traces;
 mod proxy;
 mod proxy_protocol_interop;
