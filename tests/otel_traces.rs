@@ -286,3 +286,34 @@ async fn without_endpoint_nothing_is_added_or_exported() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(collector.requests(), 0, "{:?}", collector.spans());
 }
+
+/// A collector that cannot be reached: the requests are served as ever, and the failed exports
+/// give one warning line, not one per export.
+#[tokio::test(flavor = "multi_thread")]
+async fn unreachable_collector_warns_once() {
+    let pki = Pki::new();
+    let up = HttpUpstream::start(&pki, Alpn::Http11).await;
+    let proxy = http_cmd(&pki, format!("localhost:{}", up.port()))
+        .env(
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+            format!("http://127.0.0.1:{}", free_port()),
+        )
+        .env("OTEL_EXPORTER_OTLP_TIMEOUT", "300")
+        .env("OTEL_BSP_SCHEDULE_DELAY", "20")
+        .start();
+    let started = std::time::Instant::now();
+    let mut i = 0;
+    while started.elapsed() < Duration::from_secs(3) || i < 5 {
+        let req = h1_req("GET", "/x").body(empty()).expect("req");
+        assert_eq!(h1_call(proxy.addr(), req).await.status, 200);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        i += 1;
+    }
+    let line = "opentelemetry span export failed";
+    eventually("the export failure line", WAIT, || {
+        proxy.stderr().contains(line)
+    })
+    .await;
+    let n = proxy.stderr().matches(line).count();
+    assert_eq!(n, 1, "{}", proxy.stderr());
+}

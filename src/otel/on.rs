@@ -262,3 +262,33 @@ pub fn in_current<T: 'static>(
     }
     Box::pin(fut.with_context(cx))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn span_names_and_versions() {
+        assert_eq!(method_name(&Method::GET), "GET");
+        let odd = Method::from_bytes(b"PURGE").expect("method");
+        assert_eq!(method_name(&odd), "HTTP", "no unbounded span names");
+        assert_eq!(version_name(Version::HTTP_2), "2");
+        assert_eq!(version_name(Version::HTTP_11), "1.1");
+    }
+
+    #[test]
+    fn nothing_when_off() {
+        // No endpoint in unit tests: every hook is a no-op.
+        let mut req = Request::new(());
+        req.headers_mut()
+            .insert(TRACEPARENT, "00-zz-zz-01".parse().expect("value"));
+        let names = Names {
+            route: "r",
+            server: "s",
+            peer_id: None,
+        };
+        assert!(RequestSpan::start(names, &mut req).is_none());
+        assert_eq!(req.headers().len(), 1, "the request is left as it came");
+        assert!(Phase::start(super::super::CONNECT).0.is_none());
+    }
+}

@@ -81,6 +81,11 @@ pub fn init() {
             return;
         }
     };
+    if endpoint.trim().to_ascii_lowercase().starts_with("https:") {
+        // Neither exporter links a TLS client: the proxy's own TLS stack serves its routes.
+        warn!(endpoint = ?endpoint, "https OTLP endpoints are not supported (use http://, e.g. a collector on the node or in the cluster): no traces");
+        return;
+    }
     let exporter = match build_exporter(protocol) {
         Ok(e) => e,
         Err(e) => {
@@ -129,20 +134,28 @@ fn export_timeout() -> Duration {
 /// The SDK's resource (`OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`), with `service.name`
 /// `mtls-sidecar` unless one of them names the service.
 fn resource() -> Resource {
-    let named = var("OTEL_SERVICE_NAME").is_some()
-        || var("OTEL_RESOURCE_ATTRIBUTES").is_some_and(|a| {
-            a.split(',').any(|kv| {
-                kv.split('=')
-                    .next()
-                    .is_some_and(|k| k.trim() == "service.name")
-            })
-        });
+    let named = names_service(
+        var("OTEL_SERVICE_NAME").as_deref(),
+        var("OTEL_RESOURCE_ATTRIBUTES").as_deref(),
+    );
     let builder = Resource::builder();
     if named {
         builder.build()
     } else {
         builder.with_service_name(DEFAULT_SERVICE_NAME).build()
     }
+}
+
+/// Whether `OTEL_SERVICE_NAME` or `OTEL_RESOURCE_ATTRIBUTES` (`k=v,k=v`) names the service.
+fn names_service(service_name: Option<&str>, attributes: Option<&str>) -> bool {
+    service_name.is_some_and(|n| !n.trim().is_empty())
+        || attributes.is_some_and(|a| {
+            a.split(',').any(|kv| {
+                kv.split('=')
+                    .next()
+                    .is_some_and(|k| k.trim() == "service.name")
+            })
+        })
 }
 
 /// Flush what is queued (at most [`FLUSH_TIMEOUT`]) and stop the exporter; at graceful shutdown.
@@ -219,5 +232,22 @@ impl<E: SpanExporter> SpanExporter for Logged<E> {
 
     fn set_resource(&mut self, resource: &Resource) {
         self.inner.set_resource(resource);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::names_service;
+
+    #[test]
+    fn service_name_from_either_variable() {
+        assert!(!names_service(None, None));
+        assert!(!names_service(Some(" "), Some("team=payments")));
+        assert!(names_service(Some("billing"), None));
+        assert!(names_service(
+            None,
+            Some("team=payments, service.name=billing")
+        ));
+        assert!(!names_service(None, Some("service.namespace=shop")));
     }
 }
