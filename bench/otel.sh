@@ -36,7 +36,8 @@ http {
   server { listen 127.0.0.1:$UP ssl http2 backlog=4096;
     ssl_certificate $PKI/server.pem; ssl_certificate_key $PKI/server-key.pem;
     ssl_client_certificate $PKI/ca.pem; ssl_verify_client on; }
-  server { listen 127.0.0.1:$COL; client_max_body_size 64m; location / { return 200; } }
+  server { listen 127.0.0.1:$COL; client_max_body_size 64m; access_log $W/col.log;
+    location / { return 200; } }
 }
 CONF
 nginx -p "$W/up/" -c "$W/up/nginx.conf" -e "$W/up/error.log" & pids+=($!)
@@ -79,4 +80,5 @@ for k in "${names[@]}"; do
     "$(echo ${p99[$k]} | median)" "$(echo ${cpu[$k]} | median)"
 done
 for k in "${names[@]}"; do echo "rounds $k: req/s [${rate[$k]}] cpu µs/req [${cpu[$k]}]"; done
+echo "exports received by the collector: $(grep -c 'POST /v1/traces' "$W/col.log" || true)"
 grep -h "opentelemetry" "$W/c.log" | head -3 || true
