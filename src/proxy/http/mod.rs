@@ -99,7 +99,9 @@ impl ClientId {
         ClientId {
             xfcc: leaf.and_then(xfcc::header),
             ip,
-            id: crate::otel::enabled().then(|| super::inbound::Client::of(leaf).id),
+            id: crate::otel::enabled()
+                .then(|| super::inbound::Client::of(leaf).id)
+                .filter(|id| id != "-"),
         }
     }
 
