@@ -107,6 +107,11 @@ async fn inbound_http_request_span_names_the_client() {
     assert_eq!(s.span.kind, 2, "kind server");
     assert_eq!(s.attr("mtls_sidecar.client.id").as_deref(), Some(WEB_ID));
     assert_eq!(s.attr("url.path").as_deref(), Some("/in"));
+    let target_addr = target.addr.to_string();
+    assert_eq!(
+        s.attr("server.address").as_deref(),
+        Some(target_addr.as_str())
+    );
     let tp = target
         .stats
         .request("in-1")

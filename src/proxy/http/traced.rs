@@ -9,7 +9,7 @@ use hyper::body::Incoming;
 use hyper::{Request, Response};
 
 use super::pool::Lane;
-use super::{Body, ClientId, HttpRoute};
+use super::{Body, ClientId, Dest, HttpRoute};
 use crate::otel::{self, RequestSpan};
 
 impl HttpRoute {
@@ -22,7 +22,10 @@ impl HttpRoute {
     ) -> Result<Response<Body>, Infallible> {
         let names = otel::Names {
             route: &self.ctx.route.name,
-            server: &self.ctx.server_name,
+            server: match &self.dest {
+                Dest::Upstream(_) => &self.ctx.server_name,
+                Dest::Target(_) => &self.ctx.upstream,
+            },
             peer_id: client.as_ref().and_then(|c| c.id.as_deref()),
         };
         match RequestSpan::start(names, &mut req) {
