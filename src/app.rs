@@ -84,6 +84,7 @@ impl App {
     /// Open every route's proxy and load its identity, then bind every listener. Nothing is
     /// served yet.
     pub async fn bind(config: Config) -> Result<App, StartupError> {
+        crate::otel::init();
         let metrics = Arc::new(Metrics::new());
         let (ok, failed) = metrics.reload_counters();
         let rejected = metrics.reload_counter("rejected_by_upstream");
@@ -183,6 +184,7 @@ impl App {
             // Cut connections finish at once; the bound only guards against a stuck task.
             let _ = tokio::time::timeout(Duration::from_secs(2), life.tracker.wait()).await;
         }
+        crate::otel::shutdown().await;
         info!("shutdown complete");
     }
 }

@@ -9,6 +9,11 @@ use rustls::{AlertDescription, CertificateError};
 use crate::spiffe::verify::SpiffeError;
 use crate::tls::verify::CheckError;
 
+/// On the proxy's own answer to an HTTP request (502, 503, 504, 501): its `reason` word, a
+/// response extension read by the request's access line and its span (`error.type`).
+#[derive(Debug, Clone, Copy)]
+pub struct OwnAnswer(pub &'static str);
+
 /// Why a connection failed, as a stable class. `reason()` is the access-log `reason` field and
 /// `outcome()` the coarser metric label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

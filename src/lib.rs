@@ -16,6 +16,7 @@
 //!  spiffe ................ the Workload API client: SVIDs and bundles published as identities
 //!  tls ................... Settings, files, keys, verify, identity (one snapshot), reload
 //!  cli, transport, resolve, notify, signal, telemetry, pki, wait ... values and I/O helpers
+//!  otel .................. OpenTelemetry spans and their exporter (cargo feature `otel`)
 //! ```
 //!
 //! `python3 ../shared/tools/module-cycles.py src` (run by `.ci/run`) keeps it one-way.
@@ -52,6 +53,7 @@
 //! - `app`: startup and the serve/drain lifecycle; `notify` systemd READY/RELOADING/STOPPING;
 //!   `signal` SIGTERM/SIGINT; `wait` the `wait` command; `pki` `dev-pki`; `telemetry` logging;
 //!   `logwriter` stderr with request lines batched
+//! - `otel`: OpenTelemetry traces from the `OTEL_*` variables: request, dial and connection spans
 #![forbid(unsafe_code)]
 
 pub mod admin;
@@ -68,6 +70,7 @@ pub mod listen;
 pub mod logwriter;
 pub mod metrics;
 pub mod notify;
+pub mod otel;
 pub mod pki;
 pub mod proxy;
 pub mod resolve;

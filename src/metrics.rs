@@ -251,6 +251,13 @@ impl Default for Metrics {
     }
 }
 
+/// A gauge family labelled by route, registered.
+fn route_gauge(registry: &mut Registry, name: &str, help: &str) -> Family<RouteLabel, Gauge> {
+    let family = Family::<RouteLabel, Gauge>::default();
+    registry.register(name, help, family.clone());
+    family
+}
+
 impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("mtls_sidecar");
@@ -267,11 +274,10 @@ impl Metrics {
              unknown_issuer, client_cert_rejected, proxy_auth, ...)",
             failures.clone(),
         );
-        let active = Family::<RouteLabel, Gauge>::default();
-        registry.register(
+        let active = route_gauge(
+            &mut registry,
             "active_connections",
             "Plaintext connections open now",
-            active.clone(),
         );
         let bytes = Family::<DirectionLabels, Counter>::default();
         registry.register(
@@ -286,24 +292,21 @@ impl Metrics {
             "Time of the TLS handshake with the upstream",
             handshake.clone(),
         );
-        let client_expiry = Family::<RouteLabel, Gauge>::default();
-        registry.register(
+        let client_expiry = route_gauge(
+            &mut registry,
             "client_cert_expiry_timestamp_seconds",
             "Not-after of the client certificate in use, Unix seconds",
-            client_expiry.clone(),
         );
-        let upstream_expiry = Family::<RouteLabel, Gauge>::default();
-        registry.register(
+        let upstream_expiry = route_gauge(
+            &mut registry,
             "upstream_cert_expiry_timestamp_seconds",
             "Not-after of the upstream leaf seen at the last successful handshake, Unix seconds",
-            upstream_expiry.clone(),
         );
-        let ca_expiry = Family::<RouteLabel, Gauge>::default();
-        registry.register(
+        let ca_expiry = route_gauge(
+            &mut registry,
             "ca_cert_expiry_timestamp_seconds",
             "Earliest not-after among the route's trusted CAs (--ca or SPIFFE bundles), Unix \
              seconds; absent for the system trust store",
-            ca_expiry.clone(),
         );
         let reloads = Family::<ResultLabel, Counter>::default();
         registry.register(

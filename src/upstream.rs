@@ -17,6 +17,7 @@ use tokio_rustls::client::TlsStream;
 use crate::config::Route;
 use crate::egress::{Proxy, tunnel};
 use crate::failure::{Class, Failure, classify_io};
+use crate::otel;
 use crate::resolve::{self, ConnectEnd, Resolver};
 use crate::transport::Transport;
 
@@ -83,6 +84,16 @@ pub enum Unreached {
 }
 
 impl Unreached {
+    /// The failure's reason, as a connection would report it.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Unreached::Dns { failure, .. }
+            | Unreached::NoConnection(failure)
+            | Unreached::Proxy(failure) => failure.class.reason(),
+            Unreached::Timeout { .. } => Class::Timeout.reason(),
+        }
+    }
+
     /// The failure a connection reports.
     pub fn into_failure(self, route: &Route, proxy: Option<&Proxy>) -> Failure {
         match self {
@@ -226,6 +237,7 @@ pub async fn open(
 ) -> Result<Opened, Unreached> {
     let Some(proxy) = proxy else {
         let upstream = &route.upstream;
+        let mut phase = otel::Phase::start(otel::CONNECT);
         let dialled = dial(
             &upstream.host,
             upstream.port,
@@ -233,7 +245,8 @@ pub async fn open(
             deadline,
             trace.as_deref_mut(),
         );
-        let (tcp, addr) = dialled.await?;
+        let (tcp, addr) = dialled.await.inspect_err(|e| phase.fail(e.reason()))?;
+        phase.end();
         if let Some(t) = trace {
             t.connected = Some(addr);
         }
@@ -242,15 +255,21 @@ pub async fn open(
             addr,
         });
     };
+    let mut phase = otel::Phase::start(otel::CONNECT);
     let (tcp, addr) = dial(&proxy.url.host, proxy.url.port, Some(proxy), deadline, None)
         .await
-        .map_err(|e| Unreached::Proxy(e.into_failure(route, Some(proxy))))?;
+        .map_err(|e| Unreached::Proxy(e.into_failure(route, Some(proxy))))
+        .inspect_err(|e| phase.fail(e.reason()))?;
+    phase.end();
+    let mut phase = otel::Phase::start(otel::PROXY_CONNECT);
     let target = route.upstream.to_string();
     let (transport, answer) = tunnel::open(proxy, tcp, &target, deadline, |phase| {
         timed_out(route, Some(proxy), phase)
     })
     .await
-    .map_err(Unreached::Proxy)?;
+    .map_err(Unreached::Proxy)
+    .inspect_err(|e| phase.fail(e.reason()))?;
+    phase.end();
     if let Some(t) = trace {
         t.tunnel = Some((path_to_upstream(Some(proxy), addr), answer));
     }
@@ -284,11 +303,13 @@ pub async fn connect(
         .await
         .map_err(|e| e.into_failure(route, proxy))?;
     let started = Instant::now();
+    let mut phase = otel::Phase::start(otel::TLS_HANDSHAKE);
     let addr = opened.addr;
     let handshake = TlsConnector::from(config).connect(route.server_name.clone(), opened.transport);
     let stream = timeout_at(deadline, handshake)
         .await
-        .map_err(|_| timed_out(route, proxy, HANDSHAKE_PHASE))?
+        .map_err(|_| timed_out(route, proxy, HANDSHAKE_PHASE))
+        .inspect_err(|f| phase.fail(f.class.reason()))?
         .map_err(|e| {
             let mut f = classify_io(&e, &server_name_str(route));
             if f.class == Class::Reset || f.class == Class::Io {
@@ -299,7 +320,9 @@ pub async fn connect(
             }
             f.message = format!("{} ({})", f.message, path_to_upstream(proxy, addr));
             f
-        })?;
+        })
+        .inspect_err(|f| phase.fail(f.class.reason()))?;
+    phase.end();
     Ok(Connected {
         stream,
         handshake: started.elapsed(),

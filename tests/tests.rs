@@ -104,6 +104,10 @@ mod inbound_tls_choice;
 mod interop;
 mod latency_metrics;
 mod lifecycle;
+#[cfg(feature = "otel")]
+mod otel_routes;
+#[cfg(feature = "otel")]
+mod otel_traces;
 mod pool_lifetime;
 mod proxy;
 mod proxy_protocol_interop;

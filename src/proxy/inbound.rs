@@ -8,13 +8,13 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::Instant;
 
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+
+use super::counting::Counts;
 use tokio::net::{TcpStream, UnixStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
@@ -22,11 +22,12 @@ use tracing::{info, warn};
 
 use super::RouteCtx;
 use super::relay::{self, Moved, Relay};
-use crate::cli::ProxyProtocol;
+use crate::cli::{Mode, ProxyProtocol};
 use crate::config::{Inbound, Target};
 use crate::failure::{Class, escape};
 use crate::inbound::proxy_protocol::{self, TlsFacts};
 use crate::listen::LogLimit;
+use crate::otel::{ConnSpan, Direction};
 use crate::resolve::{self, Resolver};
 use crate::transport::ReadySocket;
 
@@ -104,15 +105,15 @@ impl Refusal {
 }
 
 /// Who the verified client is, for the access line.
-struct Client {
+pub(super) struct Client {
     /// The leaf's subject.
     subject: String,
     /// First URI SAN, else first DNS SAN, else `-`.
-    id: String,
+    pub(super) id: String,
 }
 
 impl Client {
-    fn of(leaf: Option<&[u8]>) -> Client {
+    pub(super) fn of(leaf: Option<&[u8]>) -> Client {
         let unknown = || Client {
             subject: "-".into(),
             id: "-".into(),
@@ -151,6 +152,17 @@ pub(super) enum End {
     Failed(Class, String),
 }
 
+impl End {
+    /// The outcome, and the reason of a failure.
+    fn outcome(&self) -> (&'static str, Option<&'static str>) {
+        match self {
+            End::Ok => ("ok", None),
+            End::Refused(r, _) => (r.outcome(), Some(r.reason())),
+            End::Failed(c, _) => (c.outcome(), Some(c.reason())),
+        }
+    }
+}
+
 /// The inbound access-log record of one connection; logs itself when dropped.
 pub(super) struct InboundLog<'a> {
     ctx: &'a RouteCtx,
@@ -163,6 +175,8 @@ pub(super) struct InboundLog<'a> {
     pub(super) end: End,
     /// The route's refusal-line limiter.
     limit: &'a Mutex<LogLimit>,
+    /// tcp mode: the connection's OpenTelemetry span (nothing when traces are off).
+    span: ConnSpan,
 }
 
 impl Drop for InboundLog<'_> {
@@ -174,6 +188,9 @@ impl Drop for InboundLog<'_> {
         let (to_client, from_client) = (self.moved.near_to_far, self.moved.far_to_near);
         let duration_ms = self.started.elapsed().as_millis() as u64;
         m.connection_ended(self.started);
+        let (outcome, reason) = self.end.outcome();
+        self.span
+            .end(client_id, (to_client, from_client), outcome, reason);
         match &self.end {
             End::Ok => {
                 m.connection_finished(None);
@@ -338,13 +355,20 @@ where
     ctx.metrics.active.inc();
     let mut log = InboundLog {
         ctx,
-        peer,
         target: inbound.target.to_string(),
         started: Instant::now(),
         client: Client::of(None),
         moved: Moved::default(),
         end: End::Refused(Refusal::Protocol, "ended before the handshake".into()),
         limit: &ctx.refusals,
+        // http mode traces each request instead.
+        span: ConnSpan::start_if(
+            ctx.route.mode == Mode::Tcp,
+            &ctx.route.name,
+            &peer,
+            Direction::Inbound,
+        ),
+        peer,
     };
     let config = match ctx.identity_within_timeout().await {
         Ok(loaded) => loaded.server.clone()?,
@@ -353,7 +377,8 @@ where
             return None;
         }
     };
-    let tls = match accept(config, inbound, conn, cut).await {
+    let accepted = accept(config, inbound, conn, cut);
+    let tls = match log.span.handshake(accepted, |e: &End| e.outcome().1).await {
         Ok(s) => s,
         Err(end) => {
             log.end = end;
@@ -436,87 +461,6 @@ impl InboundLog<'_> {
     /// The connection is refused after the handshake (the access line says why).
     pub(super) fn refuse(&mut self, refusal: Refusal, msg: String) {
         self.end = End::Refused(refusal, msg);
-    }
-}
-
-/// Plaintext bytes read from and written to a client's TLS stream in http mode.
-#[derive(Debug, Default)]
-pub(super) struct Counts {
-    read: AtomicU64,
-    written: AtomicU64,
-}
-
-/// A stream that adds what passes through it to shared [`Counts`] (one atomic add per call).
-pub(super) struct Counting<S> {
-    inner: S,
-    counts: Arc<Counts>,
-}
-
-impl<S> Counting<S> {
-    pub(super) fn new(inner: S) -> (Self, Arc<Counts>) {
-        let counts = Arc::new(Counts::default());
-        (
-            Counting {
-                inner,
-                counts: counts.clone(),
-            },
-            counts,
-        )
-    }
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Counting<S> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        let before = buf.filled().len();
-        let r = Pin::new(&mut this.inner).poll_read(cx, buf);
-        let n = buf.filled().len().saturating_sub(before) as u64;
-        this.counts.read.fetch_add(n, Ordering::Relaxed);
-        r
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Counting<S> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        let r = Pin::new(&mut this.inner).poll_write(cx, buf);
-        if let Poll::Ready(Ok(n)) = &r {
-            this.counts.written.fetch_add(*n as u64, Ordering::Relaxed);
-        }
-        r
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        let r = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
-        if let Poll::Ready(Ok(n)) = &r {
-            this.counts.written.fetch_add(*n as u64, Ordering::Relaxed);
-        }
-        r
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
     }
 }
 

@@ -9,6 +9,7 @@ use super::RouteCtx;
 use super::http;
 use super::relay::Moved;
 use crate::failure::Failure;
+use crate::otel::{ConnSpan, Direction};
 
 /// Byte-stream mode's access-log record of one connection; logs itself when dropped.
 pub(super) struct AccessLog<'a> {
@@ -22,12 +23,15 @@ pub(super) struct AccessLog<'a> {
     pub(super) moved: Moved,
     /// Why it ended early, if it did: decides the outcome, the level and the failure metrics.
     pub(super) failure: Option<Failure>,
+    /// The connection's OpenTelemetry span (nothing when traces are off).
+    pub(super) span: ConnSpan,
 }
 
 impl<'a> AccessLog<'a> {
     pub(super) fn new(ctx: &'a RouteCtx, peer: String) -> Self {
         ctx.metrics.active.inc();
         AccessLog {
+            span: ConnSpan::start_if(true, &ctx.route.name, &peer, Direction::Outbound),
             ctx,
             peer,
             started: Instant::now(),
@@ -49,6 +53,13 @@ impl Drop for AccessLog<'_> {
         let duration_ms = self.started.elapsed().as_millis() as u64;
         let route = &self.ctx.route.name;
         let upstream = &self.ctx.upstream;
+        let why = self
+            .failure
+            .as_ref()
+            .map(|f| (f.class.outcome(), f.class.reason()));
+        let (outcome, reason) = why.map_or(("ok", None), |(o, r)| (o, Some(r)));
+        self.span
+            .end("-", (c.near_to_far, c.far_to_near), outcome, reason);
         match &self.failure {
             None if !info => {}
             Some(f) if !info && !f.class.is_fault() => {}

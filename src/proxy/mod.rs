@@ -2,6 +2,7 @@
 //! every connection of a route shares ([`RouteCtx`], which also dials the upstream for both
 //! modes).
 
+mod counting;
 mod framing;
 pub mod http;
 pub(crate) mod inbound;
@@ -372,7 +373,7 @@ async fn inbound_http<S>(
         log.refuse(inbound::Refusal::NotAllowed, why.into());
         return;
     }
-    let (io, counts) = inbound::Counting::new(tls);
+    let (io, counts) = counting::Counting::new(tls);
     let end = http::serve_conn(route, io, accepted.with_client(client), stop, cut).await;
     log.http_ended(end.failure(), &counts);
 }

@@ -51,7 +51,7 @@ pub(super) async fn handle<A: AppSocket>(
     app.set_nodelay();
     let config = ctx.identity.current();
     let connected = tokio::select! {
-        c = ctx.connect(config) => c,
+        c = log.span.within(ctx.connect(config)) => c,
         _ = cut.cancelled() => Err(Failure::new(Class::Drain, "cut at shutdown before the upstream answered")),
     };
     let mut up = match connected {

@@ -9,6 +9,8 @@ pub mod http;
 pub mod inbound;
 pub mod net;
 pub mod nginx;
+#[cfg(feature = "otel")]
+pub mod otlp_collector;
 pub mod pki;
 pub mod proc;
 pub mod raw_h1;

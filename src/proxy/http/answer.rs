@@ -9,8 +9,8 @@ use hyper::header::{self, HeaderValue};
 
 use super::Body;
 use super::pool::PoolFull;
-use super::reqlog::OwnAnswer;
 use super::target::TargetFailure;
+use crate::failure::OwnAnswer;
 use crate::failure::{self, Class, Failure};
 use crate::proxy::inbound::Refusal;
 
@@ -58,7 +58,7 @@ pub(super) fn own_response(
             .boxed(),
     );
     *r.status_mut() = code;
-    // For the request's access line (`--access-log request`).
+    // For the request's access line (`--access-log request`) and its span's `error.type`.
     r.extensions_mut().insert(OwnAnswer(reason));
     r.headers_mut().insert(
         header::CONTENT_TYPE,

@@ -21,6 +21,7 @@ mod pool;
 mod reqlog;
 mod serve;
 mod target;
+mod traced;
 
 pub use self::serve::{Accepted, End, serve_conn};
 
@@ -91,6 +92,8 @@ pub struct ClientId {
     xfcc: Option<String>,
     /// Appended to `X-Forwarded-For`; `None` on a unix listener.
     ip: Option<IpAddr>,
+    /// The client's URI SAN (else DNS SAN) for its requests' spans; only when traces are on.
+    id: Option<String>,
 }
 
 impl ClientId {
@@ -98,6 +101,9 @@ impl ClientId {
         ClientId {
             xfcc: leaf.and_then(xfcc::header),
             ip,
+            id: crate::otel::enabled()
+                .then(|| super::inbound::Client::of(leaf).id)
+                .filter(|id| id != "-"),
         }
     }
 
@@ -126,7 +132,7 @@ impl HttpRoute {
 
 impl HttpRoute {
     /// Forward one request. `client` is the verified client of an inbound connection.
-    async fn forward(
+    async fn forward_request(
         &self,
         mut req: Request<Incoming>,
         lane: Arc<Lane>,

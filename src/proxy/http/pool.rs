@@ -415,7 +415,8 @@ impl tower_service::Service<Uri> for Connector {
         let config = self.config.clone();
         let slots = self.slots.clone();
         let speaks = self.speaks.clone();
-        Box::pin(async move {
+        // Called while the request's future is polled: its span is current here.
+        crate::otel::in_current(Box::pin(async move {
             let (permit, dial) = pool_slot(&ctx, slots).await?;
             let mut attempt = ctx.connect(config.clone()).await;
             if matches!(&attempt, Err(f) if f.class == Class::Refused) {
@@ -442,7 +443,7 @@ impl tower_service::Service<Uri> for Connector {
                     Err(Box::new(f) as BoxError)
                 }
             }
-        })
+        }))
     }
 }
 

@@ -37,10 +37,6 @@ const MAX_PATH: usize = 512;
 #[derive(Clone, Copy, Debug)]
 pub(super) struct UpstreamConn(pub(super) u64);
 
-/// On the proxy's own answer (502, 503, 504, 501): its `reason`.
-#[derive(Clone, Copy, Debug)]
-pub(super) struct OwnAnswer(pub(super) &'static str);
-
 /// The request body's byte count for its record, carried from the app connection to
 /// `HttpRoute::forward` in the request's extensions.
 #[derive(Clone, Debug)]
@@ -116,7 +112,7 @@ impl RequestLog {
     fn answered<B>(&mut self, resp: &Response<B>) {
         self.status = resp.status().as_u16();
         let ext = resp.extensions();
-        self.answer = match ext.get::<OwnAnswer>() {
+        self.answer = match ext.get::<crate::failure::OwnAnswer>() {
             Some(own) => Answer::Own(own.0),
             None => Answer::Dest {
                 conn: ext.get::<UpstreamConn>().map(|c| c.0),

@@ -143,9 +143,11 @@ pub(super) struct TargetConnector {
 impl TargetConnector {
     /// One dial; a failure is counted in `connection_failures_total` with its reason.
     async fn dial(&self) -> Result<TargetConn, TargetFailure> {
+        let mut phase = crate::otel::Phase::start(crate::otel::CONNECT);
         dial(&self.target, self.ctx.route.connect_timeout)
             .await
             .map_err(|(refusal, message)| {
+                phase.fail(refusal.reason());
                 self.ctx
                     .metrics
                     .refused(refusal.outcome(), refusal.reason());
@@ -165,7 +167,7 @@ impl tower_service::Service<Uri> for TargetConnector {
 
     fn call(&mut self, _uri: Uri) -> Self::Future {
         let this = self.clone();
-        Box::pin(async move {
+        crate::otel::in_current(Box::pin(async move {
             let (permit, dial) = pool_slot(&this.ctx, this.slots.clone()).await?;
             let conn = this.dial().await.map_err(|f| Box::new(f) as BoxError)?;
             if let TargetConn::Tcp(s) = &conn {
@@ -178,7 +180,7 @@ impl tower_service::Service<Uri> for TargetConnector {
                 tls_errors_to: None,
                 id: this.ctx.route.ops.request_lines().then_some(dial),
             })
-        })
+        }))
     }
 }
 
