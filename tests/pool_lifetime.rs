@@ -190,6 +190,12 @@ async fn inbound_target_connection_expires() {
     tokio::spawn(conn);
     let mut get = async |path: &str| {
         let req = h1_req("GET", path).body(empty()).unwrap();
+        // The previous exchange's end reaches the dispatcher asynchronously: wait until it
+        // takes a request, or send_request answers "connection was not ready".
+        tokio::time::timeout(WAIT, sender.ready())
+            .await
+            .expect("ready within the wait")
+            .expect("the connection to the proxy is open");
         let resp = tokio::time::timeout(WAIT, sender.send_request(req))
             .await
             .expect("a response within the wait")
