@@ -16,9 +16,14 @@ use tracing_subscriber::fmt::FormattedFields;
 use tracing_subscriber::fmt::format::JsonFields;
 use tracing_subscriber::registry::LookupSpan;
 
+/// A JSON object's braces (named, so that no brace in a literal upsets a brace count).
+const OPEN: char = '{';
+const CLOSE: char = '}';
+
 /// Start a line: `{"timestamp":…,"level":…,"message":…` (no closing brace).
 pub fn start(out: &mut String, level: &str, message: &str) {
-    out.push_str("{\"timestamp\":\"");
+    out.push(OPEN);
+    out.push_str("\"timestamp\":\"");
     timestamp(out, SystemTime::now());
     out.push_str("\",\"level\":");
     string(out, level);
@@ -44,7 +49,8 @@ pub fn num_field(out: &mut String, key: &str, value: impl std::fmt::Display) {
 /// subscriber is tracing's registry with JSON fields), `}` and a newline.
 pub fn end(out: &mut String) {
     spans(out);
-    out.push_str("}\n");
+    out.push(CLOSE);
+    out.push('\n');
 }
 
 /// `,"span":{…},"spans":[…]` for the current span, as tracing's JSON formatter writes them.
@@ -79,17 +85,20 @@ fn span_object(out: &mut String, name: &str, ext: &tracing_subscriber::registry:
         .get::<FormattedFields<JsonFields>>()
         .map(|f| f.fields.as_str())
         .unwrap_or("");
-    match fields.strip_prefix('{').and_then(|f| f.strip_suffix('}')) {
+    match fields
+        .strip_prefix(OPEN)
+        .and_then(|f| f.strip_suffix(CLOSE))
+    {
         Some(inner) if !inner.trim().is_empty() => {
-            out.push('{');
+            out.push(OPEN);
             out.push_str(inner);
             out.push(',');
         }
-        _ => out.push('{'),
+        _ => out.push(OPEN),
     }
     out.push_str("\"name\":");
     string(out, name);
-    out.push('}');
+    out.push(CLOSE);
 }
 
 /// `t` as tracing writes it: `2026-12-03T05:19:50.232434Z` (UTC, microseconds).
