@@ -52,7 +52,7 @@
 //!   daily warnings for CAs and intermediates (`tls::trust` describes them)
 //! - `app`: startup and the serve/drain lifecycle; `notify` systemd READY/RELOADING/STOPPING;
 //!   `signal` SIGTERM/SIGINT; `wait` the `wait` command; `pki` `dev-pki`; `telemetry` logging;
-//!   `logwriter` stderr with request lines batched
+//!   `logwriter` stderr with request lines batched; `logjson` the JSON request line
 //! - `otel`: OpenTelemetry traces from the `OTEL_*` variables: request, dial and connection spans
 #![forbid(unsafe_code)]
 
@@ -67,6 +67,7 @@ pub mod egress;
 pub mod failure;
 pub mod inbound;
 pub mod listen;
+pub mod logjson;
 pub mod logwriter;
 pub mod metrics;
 pub mod notify;

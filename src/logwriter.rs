@@ -19,8 +19,8 @@ use tracing_subscriber::fmt::MakeWriter;
 /// keeps our crate's lines keeps them too.)
 pub const ACCESS_TARGET: &str = "mtls_sidecar::access";
 
-/// `--log-format json`: request lines are logged as separate fields (in text, the request line
-/// formats its fields itself, which costs less).
+/// `--log-format json`: the request line is formatted as a JSON object by `logjson` (in text,
+/// it formats its fields itself and hands them to tracing).
 static JSON: AtomicBool = AtomicBool::new(false);
 
 /// Whether the log is JSON (set once at startup by `telemetry::init`).
@@ -88,21 +88,34 @@ pub struct Line {
     batched: bool,
 }
 
-impl Write for Line {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let mut p = pending();
-        if self.batched && *FLUSHER.get_or_init(start_flusher) {
-            p.extend_from_slice(buf);
-            if p.len() >= FLUSH_BYTES {
-                write_out(&mut p);
-            }
-        } else if p.is_empty() {
-            // Written under the lock, so a batched line cannot slip in front of it.
-            io::stderr().write_all(buf)?;
-        } else {
-            p.extend_from_slice(buf);
+/// Write a request line formatted elsewhere (the JSON request line): batched like the
+/// request lines tracing formats, in order with every other line.
+pub fn write_request_line(line: &[u8]) {
+    // A log line that cannot be written has nowhere to be reported.
+    let _ = write_line(true, line);
+}
+
+/// Write one line; `batched`: a request line.
+fn write_line(batched: bool, buf: &[u8]) -> io::Result<()> {
+    let mut p = pending();
+    if batched && *FLUSHER.get_or_init(start_flusher) {
+        p.extend_from_slice(buf);
+        if p.len() >= FLUSH_BYTES {
             write_out(&mut p);
         }
+    } else if p.is_empty() {
+        // Written under the lock, so a batched line cannot slip in front of it.
+        io::stderr().write_all(buf)?;
+    } else {
+        p.extend_from_slice(buf);
+        write_out(&mut p);
+    }
+    Ok(())
+}
+
+impl Write for Line {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        write_line(self.batched, buf)?;
         Ok(buf.len())
     }
 

@@ -71,6 +71,7 @@
 
 mod support;
 
+mod access_log_json;
 mod access_log_request;
 mod admin;
 mod ca_expiry;

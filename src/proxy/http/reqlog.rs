@@ -22,6 +22,7 @@ use prometheus_client::metrics::counter::Counter;
 use tracing::info;
 
 use crate::failure::escape;
+use crate::logjson;
 use crate::logwriter::{self, ACCESS_TARGET};
 use crate::proxy::RouteCtx;
 
@@ -167,28 +168,31 @@ impl Drop for RequestLog {
             micros,
             reason,
         };
-        if logwriter::is_json() {
-            self.log_fields(&line);
-        } else {
-            // Text: the fields formatted here in one pass, in the form the text log gives
-            // fields, and handed to tracing as the value of the first one (`route`), so the
-            // line reads the same as with separate fields for a fraction of the CPU. (Not as
-            // the message: tracing copies a message character by character to escape it.)
-            TEXT.with(|buf| {
-                let Ok(mut buf) = buf.try_borrow_mut() else {
-                    return self.log_fields(&line);
-                };
-                buf.clear();
+        // Formatted here in one pass into the thread's buffer. Text: in the form the text
+        // log gives fields, handed to tracing as the value of the first one (`route`), so the
+        // line reads the same as with separate fields for a fraction of the CPU (not as the
+        // message: tracing copies a message character by character to escape it). JSON: the
+        // whole line, as tracing's JSON formatter would write it, straight to the batched
+        // writer (tracing's JSON formatter costs more than three times as much).
+        LINE.with(|buf| {
+            let Ok(mut buf) = buf.try_borrow_mut() else {
+                return self.log_fields(&line);
+            };
+            buf.clear();
+            if logwriter::is_json() {
+                self.write_json(&line, &mut buf);
+                logwriter::write_request_line(buf.as_bytes());
+            } else {
                 self.write_text(&line, &mut buf);
                 info!(target: ACCESS_TARGET, route = %buf.as_str(), "request");
-            });
-        }
+            }
+        });
     }
 }
 
 thread_local! {
-    /// The text request line being formatted, reused by the thread's next one.
-    static TEXT: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+    /// The request line being formatted (text: its fields), reused by the thread's next one.
+    static LINE: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
 }
 
 /// The values of a request line, escaped and capped.
@@ -203,7 +207,7 @@ struct Line<'a> {
 }
 
 impl RequestLog {
-    /// The line as separate fields (JSON).
+    /// The line as separate fields (when the thread's buffer is in use).
     fn log_fields(&self, l: &Line<'_>) {
         let duration_ms = l.micros as f64 / 1000.0;
         info!(
@@ -214,6 +218,40 @@ impl RequestLog {
             upstream_conn = %l.conn, protocol = %self.protocol(),
             reason = l.reason.map(display), "request"
         );
+    }
+
+    /// The whole line as one JSON object, with the keys and value types tracing's JSON
+    /// formatter gives the fields of [`Self::log_fields`], and a newline.
+    fn write_json(&self, l: &Line<'_>, out: &mut String) {
+        use crate::logjson::{num_field, str_field};
+        use std::fmt::Write as _;
+        logjson::start(out, "INFO", "request");
+        str_field(out, "route", &self.ctx.route.name);
+        str_field(out, "peer", &self.peer);
+        str_field(out, "method", &l.method);
+        str_field(out, "authority", &l.authority);
+        str_field(out, "path", &l.path);
+        num_field(out, "status", self.status);
+        num_field(out, "bytes_in", self.bytes_in.get());
+        num_field(out, "bytes_out", self.bytes_out);
+        // Writing into a String cannot fail.
+        let _ = write!(
+            out,
+            ",\"duration_ms\":{}.{:03}",
+            l.micros / 1000,
+            l.micros % 1000
+        );
+        match l.conn.0 {
+            Some(id) => {
+                let _ = write!(out, ",\"upstream_conn\":\"{id}\"");
+            }
+            None => str_field(out, "upstream_conn", "-"),
+        }
+        str_field(out, "protocol", self.protocol());
+        if let Some(reason) = l.reason {
+            str_field(out, "reason", reason);
+        }
+        logjson::end(out);
     }
 
     /// The line's fields as the text log writes fields, `name=value`, strings from the
