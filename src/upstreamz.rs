@@ -80,12 +80,23 @@ impl Upstreamz {
                 }
             }
         };
-        // The round always sends (each route is bounded); a dropped sender means it panicked.
+        // The round always sends (each route is bounded); a dropped sender means it panicked:
+        // the slot is freed so the next request starts a new round instead of finding a dead one.
         let got = rx
             .wait_for(Option::is_some)
             .await
             .ok()
             .and_then(|a| a.clone());
+        if got.is_none() {
+            let mut slot = self.slot.lock().unwrap_or_else(PoisonError::into_inner);
+            if slot
+                .inflight
+                .as_ref()
+                .is_some_and(|r| r.has_changed().is_err())
+            {
+                slot.inflight = None;
+            }
+        }
         got.unwrap_or_else(|| {
             Arc::new(Answer {
                 ok: false,

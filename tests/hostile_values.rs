@@ -104,6 +104,18 @@ fn table() -> Vec<(
             durations(),
             "0 to 365d",
         ),
+        (
+            "--pool-max-lifetime",
+            Some("pool_max_lifetime"),
+            durations(),
+            "0 to 365d",
+        ),
+        (
+            "--pool-max-lifetime",
+            Some("pool_max_lifetime"),
+            vec!["500ms", "1ns"],
+            "at least 1s",
+        ),
         ("--shutdown-delay", None, durations(), "0 to 365d"),
         ("--drain-timeout", None, durations(), "0 to 365d"),
     ]

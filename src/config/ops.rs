@@ -49,6 +49,16 @@ pub(super) fn parse(args: &RunArgs) -> Result<Ops, Error> {
 
 /// `--pool-max-lifetime`: `None` = forever (`0`).
 pub(super) fn pool_max_lifetime(args: &RunArgs) -> Result<Option<Duration>, Error> {
-    let d = parse_duration("--pool-max-lifetime", &args.ops_args.pool_max_lifetime)?;
+    let value = &args.ops_args.pool_max_lifetime;
+    let d = parse_duration("--pool-max-lifetime", value)?;
+    // Below a second a pool would be rebuilt (a timer task each) many times a second, idle
+    // or not, and hardly a request would find a pooled connection.
+    if !d.is_zero() && d < Duration::from_secs(1) {
+        return Err(invalid(
+            "--pool-max-lifetime",
+            value,
+            "must be 0 (forever) or at least 1s",
+        ));
+    }
     Ok((!d.is_zero()).then_some(d))
 }

@@ -83,7 +83,7 @@ pub fn init() {
     };
     if endpoint.trim().to_ascii_lowercase().starts_with("https:") {
         // Neither exporter links a TLS client: the proxy's own TLS stack serves its routes.
-        warn!(endpoint = ?endpoint, "https OTLP endpoints are not supported (use http://, e.g. a collector on the node or in the cluster): no traces");
+        warn!(endpoint = %shown_endpoint(&endpoint), "https OTLP endpoints are not supported (use http://, e.g. a collector on the node or in the cluster): no traces");
         return;
     }
     let exporter = match build_exporter(protocol) {
@@ -103,9 +103,24 @@ pub fn init() {
         Protocol::Grpc => "grpc",
     };
     if STATE.set(State { provider, tracer }).is_ok() {
-        // The endpoint is an operator's setting, not a secret (headers are never logged).
-        info!(endpoint = ?endpoint, protocol = proto, "opentelemetry traces on");
+        // Headers are never logged, nor credentials or a query in the endpoint URL.
+        info!(endpoint = %shown_endpoint(&endpoint), protocol = proto, "opentelemetry traces on");
     }
+}
+
+/// The endpoint as logged: scheme, host and port only (`user:token@` and `?query` dropped),
+/// escaped.
+fn shown_endpoint(endpoint: &str) -> String {
+    let e = endpoint.trim();
+    let (scheme, rest) = e.split_once("://").unwrap_or(("", e));
+    let rest = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let host = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
+    let shown = if scheme.is_empty() {
+        host.to_string()
+    } else {
+        format!("{scheme}://{host}")
+    };
+    crate::failure::escape(&shown).into_owned()
 }
 
 fn build_exporter(

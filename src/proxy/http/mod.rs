@@ -251,7 +251,7 @@ impl HttpRoute {
             }
             Dest::Target(t) => {
                 let exchange = if app_h2 { lane.h1_turn().await } else { None };
-                (t.client().request(req).await, exchange)
+                (t.request(req).await, exchange)
             }
         }
     }

@@ -229,10 +229,14 @@ impl UpstreamSide {
         let expired = tell(&self.expired);
         let fresh = Pool::new(ctx, config, &self.slots, &self.speaks, SHARED, expired);
         let fresh = Arc::new(fresh);
-        let client = fresh.client.clone();
+        // Only the first of several requests that found the old pool replaces it; the others
+        // use the pool it put in force (theirs is dropped before it dialled anything).
+        let prev = self.pool.compare_and_swap(&*current, fresh.clone());
+        if !Arc::ptr_eq(&prev, &current) {
+            return prev.client.clone();
+        }
         debug!(route = %ctx.route.name, "new identity or --pool-max-lifetime passed: new upstream pool; idle connections of the old one close");
-        self.pool.store(fresh);
-        client
+        fresh.client.clone()
     }
 
     /// The client for one request of an h2 app connection, with the permit it must hold until

@@ -174,7 +174,7 @@ impl Drop for RequestLog {
         // message: tracing copies a message character by character to escape it). JSON: the
         // whole line, as tracing's JSON formatter would write it, straight to the batched
         // writer (tracing's JSON formatter costs more than three times as much).
-        LINE.with(|buf| {
+        let written = LINE.try_with(|buf| {
             let Ok(mut buf) = buf.try_borrow_mut() else {
                 return self.log_fields(&line);
             };
@@ -187,6 +187,10 @@ impl Drop for RequestLog {
                 info!(target: ACCESS_TARGET, route = %buf.as_str(), "request");
             }
         });
+        // The thread is being torn down (its buffer is gone): the tracing path still works.
+        if written.is_err() {
+            self.log_fields(&line);
+        }
     }
 }
 

@@ -65,11 +65,15 @@ impl TargetSide {
         }
     }
 
-    /// The pooled client for the next request: hyper-util's, HTTP/1.1 only.
-    pub(super) fn client(&self) -> Client<TargetConnector, OutBody> {
+    /// Send a request on the pooled client in force (hyper-util's, HTTP/1.1 only), replacing
+    /// the pool first if its `--pool-max-lifetime` passed.
+    pub(super) fn request(
+        &self,
+        req: hyper::Request<OutBody>,
+    ) -> hyper_util::client::legacy::ResponseFuture {
         match self.pool.current.load().as_ref() {
-            Some(p) if !p.expiry.passed() => p.client.clone(),
-            _ => self.pool.renew(),
+            Some(p) if !p.expiry.passed() => p.client.request(req),
+            _ => self.pool.renew().request(req),
         }
     }
 
@@ -100,8 +104,16 @@ struct TargetPool {
 }
 
 impl TargetPools {
-    /// Put a fresh pool in force (dropping the old one) and return its client.
+    /// Put a fresh pool in force (dropping the old one) if the one in force has expired, and
+    /// return the client in force. Requests and the pool's own timer may both find it
+    /// expired: only the first replaces it, so a fresh pool is never replaced at once.
     fn renew(self: &Arc<Self>) -> Client<TargetConnector, OutBody> {
+        let current = self.current.load_full();
+        if let Some(p) = &current
+            && !p.expiry.passed()
+        {
+            return p.client.clone();
+        }
         let client = client_builder(&self.http).build(self.connector.clone());
         let me = Arc::downgrade(self);
         let retire = Box::new(move || {
@@ -110,11 +122,16 @@ impl TargetPools {
             }
         });
         let expiry = Expiry::start(self.http.pool_max_lifetime, retire);
-        self.current.store(Some(Arc::new(TargetPool {
+        let fresh = Arc::new(TargetPool {
             client: client.clone(),
             expiry,
-        })));
-        client
+        });
+        let prev = self.current.compare_and_swap(&current, Some(fresh));
+        match (&*prev, &current) {
+            (Some(p), Some(c)) if !Arc::ptr_eq(p, c) => p.client.clone(),
+            (Some(p), None) => p.client.clone(),
+            _ => client,
+        }
     }
 }
 
