@@ -3,6 +3,9 @@
 //! request is forwarded (so the dial it causes is its child), ended at the response head.
 
 use std::convert::Infallible;
+use std::future::Future;
+
+use futures::future::Either;
 use std::sync::Arc;
 
 use hyper::body::Incoming;
@@ -14,12 +17,15 @@ use crate::otel::{self, RequestSpan};
 
 impl HttpRoute {
     /// Forward one request, in its span when traces are on (one check when they are off).
-    pub(super) async fn forward(
-        &self,
+    /// Not an `async fn`: the untraced future is returned as it is, not nested in a wrapper
+    /// future (nesting copied the whole request future once more per request: +8k
+    /// instructions, measured with callgrind).
+    pub(super) fn forward<'a>(
+        &'a self,
         mut req: Request<Incoming>,
         lane: Arc<Lane>,
         client: Option<Arc<ClientId>>,
-    ) -> Result<Response<Body>, Infallible> {
+    ) -> impl Future<Output = Result<Response<Body>, Infallible>> + Send + 'a {
         let names = otel::Names {
             route: &self.ctx.route.name,
             server: match &self.dest {
@@ -29,9 +35,9 @@ impl HttpRoute {
             peer_id: client.as_ref().and_then(|c| c.id.as_deref()),
         };
         match RequestSpan::start(names, &mut req) {
-            None => self.forward_request(req, lane, client).await,
+            None => Either::Left(self.forward_request(req, lane, client)),
             // Boxed: the untraced path's future does not grow by the span's state.
-            Some(span) => Box::pin(traced(self, req, lane, client, span)).await,
+            Some(span) => Either::Right(Box::pin(traced(self, req, lane, client, span))),
         }
     }
 }
