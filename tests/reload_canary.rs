@@ -11,6 +11,7 @@ use rustls::pki_types::{CertificateDer, UnixTime};
 use rustls::server::WebPkiClientVerifier;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{DigitallySignedStruct, DistinguishedName, RootCertStore, ServerConfig};
+use time::{Duration as TimeDuration, OffsetDateTime};
 
 use crate::support::admin::{admin_addr, get, scrape, scrape_until};
 use crate::support::files::*;
@@ -309,4 +310,63 @@ async fn a_ca_only_change_is_published_without_a_canary() {
         proxy.stderr()
     );
     assert_eq!(up.stats.tls_accepted(), 1, "a canary dial was made");
+}
+
+/// `--reload-interval 0` (SIGHUP only): a refused rotation is kept back only while the identity
+/// in force is valid. Once it expires, the waiting identity is published without another SIGHUP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 3)]
+async fn a_refused_rotation_is_published_when_the_kept_identity_expires_without_polling() {
+    let pki = Pki::new();
+    let (_old, _new_ca, new) = identities(&pki);
+    let now = OffsetDateTime::now_utc().replace_nanosecond(0).unwrap();
+    let spec = LeafSpec {
+        validity: Some((now - TimeDuration::days(1), now + TimeDuration::seconds(8))),
+        ..LeafSpec::client("canary-short")
+    };
+    let short = pki.leaf(&pki.ca, "canary-short", spec);
+    let live = LiveIdentity::new(pki.dir.path(), &short);
+    let up = upstream(&pki, SwapVerifier::new(&[&pki.ca])).await;
+    let mut proxy = run_cmd_files(up.addr, &live.cert, &live.key, &pki.ca.pem)
+        .args(["--server-name", "localhost", "--reload-interval", "0"])
+        .args(["--reload-canary", "--admin", "127.0.0.1:0"])
+        .start();
+    let admin = admin_addr(&mut proxy);
+    live.install(&new);
+    proxy.signal("HUP");
+    blocking(|| {
+        proxy.wait_for_line("the canary's refusal after SIGHUP", WAIT, |l| {
+            l.contains("ERROR") && l.contains("refused the new client certificate")
+        })
+    });
+    let serial = |id: &Identity| format!("\"serial\":\"{}\"", id.serial_hex());
+    let status = get(admin, "/status").await.body;
+    assert!(status.contains(&serial(&short)), "{status}");
+    assert!(!status.contains(&serial(&new)), "{status}");
+
+    // No further SIGHUP: the expiry of the kept identity alone brings the new one in.
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let status = get(admin, "/status").await.body;
+        if status.contains(&serial(&new)) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the waiting identity was not published after the kept one expired: {status}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let published_at = time::OffsetDateTime::now_utc().unix_timestamp();
+    assert!(
+        published_at > short.not_after_unix(),
+        "published before the kept identity expired"
+    );
+    assert!(
+        proxy
+            .stderr()
+            .contains("no longer valid; publishing the new one anyway"),
+        "{}",
+        proxy.stderr()
+    );
+    wait_reloaded(&mut proxy, &new);
 }

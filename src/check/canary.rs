@@ -13,7 +13,7 @@ use super::dial::{self, Outcome};
 use crate::config::Route;
 use crate::egress::Proxy;
 use crate::failure::{Class, classify_tls, escape};
-use crate::tls::canary::{Canary, Dialling, Verdict};
+use crate::tls::canary::{Canary, Dialling, Verdict, cap_names};
 use crate::upstream::server_name_str;
 
 /// The routes (sharing one identity) whose upstreams a new identity is tried on.
@@ -60,7 +60,7 @@ async fn try_route(route: &Route, proxy: Option<&Proxy>, config: &ClientConfig) 
         .lock()
         .map(|s| s.hints.iter().map(|h| Hint::decode(h).text).collect())
         .unwrap_or_default();
-    judge(route, d.outcome, hints)
+    judge(route, d.outcome, cap_names(hints))
 }
 
 /// The verdict of one dial's outcome: only an alert from the upstream that names our

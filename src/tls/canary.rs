@@ -12,6 +12,12 @@ use rustls::ClientConfig;
 
 use super::identity::Loaded;
 
+/// At most this many of the upstream's acceptable-CA names are kept (for the error line and
+/// `/status`); a hostile upstream's certificate request may carry thousands.
+pub const MAX_CA_NAMES: usize = 16;
+/// At most this many bytes of acceptable-CA names are kept.
+pub const MAX_CA_TEXT: usize = 4096;
+
 /// What the upstream made of a candidate identity.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
@@ -23,7 +29,8 @@ pub enum Verdict {
         route: String,
         /// The alert, as rustls names it (`UnknownCA`, `BadCertificate`, ...).
         alert: String,
-        /// The CA names (distinguished names, escaped) in the upstream's certificate request.
+        /// The CA names (distinguished names, escaped) in the upstream's certificate request,
+        /// capped by [`cap_names`].
         accepted_cas: Vec<String>,
     },
     /// The upstream could not be reached (DNS, connect, proxy, timeout), or the dial failed for
@@ -61,4 +68,73 @@ pub fn identity_changed(old: &Loaded, new: &Loaded) -> bool {
             .map(|c| c.cert.clone())
     };
     chain(old) != chain(new)
+}
+
+/// The first names that fit [`MAX_CA_NAMES`] and [`MAX_CA_TEXT`] (a first name longer than
+/// that is cut at a character boundary), then `and N more` for the rest.
+pub fn cap_names(names: Vec<String>) -> Vec<String> {
+    let total = names.len();
+    let mut kept = Vec::new();
+    let mut bytes = 0;
+    for name in names.into_iter().take(MAX_CA_NAMES) {
+        if bytes + name.len() > MAX_CA_TEXT {
+            if kept.is_empty() {
+                let mut end = MAX_CA_TEXT;
+                while !name.is_char_boundary(end) {
+                    end -= 1;
+                }
+                kept.push(format!("{}...", &name[..end]));
+            }
+            break;
+        }
+        bytes += name.len();
+        kept.push(name);
+    }
+    let more = total - kept.len();
+    if more > 0 {
+        kept.push(format!("and {more} more"));
+    }
+    kept
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(n: usize, len: usize) -> Vec<String> {
+        (0..n).map(|i| format!("{i:0len$}")).collect()
+    }
+
+    #[test]
+    fn few_short_names_are_kept_whole() {
+        assert_eq!(cap_names(names(3, 4)), names(3, 4));
+        assert!(cap_names(Vec::new()).is_empty());
+    }
+
+    #[test]
+    fn thousands_of_names_are_cut_to_sixteen() {
+        let capped = cap_names(names(5000, 8));
+        assert_eq!(capped.len(), MAX_CA_NAMES + 1);
+        assert_eq!(capped[..MAX_CA_NAMES], names(MAX_CA_NAMES, 8)[..]);
+        assert_eq!(capped[MAX_CA_NAMES], "and 4984 more");
+    }
+
+    #[test]
+    fn long_names_are_cut_by_bytes() {
+        let capped = cap_names(names(10, 1000));
+        let kept: usize = capped[..4].iter().map(String::len).sum();
+        assert_eq!(capped.len(), 5, "{capped:?}");
+        assert!(kept <= MAX_CA_TEXT);
+        assert_eq!(capped[4], "and 6 more");
+    }
+
+    #[test]
+    fn one_huge_name_is_cut_at_a_char_boundary() {
+        let huge = format!("a{}", "\u{e9}".repeat(3000));
+        let capped = cap_names(vec![huge, "b".into()]);
+        assert_eq!(capped.len(), 2, "{capped:?}");
+        assert!(capped[0].len() <= MAX_CA_TEXT + 3);
+        assert!(capped[0].ends_with("..."));
+        assert_eq!(capped[1], "and 1 more");
+    }
 }

@@ -13,7 +13,8 @@
 //!
 //! With `--reload-canary`, a built identity whose certificate changed is first tried on the
 //! upstream (see [`super::canary`]); one the upstream refuses is not published while the one in
-//! force is valid, and nothing marks its content as seen, so every poll tries it again.
+//! force is valid, and nothing marks its content as seen, so every poll tries it again; a poll
+//! also comes just after the kept identity expires (even under `--reload-interval 0`).
 
 use std::sync::{Arc, Mutex};
 
@@ -139,6 +140,10 @@ pub struct Reloader {
     /// refusal is logged as an error again only after [`CANARY_REPEAT`] (it is retried, and
     /// counted, at every poll).
     canary_logged: Option<([u8; 32], Instant)>,
+    /// While a refused candidate waits: the not_after (Unix seconds) of the identity kept in
+    /// force. The loop polls just after it even without periodic reloads, so the waiting
+    /// identity is published once the kept one expires.
+    canary_pending: Option<i64>,
 }
 
 impl Reloader {
@@ -164,6 +169,7 @@ impl Reloader {
             crl_logged: None,
             canary: None,
             canary_logged: None,
+            canary_pending: None,
         };
         r.warn_loose_permissions(loaded);
         r
@@ -221,15 +227,18 @@ impl Reloader {
         self.check_expiry();
         self.check_crls();
         loop {
+            // Taken: a poll that is refused again sets it anew.
+            let pending = self.canary_pending.take();
+            let wait = pending.map_or(period, |not_after| period.min(until_after(not_after)));
             let forced = tokio::select! {
-                _ = tokio::time::sleep(period) => false,
+                _ = tokio::time::sleep(wait) => false,
                 r = hup.changed(), if hup_open => {
                     hup_open = r.is_ok();
                     hup_open
                 }
                 _ = stop.cancelled() => return,
             };
-            if forced || self.settings.reload_interval.is_some() {
+            if forced || self.settings.reload_interval.is_some() || pending.is_some() {
                 self.poll(forced).await;
             }
             self.check_expiry();
@@ -384,6 +393,7 @@ impl Reloader {
                 alert,
                 accepted_cas,
             } => {
+                self.canary_pending = Some(old.leaf.not_after);
                 self.canary_refused(&route, &alert, &accepted_cas, loaded, digest);
                 false
             }
@@ -487,4 +497,14 @@ impl Reloader {
             );
         }
     }
+}
+
+/// How long until just after `not_after` (Unix seconds): at least a second, so a clock that
+/// disagrees with the certificate cannot spin the loop.
+fn until_after(not_after: i64) -> Duration {
+    let secs = not_after
+        .saturating_add(1)
+        .saturating_sub(now_unix())
+        .max(1);
+    Duration::from_secs(secs as u64)
 }
