@@ -125,6 +125,18 @@ fn wait_reloaded(proxy: &mut Sidecar, id: &Identity) -> String {
     })
 }
 
+async fn wait_upstream_handshakes(up: &Upstream, n: usize) {
+    let deadline = std::time::Instant::now() + WAIT;
+    while up.stats.tls_accepted() < n {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the upstream recorded {} handshakes, not {n}",
+            up.stats.tls_accepted()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
 fn assert_presented(conn: &crate::support::upstream::Conn, id: &Identity, when: &str) {
     let der = id.chain()[0].to_vec();
     assert!(
@@ -184,8 +196,12 @@ async fn refused_rotation_keeps_the_old_identity_until_the_upstream_trusts_the_n
     assert!(!proxy.stderr().contains("identity reloaded"));
 
     // The upstream now trusts both CAs: the next poll publishes the new identity.
+    let before = up.stats.tls_accepted();
     verifier.trust(&[&pki.ca, &new_ca]);
     wait_reloaded(&mut proxy, &new);
+    // The canary's accepted handshake is recorded by the upstream's task, which may finish
+    // after the sidecar published; `accepted` counts connections, so wait for it first.
+    wait_upstream_handshakes(&up, before + 1).await;
     let c = accepted(&mut proxy, &up).await;
     assert_presented(&c, &new, "after the upstream trusts the new CA");
     let status = get(admin, "/status").await.body;
