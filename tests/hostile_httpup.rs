@@ -563,16 +563,23 @@ connection: close\r\n\r\nonly ten.\n";
     let up = ScriptedUpstream::start(&pki, SHORT).await;
     let mut sidecar = http_cmd(&pki, up.addr).start();
     let mut h1 = H1Client::connect(sidecar.addr()).await;
-    let got = Got::read(
-        h1.send(h1_req("GET", "/short").body(empty()).unwrap())
-            .await,
-    )
-    .await;
-    assert!(
-        got.body.is_err(),
-        "a cut body arrived as complete: {:?}",
-        got.body
-    );
+    let sent = h1
+        .try_send(h1_req("GET", "/short").body(empty()).unwrap())
+        .await;
+    // Either the head came and the body is cut, or (when the upstream's end was read before
+    // the head was written to the app) the connection closed before the head: never a
+    // complete answer.
+    match sent {
+        Ok(resp) => {
+            let got = Got::read(resp).await;
+            assert!(
+                got.body.is_err(),
+                "a cut body arrived as complete: {:?}",
+                got.body
+            );
+        }
+        Err(e) => assert!(e.is_incomplete_message(), "GET /short: {e}"),
+    }
     sidecar.wait_for_line("the mid-body warn line", WAIT, |l| {
         l.contains("WARN") && l.contains("upstream response body failed")
     });

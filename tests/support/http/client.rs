@@ -103,6 +103,17 @@ impl H1Client {
 
     /// Sends and waits for the response head.
     pub async fn send(&mut self, req: Request<Body>) -> Response<Incoming> {
+        let what = format!("{} {}", req.method(), req.uri());
+        self.try_send(req)
+            .await
+            .unwrap_or_else(|e| panic!("{what}: {e}"))
+    }
+
+    /// Sends and waits for the response head, or the connection's end before it.
+    pub async fn try_send(
+        &mut self,
+        req: Request<Body>,
+    ) -> Result<Response<Incoming>, hyper::Error> {
         timeout(WAIT, self.sender.ready())
             .await
             .expect("HTTP/1.1 connection not ready in time")
@@ -111,7 +122,6 @@ impl H1Client {
         timeout(WAIT, self.sender.send_request(req))
             .await
             .unwrap_or_else(|_| panic!("{what}: no response head within {WAIT:?}"))
-            .unwrap_or_else(|e| panic!("{what}: {e}"))
     }
 
     pub async fn call(&mut self, req: Request<Body>) -> Reply {
