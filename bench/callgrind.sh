@@ -13,6 +13,7 @@
 # usage: bench/callgrind.sh OLD_BIN NEW_BIN
 #   CG_TESTS="out-full in-keepalive ..."   a subset (default: all eight)
 #   CG_KEEP=1                              keep the work dir (callgrind.out files, logs)
+#   CG_OLD_ONLY=1 CG_KEEP=1 / CG_REUSE_OLD=DIR   run OLD alone now, reuse its counts from DIR later
 #   CG_CONNS="LO HI" CG_REQS="LO HI" CG_MIB="LO HI"   amounts (defaults 100 300, 1000 3000, 8 40)
 #   CG_EXTRA_ARGS="..."                    process-wide `run` flags for both (e.g. --log-level warn)
 #   CG_ROUTE_TOML='access_log = "off"'     more keys for every measured route (one TOML line)
@@ -166,6 +167,10 @@ phases() {
 
 for tag in old new; do
   bin=$OLD; [ $tag = new ] && bin=$NEW
+  if [ $tag = old ] && [ -n "${CG_REUSE_OLD:-}" ]; then
+    cp "$CG_REUSE_OLD"/old.lo.* "$CG_REUSE_OLD"/old.hi.* "$W/"; continue
+  fi
+  [ $tag = new ] && [ -n "${CG_OLD_ONLY:-}" ] && exit 0
   phases "$bin" $tag lo; phases "$bin" $tag hi
 done
 
