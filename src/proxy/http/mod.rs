@@ -139,7 +139,9 @@ impl HttpRoute {
         client: Option<Arc<ClientId>>,
     ) -> Result<Response<Body>, Infallible> {
         if is_upgrade(&req) {
-            return Ok(self.upgrade(req, client.as_deref()).await);
+            // Boxed: the dedicated dial (TLS handshake, proxy tunnel, trace phases) would
+            // otherwise size every request's future, which hyper moves once per request.
+            return Ok(Box::pin(self.upgrade(req, client.as_deref())).await);
         }
         if let Err(refusal) = framing::check_request(req.headers()) {
             warn!(
