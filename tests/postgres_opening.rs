@@ -371,3 +371,34 @@ async fn check_reports_the_opening_and_explains_n() {
     assert!(out.contains("ssl = off in postgresql.conf"), "{out}");
     assert!(out.contains("--alpn postgresql"), "{out}");
 }
+
+/// `/upstreamz` probes a postgres route with the same opening: `S` is ok, `N` is a 503 whose
+/// line says the server does not offer TLS.
+#[tokio::test(flavor = "multi_thread")]
+async fn upstreamz_probes_with_the_opening() {
+    use crate::support::admin::{admin_addr, get};
+    let pki = Pki::new();
+    let up = upstream(&pki, Answer::Tls).await;
+    let mut proxy = run_cmd(&pki, up.addr)
+        .args(["--protocol", "postgres", "--admin", "127.0.0.1:0"])
+        .start();
+    let admin = admin_addr(&mut proxy);
+    let resp = get(admin, "/upstreamz").await;
+    assert_eq!(resp.status, 200, "{resp:?}");
+    let seen = up.wait_done(1).await;
+    assert_eq!(
+        seen[0].first, SSL_REQUEST,
+        "the probe sent SSLRequest first"
+    );
+    assert!(seen[0].tls, "the probe's handshake ran after S");
+    drop(proxy);
+
+    let no = upstream(&pki, Answer::Raw(b"N".to_vec())).await;
+    let mut proxy = run_cmd(&pki, no.addr)
+        .args(["--protocol", "postgres", "--admin", "127.0.0.1:0"])
+        .start();
+    let admin = admin_addr(&mut proxy);
+    let resp = get(admin, "/upstreamz").await;
+    assert_eq!(resp.status, 503, "{resp:?}");
+    assert!(resp.body.contains("does not offer TLS"), "{resp:?}");
+}

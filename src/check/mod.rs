@@ -415,7 +415,7 @@ fn judge(
              request and never answers a TLS hello)"
         )),
         Outcome::Proxy(f) => Some(proxy_problem(proxy, f)),
-        Outcome::Opening(f) => Some(opening_problem(d, f)),
+        Outcome::Opening(f) => Some(opening_problem(route, d, f)),
         Outcome::Handshake(e) | Outcome::Rejected(e) => Some(explain::tls_failure(e, cx)),
         Outcome::HandshakeIo(why) => Some(format!(
             "the upstream at {at} ended the connection during the TLS handshake ({why}) without \
@@ -444,16 +444,18 @@ fn judge(
 }
 
 /// `--protocol postgres` failed before the handshake: the failure, and for `N` what it means.
-fn opening_problem(d: &dial::Dial, f: &Failure) -> String {
-    if d.postgres.as_deref() == Some("N") {
-        return format!(
-            "{}: the server does not offer TLS on this port: ssl = off in postgresql.conf, or a \
-             pooler without TLS; a PostgreSQL 17 server with direct TLS needs --alpn postgresql \
-             instead of --protocol postgres",
-            f.message
-        );
+fn opening_problem(route: &Route, d: &dial::Dial, f: &Failure) -> String {
+    if d.postgres.as_deref() != Some("N") {
+        return f.message.clone();
     }
-    f.message.clone()
+    let at = d
+        .connected
+        .map_or_else(|| route.upstream.to_string(), |a| a.to_string());
+    format!(
+        "{at} answered N to our SSLRequest: the server does not offer TLS on this port: ssl = \
+         off in postgresql.conf, or a pooler without TLS; a PostgreSQL 17 server with direct \
+         TLS needs --alpn postgresql instead of --protocol postgres"
+    )
 }
 
 /// A completed handshake fails the route only when the upstream will most likely refuse our

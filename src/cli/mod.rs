@@ -271,7 +271,8 @@ pub struct RunArgs {
     )]
     pub mode: Mode,
 
-    /// HTTP mode: how long an app connection may take to send a request's headers
+    /// HTTP mode: how long an app connection may take to send a request's headers; with
+    /// --protocol postgres: to send its startup message
     #[arg(
         long,
         env = "MTLS_SIDECAR_HEADER_TIMEOUT",
