@@ -239,13 +239,9 @@ async fn a_cancel_request_is_passed_on() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_refused_upstream_connection_is_told_to_the_app() {
     let pki = Pki::new();
-    // A port nothing listens on: bind, note, close.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let mut proxy = run_cmd(&pki, format!("127.0.0.1:{port}"))
+    // Port 1 (tcpmux): nothing listens there, and no other test's listener can take it (a
+    // port freed by binding and closing could be).
+    let mut proxy = run_cmd(&pki, "127.0.0.1:1")
         .args(["--protocol", "postgres"])
         .start();
     let mut app = connect(proxy.addr()).await;
