@@ -398,3 +398,78 @@ async fn upstreamz_probes_with_the_opening() {
     assert_eq!(resp.status, 503, "{resp:?}");
     assert!(resp.body.contains("does not offer TLS"), "{resp:?}");
 }
+
+/// Through an egress proxy the opening runs inside the CONNECT tunnel: `S` then TLS works, `N`
+/// is refused the same way.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_opening_runs_inside_a_proxy_tunnel() {
+    use crate::support::connect_proxy::{ConnectProxy, UPSTREAM_NAME, named_server};
+    let pki = Pki::new();
+    let config = server_config(&named_server(&pki), &[&pki.ca.der]);
+    let up = PgUpstream::start(config, Answer::Tls).await;
+    let egress = ConnectProxy::start().await;
+    let target = format!("{UPSTREAM_NAME}:{}", up.addr.port());
+    let proxy = run_cmd(&pki, &target)
+        .args(["--protocol", "postgres", "--proxy", &egress.url()])
+        .start();
+    let mut app = connect(proxy.addr()).await;
+    let sent = startup("carol");
+    app.write_all(&sent).await.unwrap();
+    assert_eq!(read_n(&mut app, sent.len()).await, sent);
+    drop(app);
+    let seen = up.wait_done(1).await;
+    assert_eq!(seen[0].first, SSL_REQUEST);
+    assert_eq!(seen[0].data, sent);
+    assert_eq!(egress.connects(), 1, "through the tunnel");
+}
+
+/// libpq sends no SSLRequest over a unix socket: on a `unix:` listener (a socket named
+/// `.s.PGSQL.5432` in a directory `psql host=DIR` points at) the startup message comes first.
+/// An `N` upstream's `ErrorResponse` reaches a unix-socket app too.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_unix_socket_app_sends_its_startup_message_first() {
+    let pki = Pki::new();
+    let dir = tempfile::Builder::new()
+        .prefix("mtls-pg")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let path = dir.path().join(".s.PGSQL.5432");
+    for (answer, ok) in [(Answer::Tls, true), (Answer::Raw(b"N".to_vec()), false)] {
+        let up = upstream(&pki, answer).await;
+        let mut proxy = Cmd::new()
+            .args(["run", "--protocol", "postgres", "--listen"])
+            .arg(format!("unix:{}", path.display()))
+            .arg("--upstream")
+            .arg(up.addr.to_string())
+            .arg("--cert")
+            .arg(&pki.client.cert)
+            .arg("--key")
+            .arg(&pki.client.key)
+            .arg("--ca")
+            .arg(&pki.ca.pem)
+            .spawn();
+        tokio::task::block_in_place(|| {
+            proxy.wait_for_line("the listening line", WAIT, |l| l.contains("listening"))
+        });
+        let mut app = tokio::net::UnixStream::connect(&path).await.unwrap();
+        let sent = startup("dave");
+        app.write_all(&sent).await.unwrap();
+        if ok {
+            let mut echoed = vec![0u8; sent.len()];
+            tokio::time::timeout(WAIT, app.read_exact(&mut echoed))
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(echoed, sent);
+        } else {
+            let mut got = Vec::new();
+            let _ = tokio::time::timeout(WAIT, app.read_to_end(&mut got))
+                .await
+                .unwrap();
+            assert_eq!(error_field(&got, 'C'), "08001");
+        }
+        drop(app);
+        drop(proxy);
+        let _ = std::fs::remove_file(&path);
+    }
+}
