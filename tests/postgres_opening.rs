@@ -326,10 +326,10 @@ async fn the_variable_and_the_config_key_select_postgres() {
 }
 
 /// Runs `check` to completion off the runtime's threads: (exit code, stdout).
-async fn check(pki: &Pki, up: &PgUpstream, extra: &[&str]) -> (Option<i32>, String) {
+async fn check(pki: &Pki, up: std::net::SocketAddr, extra: &[&str]) -> (Option<i32>, String) {
     let cmd = Cmd::new()
         .args(["check", "--protocol", "postgres", "--upstream"])
-        .arg(up.addr.to_string())
+        .arg(up.to_string())
         .arg("--cert")
         .arg(&pki.client.cert)
         .arg("--key")
@@ -351,17 +351,17 @@ async fn check(pki: &Pki, up: &PgUpstream, extra: &[&str]) -> (Option<i32>, Stri
 async fn check_reports_the_opening_and_explains_n() {
     let pki = Pki::new();
     let up = upstream(&pki, Answer::Tls).await;
-    let (code, out) = check(&pki, &up, &[]).await;
+    let (code, out) = check(&pki, up.addr, &[]).await;
     assert_eq!(code, Some(0), "{out}");
     assert!(out.contains("postgres         SSLRequest → S"), "{out}");
-    let (code, out) = check(&pki, &up, &["--format", "json"]).await;
+    let (code, out) = check(&pki, up.addr, &["--format", "json"]).await;
     assert_eq!(code, Some(0), "{out}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     let route = &v["routes"][0];
     assert_eq!(route["postgres"], "SSLRequest → S", "{out}");
 
     let no = upstream(&pki, Answer::Raw(b"N".to_vec())).await;
-    let (code, out) = check(&pki, &no, &[]).await;
+    let (code, out) = check(&pki, no.addr, &[]).await;
     assert_eq!(code, Some(1), "{out}");
     assert!(out.contains("postgres         SSLRequest → N"), "{out}");
     assert!(out.contains("ssl = off in postgresql.conf"), "{out}");
@@ -472,4 +472,28 @@ async fn a_unix_socket_app_sends_its_startup_message_first() {
         drop(proxy);
         let _ = std::fs::remove_file(&path);
     }
+}
+
+/// An upstream that accepts and never answers the SSLRequest: `--connect-timeout` ends it, the
+/// failure names the phase, and `check` says the server did not answer.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_silent_upstream_times_out_in_the_ssl_request_phase() {
+    let pki = Pki::new();
+    let silent = Silent::start().await;
+    let mut proxy = run_cmd(&pki, silent.addr)
+        .args(["--protocol", "postgres", "--connect-timeout", "500ms"])
+        .start();
+    let mut app = connect(proxy.addr()).await;
+    app.write_all(&startup("erin")).await.unwrap();
+    let got = read_to_end(&mut app).await;
+    let m = error_field(&got, 'M');
+    assert!(m.contains("stuck in postgres SSLRequest"), "{m}");
+    conn_line_with_reason(&mut proxy, "timeout");
+
+    let (code, out) = check(&pki, silent.addr, &["--connect-timeout", "500ms"]).await;
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("did not answer our PostgreSQL SSLRequest"),
+        "{out}"
+    );
 }
