@@ -68,6 +68,8 @@
 //!   `--no-proxy`, `--proxy-from-env`), one file per subtopic: `tunnel` (names only the proxy
 //!   resolves), `credentials`, `bypass`, `failures` (every failure class), `http_mode`,
 //!   `config_file`, `startup`
+//! - `postgres_opening`: `--protocol postgres` against scripted upstreams: the app's and the
+//!   upstream's openings, `N`, injected bytes, the app's `ErrorResponse`, bounds, `check`
 
 mod support;
 
@@ -110,6 +112,7 @@ mod otel_routes;
 #[cfg(feature = "otel")]
 mod otel_traces;
 mod pool_lifetime;
+mod postgres_opening;
 mod proxy;
 mod proxy_protocol_interop;
 mod refusal;
