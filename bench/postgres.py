@@ -237,7 +237,7 @@ def init_db(sock, port):
         timeout=300)
 
 
-def start_sidecar(binary, w, pki, pg_port, log_level, wrap=(), tag="sidecar"):
+def start_sidecar(binary, w, pki, pg_port, log_level, wrap=(), tag="sidecar", workers=None):
     port = free_port()
     cmd = list(wrap) + [binary, "run", "--protocol", "postgres", "--listen", f"{HOST}:{port}",
            "--upstream", f"{HOST}:{pg_port}", "--cert", f"{pki}/client.pem",
@@ -246,7 +246,8 @@ def start_sidecar(binary, w, pki, pg_port, log_level, wrap=(), tag="sidecar"):
         cmd += ["--log-level", log_level]
     with open(os.path.join(w, f"{tag}.command.txt"), "w") as f:
         f.write(" ".join(cmd) + "\n")
-    p = spawn("sidecar", cmd, os.path.join(w, f"{tag}.log"))
+    env = dict(os.environ, TOKIO_WORKER_THREADS=str(workers)) if workers else None
+    p = spawn("sidecar", cmd, os.path.join(w, f"{tag}.log"), env=env)
     wait_port(p, port, "mtls-sidecar", 120 if wrap else 30)
     return p, port
 
@@ -428,7 +429,7 @@ def versions(binary):
                       v(["pgbench", "--version"]), v(["openssl", "version"])])
 
 
-PROXIES = ("sidecar", "sidecar-quiet", "stunnel", "stunnel-quiet")
+PROXIES = ("sidecar", "sidecar-quiet", "sidecar-w8", "stunnel", "stunnel-quiet")
 
 
 def proxy_conninfo(port):
@@ -439,8 +440,9 @@ def proxy_conninfo(port):
 def start_proxy(name, args, w, pki, pg_port, wrap=(), tag=None):
     """Start the proxy target name; (Popen, port)."""
     quiet = name.endswith("-quiet")
-    if name.startswith("sidecar"):
-        return start_sidecar(args.bin, w, pki, pg_port, "warn" if quiet else None, wrap, tag or name)
+    if name.startswith("sidecar"):  # sidecar-w8: 8 tokio worker threads instead of one per core
+        return start_sidecar(args.bin, w, pki, pg_port, "warn" if quiet else None, wrap, tag or name,
+                             8 if name == "sidecar-w8" else None)
     return start_stunnel(w, pki, pg_port, 4 if quiet else 5, wrap, tag or name)
 
 
@@ -505,7 +507,8 @@ def main():
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--targets", default="sidecar,stunnel,plain,direct-tls",
-                    help="from sidecar, sidecar-quiet (--log-level warn), stunnel, stunnel-quiet "
+                    help="from sidecar, sidecar-quiet (--log-level warn), sidecar-w8 "
+                         "(TOKIO_WORKER_THREADS=8), stunnel, stunnel-quiet "
                          "(debug = 4), plain, direct-tls (default %(default)s)")
     ap.add_argument("--callgrind", metavar="N1,N2", type=lambda v: [int(x) for x in v.split(",")],
                     help="also count each proxy's instructions per new connection under callgrind "
