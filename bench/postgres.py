@@ -14,8 +14,11 @@ without, against every target:
 
 - `sidecar`: `BIN run --protocol postgres ...`, app on sslmode=disable (default logging: one
   access line per connection, to a file);
+- `sidecar-quiet`, `sidecar-w8`: the same with `--log-level warn`, or with 8 tokio worker
+  threads (`TOKIO_WORKER_THREADS=8`) instead of one per core;
 - `stunnel`: stunnel4 `client = yes`, `protocol = pgsql`, verifyChain, checkHost (default
-  `debug = 5`: two notice lines per connection, to a file), app on sslmode=disable;
+  `debug = 5`: five notice lines per connection, to a file), app on sslmode=disable;
+  `stunnel-quiet`: `debug = 4`;
 - `plain`: pgbench straight to the server, no TLS, no proxy (`hostnossl`);
 - `direct-tls`: pgbench straight to the server over TLS with the client certificate (libpq
   sslmode=verify-full): the server's own TLS cost, with no proxy.
@@ -46,10 +49,10 @@ def as_user(user):
     pw = pwd.getpwnam(user)
 
     def drop():
-        die_with_parent()
         os.setgroups([])
         os.setgid(pw.pw_gid)
         os.setuid(pw.pw_uid)
+        die_with_parent()  # after setuid, which clears it
     return drop
 
 
@@ -94,16 +97,30 @@ def free_port():
         return s.getsockname()[1]
 
 
+def listening(port):
+    """Whether a TCP socket listens on port (from /proc/net/tcp: no probe connection, which the
+    sidecar would log as a failed app connection)."""
+    for path in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(path) as f:
+                next(f)
+                for line in f:
+                    parts = line.split(None, 4)
+                    if int(parts[1].rsplit(":", 1)[1], 16) == port and parts[3] == "0A":
+                        return True
+        except (OSError, IndexError, ValueError, StopIteration):
+            pass
+    return False
+
+
 def wait_port(p, port, what, limit=30.0):
     end = time.monotonic() + limit
     while time.monotonic() < end:
         if p.poll() is not None:
             raise RuntimeError(f"{what} exited with {p.returncode}")
-        try:
-            socket.create_connection((HOST, port), timeout=1).close()
+        if listening(port):
             return
-        except OSError:
-            time.sleep(0.05)
+        time.sleep(0.05)
     raise RuntimeError(f"{what} is not listening on {port} after {limit} s")
 
 
