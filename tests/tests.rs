@@ -68,6 +68,9 @@
 //!   `--no-proxy`, `--proxy-from-env`), one file per subtopic: `tunnel` (names only the proxy
 //!   resolves), `credentials`, `bypass`, `failures` (every failure class), `http_mode`,
 //!   `config_file`, `startup`
+//! - `postgres_real`: `--protocol postgres` against a real PostgreSQL (a cluster per test from
+//!   `support::postgres`) with `psql` and `pgbench`: queries, COPY, `pg_stat_ssl`, `sslmode`s,
+//!   both ways to cancel, `ssl = off`, injected bytes after `S`, refused client certificates
 
 mod support;
 
@@ -110,6 +113,7 @@ mod otel_routes;
 #[cfg(feature = "otel")]
 mod otel_traces;
 mod pool_lifetime;
+mod postgres_real;
 mod proxy;
 mod proxy_protocol_interop;
 mod refusal;

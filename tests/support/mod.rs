@@ -12,6 +12,7 @@ pub mod nginx;
 #[cfg(feature = "otel")]
 pub mod otlp_collector;
 pub mod pki;
+pub mod postgres;
 pub mod proc;
 pub mod raw_h1;
 pub mod refused;

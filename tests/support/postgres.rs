@@ -1,0 +1,557 @@
+//! A throwaway PostgreSQL cluster per test: `initdb` in a temp dir, `postgres -D` in the
+//! foreground on a free loopback port, as an unprivileged user when the tests run as root
+//! (initdb refuses root), killed by pid when dropped. Plus bounded runs of `psql`/`pgbench`.
+//!
+//! A cluster starts in about a second (initdb `--no-sync` ~0.9 s, the server ~0.1 s), so every
+//! test gets its own: no test sees another's tables, sessions or cancels.
+//!
+//! PostgreSQL is required, not optional: when it is missing the test fails with a message
+//! saying that `.ci/run` must install the `postgresql` package.
+
+use std::fs::{self, File};
+use std::io::{Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+
+use super::Pki;
+use super::free_port;
+use super::pki::Identity;
+
+/// The database role the test client certificate maps to (`cert` auth: CN = user name).
+pub const PG_USER: &str = "pgapp";
+
+/// Where Debian's `postgresql` package puts the server binaries: `/usr/lib/postgresql/N/bin`.
+const PG_LIB: &str = "/usr/lib/postgresql";
+
+/// How long a cluster may take to initialise or start on a loaded 2-core machine.
+const START_LIMIT: Duration = Duration::from_secs(60);
+
+/// The newest installed `/usr/lib/postgresql/N/bin` (with `initdb` and `postgres`). Panics,
+/// saying what CI must install, when there is none.
+pub fn bin_dir() -> PathBuf {
+    let mut versions: Vec<(u32, PathBuf)> = fs::read_dir(PG_LIB)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let v: u32 = e.file_name().to_str()?.parse().ok()?;
+            let bin = e.path().join("bin");
+            (bin.join("initdb").is_file() && bin.join("postgres").is_file()).then_some((v, bin))
+        })
+        .collect();
+    versions.sort();
+    match versions.pop() {
+        Some((_, bin)) => bin,
+        None => panic!(
+            "PostgreSQL is not installed (no {PG_LIB}/N/bin/initdb): these tests run a real \
+             server; .ci/run must install the `postgresql` package (apt-get install postgresql)"
+        ),
+    }
+}
+
+/// (uid, gid) to run the server as: the `postgres` user when we are root, else nobody else
+/// (`None`: run as ourselves).
+fn server_user() -> Option<(u32, u32)> {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        return None;
+    }
+    let id = |flag: &str| -> u32 {
+        let out = Command::new("id")
+            .args([flag, "postgres"])
+            .output()
+            .expect("run id");
+        assert!(
+            out.status.success(),
+            "tests run as root and initdb refuses root, but there is no `postgres` user to run \
+             the server as (the Debian `postgresql` package creates it; .ci/run installs it)"
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .expect("numeric id")
+    };
+    Some((id("-u"), id("-g")))
+}
+
+/// What a [`Postgres`] serves.
+#[derive(Clone, Copy)]
+pub struct PgConfig<'a> {
+    /// `ssl = on` with the test PKI's server certificate, client certificates from `client_ca`
+    /// required (`hostssl … cert clientcert=verify-full`); `false`: `ssl = off`, `host … trust`.
+    pub ssl: bool,
+    /// The CA whose client certificates the server accepts (`ssl_ca_file`).
+    pub client_ca: &'a Path,
+}
+
+/// A running throwaway cluster. Dropping it stops the server (fast shutdown, then SIGKILL) and
+/// removes its files; if the test is panicking, the server's log is printed.
+pub struct Postgres {
+    child: Child,
+    /// The TCP port on 127.0.0.1.
+    pub port: u16,
+    /// The unix socket directory (setup as the superuser goes through it, `local … trust`).
+    pub sock: PathBuf,
+    log: PathBuf,
+    // Kept for its Drop (removes the cluster); declared last so the server stops first.
+    _dir: TempDir,
+}
+
+impl Postgres {
+    /// `ssl = on`, client certificates of the test CA, a role [`PG_USER`] that may create
+    /// tables in `postgres`'s public schema.
+    pub fn start(pki: &Pki) -> Postgres {
+        Postgres::start_with(
+            pki,
+            PgConfig {
+                ssl: true,
+                client_ca: &pki.ca.pem,
+            },
+        )
+    }
+
+    /// `ssl = off`: the server answers `N` to an SSLRequest.
+    pub fn start_without_ssl(pki: &Pki) -> Postgres {
+        Postgres::start_with(
+            pki,
+            PgConfig {
+                ssl: false,
+                client_ca: &pki.ca.pem,
+            },
+        )
+    }
+
+    pub fn start_with(pki: &Pki, config: PgConfig<'_>) -> Postgres {
+        let bin = bin_dir();
+        let user = server_user();
+        let dir = tempfile::Builder::new()
+            .prefix("mtls-sidecar-pg")
+            .tempdir()
+            .expect("create temp dir");
+        let root = dir.path();
+        let sock = root.join("sock");
+        fs::create_dir(&sock).expect("mkdir sock");
+        // The server reads its key, certificate and CA as its own user: copies in its dir.
+        copy_private(&pki.server, root);
+        fs::copy(config.client_ca, root.join("ca.crt")).expect("copy CA");
+        if let Some((uid, gid)) = user {
+            for path in [
+                root,
+                &sock,
+                &root.join("server.key"),
+                &root.join("server.crt"),
+            ] {
+                std::os::unix::fs::chown(path, Some(uid), Some(gid)).expect("chown to postgres");
+            }
+            fs::set_permissions(root.join("ca.crt"), fs::Permissions::from_mode(0o644))
+                .expect("chmod CA");
+        }
+        let data = root.join("data");
+        let started = Instant::now();
+        initdb(&bin, &data, user, root);
+        let initdb_took = started.elapsed();
+        // A port taken between free_port() and the server's bind: try again with another.
+        let mut last_log = String::new();
+        for _ in 0..3 {
+            let port = free_port();
+            write_config(&data, root, port, config.ssl);
+            let log = root.join(format!("postgres-{port}.log"));
+            let mut child = server_command(&bin, &data, user, &log);
+            match wait_ready(&bin, &mut child, &sock, port) {
+                Ok(()) => {
+                    let pg = Postgres {
+                        child,
+                        port,
+                        sock,
+                        log,
+                        _dir: dir,
+                    };
+                    pg.create_role();
+                    eprintln!(
+                        "postgres on 127.0.0.1:{port} ready in {:?} (initdb {initdb_took:?})",
+                        started.elapsed()
+                    );
+                    return pg;
+                }
+                Err(why) => {
+                    stop(&mut child);
+                    last_log = format!("{why}\n{}", fs::read_to_string(&log).unwrap_or_default());
+                }
+            }
+        }
+        panic!("PostgreSQL did not start (3 tries):\n{last_log}");
+    }
+
+    /// The server's log so far.
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Runs `sql` as the superuser over the unix socket; panics on any error; returns stdout
+    /// (`-At`: unaligned, tuples only).
+    pub fn admin(&self, sql: &str) -> String {
+        let conninfo = format!(
+            "host={} port={} user=postgres dbname=postgres",
+            self.sock.display(),
+            self.port
+        );
+        let done = Psql::new(&conninfo)
+            .args(["-At", "-v", "ON_ERROR_STOP=1", "-c", sql])
+            .run(Duration::from_secs(30));
+        assert!(
+            done.success(),
+            "admin psql failed: {sql}\n{}\n=== server log ===\n{}",
+            done.output(),
+            self.log()
+        );
+        done.stdout
+    }
+
+    fn create_role(&self) {
+        self.admin(&format!(
+            "CREATE ROLE {PG_USER} LOGIN; GRANT ALL ON SCHEMA public TO {PG_USER};"
+        ));
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        stop(&mut self.child);
+        if std::thread::panicking() {
+            eprintln!(
+                "=== postgres log ({}) ===\n{}",
+                self.log.display(),
+                self.log()
+            );
+        }
+    }
+}
+
+/// SIGINT (fast shutdown: backends are told to exit, no waiting for clients), bounded wait,
+/// then SIGKILL.
+fn stop(child: &mut Child) {
+    if matches!(child.try_wait(), Ok(Some(_))) {
+        return;
+    }
+    // SAFETY: kill(2) on our own child's pid, which has not been reaped yet.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if matches!(child.try_wait(), Ok(Some(_))) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// `server.crt` and `server.key` (0600) in `dir`.
+fn copy_private(server: &Identity, dir: &Path) {
+    fs::copy(&server.cert, dir.join("server.crt")).expect("copy server cert");
+    let key = dir.join("server.key");
+    fs::copy(&server.key, &key).expect("copy server key");
+    fs::set_permissions(&key, fs::Permissions::from_mode(0o600)).expect("chmod key");
+}
+
+fn as_user(cmd: &mut Command, user: Option<(u32, u32)>) {
+    if let Some((uid, gid)) = user {
+        // std drops the supplementary groups (setgroups(0)) when root sets a uid.
+        cmd.uid(uid).gid(gid);
+    }
+}
+
+fn initdb(bin: &Path, data: &Path, user: Option<(u32, u32)>, cwd: &Path) {
+    let mut cmd = Command::new(bin.join("initdb"));
+    cmd.arg("-D")
+        .arg(data)
+        .args(["-U", "postgres", "-A", "trust", "--no-sync", "-E", "UTF8"])
+        .arg("--no-locale")
+        .current_dir(cwd);
+    clean_env(&mut cmd);
+    as_user(&mut cmd, user);
+    let done = run_bounded(cmd, None, START_LIMIT, "initdb");
+    assert!(done.success(), "initdb failed:\n{}", done.output());
+}
+
+/// postgresql.conf additions and the whole pg_hba.conf.
+fn write_config(data: &Path, root: &Path, port: u16, ssl: bool) {
+    let r = root.display();
+    let mut conf = format!(
+        "\n# mtls-sidecar tests\nlisten_addresses = '127.0.0.1'\nport = {port}\n\
+         unix_socket_directories = '{r}/sock'\nfsync = off\nsynchronous_commit = off\n\
+         full_page_writes = off\nshared_buffers = 16MB\nmax_connections = 40\n\
+         log_connections = on\nlog_disconnections = on\n"
+    );
+    let hba = if ssl {
+        conf.push_str(&format!(
+            "ssl = on\nssl_cert_file = '{r}/server.crt'\nssl_key_file = '{r}/server.key'\n\
+             ssl_ca_file = '{r}/ca.crt'\n"
+        ));
+        "local all all trust\nhostssl all all 127.0.0.1/32 cert clientcert=verify-full\n"
+    } else {
+        conf.push_str("ssl = off\n");
+        "local all all trust\nhost all all 127.0.0.1/32 trust\n"
+    };
+    // Rewritten on a retry: the base file from initdb, then ours.
+    let base = data.join("postgresql.conf");
+    let orig = data.join("postgresql.conf.initdb");
+    if !orig.exists() {
+        fs::copy(&base, &orig).expect("keep initdb's postgresql.conf");
+    }
+    let mut text = fs::read_to_string(&orig).expect("read postgresql.conf");
+    text.push_str(&conf);
+    fs::write(&base, text).expect("write postgresql.conf");
+    fs::write(data.join("pg_hba.conf"), hba).expect("write pg_hba.conf");
+}
+
+fn server_command(bin: &Path, data: &Path, user: Option<(u32, u32)>, log: &Path) -> Child {
+    let out = File::create(log).expect("create postgres log");
+    let err = out.try_clone().expect("dup log fd");
+    let mut cmd = Command::new(bin.join("postgres"));
+    cmd.arg("-D")
+        .arg(data)
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err);
+    clean_env(&mut cmd);
+    as_user(&mut cmd, user);
+    cmd.spawn()
+        .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.join("postgres").display()))
+}
+
+/// Polls `pg_isready` on the unix socket until the server accepts connections.
+fn wait_ready(bin: &Path, child: &mut Child, sock: &Path, port: u16) -> Result<(), String> {
+    let deadline = Instant::now() + START_LIMIT;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(format!("postgres exited: {status}"));
+        }
+        let mut cmd = Command::new(bin.join("pg_isready"));
+        cmd.arg("-q")
+            .arg("-h")
+            .arg(sock)
+            .arg("-p")
+            .arg(port.to_string())
+            .args(["-U", "postgres", "-t", "2"]);
+        clean_env(&mut cmd);
+        if run_bounded(cmd, None, Duration::from_secs(10), "pg_isready").success() {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(format!("not ready after {START_LIMIT:?}"));
+        }
+        std::thread::sleep(Duration::from_millis(30));
+    }
+}
+
+/// Removes libpq's variables (`PGHOST`, `PGSSLMODE`, `PGPASSWORD`, ...) from a developer's
+/// shell, so that only what a test says counts; no psqlrc either (`-X` is passed too).
+fn clean_env(cmd: &mut Command) {
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("PG") {
+            cmd.env_remove(&key);
+        }
+    }
+    cmd.env("PSQLRC", "/dev/null").env("LC_ALL", "C");
+}
+
+/// What a finished (or killed) client printed.
+pub struct Done {
+    pub status: Option<ExitStatus>,
+    pub stdout: String,
+    pub stdout_bytes: Vec<u8>,
+    pub stderr: String,
+    pub elapsed: Duration,
+}
+
+impl Done {
+    pub fn success(&self) -> bool {
+        self.status.is_some_and(|s| s.success())
+    }
+
+    /// Exit status, stdout and stderr, for assertion messages.
+    pub fn output(&self) -> String {
+        format!(
+            "exit: {:?} after {:?}\n=== stdout ===\n{}\n=== stderr ===\n{}",
+            self.status,
+            self.elapsed,
+            truncate(&self.stdout),
+            self.stderr
+        )
+    }
+
+    /// stdout and stderr together.
+    pub fn all(&self) -> String {
+        format!("{}\n{}", self.stdout, self.stderr)
+    }
+}
+
+fn truncate(s: &str) -> &str {
+    match s.char_indices().nth(4000) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
+}
+
+/// A started client process whose stdout and stderr are collected in threads.
+pub struct Running {
+    child: Child,
+    what: String,
+    start: Instant,
+    out: Option<std::thread::JoinHandle<Vec<u8>>>,
+    err: Option<std::thread::JoinHandle<Vec<u8>>>,
+}
+
+impl Running {
+    /// Sends `sig` (e.g. `libc::SIGINT`) to the process.
+    pub fn signal(&self, sig: libc::c_int) {
+        // SAFETY: kill(2) on our own child, not yet reaped (we hold the Child).
+        let rc = unsafe { libc::kill(self.child.id() as libc::pid_t, sig) };
+        assert_eq!(rc, 0, "kill({}, {sig}) failed", self.child.id());
+    }
+
+    /// Waits up to `limit`; on expiry kills it (then `status` is `None`).
+    pub fn wait(mut self, limit: Duration) -> Done {
+        let deadline = self.start + limit;
+        let status = loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                break Some(status);
+            }
+            if Instant::now() >= deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                eprintln!("{} still running after {limit:?}: killed", self.what);
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let elapsed = self.start.elapsed();
+        let join = |h: Option<std::thread::JoinHandle<Vec<u8>>>| {
+            h.and_then(|h| h.join().ok()).unwrap_or_default()
+        };
+        let stdout_bytes = join(self.out.take());
+        let stderr = String::from_utf8_lossy(&join(self.err.take())).into_owned();
+        Done {
+            status,
+            stdout: String::from_utf8_lossy(&stdout_bytes).into_owned(),
+            stdout_bytes,
+            stderr,
+            elapsed,
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn collect(mut pipe: impl Read + Send + 'static) -> std::thread::JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = pipe.read_to_end(&mut buf);
+        buf
+    })
+}
+
+/// Starts `cmd` with piped output, feeding `stdin` (then closing it) from a thread.
+pub fn spawn_client(mut cmd: Command, stdin: Option<Vec<u8>>, what: &str) -> Running {
+    cmd.stdin(if stdin.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    })
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
+    if let (Some(data), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        std::thread::spawn(move || {
+            let _ = pipe.write_all(&data);
+        });
+    }
+    let out = Some(collect(child.stdout.take().expect("piped stdout")));
+    let err = Some(collect(child.stderr.take().expect("piped stderr")));
+    Running {
+        child,
+        what: what.to_owned(),
+        start: Instant::now(),
+        out,
+        err,
+    }
+}
+
+/// Runs `cmd` to completion within `limit` (killed after it).
+pub fn run_bounded(cmd: Command, stdin: Option<Vec<u8>>, limit: Duration, what: &str) -> Done {
+    spawn_client(cmd, stdin, what).wait(limit)
+}
+
+/// A `psql` (of the server's version, `-X`, libpq variables cleared) against a conninfo string.
+pub struct Psql {
+    cmd: Command,
+    stdin: Option<Vec<u8>>,
+}
+
+impl Psql {
+    /// Any installed server's `psql` will do: the one of the newest version.
+    pub fn new(conninfo: &str) -> Psql {
+        let mut cmd = Command::new(bin_dir().join("psql"));
+        clean_env(&mut cmd);
+        cmd.arg("-X").arg("-d").arg(conninfo);
+        Psql { cmd, stdin: None }
+    }
+
+    pub fn args<I: IntoIterator<Item = S>, S: AsRef<std::ffi::OsStr>>(mut self, args: I) -> Psql {
+        self.cmd.args(args);
+        self
+    }
+
+    pub fn stdin(mut self, data: Vec<u8>) -> Psql {
+        self.stdin = Some(data);
+        self
+    }
+
+    pub fn spawn(self) -> Running {
+        spawn_client(self.cmd, self.stdin, "psql")
+    }
+
+    pub fn run(self, limit: Duration) -> Done {
+        self.spawn().wait(limit)
+    }
+}
+
+/// libpq conninfo for the sidecar's listener at `addr` as [`PG_USER`] with `sslmode`.
+pub fn conninfo(addr: std::net::SocketAddr, sslmode: &str) -> String {
+    format!(
+        "host={} port={} sslmode={sslmode} user={PG_USER} dbname=postgres connect_timeout=15",
+        addr.ip(),
+        addr.port()
+    )
+}
+
+/// `pgbench` of the server's version towards the sidecar at `addr`, `args` before the dbname.
+pub fn pgbench(addr: std::net::SocketAddr, args: &[&str]) -> Command {
+    let mut cmd = Command::new(bin_dir().join("pgbench"));
+    clean_env(&mut cmd);
+    cmd.env("PGSSLMODE", "disable")
+        .env("PGCONNECT_TIMEOUT", "15")
+        .arg("-h")
+        .arg(addr.ip().to_string())
+        .arg("-p")
+        .arg(addr.port().to_string())
+        .args(["-U", PG_USER])
+        .args(args)
+        .arg("postgres");
+    cmd
+}
