@@ -226,6 +226,7 @@ fn proxy_route(args: &DemoArgs, dir: &std::path::Path, upstream_port: u16) -> Re
         max_connections: 10_000,
         direction: Direction::Outbound,
         ops: config::Ops::default(),
+        protocol: crate::cli::Protocol::None,
     })
 }
 
@@ -269,6 +270,7 @@ fn inbound_route(dir: &std::path::Path, app: SocketAddr) -> Result<Route, Error>
             listen_host: Some("127.0.0.1".into()),
         })),
         ops: config::Ops::default(),
+        protocol: crate::cli::Protocol::None,
     })
 }
 

@@ -73,6 +73,7 @@ pub mod metrics;
 pub mod notify;
 pub mod otel;
 pub mod pki;
+pub mod postgres;
 pub mod proxy;
 pub mod resolve;
 pub mod signal;

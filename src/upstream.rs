@@ -14,10 +14,12 @@ use tokio::time::timeout_at;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
+use crate::cli::Protocol;
 use crate::config::Route;
 use crate::egress::{Proxy, tunnel};
 use crate::failure::{Class, Failure, classify_io};
 use crate::otel;
+use crate::postgres;
 use crate::resolve::{self, ConnectEnd, Resolver};
 use crate::transport::Transport;
 
@@ -64,6 +66,8 @@ pub struct Trace {
     /// Through a proxy: how the tunnel was reached ([`path_to_upstream`]) and the proxy's
     /// answer to CONNECT (`200 Connection established`).
     pub tunnel: Option<(String, String)>,
+    /// `--protocol postgres`: the upstream's answer to `SSLRequest`, as shown (`S`, `N`, ...).
+    pub postgres: Option<String>,
 }
 
 /// Why no byte stream to the upstream was opened.
@@ -81,6 +85,9 @@ pub enum Unreached {
     },
     /// The proxy hop failed: unreachable, TLS, refused CONNECT, 407, not HTTP, or timed out.
     Proxy(Failure),
+    /// The in-band TLS start (`--protocol`) failed: the upstream declined TLS, answered
+    /// something else, closed, or injected bytes.
+    Opening(Failure),
 }
 
 impl Unreached {
@@ -89,7 +96,8 @@ impl Unreached {
         match self {
             Unreached::Dns { failure, .. }
             | Unreached::NoConnection(failure)
-            | Unreached::Proxy(failure) => failure.class.reason(),
+            | Unreached::Proxy(failure)
+            | Unreached::Opening(failure) => failure.class.reason(),
             Unreached::Timeout { .. } => Class::Timeout.reason(),
         }
     }
@@ -99,7 +107,8 @@ impl Unreached {
         match self {
             Unreached::Dns { failure, .. }
             | Unreached::NoConnection(failure)
-            | Unreached::Proxy(failure) => failure,
+            | Unreached::Proxy(failure)
+            | Unreached::Opening(failure) => failure,
             Unreached::Timeout { phase, .. } => timed_out(route, proxy, phase),
         }
     }
@@ -228,8 +237,66 @@ pub fn path_to_upstream(proxy: Option<&Proxy>, addr: SocketAddr) -> String {
 
 /// The byte stream the upstream TLS session runs over: TCP to the upstream, or a tunnel
 /// through the route's opened proxy, `proxy` (CONNECT with the upstream's name, resolved by
-/// the proxy). Every phase ends by `deadline`; what happened is recorded in `trace`, if any.
+/// the proxy), after the route's in-band TLS start (`--protocol`), if any. Every phase ends by
+/// `deadline`; what happened is recorded in `trace`, if any. Every dial goes through here:
+/// connections, `check`, `/upstreamz` probes and reload canaries.
 pub async fn open(
+    route: &Route,
+    proxy: Option<&Proxy>,
+    deadline: Deadline,
+    mut trace: Option<&mut Trace>,
+) -> Result<Opened, Unreached> {
+    let mut opened = open_stream(route, proxy, deadline, trace.as_deref_mut()).await?;
+    if route.protocol == Protocol::Postgres {
+        postgres_opening(route, proxy, &mut opened, deadline, trace).await?;
+    }
+    Ok(opened)
+}
+
+/// `--protocol postgres`: `SSLRequest`, and exactly `S` back, within `deadline`.
+async fn postgres_opening(
+    route: &Route,
+    proxy: Option<&Proxy>,
+    opened: &mut Opened,
+    deadline: Deadline,
+    trace: Option<&mut Trace>,
+) -> Result<(), Unreached> {
+    let named = || {
+        format!(
+            "{} ({})",
+            route.upstream,
+            path_to_upstream(proxy, opened.addr)
+        )
+    };
+    let answer = match timeout_at(deadline, postgres::io::request_tls(&mut opened.transport)).await
+    {
+        Ok(Ok(a)) => a,
+        Ok(Err(e)) => {
+            let f = classify_io(&e, &server_name_str(route));
+            let f = Failure::new(
+                f.class,
+                format!("{} during SSLRequest ({})", f.message, named()),
+            );
+            return Err(Unreached::Opening(f));
+        }
+        Err(_) => {
+            return Err(Unreached::Timeout {
+                phase: postgres::SSL_REQUEST_PHASE,
+                at: proxy.is_none().then_some(opened.addr),
+            });
+        }
+    };
+    if let Some(t) = trace {
+        t.postgres = Some(answer.shown());
+    }
+    if let Some(f) = postgres::io::refusal(&answer, &named()) {
+        return Err(Unreached::Opening(f));
+    }
+    Ok(())
+}
+
+/// [`open`] without the in-band TLS start.
+async fn open_stream(
     route: &Route,
     proxy: Option<&Proxy>,
     deadline: Deadline,

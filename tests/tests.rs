@@ -68,6 +68,8 @@
 //!   `--no-proxy`, `--proxy-from-env`), one file per subtopic: `tunnel` (names only the proxy
 //!   resolves), `credentials`, `bypass`, `failures` (every failure class), `http_mode`,
 //!   `config_file`, `startup`
+//! - `postgres_opening`: `--protocol postgres` against scripted upstreams: the app's and the
+//!   upstream's openings, `N`, injected bytes, the app's `ErrorResponse`, bounds, `check`
 //! - `postgres_real`: `--protocol postgres` against a real PostgreSQL (a cluster per test from
 //!   `support::postgres`) with `psql` and `pgbench`: queries, COPY, `pg_stat_ssl`, `sslmode`s,
 //!   both ways to cancel, `ssl = off`, injected bytes after `S`, refused client certificates
@@ -113,6 +115,7 @@ mod otel_routes;
 #[cfg(feature = "otel")]
 mod otel_traces;
 mod pool_lifetime;
+mod postgres_opening;
 mod postgres_real;
 mod proxy;
 mod proxy_protocol_interop;

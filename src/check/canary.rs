@@ -96,6 +96,6 @@ fn judge(route: &Route, outcome: Outcome, accepted_cas: Vec<String>) -> Verdict 
         Outcome::Timeout { phase, .. } => {
             inconclusive(format!("no answer within --connect-timeout (in {phase})"))
         }
-        Outcome::Proxy(f) => inconclusive(f.message),
+        Outcome::Proxy(f) | Outcome::Opening(f) => inconclusive(f.message),
     }
 }

@@ -219,6 +219,9 @@ pub enum Outcome {
     Accepted { spoke_first: usize },
     /// The `--proxy` hop failed (unreachable, TLS, refused CONNECT, 407, not HTTP, timeout).
     Proxy(Failure),
+    /// `--protocol`'s in-band TLS start failed (the upstream declined TLS, or answered
+    /// something else).
+    Opening(Failure),
 }
 
 /// Everything `check` reports of one dial: the [`Trace`] of reaching the upstream, then the
@@ -233,6 +236,8 @@ pub struct Dial {
     pub connected: Option<SocketAddr>,
     /// Through a proxy: how the tunnel was reached and the proxy's answer to CONNECT.
     pub tunnel: Option<(String, String)>,
+    /// `--protocol postgres`: the upstream's answer to `SSLRequest` (`S`, `N`, ...).
+    pub postgres: Option<String>,
     /// What the handshake agreed on, as far as it got.
     pub negotiated: Negotiated,
     /// How the dial ended: the route's verdict comes from it.
@@ -248,6 +253,7 @@ pub async fn dial(route: &Route, proxy: Option<&Proxy>, config: Arc<ClientConfig
         attempts: Vec::new(),
         connected: None,
         tunnel: None,
+        postgres: None,
         negotiated: Negotiated::default(),
         outcome: Outcome::NoConnection,
     };
@@ -257,12 +263,14 @@ pub async fn dial(route: &Route, proxy: Option<&Proxy>, config: Arc<ClientConfig
     d.attempts = trace.attempts;
     d.connected = trace.connected;
     d.tunnel = trace.tunnel;
+    d.postgres = trace.postgres;
     let transport = match opened {
         Ok(o) => o.transport,
         Err(Unreached::Dns { reason, .. }) => return d.ends(Outcome::Dns(reason)),
         Err(Unreached::NoConnection(_)) => return d.ends(Outcome::NoConnection),
         Err(Unreached::Timeout { phase, at }) => return d.ends(Outcome::Timeout { phase, at }),
         Err(Unreached::Proxy(f)) => return d.ends(Outcome::Proxy(f)),
+        Err(Unreached::Opening(f)) => return d.ends(Outcome::Opening(f)),
     };
     let conn = match ClientConnection::new(config, route.server_name.clone()) {
         Ok(c) => c,

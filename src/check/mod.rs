@@ -339,6 +339,7 @@ fn record_dial(r: &mut RouteReport, d: &dial::Dial) {
         p.answer = Some(answer.clone());
     }
     r.connected = d.connected.map(|a| a.to_string());
+    r.postgres = d.postgres.as_ref().map(|a| format!("SSLRequest → {a}"));
     r.connect_errors = d
         .attempts
         .iter()
@@ -401,12 +402,20 @@ fn judge(
              all: a firewall dropping packets, or a wrong address)",
             at.map_or_else(|| route.upstream.to_string(), |a| a.to_string())
         )),
+        Outcome::Timeout {
+            phase: crate::postgres::SSL_REQUEST_PHASE,
+            ..
+        } => Some(format!(
+            "{at} accepted the connection, but did not answer our PostgreSQL SSLRequest within \
+             --connect-timeout {limit}: is it a PostgreSQL server? (--protocol postgres)"
+        )),
         Outcome::Timeout { .. } => Some(format!(
             "{at} accepted the connection, but the TLS handshake did not finish within \
              --connect-timeout {limit}: is it a TLS port? (a plaintext server waits for a \
              request and never answers a TLS hello)"
         )),
         Outcome::Proxy(f) => Some(proxy_problem(proxy, f)),
+        Outcome::Opening(f) => Some(opening_problem(route, d, f)),
         Outcome::Handshake(e) | Outcome::Rejected(e) => Some(explain::tls_failure(e, cx)),
         Outcome::HandshakeIo(why) => Some(format!(
             "the upstream at {at} ended the connection during the TLS handshake ({why}) without \
@@ -432,6 +441,21 @@ fn judge(
             accepted_problem(*spoke_first, requested, hints, cx, notes)
         }
     }
+}
+
+/// `--protocol postgres` failed before the handshake: the failure, and for `N` what it means.
+fn opening_problem(route: &Route, d: &dial::Dial, f: &Failure) -> String {
+    if d.postgres.as_deref() != Some("N") {
+        return f.message.clone();
+    }
+    let at = d
+        .connected
+        .map_or_else(|| route.upstream.to_string(), |a| a.to_string());
+    format!(
+        "{at} answered N to our SSLRequest: the server does not offer TLS on this port: ssl = \
+         off in postgresql.conf, or a pooler without TLS; a PostgreSQL 17 server with direct \
+         TLS needs --alpn postgresql instead of --protocol postgres"
+    )
 }
 
 /// A completed handshake fails the route only when the upstream will most likely refuse our

@@ -56,6 +56,10 @@ pub struct RouteReport {
     pub dns: Vec<String>,
     /// The address the TCP connection was made to.
     pub connected: Option<String>,
+    /// `--protocol postgres`: the opening as sent and answered, `SSLRequest → S`; absent on
+    /// other routes or when the dial never got that far.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub postgres: Option<String>,
     /// Addresses tried before (or instead of) that one, and why they failed.
     pub connect_errors: Vec<String>,
     /// What the handshake negotiated; `None` when it never got that far.
@@ -214,6 +218,7 @@ impl RouteReport {
             },
             dns: Vec::new(),
             connected: None,
+            postgres: None,
             connect_errors: Vec::new(),
             tls: None,
             upstream_chain: Vec::new(),

@@ -61,6 +61,9 @@ pub fn render(r: &RouteReport) -> String {
     if let Some(a) = &r.connected {
         let _ = writeln!(out, "  connected        {a}");
     }
+    if let Some(p) = &r.postgres {
+        let _ = writeln!(out, "  postgres         {p}");
+    }
     if let Some(t) = &r.tls {
         let _ = writeln!(out, "  tls              {}", tls_line(t));
     }

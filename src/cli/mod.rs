@@ -7,10 +7,12 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 mod inbound;
 mod ops;
+mod protocol;
 mod ranges;
 mod spiffe;
 pub use inbound::{InboundArgs, ProxyProtocol};
 pub use ops::{AccessLog, OpsArgs};
+pub use protocol::Protocol;
 pub use ranges::*;
 pub use spiffe::SpiffeArgs;
 
@@ -236,6 +238,17 @@ pub struct RunArgs {
     )]
     pub alpn: Vec<String>,
 
+    /// In-band TLS start spoken for the app (outbound tcp mode): `postgres` answers the app's
+    /// SSLRequest with N, sends SSLRequest upstream and requires S before the handshake
+    #[arg(
+        long,
+        env = "MTLS_SIDECAR_PROTOCOL",
+        group = "route_flags",
+        value_enum,
+        default_value = "none"
+    )]
+    pub protocol: Protocol,
+
     /// Lowest TLS version offered
     #[arg(
         long,
@@ -258,7 +271,8 @@ pub struct RunArgs {
     )]
     pub mode: Mode,
 
-    /// HTTP mode: how long an app connection may take to send a request's headers
+    /// HTTP mode: how long an app connection may take to send a request's headers; with
+    /// --protocol postgres: to send its startup message
     #[arg(
         long,
         env = "MTLS_SIDECAR_HEADER_TIMEOUT",

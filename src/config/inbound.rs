@@ -119,7 +119,7 @@ pub(super) fn refuse_inbound_flags(args: &RunArgs) -> Result<(), Error> {
 /// The outbound-only flags, refused on an inbound route.
 fn refuse_outbound_flags(args: &RunArgs) -> Result<(), Error> {
     let path = |p: &Option<PathBuf>| p.as_ref().map(|p| p.display().to_string());
-    let set: [(&'static str, Option<String>); 6] = [
+    let set: [(&'static str, Option<String>); 7] = [
         ("--upstream", args.upstream.clone()),
         ("--server-name", args.server_name.clone()),
         ("--proxy", args.proxy.as_ref().map(|_| "***".to_string())),
@@ -128,6 +128,10 @@ fn refuse_outbound_flags(args: &RunArgs) -> Result<(), Error> {
         (
             "--proxy-from-env",
             args.proxy_from_env.then(|| "true".into()),
+        ),
+        (
+            "--protocol",
+            (args.protocol != crate::cli::Protocol::None).then(|| args.protocol.as_str().into()),
         ),
     ];
     for (flag, value) in set {
@@ -296,6 +300,7 @@ pub(super) fn route(name: String, args: &RunArgs) -> Result<Route, Error> {
             listen_host: listen_host(&args.listen),
         })),
         ops: super::ops::parse(args)?,
+        protocol: crate::cli::Protocol::None,
     })
 }
 

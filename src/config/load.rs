@@ -120,6 +120,7 @@ struct RouteToml {
     access_log: Setting<String>,
     reload_canary: Setting<bool>,
     pool_max_lifetime: Setting<String>,
+    protocol: Setting<String>,
 }
 
 /// A value ready to become command-line words.
@@ -179,7 +180,8 @@ impl RouteToml {
             spiffe_socket,
             spiffe_id,
             access_log,
-            pool_max_lifetime
+            pool_max_lifetime,
+            protocol
         );
         many!(
             allow_uid,

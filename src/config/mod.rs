@@ -111,6 +111,8 @@ pub struct Route {
     pub direction: Direction,
     /// Access log, reload canary.
     pub ops: Ops,
+    /// `--protocol`: an in-band TLS start spoken before the handshake (outbound tcp mode).
+    pub protocol: crate::cli::Protocol,
 }
 
 /// Build one route from flag-shaped values (the flags themselves, or a config file's route

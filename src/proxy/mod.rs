@@ -7,6 +7,7 @@ mod framing;
 pub mod http;
 pub(crate) mod inbound;
 mod log;
+mod postgres;
 pub mod relay;
 mod tcp;
 mod watch;

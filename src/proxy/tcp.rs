@@ -8,12 +8,15 @@
 use std::io;
 use std::time::Duration;
 
+use tokio::io::AsyncRead;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use super::RouteCtx;
 use super::log::AccessLog;
+use super::postgres;
 use super::relay::{self, Relay};
+use crate::cli::Protocol;
 use crate::failure::{Class, Failure, classify_io};
 use crate::transport::ReadySocket;
 
@@ -41,14 +44,26 @@ impl AppSocket for tokio::net::UnixStream {
 }
 
 /// Serve one app connection in byte-stream mode; its access-log line is written when it ends.
-pub(super) async fn handle<A: AppSocket>(
+pub(super) async fn handle<A: AppSocket + AsyncRead>(
     ctx: &RouteCtx,
     mut app: A,
     peer: String,
     cut: CancellationToken,
 ) {
+    let accepted = tokio::time::Instant::now();
     let mut log = AccessLog::new(ctx, peer);
     app.set_nodelay();
+    // `--protocol postgres`: the app's first message comes before the dial.
+    let first = match ctx.route.protocol {
+        Protocol::None => None,
+        Protocol::Postgres => match postgres::read_first(ctx, &mut app, accepted, &cut).await {
+            Ok(m) => Some(m),
+            Err(f) => {
+                log.failure = Some(f);
+                return;
+            }
+        },
+    };
     let config = ctx.identity.current();
     let connected = tokio::select! {
         c = log.span.within(ctx.connect(config)) => c,
@@ -57,11 +72,21 @@ pub(super) async fn handle<A: AppSocket>(
     let mut up = match connected {
         Ok(c) => c.stream,
         Err(f) => {
-            // Nothing was sent to the app; dropping it closes the connection at once.
+            // Nothing was sent to the app; dropping it closes the connection at once. A
+            // PostgreSQL app is told why first.
+            if first.is_some() {
+                postgres::tell_app(&mut app, &f.message).await;
+            }
             log.failure = Some(f);
             return;
         }
     };
+    if let Some(message) = &first
+        && let Err(f) = postgres::pass_on(ctx, &mut up, message, &mut log.moved).await
+    {
+        log.failure = Some(f);
+        return;
+    }
     let m = &ctx.metrics;
     let relay = Relay::new(
         &mut app,

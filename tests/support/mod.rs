@@ -11,6 +11,7 @@ pub mod net;
 pub mod nginx;
 #[cfg(feature = "otel")]
 pub mod otlp_collector;
+pub mod pg;
 pub mod pki;
 pub mod postgres;
 pub mod proc;
