@@ -74,7 +74,7 @@ fn queries_and_pg_stat_ssl_with_sslmode_disable_and_prefer() {
         let sql = "select 6 * 7, current_user, inet_server_addr()";
         assert_eq!(
             query(&proxy, sslmode, sql),
-            format!("42|{PG_USER}|127.0.0.1/32")
+            format!("42|{PG_USER}|127.0.0.1")
         );
         // The server's own view of the session: encrypted, with our client certificate.
         let sql = "select ssl, client_dn, version from pg_stat_ssl where pid = pg_backend_pid()";
@@ -260,6 +260,7 @@ fn failed_psql(proxy: &Sidecar, sslmode: &str) -> Done {
     if done.status.is_none() || done.success() {
         proxy.fail(&format!("psql should have failed:\n{}", done.output()));
     }
+    eprintln!("psql (sslmode={sslmode}) said: {}", done.stderr.trim_end());
     done
 }
 
@@ -377,6 +378,7 @@ fn client_certificate_the_server_refuses_gives_an_error_not_a_hang() {
         done.output()
     );
     let line = proxy.wait_conn_lines(1).remove(0);
+    eprintln!("access line: {line}");
     assert_ne!(field(&line, "outcome"), Some("ok"), "{line}");
 }
 
