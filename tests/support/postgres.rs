@@ -302,7 +302,9 @@ fn template(bin: &Path, user: Option<(u32, u32)>) -> &'static Path {
             .unwrap_or_default();
         // The suffix changes when the initdb options below do.
         let tmp = Path::new(env!("CARGO_TARGET_TMPDIR"));
-        let path = tmp.join(format!("postgres-template-{version}-v1"));
+        // Owned by the server's user: one template per user the server runs as.
+        let owner = user.map_or_else(|| "self".to_owned(), |(uid, _)| uid.to_string());
+        let path = tmp.join(format!("postgres-template-{version}-v1-{owner}"));
         if path.join("PG_VERSION").is_file() && path.join("global").is_dir() {
             return path;
         }
