@@ -12,6 +12,7 @@
 //!  upstream, listen ...... dial: resolve, connect, tunnel, handshake; TCP/unix/systemd listeners
 //!  config ................ routes from flags and TOML files: plain values, no live objects
 //!  egress, metrics ....... HTTP CONNECT proxies (URL, --no-proxy, tunnel); prometheus families
+//!  postgres .............. --protocol postgres: SSLRequest openings (app, upstream), ErrorResponse
 //!  failure ............... Class and Failure: every way a connection fails, classified
 //!  spiffe ................ the Workload API client: SVIDs and bundles published as identities
 //!  tls ................... Settings, files, keys, verify, identity (one snapshot), reload
@@ -36,6 +37,9 @@
 //! - `failure`: `Class`, `Failure`, TLS and I/O error classification, escaping of peer text
 //! - `egress`: `egress::url`, `egress::no_proxy`, `egress::tunnel` (CONNECT, auth, proxy TLS)
 //! - `metrics`: prometheus-client families and per-route handles
+//! - `postgres`: `--protocol postgres`: the app's first messages (`startup`, pure, fuzzed), the
+//!   upstream's answer to `SSLRequest` (`answer`), the app's `ErrorResponse` (`error`), and both
+//!   openings over streams (`io`); used by `upstream` (every dial) and `proxy::postgres`
 //! - `config`: `config` types and errors, `config::flags` (`run` flags to a route),
 //!   `config::load` (`--config FILE`, TOML routes with `[defaults]`, errors with file and line)
 //! - `upstream`: resolve, connect each address in turn or tunnel, handshake, each phase bounded

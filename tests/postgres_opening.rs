@@ -239,13 +239,9 @@ async fn a_cancel_request_is_passed_on() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_refused_upstream_connection_is_told_to_the_app() {
     let pki = Pki::new();
-    // A port nothing listens on: bind, note, close.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let mut proxy = run_cmd(&pki, format!("127.0.0.1:{port}"))
+    // Port 1 (tcpmux): nothing listens there, and no other test's listener can take it (a
+    // port freed by binding and closing could be).
+    let mut proxy = run_cmd(&pki, "127.0.0.1:1")
         .args(["--protocol", "postgres"])
         .start();
     let mut app = connect(proxy.addr()).await;
@@ -330,10 +326,10 @@ async fn the_variable_and_the_config_key_select_postgres() {
 }
 
 /// Runs `check` to completion off the runtime's threads: (exit code, stdout).
-async fn check(pki: &Pki, up: &PgUpstream, extra: &[&str]) -> (Option<i32>, String) {
+async fn check(pki: &Pki, up: std::net::SocketAddr, extra: &[&str]) -> (Option<i32>, String) {
     let cmd = Cmd::new()
         .args(["check", "--protocol", "postgres", "--upstream"])
-        .arg(up.addr.to_string())
+        .arg(up.to_string())
         .arg("--cert")
         .arg(&pki.client.cert)
         .arg("--key")
@@ -355,17 +351,17 @@ async fn check(pki: &Pki, up: &PgUpstream, extra: &[&str]) -> (Option<i32>, Stri
 async fn check_reports_the_opening_and_explains_n() {
     let pki = Pki::new();
     let up = upstream(&pki, Answer::Tls).await;
-    let (code, out) = check(&pki, &up, &[]).await;
+    let (code, out) = check(&pki, up.addr, &[]).await;
     assert_eq!(code, Some(0), "{out}");
     assert!(out.contains("postgres         SSLRequest → S"), "{out}");
-    let (code, out) = check(&pki, &up, &["--format", "json"]).await;
+    let (code, out) = check(&pki, up.addr, &["--format", "json"]).await;
     assert_eq!(code, Some(0), "{out}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     let route = &v["routes"][0];
     assert_eq!(route["postgres"], "SSLRequest → S", "{out}");
 
     let no = upstream(&pki, Answer::Raw(b"N".to_vec())).await;
-    let (code, out) = check(&pki, &no, &[]).await;
+    let (code, out) = check(&pki, no.addr, &[]).await;
     assert_eq!(code, Some(1), "{out}");
     assert!(out.contains("postgres         SSLRequest → N"), "{out}");
     assert!(out.contains("ssl = off in postgresql.conf"), "{out}");
@@ -401,4 +397,103 @@ async fn upstreamz_probes_with_the_opening() {
     let resp = get(admin, "/upstreamz").await;
     assert_eq!(resp.status, 503, "{resp:?}");
     assert!(resp.body.contains("does not offer TLS"), "{resp:?}");
+}
+
+/// Through an egress proxy the opening runs inside the CONNECT tunnel: `S` then TLS works, `N`
+/// is refused the same way.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_opening_runs_inside_a_proxy_tunnel() {
+    use crate::support::connect_proxy::{ConnectProxy, UPSTREAM_NAME, named_server};
+    let pki = Pki::new();
+    let config = server_config(&named_server(&pki), &[&pki.ca.der]);
+    let up = PgUpstream::start(config, Answer::Tls).await;
+    let egress = ConnectProxy::start().await;
+    let target = format!("{UPSTREAM_NAME}:{}", up.addr.port());
+    let proxy = run_cmd(&pki, &target)
+        .args(["--protocol", "postgres", "--proxy", &egress.url()])
+        .start();
+    let mut app = connect(proxy.addr()).await;
+    let sent = startup("carol");
+    app.write_all(&sent).await.unwrap();
+    assert_eq!(read_n(&mut app, sent.len()).await, sent);
+    drop(app);
+    let seen = up.wait_done(1).await;
+    assert_eq!(seen[0].first, SSL_REQUEST);
+    assert_eq!(seen[0].data, sent);
+    assert_eq!(egress.connects(), 1, "through the tunnel");
+}
+
+/// libpq sends no SSLRequest over a unix socket: on a `unix:` listener (a socket named
+/// `.s.PGSQL.5432` in a directory `psql host=DIR` points at) the startup message comes first.
+/// An `N` upstream's `ErrorResponse` reaches a unix-socket app too.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_unix_socket_app_sends_its_startup_message_first() {
+    let pki = Pki::new();
+    let dir = tempfile::Builder::new()
+        .prefix("mtls-pg")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let path = dir.path().join(".s.PGSQL.5432");
+    for (answer, ok) in [(Answer::Tls, true), (Answer::Raw(b"N".to_vec()), false)] {
+        let up = upstream(&pki, answer).await;
+        let mut proxy = Cmd::new()
+            .args(["run", "--protocol", "postgres", "--listen"])
+            .arg(format!("unix:{}", path.display()))
+            .arg("--upstream")
+            .arg(up.addr.to_string())
+            .arg("--cert")
+            .arg(&pki.client.cert)
+            .arg("--key")
+            .arg(&pki.client.key)
+            .arg("--ca")
+            .arg(&pki.ca.pem)
+            .spawn();
+        tokio::task::block_in_place(|| {
+            proxy.wait_for_line("the listening line", WAIT, |l| l.contains("listening"))
+        });
+        let mut app = tokio::net::UnixStream::connect(&path).await.unwrap();
+        let sent = startup("dave");
+        app.write_all(&sent).await.unwrap();
+        if ok {
+            let mut echoed = vec![0u8; sent.len()];
+            tokio::time::timeout(WAIT, app.read_exact(&mut echoed))
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(echoed, sent);
+        } else {
+            let mut got = Vec::new();
+            let _ = tokio::time::timeout(WAIT, app.read_to_end(&mut got))
+                .await
+                .unwrap();
+            assert_eq!(error_field(&got, 'C'), "08001");
+        }
+        drop(app);
+        drop(proxy);
+        let _ = std::fs::remove_file(&path);
+    }
+}
+
+/// An upstream that accepts and never answers the SSLRequest: `--connect-timeout` ends it, the
+/// failure names the phase, and `check` says the server did not answer.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_silent_upstream_times_out_in_the_ssl_request_phase() {
+    let pki = Pki::new();
+    let silent = Silent::start().await;
+    let mut proxy = run_cmd(&pki, silent.addr)
+        .args(["--protocol", "postgres", "--connect-timeout", "500ms"])
+        .start();
+    let mut app = connect(proxy.addr()).await;
+    app.write_all(&startup("erin")).await.unwrap();
+    let got = read_to_end(&mut app).await;
+    let m = error_field(&got, 'M');
+    assert!(m.contains("stuck in postgres SSLRequest"), "{m}");
+    conn_line_with_reason(&mut proxy, "timeout");
+
+    let (code, out) = check(&pki, silent.addr, &["--connect-timeout", "500ms"]).await;
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("did not answer our PostgreSQL SSLRequest"),
+        "{out}"
+    );
 }

@@ -124,3 +124,90 @@ pub fn refusal(answer: &Answer, upstream: &str) -> Option<Failure> {
     };
     Some(Failure::new(Class::Protocol, message))
 }
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, duplex};
+
+    use super::*;
+    use crate::postgres::startup::{GSSENC_REQUEST_CODE, SSL_REQUEST_CODE};
+
+    fn request(code: u32) -> Vec<u8> {
+        let mut v = 8u32.to_be_bytes().to_vec();
+        v.extend_from_slice(&code.to_be_bytes());
+        v
+    }
+
+    #[tokio::test]
+    async fn read_startup_answers_n_and_leaves_pipelined_bytes() {
+        let (mut app, mut ours) = duplex(4096);
+        let mut sent = request(SSL_REQUEST_CODE);
+        sent.extend(request(GSSENC_REQUEST_CODE));
+        let startup = [0, 0, 0, 9, 0, 3, 0, 0, 0];
+        sent.extend_from_slice(&startup);
+        sent.extend_from_slice(b"more");
+        app.write_all(&sent).await.unwrap();
+        let (kind, message) = read_startup(&mut ours).await.unwrap();
+        assert_eq!(kind, Kind::Startup);
+        assert_eq!(message, startup);
+        let mut answers = [0u8; 2];
+        app.read_exact(&mut answers).await.unwrap();
+        assert_eq!(&answers, b"NN");
+        let mut rest = [0u8; 4];
+        ours.read_exact(&mut rest).await.unwrap();
+        assert_eq!(&rest, b"more");
+    }
+
+    #[tokio::test]
+    async fn read_startup_says_closed_at_end_of_stream() {
+        let (mut app, mut ours) = duplex(64);
+        app.write_all(&[0, 0, 0, 9, 0]).await.unwrap();
+        drop(app);
+        assert!(matches!(
+            read_startup(&mut ours).await,
+            Err(AppError::Closed)
+        ));
+    }
+
+    /// The upstream's side of [`request_tls`]: read the SSLRequest, then write `answer`.
+    async fn answered(answer: &[u8]) -> Answer {
+        let (mut up, mut ours) = duplex(4096);
+        let answer = answer.to_vec();
+        let server = tokio::spawn(async move {
+            let mut first = [0u8; 8];
+            up.read_exact(&mut first).await.unwrap();
+            assert_eq!(first, SSL_REQUEST);
+            up.write_all(&answer).await.unwrap();
+            up
+        });
+        let a = request_tls(&mut ours).await.unwrap();
+        drop(server.await.unwrap());
+        a
+    }
+
+    #[tokio::test]
+    async fn request_tls_sees_bytes_sent_with_the_answer() {
+        assert_eq!(answered(b"S").await, Answer::Tls);
+        assert_eq!(answered(b"N").await, Answer::NoTls);
+        assert_eq!(answered(b"Sinjected").await, Answer::Injected(8));
+        // More than one read's worth after S: counted from both reads.
+        assert_eq!(answered(&[b'S'; 100]).await, Answer::Injected(99));
+    }
+
+    #[test]
+    fn refusals_say_what_happened() {
+        let up = "db:5432 (127.0.0.1:5432)";
+        assert!(refusal(&Answer::Tls, up).is_none());
+        let f = refusal(&Answer::NoTls, up).unwrap();
+        assert_eq!(f.class, Class::Protocol);
+        assert!(
+            f.message
+                .starts_with("the server does not offer TLS: db:5432")
+        );
+        let f = refusal(&Answer::Injected(3), up).unwrap();
+        assert!(
+            f.message
+                .starts_with("the server sent 3 bytes of unencrypted data")
+        );
+    }
+}
