@@ -14,6 +14,7 @@ pub mod otlp_collector;
 pub mod pg;
 pub mod pki;
 pub mod postgres;
+pub mod postgres_client;
 pub mod proc;
 pub mod raw_h1;
 pub mod refused;
