@@ -70,6 +70,9 @@
 //!   `config_file`, `startup`
 //! - `postgres_opening`: `--protocol postgres` against scripted upstreams: the app's and the
 //!   upstream's openings, `N`, injected bytes, the app's `ErrorResponse`, bounds, `check`
+//! - `postgres_real`: `--protocol postgres` against a real PostgreSQL (a cluster per test from
+//!   `support::postgres`) with `psql` and `pgbench`: queries, COPY, `pg_stat_ssl`, `sslmode`s,
+//!   both ways to cancel, `ssl = off`, injected bytes after `S`, refused client certificates
 
 mod support;
 
@@ -113,6 +116,7 @@ mod otel_routes;
 mod otel_traces;
 mod pool_lifetime;
 mod postgres_opening;
+mod postgres_real;
 mod proxy;
 mod proxy_protocol_interop;
 mod refusal;

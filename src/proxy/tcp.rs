@@ -99,11 +99,16 @@ pub(super) async fn handle<A: AppSocket + AsyncRead>(
         ctx.route.idle_timeout,
     );
     let result = tokio::select! {
-        r = relay => r.map_err(|e| explain(e, &ctx.server_name)),
-        _ = cut.cancelled() => Err(Failure::new(Class::Drain, "cut: still open when --drain-timeout ran out")),
+        r = relay => r.map_err(|e| (matches!(e, relay::Error::Far(_)), explain(e, &ctx.server_name))),
+        _ = cut.cancelled() => Err((false, Failure::new(Class::Drain, "cut: still open when --drain-timeout ran out"))),
     };
-    if let Err(f) = result {
-        if f.class.is_fault() {
+    if let Err((upstream_failed, f)) = result {
+        // The upstream failed before its first byte reached the app (TLS 1.3: the alert that
+        // refuses our client certificate comes after the handshake): a PostgreSQL app still
+        // waits for the answer to its startup message, so it is told why, as for a failed dial.
+        if upstream_failed && first.is_some() && log.moved.far_to_near == 0 {
+            postgres::tell_app(&mut app, &f.message).await;
+        } else if f.class.is_fault() {
             app.abort();
         }
         log.failure = Some(f);

@@ -13,6 +13,8 @@ pub mod nginx;
 pub mod otlp_collector;
 pub mod pg;
 pub mod pki;
+pub mod postgres;
+pub mod postgres_client;
 pub mod proc;
 pub mod raw_h1;
 pub mod refused;
