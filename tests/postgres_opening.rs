@@ -353,17 +353,17 @@ async fn check_reports_the_opening_and_explains_n() {
     let up = upstream(&pki, Answer::Tls).await;
     let (code, out) = check(&pki, up.addr, &[]).await;
     assert_eq!(code, Some(0), "{out}");
-    assert!(out.contains("postgres         SSLRequest → S"), "{out}");
+    assert!(out.contains("postgres         SSLRequest: S"), "{out}");
     let (code, out) = check(&pki, up.addr, &["--format", "json"]).await;
     assert_eq!(code, Some(0), "{out}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     let route = &v["routes"][0];
-    assert_eq!(route["postgres"], "SSLRequest → S", "{out}");
+    assert_eq!(route["postgres"], "SSLRequest: S", "{out}");
 
     let no = upstream(&pki, Answer::Raw(b"N".to_vec())).await;
     let (code, out) = check(&pki, no.addr, &[]).await;
     assert_eq!(code, Some(1), "{out}");
-    assert!(out.contains("postgres         SSLRequest → N"), "{out}");
+    assert!(out.contains("postgres         SSLRequest: N"), "{out}");
     assert!(out.contains("ssl = off in postgresql.conf"), "{out}");
     assert!(out.contains("--alpn postgresql"), "{out}");
 }

@@ -339,7 +339,7 @@ fn record_dial(r: &mut RouteReport, d: &dial::Dial) {
         p.answer = Some(answer.clone());
     }
     r.connected = d.connected.map(|a| a.to_string());
-    r.postgres = d.postgres.as_ref().map(|a| format!("SSLRequest → {a}"));
+    r.postgres = d.postgres.as_ref().map(|a| format!("SSLRequest: {a}"));
     r.connect_errors = d
         .attempts
         .iter()

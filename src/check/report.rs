@@ -56,7 +56,7 @@ pub struct RouteReport {
     pub dns: Vec<String>,
     /// The address the TCP connection was made to.
     pub connected: Option<String>,
-    /// `--protocol postgres`: the opening as sent and answered, `SSLRequest → S`; absent on
+    /// `--protocol postgres`: the opening as sent and answered, `SSLRequest: S`; absent on
     /// other routes or when the dial never got that far.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub postgres: Option<String>,
