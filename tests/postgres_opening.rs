@@ -280,6 +280,17 @@ fn protocol_is_refused_on_http_mode_and_inbound_routes() {
     assert!(err.contains("outbound"), "{err}");
 }
 
+/// `--header-timeout 0` would close every postgres connection at once: refused at startup.
+#[test]
+fn a_zero_header_timeout_is_refused_with_postgres() {
+    let pki = Pki::new();
+    let err = run_cmd(&pki, "127.0.0.1:1")
+        .args(["--protocol", "postgres", "--header-timeout", "0"])
+        .startup_error();
+    assert!(err.contains("--header-timeout"), "{err}");
+    assert!(err.contains("--protocol postgres"), "{err}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn the_variable_and_the_config_key_select_postgres() {
     let pki = Pki::new();

@@ -270,6 +270,16 @@ fn parse_protocol(args: &RunArgs) -> Result<crate::cli::Protocol, Error> {
              belongs to a byte stream, and http mode speaks HTTP over TLS from the first byte",
         ));
     }
+    if args.protocol == crate::cli::Protocol::Postgres
+        && parse_duration("--header-timeout", &args.header_timeout)?.is_zero()
+    {
+        return Err(invalid(
+            "--header-timeout",
+            "0",
+            "must be above 0 with --protocol postgres: it bounds the wait for the app's first \
+             message",
+        ));
+    }
     Ok(args.protocol)
 }
 

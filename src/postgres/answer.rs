@@ -30,6 +30,7 @@ impl Answer {
             [b'S'] if more == 0 => Answer::Tls,
             [b'S', rest @ ..] => Answer::Injected(rest.len() + more),
             [b'N'] if more == 0 => Answer::NoTls,
+            other if more > 0 => Answer::Other(format!("{} (+{more} bytes)", quote(other))),
             other => Answer::Other(quote(other)),
         }
     }

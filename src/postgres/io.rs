@@ -119,7 +119,7 @@ pub fn refusal(answer: &Answer, upstream: &str) -> Option<Failure> {
              refused: they would bypass TLS (CVE-2021-23222)"
         ),
         Answer::Other(q) => format!(
-            "{upstream} answered SSLRequest with \"{q}\", not S or N: is it a PostgreSQL server?"
+            "{upstream} answered SSLRequest with \"{q}\", not a single S or N: is it a PostgreSQL server?"
         ),
     };
     Some(Failure::new(Class::Protocol, message))

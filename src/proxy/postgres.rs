@@ -95,7 +95,8 @@ pub(super) async fn tell_app<A: AsyncRead + AsyncWrite + Unpin>(app: &mut A, mes
         app.write_all(&error).await?;
         app.flush().await?;
         app.shutdown().await?;
-        let mut scratch = [0u8; 4096];
+        // On the heap: on the stack it would be part of every tcp connection's task.
+        let mut scratch = vec![0u8; 4096];
         let mut read = 0;
         while read < DRAIN {
             match app.read(&mut scratch).await? {

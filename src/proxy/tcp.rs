@@ -50,19 +50,22 @@ pub(super) async fn handle<A: AppSocket + AsyncRead>(
     peer: String,
     cut: CancellationToken,
 ) {
-    let accepted = tokio::time::Instant::now();
     let mut log = AccessLog::new(ctx, peer);
     app.set_nodelay();
-    // `--protocol postgres`: the app's first message comes before the dial.
-    let first = match ctx.route.protocol {
+    // `--protocol postgres`: the app's first message comes before the dial. The postgres
+    // steps are boxed so that their state is no part of a plain route's connection task.
+    let mut first = match ctx.route.protocol {
         Protocol::None => None,
-        Protocol::Postgres => match postgres::read_first(ctx, &mut app, accepted, &cut).await {
-            Ok(m) => Some(m),
-            Err(f) => {
-                log.failure = Some(f);
-                return;
+        Protocol::Postgres => {
+            let accepted = tokio::time::Instant::now();
+            match Box::pin(postgres::read_first(ctx, &mut app, accepted, &cut)).await {
+                Ok(m) => Some(m),
+                Err(f) => {
+                    log.failure = Some(f);
+                    return;
+                }
             }
-        },
+        }
     };
     let config = ctx.identity.current();
     let connected = tokio::select! {
@@ -78,15 +81,18 @@ pub(super) async fn handle<A: AppSocket + AsyncRead>(
             // Nothing was sent to the app; dropping it closes the connection at once. A
             // PostgreSQL app is told why first.
             if first.is_some() {
-                postgres::tell_app(&mut app, &f.message).await;
+                Box::pin(postgres::tell_app(&mut app, &f.message)).await;
             }
             log.failure = Some(f);
             return;
         }
     };
-    if let Some(message) = &first
-        && let Err(f) = postgres::pass_on(ctx, &mut up, message, &mut log.moved).await
+    // The message is passed on and not kept: only whether there was one matters after.
+    let postgres_app = first.is_some();
+    if let Some(message) = first.take()
+        && let Err(f) = Box::pin(postgres::pass_on(ctx, &mut up, &message, &mut log.moved)).await
     {
+        Box::pin(postgres::tell_app(&mut app, &f.message)).await;
         log.failure = Some(f);
         return;
     }
@@ -106,8 +112,8 @@ pub(super) async fn handle<A: AppSocket + AsyncRead>(
         // The upstream failed before its first byte reached the app (TLS 1.3: the alert that
         // refuses our client certificate comes after the handshake): a PostgreSQL app still
         // waits for the answer to its startup message, so it is told why, as for a failed dial.
-        if upstream_failed && first.is_some() && log.moved.far_to_near == 0 {
-            postgres::tell_app(&mut app, &f.message).await;
+        if upstream_failed && postgres_app && log.moved.far_to_near == 0 {
+            Box::pin(postgres::tell_app(&mut app, &f.message)).await;
         } else if f.class.is_fault() {
             app.abort();
         }
