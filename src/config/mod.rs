@@ -23,6 +23,7 @@ mod flags;
 mod inbound;
 pub mod load;
 mod ops;
+mod protocol;
 pub mod spiffe;
 
 pub use flags::{
