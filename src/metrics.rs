@@ -2,7 +2,7 @@
 //! label sets once, at startup, into [`RouteMetrics`]: on the connection path an update is an
 //! atomic add on a handle, with no lookup, lock or allocation.
 
-use std::sync::Mutex;
+use std::sync::{Mutex, RwLock};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -50,6 +50,10 @@ struct CodeLabels {
 
 /// The `outcome` label values, in the order [`RouteMetrics::connections`] holds them.
 const OUTCOMES: [&str; 5] = ["ok", "connect_error", "tls_error", "timeout", "error"];
+
+/// How many status codes a route keeps the counter of (a hostile upstream can answer with
+/// any of 900, and the scan is linear); further codes take the family's lookup.
+const HTTP_CODES_CACHED: usize = 16;
 
 const HTTP_HELP: &str = "HTTP requests answered (http mode), by status code";
 
@@ -159,6 +163,10 @@ pub struct RouteMetrics {
     last_upstream_leaf: Mutex<Vec<u8>>,
     /// `http_requests_total` and the route's name for its `code` series.
     http_requests: (Family<CodeLabels, Counter>, String),
+    /// The `http_requests_total` counters of the codes this route answered so far (at most
+    /// [`HTTP_CODES_CACHED`]), so a request costs a read lock and a short scan, not a copy
+    /// of the route's name and a hash lookup in the family.
+    http_codes: RwLock<Vec<(u16, Counter)>>,
     /// `ca_cert_expiry_timestamp_seconds`: created once the route trusts a CA bundle of its
     /// own, absent for the system trust store (see [`RouteMetrics::set_ca_expiry`]).
     ca_expiry: (Family<RouteLabel, Gauge>, RouteLabel),
@@ -194,15 +202,30 @@ impl RouteMetrics {
             .inc();
     }
 
-    /// Count an HTTP answer (a read lock and a hash lookup; no I/O under it).
+    /// Count an HTTP answer: a read lock and a scan of the codes seen so far; the family is
+    /// looked up (and the series created) only the first time a code is seen, or always for
+    /// codes beyond the cached ones. No I/O under either lock.
     pub fn http_request(&self, code: u16) {
+        if let Ok(codes) = self.http_codes.read()
+            && let Some((_, counter)) = codes.iter().find(|(c, _)| *c == code)
+        {
+            counter.inc();
+            return;
+        }
         let (family, route) = &self.http_requests;
-        family
+        let counter = family
             .get_or_create(&CodeLabels {
                 route: route.clone(),
                 code,
             })
-            .inc();
+            .clone();
+        counter.inc();
+        if let Ok(mut codes) = self.http_codes.write()
+            && codes.len() < HTTP_CODES_CACHED
+            && !codes.iter().any(|(c, _)| *c == code)
+        {
+            codes.push((code, counter));
+        }
     }
 
     /// A byte-stream-mode app connection accepted at `started` ended (a no-op in http mode).
@@ -375,6 +398,7 @@ impl Metrics {
             upstream_expiry: (self.upstream_expiry.clone(), r.clone()),
             last_upstream_leaf: Mutex::new(Vec::new()),
             http_requests: (self.http_requests.clone(), route.to_string()),
+            http_codes: RwLock::new(Vec::new()),
             ca_expiry: (self.ca_expiry.clone(), r.clone()),
         }
     }
@@ -438,5 +462,31 @@ mod tests {
         ] {
             assert!(text.contains(want), "missing {want:?} in\n{text}");
         }
+    }
+
+    /// Counts are right for cached codes, for a repeat code and beyond the cache's bound.
+    #[test]
+    fn http_request_counts_every_code() {
+        let m = Metrics::new();
+        let r = m.route("web", Mode::Http);
+        for _ in 0..3 {
+            r.http_request(200);
+        }
+        r.http_request(404);
+        for code in 100..(100 + HTTP_CODES_CACHED as u16 + 5) {
+            r.http_request(code);
+            r.http_request(code);
+        }
+        let text = m.encode();
+        let last = 100 + HTTP_CODES_CACHED as u16 + 4;
+        for want in [
+            "mtls_sidecar_http_requests_total{route=\"web\",code=\"200\"} 3".to_string(),
+            "mtls_sidecar_http_requests_total{route=\"web\",code=\"404\"} 1".to_string(),
+            "mtls_sidecar_http_requests_total{route=\"web\",code=\"100\"} 2".to_string(),
+            format!("mtls_sidecar_http_requests_total{{route=\"web\",code=\"{last}\"}} 2"),
+        ] {
+            assert!(text.contains(&want), "missing {want:?} in\n{text}");
+        }
+        assert_eq!(r.http_codes.read().unwrap().len(), HTTP_CODES_CACHED);
     }
 }

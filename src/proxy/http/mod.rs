@@ -16,6 +16,7 @@
 
 mod answer;
 mod body;
+mod hop;
 mod lifetime;
 mod pool;
 mod reqlog;
@@ -33,7 +34,7 @@ use std::sync::atomic::Ordering;
 use http_body_util::BodyExt;
 use http_body_util::combinators::BoxBody;
 use hyper::body::{Bytes, Incoming};
-use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::http::uri::Scheme;
 use hyper::{Request, Response, StatusCode, Uri, Version};
 use hyper_util::client::legacy;
@@ -44,6 +45,7 @@ use tracing::{debug, info, warn};
 
 use self::answer::{Unserved, classify, failure_response, own_response, target_response};
 use self::body::{AppBody, Counted, Moving};
+use self::hop::strip_hop_by_hop;
 use self::pool::{Lane, UpstreamSide};
 use self::serve::{Tunnel, TunnelSlot};
 use self::target::TargetSide;
@@ -478,46 +480,6 @@ fn rewrite_for_upstream(req: &mut Request<Incoming>, uri: Uri) {
             header::TRANSFER_ENCODING,
             HeaderValue::from_static("chunked"),
         );
-    }
-}
-
-/// Headers that describe one hop, never forwarded (RFC 9110 7.6.1), plus those the
-/// `Connection` header names.
-fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .filter(|n| !(keep_upgrade && n == header::UPGRADE))
-        .collect();
-    for n in named {
-        headers.remove(n);
-    }
-    let te_trailers = headers
-        .get(header::TE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| {
-            v.split(',')
-                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
-        });
-    for n in [
-        header::TE,
-        header::TRANSFER_ENCODING,
-        header::PROXY_AUTHORIZATION,
-        header::PROXY_AUTHENTICATE,
-        HeaderName::from_static("keep-alive"),
-        HeaderName::from_static("proxy-connection"),
-    ] {
-        headers.remove(n);
-    }
-    if !keep_upgrade {
-        headers.remove(header::CONNECTION);
-        headers.remove(header::UPGRADE);
-    }
-    if te_trailers {
-        headers.insert(header::TE, HeaderValue::from_static("trailers"));
     }
 }
 
