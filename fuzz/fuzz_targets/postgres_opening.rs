@@ -4,53 +4,11 @@
 //! encoder. Input: one byte choosing the read size, then the bytes.
 #![no_main]
 
-use std::io;
-use std::pin::Pin;
-use std::task::{Context, Poll};
-
 use libfuzzer_sys::fuzz_target;
 use mtls_sidecar::postgres::io::{AppError, read_startup, refusal};
 use mtls_sidecar::postgres::startup::{Kind, MAX_STARTUP_PACKET_LENGTH, scan};
 use mtls_sidecar::postgres::{Answer, error_response};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-
-/// An app that has already sent `data`, in reads of at most `step` bytes, then closes; what is
-/// written to it is kept.
-struct App<'a> {
-    data: &'a [u8],
-    step: usize,
-    written: Vec<u8>,
-}
-
-impl AsyncRead for App<'_> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        _: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let n = self.data.len().min(self.step).min(buf.remaining());
-        buf.put_slice(&self.data[..n]);
-        self.data = &self.data[n..];
-        Poll::Ready(Ok(()))
-    }
-}
-
-impl AsyncWrite for App<'_> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        _: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        self.written.extend_from_slice(buf);
-        Poll::Ready(Ok(buf.len()))
-    }
-    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-}
+use mtls_sidecar_fuzz::Scripted;
 
 /// The `ErrorResponse` for `text` parses back: `E`, its length, four fields, the terminator.
 fn check_error_response(text: &str) {
@@ -61,22 +19,20 @@ fn check_error_response(text: &str) {
     assert!(e.len() < 1200, "{}", e.len());
     let fields: Vec<&[u8]> = e[5..e.len() - 1].split_inclusive(|b| *b == 0).collect();
     assert_eq!(fields.len(), 4, "a NUL inside a field: {e:?}");
-    assert!(std::str::from_utf8(&e[5..]).is_ok(), "cut inside a character");
+    assert!(
+        std::str::from_utf8(&e[5..]).is_ok(),
+        "cut inside a character"
+    );
 }
 
 fuzz_target!(|data: &[u8]| {
     let Some((&cut, bytes)) = data.split_first() else {
         return;
     };
-    let step = if cut == 0 { usize::MAX } else { usize::from(cut) };
 
     // The app side: scan and the real reader agree.
     let scanned = scan(bytes);
-    let mut app = App {
-        data: bytes,
-        step,
-        written: Vec::new(),
-    };
+    let mut app = Scripted::new(bytes, cut);
     let read = mtls_sidecar_fuzz::block_on(read_startup(&mut app), bytes.len() + 16);
     match (&scanned, &read) {
         (Ok(s), Ok((kind, message))) => {

@@ -1,5 +1,11 @@
 //! Helpers shared by the fuzz targets.
 
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
 /// Move this process into a network namespace of its own, with no interface up.
 ///
 /// The config loader and the listen-address parsers resolve host names (`getaddrinfo`), and a
@@ -37,4 +43,62 @@ pub fn block_on<F: std::future::Future>(fut: F, max_polls: usize) -> F::Output {
         }
     }
     panic!("future still pending after {max_polls} polls over in-memory I/O: a hang");
+}
+
+/// A peer that has already sent `data`, in reads of at most `step` bytes, then closes; what is
+/// written to it is kept in `written`. Every read and write is ready at once.
+pub struct Scripted<'a> {
+    /// What the peer has yet to send.
+    pub data: &'a [u8],
+    /// The most bytes one read returns.
+    pub step: usize,
+    /// Everything written to the peer.
+    pub written: Vec<u8>,
+}
+
+impl<'a> Scripted<'a> {
+    /// A peer sending `data`, cut into reads by the fuzzer's `cut` byte: 1..=255 bytes per read,
+    /// or everything at once for 0.
+    pub fn new(data: &'a [u8], cut: u8) -> Self {
+        let step = if cut == 0 {
+            usize::MAX
+        } else {
+            usize::from(cut)
+        };
+        Scripted {
+            data,
+            step,
+            written: Vec::new(),
+        }
+    }
+}
+
+impl AsyncRead for Scripted<'_> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let n = self.data.len().min(self.step).min(buf.remaining());
+        buf.put_slice(&self.data[..n]);
+        self.data = &self.data[n..];
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for Scripted<'_> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.written.extend_from_slice(buf);
+        Poll::Ready(Ok(buf.len()))
+    }
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
 }
