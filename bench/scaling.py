@@ -20,7 +20,7 @@ its process, all threads). The summary prints both, for every worker count, and 
 against the first worker count. Needs what ../shared/bench/setup.sh installs. It makes its own
 PKI (setup.sh with SKIP_APT=1) under --work, so it does not race other runs for
 /tmp/mtls-bench/pki. Every process it starts is stopped by pid; the harnesses stop theirs.
-About 6-7 minutes with the defaults.
+About 3 minutes with the defaults (185 s on 2026-12-03).
 """
 
 import argparse, json, os, re, shlex, shutil, signal, socket, statistics, subprocess, sys, tempfile, time
@@ -151,6 +151,19 @@ def ours_s(procs):
     return t.user + t.system + t.children_user + t.children_system + total / TICK
 
 
+def switches(pid):
+    """Context switches (voluntary + involuntary) of all the process's threads so far: a
+    worker that parks and is woken by another costs one each time."""
+    total = 0
+    for t in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{t}/status") as f:
+                total += sum(int(l.split()[1]) for l in f if "ctxt_switches:" in l)
+        except OSError:
+            pass  # a thread that ended meanwhile
+    return total
+
+
 def workers_of(pid):
     names = []
     for t in os.listdir(f"/proc/{pid}/task"):
@@ -232,13 +245,16 @@ def http_mode(args, log, run_dir):
                     port, pid = px[name]
                     live = {p.pid for p in procs}
                     c0, t0, b0, o0 = cpu_ticks(pid), time.monotonic(), busy_s(), ours_s(live)
+                    s0 = switches(pid)
                     n, rate, errors = wrk(port, args.duration, w == "close")
                     time.sleep(0.3)  # let the last closes finish
                     cpu = (cpu_ticks(pid) - c0) / TICK / n * 1e6
+                    cs = (switches(pid) - s0) / n
                     load = max(0.0, (busy_s() - b0 - (ours_s(live) - o0)) / (time.monotonic() - t0))
                     samples[w].setdefault(name, []).append(
-                        {"value": rate, "cpu_per": cpu, "errors": errors, "other_load": load})
+                        {"value": rate, "cpu_per": cpu, "errors": errors, "other_load": load, "switches": cs})
                     log(f"rep {rep + 1} http {w:9s} {name}: {rate:10,.1f} req/s  cpu {cpu:.1f} µs/req  "
+                        f"{cs:.2f} context switches/req  "
                         f"other load {load:.2f}"
                         + (f"  ERRORS {errors}" if errors else ""))
         return samples
@@ -275,7 +291,7 @@ def rows_for(label, unit, per_unit, results, workers, baseline):
         errors = sum(x.get("errors", 0) for x in s) + sum(1 for x in s if "error" in x)
         load = med(s, "other_load")
         out.append(f"| {label} | {who} | {fmt(med(s, 'value'))} {unit} | {fmt(cpu, 1)} {per_unit} | {ratio} "
-                   f"| {fmt(load, 2)} | {errors} |")
+                   f"| {fmt(med(s, 'switches'), 2)} | {fmt(load, 2)} | {errors} |")
     return out
 
 
@@ -285,14 +301,18 @@ def summary(args, parts, started, elapsed):
              f"medians of {args.reps} repetitions, {args.duration} s per measurement (inbound "
              f"{args.duration + 1} s).", "",
              "Command: `" + shlex.join(["bench/scaling.py"] + sys.argv[1:]) + "`", "",
-             "| workload | proxy | rate | proxy CPU per unit | CPU vs 1 worker | other load (cores) | errors |",
-             "|---|---|---|---|---|---|---|"]
+             "| workload | proxy | rate | proxy CPU per unit | CPU vs 1 worker | context switches per unit "
+             "| other load (cores) | errors |",
+             "|---|---|---|---|---|---|---|---|"]
     names = {"newconn": ("new connections", "conn/s", "µs/conn"), "keepalive": ("keep-alive", "req/s", "µs/req"),
              "close": ("`Connection: close`", "req/s", "µs/req")}
     for part, (data, _cmd, baseline) in parts.items():
         for w, res in data.items():
             label, unit, per = names[w]
             lines += rows_for(f"{part}, {label}", unit, per, res, args.workers, baseline)
+    lines += ["", "Context switches (voluntary and involuntary, all threads of the proxy, from "
+              "/proc/PID/task/*/status) are counted only for the http-mode part, whose processes "
+              "the script starts itself."]
     lines += [""] + NOTES if NOTES else []
     lines += ["", "Harness commands (run by the script):", ""]
     lines += [f"- {part}: `{cmd}`" for part, (_d, cmd, _b) in parts.items() if cmd]
