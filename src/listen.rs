@@ -9,6 +9,19 @@ use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 
 use crate::config::ListenAddr;
 
+/// The accept queue asked of the kernel for TCP and unix listeners we bind (Linux caps it at
+/// `net.core.somaxconn`, 4096 by default). tokio and std ask for 128, which a burst of new
+/// connections overflows while every accept waits for a `--max-connections` slot or for the
+/// one accept loop: the kernel then drops their SYNs and the clients retry only after 1 s.
+/// Sockets passed by systemd keep the backlog of their unit (`Backlog=`).
+const BACKLOG: i32 = 4096;
+
+/// Ask for [`BACKLOG`] on a socket that is listening already (on Linux a second `listen`
+/// only changes the queue's length).
+fn deepen_backlog(socket: socket2::SockRef<'_>) -> io::Result<()> {
+    socket.listen(BACKLOG)
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("cannot listen on {addr}: {source}")]
@@ -171,6 +184,7 @@ impl Listener {
         match addr {
             ListenAddr::Tcp(a) => TcpListener::bind(a)
                 .await
+                .and_then(|l| deepen_backlog((&l).into()).map(|()| l))
                 .map(Listener::Tcp)
                 .map_err(|source| Error::Bind {
                     addr: a.to_string(),
@@ -292,6 +306,7 @@ fn bind_unix(path: &Path, mode: u32) -> Result<Listener, Error> {
         }
     }
     let listener = UnixListener::bind(path).map_err(bind_err)?;
+    deepen_backlog((&listener).into()).map_err(bind_err)?;
     let socket = UnixSocket {
         listener,
         path: Some(path.to_path_buf()),

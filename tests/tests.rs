@@ -11,6 +11,7 @@
 //! - `spiffe_config`: `--spiffe` routes' refusals (files, socket, rule, `--spiffe-id`), variables, keys
 //! - `startup`: startup errors (exit 2), key formats, environment variables, `dev-pki`, `demo`
 //! - `lifecycle`: signals, draining, `--max-connections`, `--idle-timeout`
+//! - `listen_backlog`: a burst beyond `--max-connections` waits in a deep accept queue
 //! - `interop`: nginx and `openssl s_server` as the upstream
 //! - `rotation`: reloading identity and CA files (rename, `..data` swap, SIGHUP), broken
 //!   rotations, two-step writers, rotation under load, expiry warnings
@@ -110,6 +111,7 @@ mod inbound_tls_choice;
 mod interop;
 mod latency_metrics;
 mod lifecycle;
+mod listen_backlog;
 #[cfg(feature = "otel")]
 mod otel_routes;
 #[cfg(feature = "otel")]
