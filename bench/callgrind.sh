@@ -5,13 +5,15 @@
 #   resumed   per new tcp-mode connection with a resumed handshake
 #   keepalive per http-mode request on a kept-alive connection
 #   bulk      per MiB relayed in tcp mode (a download through one connection)
+#   tcpka     per request/response exchange on a kept-alive connection through a tcp-mode route
+#             (the same load as keepalive, relayed as bytes: the bulk routes serve it)
 # outbound (app -plain-> proxy -mTLS-> nginx) and inbound (client -mTLS-> proxy -plain-> nginx).
 # Only the proxy runs under callgrind; nginx (upstream/target) and the load generator
 # (bench/callgrind_load.py) run outside it. Each count is the difference of two runs (processes)
 # with LO and HI units of work, divided by HI-LO, so startup and warm-up cancel out.
 #
 # usage: bench/callgrind.sh OLD_BIN NEW_BIN
-#   CG_TESTS="out-full in-keepalive ..."   a subset (default: all eight)
+#   CG_TESTS="out-full in-keepalive ..."   a subset (default: all ten)
 #   CG_KEEP=1                              keep the work dir (callgrind.out files, logs)
 #   CG_OLD_ONLY=1 CG_KEEP=1 / CG_REUSE_OLD=DIR   run OLD alone now, reuse its counts from DIR later
 #   CG_CONNS="LO HI" CG_REQS="LO HI" CG_MIB="LO HI"   amounts (defaults 100 300, 1000 3000, 8 40)
@@ -22,7 +24,7 @@
 set -eu
 HERE=$(dirname "$(realpath "$0")")
 OLD=$(realpath "$1"); NEW=$(realpath "$2")
-TESTS=${CG_TESTS:-out-full out-resumed out-keepalive out-bulk in-full in-resumed in-keepalive in-bulk}
+TESTS=${CG_TESTS:-out-full out-resumed out-keepalive out-bulk out-tcpka in-full in-resumed in-keepalive in-bulk in-tcpka}
 read -r CONN_LO CONN_HI <<< "${CG_CONNS:-100 300}"
 read -r REQ_LO REQ_HI <<< "${CG_REQS:-1000 3000}"
 read -r MIB_LO MIB_HI <<< "${CG_MIB:-8 40}"
@@ -78,7 +80,8 @@ kill -0 "$NGINX" 2>/dev/null || { echo "nginx did not start:" >&2; cat "$W/nginx
 port() {
   case $1 in
     out-full) echo 18661 ;; out-resumed) echo 18662 ;; out-keepalive) echo 18663 ;;
-    out-bulk) echo 18664 ;; in-tcp | in-full | in-resumed | in-bulk) echo 18665 ;; in-keepalive) echo 18666 ;;
+    out-bulk | out-tcpka) echo 18664 ;; in-tcp | in-full | in-resumed | in-bulk | in-tcpka) echo 18665 ;;
+    in-keepalive) echo 18666 ;;
   esac
 }
 out_route() {  # name upstream-port mode
@@ -106,8 +109,8 @@ load() {
     out-full | out-resumed) echo "$LOAD conns $a" ;;
     in-full) echo "$LOAD conns $a $CLIENT_TLS" ;;
     in-resumed) echo "$LOAD conns $a $CLIENT_TLS --resume" ;;
-    out-keepalive) echo "$LOAD keepalive $a" ;;
-    in-keepalive) echo "$LOAD keepalive $a $CLIENT_TLS" ;;
+    out-keepalive | out-tcpka) echo "$LOAD keepalive $a" ;;
+    in-keepalive | in-tcpka) echo "$LOAD keepalive $a $CLIENT_TLS" ;;
     out-bulk | in-bulk)
       local f=lo; [ "$2" = "$MIB_HI" ] && f=hi
       local tlsarg=""; [ "$1" = in-bulk ] && tlsarg=$CLIENT_TLS
@@ -117,11 +120,11 @@ load() {
 amount() {  # TEST lo|hi
   case $1 in
     *-full | *-resumed) [ "$2" = lo ] && echo "$CONN_LO" || echo "$CONN_HI" ;;
-    *-keepalive) [ "$2" = lo ] && echo "$REQ_LO" || echo "$REQ_HI" ;;
+    *-keepalive | *-tcpka) [ "$2" = lo ] && echo "$REQ_LO" || echo "$REQ_HI" ;;
     *-bulk) [ "$2" = lo ] && echo "$MIB_LO" || echo "$MIB_HI" ;;
   esac
 }
-unit() { case $1 in *-bulk) echo "MiB" ;; *-keepalive) echo "request" ;; *) echo "connection" ;; esac; }
+unit() { case $1 in *-bulk) echo "MiB" ;; *-keepalive | *-tcpka) echo "request" ;; *) echo "connection" ;; esac; }
 
 # quiet LOG: wait (at most 30 s) until the proxy's log has not grown for 1 s: the last connection's
 # teardown and log line belong to its phase, not the next one.

@@ -17,6 +17,7 @@
 //!   rotations, two-step writers, rotation under load, expiry warnings
 //! - `reload_canary`: `--reload-canary`: a rotation the upstream refuses is kept back until it
 //!   trusts the new CA; unreachable upstream, expired identity, no canary publish at once
+//! - `relay_cut`: the drain cut reaches busy tcp-mode relays, outbound and inbound
 //! - `formats`: encrypted PKCS#8 keys and PKCS#12 identities with password files
 //! - `config_file`: `run --config FILE`: errors naming file, line and key; many routes, each with
 //!   its own identity, trust and timeouts or `[defaults]`; shared identities; `[admin]`
@@ -122,6 +123,7 @@ mod postgres_real;
 mod proxy;
 mod proxy_protocol_interop;
 mod refusal;
+mod relay_cut;
 mod reload_canary;
 mod rotation;
 mod spiffe_config;

@@ -15,6 +15,7 @@ use std::time::Instant;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use super::counting::Counts;
+use super::cut::CutWait;
 use tokio::net::{TcpStream, UnixStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
@@ -525,8 +526,9 @@ where
     let totals = (&m.bytes_from_upstream, &m.bytes_to_upstream);
     let relay = Relay::new(target, client, moved, totals, ctx.route.idle_timeout);
     let r = tokio::select! {
+        biased;
         r = relay => r,
-        _ = cut.cancelled() => return Err((Class::Drain, "cut: still open when --drain-timeout ran out".into())),
+        () = CutWait::new(cut.cancelled()) => return Err((Class::Drain, "cut: still open when --drain-timeout ran out".into())),
     };
     match r {
         Ok(()) => Ok(()),

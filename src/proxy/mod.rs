@@ -3,6 +3,7 @@
 //! modes).
 
 mod counting;
+mod cut;
 mod framing;
 pub mod http;
 pub(crate) mod inbound;

@@ -13,6 +13,7 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use super::RouteCtx;
+use super::cut::CutWait;
 use super::log::AccessLog;
 use super::postgres;
 use super::relay::{self, Relay};
@@ -105,8 +106,9 @@ pub(super) async fn handle<A: AppSocket + AsyncRead>(
         ctx.route.idle_timeout,
     );
     let result = tokio::select! {
+        biased;
         r = relay => r.map_err(|e| (matches!(e, relay::Error::Far(_)), explain(e, &ctx.server_name))),
-        _ = cut.cancelled() => Err((false, Failure::new(Class::Drain, "cut: still open when --drain-timeout ran out"))),
+        () = CutWait::new(cut.cancelled()) => Err((false, Failure::new(Class::Drain, "cut: still open when --drain-timeout ran out"))),
     };
     if let Err((upstream_failed, f)) = result {
         // The upstream failed before its first byte reached the app (TLS 1.3: the alert that

@@ -18,6 +18,7 @@ use super::pool::Lane;
 use super::reqlog::{self, RequestLog};
 use super::{Body, ClientId, HttpRoute};
 use crate::failure::Class;
+use crate::proxy::cut::CutWait;
 use crate::proxy::watch::{ConnWatch, Expired, InFlight, Watched};
 
 /// Request headers larger than this get `431`.
@@ -172,6 +173,10 @@ where
     // Set when a graceful close began: the socket is dropped at this instant at the latest.
     let mut closing: Option<tokio::time::Instant> = None;
     let mut stopping = false;
+    // Waited on across the loop's turns (see `proxy::cut`): a fresh `cancelled()` per turn
+    // would lock both process-wide tokens several times for every request.
+    let mut stop_wait = CutWait::new(stop.cancelled());
+    let mut cut_wait = CutWait::new(cut.cancelled());
     let result = loop {
         let now = tokio::time::Instant::now();
         let next = match watch.deadline(now) {
@@ -194,11 +199,11 @@ where
         }
         tokio::select! {
             r = conn.as_mut() => break r,
-            _ = stop.cancelled(), if !stopping => {
+            () = &mut stop_wait, if !stopping => {
                 stopping = true;
                 conn.as_mut().graceful_shutdown();
             }
-            _ = cut.cancelled() => return End::Cut,
+            () = &mut cut_wait => return End::Cut,
             () = watch.moved_earlier() => {}
             Ok(()) = generations.changed() => lane.retire(),
             _ = timer.as_mut(), if wake.is_some() => {
@@ -297,6 +302,7 @@ async fn run_tunnel(tunnel: Tunnel, watch: &Arc<ConnWatch>, cut: &CancellationTo
     tokio::pin!(timer);
     let _open = watch.tunnel();
     tokio::pin!(tunnel);
+    let mut cut_wait = CutWait::new(cut.cancelled());
     loop {
         let next = match watch.deadline(tokio::time::Instant::now()) {
             Ok(next) => next,
@@ -307,7 +313,7 @@ async fn run_tunnel(tunnel: Tunnel, watch: &Arc<ConnWatch>, cut: &CancellationTo
         }
         tokio::select! {
             () = tunnel.as_mut() => return End::Closed,
-            _ = cut.cancelled() => return End::Cut,
+            () = &mut cut_wait => return End::Cut,
             _ = timer.as_mut(), if next.is_some() => {}
         }
     }
