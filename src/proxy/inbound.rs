@@ -12,7 +12,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use tokio::io::{AsyncBufRead, AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use super::counting::Counts;
 use tokio::net::{TcpStream, UnixStream};
@@ -518,7 +518,7 @@ async fn relay_to<T, C>(
 ) -> Result<(), (Class, String)>
 where
     T: ReadySocket,
-    C: AsyncBufRead + AsyncWrite + Unpin,
+    C: AsyncRead + AsyncWrite + Unpin,
 {
     let m = &ctx.metrics;
     // Near -> far is target -> client (`from_upstream`), far -> near client -> target.

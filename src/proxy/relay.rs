@@ -4,18 +4,16 @@
 //! socket we can poll for readiness, such as the app's) and the *far* one (any byte stream,
 //! such as a TLS session), and it reports which side failed; the caller explains the failure.
 //!
-//! Memory matters here (one relay per connection, thousands idle), and so do syscalls and
-//! copies. Near -> far reads through one [`READ_CHUNK`] (32 KiB) scratch buffer per worker
-//! thread, used only inside a single `poll` (never across an await), so an idle relay holds no
-//! buffer at all; only bytes the far side could not take at once are kept per connection, in
-//! `pending`, and no more is read from the near side until they are gone. Far -> near writes
-//! the far side's decrypted plaintext straight from its own buffer (`poll_fill_buf`, at most
-//! one TLS record) and consumes what the near side took; the rest stays there, and rustls reads
-//! no more while it holds plaintext. Before reading a side, the relay waits until the other
-//! side can take data, so back-pressure stays in the kernel and in rustls instead of in our
-//! memory. What a near side that stopped reading can pin is therefore bounded: the far socket
-//! reader's leftover (under one chunk, `transport`) and rustls' own bounded buffers; measured
-//! in `tests/hostile_conn.rs` (`stalled_apps_cost_bounded_memory`).
+//! Memory matters here (one relay per connection, thousands idle), and so do syscalls. Both
+//! directions copy through one [`READ_CHUNK`] (32 KiB) scratch buffer per worker thread, used
+//! only inside a single `poll` (never across an await), so an idle relay holds no buffer at
+//! all. Only bytes that the receiving side could not take at once are kept per connection, in
+//! `pending`, and no more is read from that side until they are gone. Before reading a side,
+//! the relay waits until the other side can take data, so back-pressure stays in the kernel
+//! and in rustls instead of in our memory. What a near side that stopped reading can pin is
+//! therefore bounded: this direction's `pending` (under one chunk), the far socket reader's
+//! leftover (under one chunk, `transport`) and rustls' own bounded buffers; measured in
+//! `tests/hostile_conn.rs` (`stalled_apps_cost_bounded_memory`).
 
 use std::cell::RefCell;
 use std::future::Future;
@@ -25,7 +23,7 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use prometheus_client::metrics::counter::Counter;
-use tokio::io::{AsyncBufRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
 use crate::transport::{READ_CHUNK, ReadySocket, read_clearing};
@@ -61,9 +59,7 @@ pub enum Error {
 /// One direction's state.
 #[derive(Default)]
 struct Dir {
-    /// Bytes read from the source that the sink has not taken yet; usually `None`. Only
-    /// near -> far uses it: far -> near leaves what the near side did not take in the far
-    /// side's own buffer.
+    /// Bytes read from the source that the sink has not taken yet; usually `None`.
     pending: Option<(Vec<u8>, usize)>,
     /// The source ended (FIN, or close_notify or FIN from a TLS peer).
     eof: bool,
@@ -101,8 +97,7 @@ pub struct Relay<'a, N: ReadySocket, F> {
     /// The near side: read when readable and written when writable without an extra buffer,
     /// so its back-pressure stays in the kernel.
     near: &'a mut N,
-    /// The far side, read through its own buffer (`AsyncBufRead`: a TLS session's decrypted
-    /// plaintext) and written through its own `AsyncWrite`.
+    /// The far side, read and written through its own `AsyncRead`/`AsyncWrite`.
     far: &'a mut F,
     /// The caller's byte counts, kept up to date as bytes move (the caller logs them even
     /// when the relay is dropped mid-way, e.g. cut at shutdown).
@@ -120,7 +115,7 @@ pub struct Relay<'a, N: ReadySocket, F> {
     last_activity: Instant,
 }
 
-impl<'a, N: ReadySocket, F: AsyncBufRead + AsyncWrite + Unpin> Relay<'a, N, F> {
+impl<'a, N: ReadySocket, F: AsyncRead + AsyncWrite + Unpin> Relay<'a, N, F> {
     pub fn new(
         near: &'a mut N,
         far: &'a mut F,
@@ -194,6 +189,11 @@ impl<'a, N: ReadySocket, F: AsyncBufRead + AsyncWrite + Unpin> Relay<'a, N, F> {
     fn poll_back(&mut self, cx: &mut Context<'_>, moved: &mut bool) -> Poll<Result<(), Error>> {
         let near = &mut *self.near;
         loop {
+            ready!(
+                self.back
+                    .poll_pending(cx, &mut *near, &mut self.moved.far_to_near, moved)
+            )
+            .map_err(Error::Near)?;
             if self.back.eof {
                 ready!(Pin::new(&mut *near).poll_shutdown(cx)).map_err(Error::Near)?;
                 self.back.done = true;
@@ -201,29 +201,40 @@ impl<'a, N: ReadySocket, F: AsyncBufRead + AsyncWrite + Unpin> Relay<'a, N, F> {
             }
             // Only decrypt what the near side can take now; the rest waits in the kernel.
             ready!(near.poll_write_ready(cx)).map_err(Error::Near)?;
-            // The plaintext is written to the near side straight from the far side's own
-            // buffer (rustls' received plaintext: one record at most), and what the near side
-            // did not take stays there: no copy into the scratch buffer, no `pending` copy.
             let far = &mut *self.far;
-            let data = match ready!(Pin::new(&mut *far).poll_fill_buf(cx)) {
-                Ok(data) => data,
-                // FIN without close_notify: many servers do this; pass it on as a FIN.
-                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => &[][..],
-                Err(e) => return Poll::Ready(Err(Error::Far(e))),
-            };
-            if data.is_empty() {
-                self.back.eof = true;
-                continue;
+            let step = SCRATCH.with_borrow_mut(|scratch| -> Poll<Result<Option<Vec<u8>>, Error>> {
+                let mut rb = ReadBuf::new(scratch);
+                match Pin::new(&mut *far).poll_read(cx, &mut rb) {
+                    Poll::Pending => return Poll::Pending,
+                    // FIN without close_notify: many servers do this; pass it on as a FIN.
+                    Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                        return Poll::Ready(Ok(None));
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(Error::Far(e))),
+                    Poll::Ready(Ok(())) => {}
+                }
+                let data = rb.filled();
+                if data.is_empty() {
+                    return Poll::Ready(Ok(None));
+                }
+                let taken = match near.try_write(data) {
+                    Ok(m) => m,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+                    Err(e) => return Poll::Ready(Err(Error::Near(e))),
+                };
+                self.moved.far_to_near += taken as u64;
+                Poll::Ready(Ok(Some(data[taken..].to_vec())))
+            });
+            match ready!(step) {
+                Err(e) => return Poll::Ready(Err(e)),
+                Ok(None) => self.back.eof = true,
+                Ok(Some(rest)) => {
+                    *moved = true;
+                    if !rest.is_empty() {
+                        self.back.pending = Some((rest, 0));
+                    }
+                }
             }
-            let taken = match near.try_write(data) {
-                Ok(m) => m,
-                // Readiness was stale and is now cleared: the next loop waits for it.
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
-                Err(e) => return Poll::Ready(Err(Error::Near(e))),
-            };
-            Pin::new(&mut *far).consume(taken);
-            self.moved.far_to_near += taken as u64;
-            *moved |= taken > 0;
         }
     }
 
@@ -258,7 +269,7 @@ impl<'a, N: ReadySocket, F: AsyncBufRead + AsyncWrite + Unpin> Relay<'a, N, F> {
     }
 }
 
-impl<N: ReadySocket, F: AsyncBufRead + AsyncWrite + Unpin> Future for Relay<'_, N, F> {
+impl<N: ReadySocket, F: AsyncRead + AsyncWrite + Unpin> Future for Relay<'_, N, F> {
     type Output = Result<(), Error>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
@@ -292,8 +303,7 @@ mod tests {
     #[tokio::test]
     async fn relays_both_ways_with_half_close() {
         let (mut near, mut app) = UnixStream::pair().unwrap();
-        let (far, mut peer) = tokio::io::duplex(64 * 1024);
-        let mut far = tokio::io::BufReader::new(far);
+        let (mut far, mut peer) = tokio::io::duplex(64 * 1024);
         let (out, back) = (Counter::default(), Counter::default());
         let mut moved = Moved::default();
         let relay = Relay::new(&mut near, &mut far, &mut moved, (&out, &back), None);
@@ -315,13 +325,12 @@ mod tests {
         assert_eq!((out.get(), back.get()), (4, 5));
     }
 
-    /// An app that reads slowly takes the far side's plaintext a bit at a time: what it did not
-    /// take stays in the far side's buffer and goes out later, every byte once and in order.
+    /// An app that reads slowly takes the far side's bytes a bit at a time: what it did not take
+    /// at once is kept and goes out later, every byte once and in order.
     #[tokio::test]
     async fn slow_near_side_gets_every_byte_in_order() {
         let (mut near, mut app) = UnixStream::pair().unwrap();
-        let (far, mut peer) = tokio::io::duplex(64 * 1024);
-        let mut far = tokio::io::BufReader::with_capacity(16 * 1024, far);
+        let (mut far, mut peer) = tokio::io::duplex(64 * 1024);
         let data: Vec<u8> = (0..2_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
         let (out, back) = (Counter::default(), Counter::default());
         let mut moved = Moved::default();
@@ -357,8 +366,7 @@ mod tests {
     #[tokio::test]
     async fn silence_ends_it_at_the_idle_limit() {
         let (mut near, _app) = UnixStream::pair().unwrap();
-        let (far, _peer) = tokio::io::duplex(1024);
-        let mut far = tokio::io::BufReader::new(far);
+        let (mut far, _peer) = tokio::io::duplex(1024);
         let (out, back) = (Counter::default(), Counter::default());
         let mut moved = Moved::default();
         let limit = Duration::from_millis(50);
