@@ -325,6 +325,43 @@ mod tests {
         assert_eq!((out.get(), back.get()), (4, 5));
     }
 
+    /// An app that reads slowly takes the far side's bytes a bit at a time: what it did not take
+    /// at once is kept and goes out later, every byte once and in order.
+    #[tokio::test]
+    async fn slow_near_side_gets_every_byte_in_order() {
+        let (mut near, mut app) = UnixStream::pair().unwrap();
+        let (mut far, mut peer) = tokio::io::duplex(64 * 1024);
+        let data: Vec<u8> = (0..2_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let (out, back) = (Counter::default(), Counter::default());
+        let mut moved = Moved::default();
+        let relay = Relay::new(&mut near, &mut far, &mut moved, (&out, &back), None);
+        let ends = async {
+            app.shutdown().await.unwrap();
+            let send = async {
+                peer.write_all(&data).await.unwrap();
+                peer.shutdown().await.unwrap();
+            };
+            let recv = async {
+                let mut got = Vec::new();
+                let mut chunk = [0u8; 3000];
+                loop {
+                    let n = app.read(&mut chunk).await.unwrap();
+                    if n == 0 {
+                        break got;
+                    }
+                    got.extend_from_slice(&chunk[..n]);
+                    tokio::task::yield_now().await;
+                }
+            };
+            let ((), got) = tokio::join!(send, recv);
+            assert!(got == data, "the app got {} bytes, not the same", got.len());
+        };
+        let (r, ()) = tokio::join!(relay, ends);
+        r.unwrap();
+        assert_eq!(moved.far_to_near, data.len() as u64);
+        assert_eq!(back.get(), data.len() as u64);
+    }
+
     /// Nothing moving for the idle limit ends the relay with `Idle`.
     #[tokio::test]
     async fn silence_ends_it_at_the_idle_limit() {
