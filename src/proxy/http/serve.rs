@@ -173,8 +173,7 @@ where
     // Set when a graceful close began: the socket is dropped at this instant at the latest.
     let mut closing: Option<tokio::time::Instant> = None;
     let mut stopping = false;
-    // Waited on across the loop's turns (see `proxy::cut`): a fresh `cancelled()` per turn
-    // would lock both process-wide tokens several times for every request.
+    // Kept across turns (see `proxy::cut`): a fresh `cancelled()` per turn locks shared tokens.
     let mut stop_wait = CutWait::new(stop.cancelled());
     let mut cut_wait = CutWait::new(cut.cancelled());
     let result = loop {
