@@ -11,6 +11,7 @@ use crate::cli::TlsMin;
 pub mod authorize;
 pub mod canary;
 pub mod cert;
+pub mod chain_cache;
 pub mod file;
 pub mod identity;
 pub mod keys;
