@@ -29,7 +29,9 @@
 //! - `tls`: `Settings` (files, checks, versions, ALPN, reload interval) and the crypto provider;
 //!   `tls::file` bounded reads, `tls::load` PEM chains, CAs, CRLs and the `Material` snapshot,
 //!   `tls::keys` private keys, KDF bounds and PKCS#12, `tls::cert` certificate facts,
-//!   `tls::verify` CRL/URI SAN/pin checks on top of webpki, `tls::identity` the client config
+//!   `tls::verify` CRL/URI SAN/pin checks on top of webpki, `tls::chain_cache` verified upstream
+//!   chains remembered (exact bytes, <= 60 s, new per build), `tls::hkdf` TLS 1.3's HKDF on
+//!   HMAC keys set up once, `tls::identity` the client config
 //!   published as one `Arc<Loaded>`, `tls::reload` polling, SIGHUP, all-or-nothing reloads,
 //!   `tls::trust` the CAs trusted and the intermediates sent, described per generation,
 //!   `tls::canary` what `--reload-canary` answers (the dial is `check::canary`)

@@ -34,6 +34,8 @@
 //! - `admin`: `/healthz`, `/readyz`, `/metrics`, `/status`, `POST /shutdown` and `wait`
 //! - `ca_expiry`: `ca_cert_expiry_timestamp_seconds` (files, reloads, SPIFFE bundles), the
 //!   intermediates and CA bundle in `/status`, CA and intermediate expiry warnings
+//! - `verified_chains`: the cache of verified upstream chains is flushed by every reload (file
+//!   change, SIGHUP) and never stands in for the upstream's handshake signature
 //! - `upstreamz`: `GET /upstreamz`: real handshakes per outbound route, failures in `check`'s
 //!   words, the 5 s cache and single flight, no effect on connection metrics
 //! - `systemd`: the notify protocol against a fake `NOTIFY_SOCKET`; socket activation
@@ -136,3 +138,4 @@ mod systemd;
 mod tcp;
 mod unix;
 mod upstreamz;
+mod verified_chains;

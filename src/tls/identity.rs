@@ -13,6 +13,7 @@ use rustls::{ClientConfig, SignatureScheme};
 
 use super::Settings;
 use super::cert::CertInfo;
+use super::chain_cache::CachingVerifier;
 use super::load::{self, IdentitySource};
 use super::provider;
 use super::trust::TrustFacts;
@@ -202,7 +203,9 @@ pub fn build_from(settings: &Settings, material: &load::Material) -> Result<Load
         )?),
         None => None,
     };
-    let verifier: Arc<dyn ServerCertVerifier> = upstream_verifier(settings, material)?;
+    // A new cache with every build: a reload never reuses a chain verified under the old trust.
+    let verifier: Arc<dyn ServerCertVerifier> =
+        Arc::new(CachingVerifier::new(upstream_verifier(settings, material)?));
     Ok(Loaded {
         config: Arc::new(client_config(settings, verifier.clone(), certified)?),
         server,
