@@ -2,6 +2,7 @@
 //! every connection of a route shares ([`RouteCtx`], which also dials the upstream for both
 //! modes).
 
+mod client;
 mod counting;
 mod cut;
 mod framing;

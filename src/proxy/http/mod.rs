@@ -104,7 +104,7 @@ impl ClientId {
             xfcc: leaf.and_then(xfcc::header),
             ip,
             id: crate::otel::enabled()
-                .then(|| super::inbound::Client::of(leaf).id)
+                .then(|| super::client::Client::of(leaf).id)
                 .filter(|id| id != "-"),
         }
     }
