@@ -40,7 +40,7 @@ chmod 644 "$W/www/hi" "$W/www/lo"
 
 # nginx: 18651 mTLS without resumption, 18652 mTLS with resumption, 18653 plaintext.
 locs='location = / { return 200 "ok\n"; } location / { root '"$W"'/www; }'
-tls="ssl_certificate $P/server.pem; ssl_certificate_key $P/server-key.pem;
+tls="ssl_protocols TLSv1.2 TLSv1.3; ssl_certificate $P/server.pem; ssl_certificate_key $P/server-key.pem;
     ssl_client_certificate $P/ca.pem; ssl_verify_client on;"
 cat > "$W/nginx.conf" <<NGX
 worker_processes 1;
