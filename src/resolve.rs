@@ -5,7 +5,10 @@
 //! reads of reloads queue behind it, and the runtime's shutdown waits for them, so the process
 //! would not exit. Lookups therefore run on their own detached threads, at most
 //! [`MAX_LOOKUPS`] at once; a caller waits only until its deadline, and a lookup that never
-//! returns costs one parked thread, never a reload or the exit.
+//! returns costs one parked thread, never a reload or the exit. A thread whose lookup returned
+//! waits [`IDLE_KEEP`] for the next one before it ends: starting a thread per dial cost more
+//! than the TLS handshake's signature (about 250 µs of CPU per connection to an upstream given by
+//! name, measured with `../shared/bench`), and a name is still resolved at every dial.
 //!
 //! Connects try each address in turn, but one that does not answer (a black-holed address)
 //! gets only a share of what is left of `--connect-timeout`, so the next one is still tried.
@@ -13,17 +16,22 @@
 
 use std::io;
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use socket2::{SockRef, TcpKeepalive};
 use tokio::net::TcpStream;
-use tokio::sync::{Semaphore, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 use tokio::time::{Instant, timeout_at};
 
 /// Lookups in flight at once, process-wide. Past this, lookups wait for a slot (until their
 /// deadline): a resolver that hangs costs at most this many parked threads.
 pub const MAX_LOOKUPS: usize = 16;
+
+/// How long a resolver thread with nothing to do waits for the next lookup before it ends.
+pub const IDLE_KEEP: Duration = Duration::from_secs(10);
 
 /// Keepalive: first probe after this much silence ...
 const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
@@ -53,16 +61,44 @@ pub enum Error {
 }
 
 /// A bounded set of resolver threads.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Resolver {
     slots: Arc<Semaphore>,
+    threads: Arc<Threads>,
+}
+
+impl std::fmt::Debug for Resolver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Resolver")
+            .field("free_slots", &self.slots.available_permits())
+            .field("idle_threads", &self.threads.idle_count())
+            .finish()
+    }
 }
 
 impl Resolver {
     pub fn new(max: usize) -> Resolver {
         Resolver {
             slots: Arc::new(Semaphore::new(max)),
+            threads: Arc::new(Threads {
+                idle: Mutex::default(),
+                next_id: AtomicU64::new(0),
+                idle_keep: IDLE_KEEP,
+            }),
         }
+    }
+
+    /// A resolver whose idle threads end after `idle_keep` (tests).
+    #[cfg(test)]
+    fn with_idle_keep(max: usize, idle_keep: Duration) -> Resolver {
+        let mut r = Resolver::new(max);
+        Arc::get_mut(&mut r.threads).expect("new").idle_keep = idle_keep;
+        r
+    }
+
+    /// Resolver threads waiting for a lookup.
+    pub fn idle_threads(&self) -> usize {
+        self.threads.idle_count()
     }
 
     /// The process-wide resolver.
@@ -94,7 +130,7 @@ impl Resolver {
         .await
     }
 
-    /// Run the blocking `lookup` on a detached thread holding one slot; wait for it until
+    /// Run the blocking `lookup` on a resolver thread holding one slot; wait for it until
     /// `deadline`. The thread gives its slot back when the lookup returns, however late.
     pub async fn run<F>(&self, deadline: Instant, lookup: F) -> Result<Vec<SocketAddr>, Error>
     where
@@ -106,21 +142,107 @@ impl Resolver {
             Ok(Err(_)) | Err(_) => return Err(Error::Busy),
         };
         let (tx, rx) = oneshot::channel();
-        std::thread::Builder::new()
-            .name("resolver".into())
-            .spawn(move || {
-                let r = lookup();
-                drop(permit);
+        let job = Job {
+            run: Box::new(move || {
                 // The caller may have given up; nothing to do then.
-                let _ = tx.send(r);
-            })
-            .map_err(Error::Thread)?;
+                let _ = tx.send(lookup());
+            }),
+            slot: permit,
+        };
+        self.threads.execute(job).map_err(Error::Thread)?;
         match timeout_at(deadline, rx).await {
             Err(_) => Err(Error::Timeout),
             Ok(Err(_)) => Err(Error::Lookup(io::Error::other(
                 "the resolver thread panicked",
             ))),
             Ok(Ok(r)) => r.map_err(Error::Lookup),
+        }
+    }
+}
+
+/// A lookup for a resolver thread, and the slot it holds until the thread is free again.
+struct Job {
+    run: Box<dyn FnOnce() + Send>,
+    slot: OwnedSemaphorePermit,
+}
+
+/// Resolver threads with nothing to do, each waiting [`IDLE_KEEP`] on its own channel for a
+/// job. A thread is started only when none is idle, and every thread that is not idle holds a
+/// slot (it gives the slot back only once it is on this list), so there are never more threads
+/// than slots.
+struct Threads {
+    idle: Mutex<Vec<Idle>>,
+    next_id: AtomicU64,
+    /// [`IDLE_KEEP`] (shorter in tests).
+    idle_keep: Duration,
+}
+
+struct Idle {
+    id: u64,
+    jobs: mpsc::Sender<Job>,
+}
+
+impl Threads {
+    fn idle(&self) -> std::sync::MutexGuard<'_, Vec<Idle>> {
+        self.idle.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn idle_count(&self) -> usize {
+        self.idle().len()
+    }
+
+    /// Hand `job` to an idle thread, or start one.
+    fn execute(self: &Arc<Self>, mut job: Job) -> io::Result<()> {
+        // Each turn takes one entry off the list, so this ends.
+        loop {
+            let Some(idle) = self.idle().pop() else {
+                return self.start(job);
+            };
+            match idle.jobs.send(job) {
+                Ok(()) => return Ok(()),
+                // That thread is gone (its lookup panicked after it listed itself): next.
+                Err(mpsc::SendError(back)) => job = back,
+            }
+        }
+    }
+
+    fn start(self: &Arc<Self>, job: Job) -> io::Result<()> {
+        let threads = Arc::clone(self);
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        std::thread::Builder::new()
+            .name("resolver".into())
+            .spawn(move || threads.work(id, job))
+            .map(drop)
+    }
+
+    /// A resolver thread: run the job, list itself as idle, then give the slot back; wait for
+    /// the next job until its idle time has passed.
+    fn work(&self, id: u64, first: Job) {
+        let mut job = first;
+        loop {
+            let Job { run, slot } = job;
+            run();
+            let (jobs, next) = mpsc::channel();
+            self.idle().push(Idle { id, jobs });
+            drop(slot);
+            job = match next.recv_timeout(self.idle_keep) {
+                Ok(j) => j,
+                Err(RecvTimeoutError::Disconnected) => return,
+                Err(RecvTimeoutError::Timeout) => {
+                    let mut idle = self.idle();
+                    if let Some(i) = idle.iter().position(|t| t.id == id) {
+                        idle.swap_remove(i);
+                        return;
+                    }
+                    drop(idle);
+                    // A lookup took this thread off the list just now and is sending its job
+                    // (or dropped the sender, which ends the wait too).
+                    match next.recv() {
+                        Ok(j) => j,
+                        Err(_) => return,
+                    }
+                }
+            };
         }
     }
 }
@@ -218,6 +340,73 @@ mod tests {
         );
         assert_eq!(attempt_budget(s(5), 0, 1), s(5));
         assert_eq!(attempt_budget(s(5), 3, 1), s(5));
+    }
+
+    /// Wait (bounded) until `resolver` has `n` idle threads; false if it never does.
+    fn idle_becomes(resolver: &Resolver, n: usize) -> bool {
+        for _ in 0..500 {
+            if resolver.idle_threads() == n {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        false
+    }
+
+    /// The thread that ran a lookup.
+    async fn which_thread(resolver: &Resolver) -> std::thread::ThreadId {
+        let (tx, rx) = std::sync::mpsc::channel();
+        resolver
+            .run(Instant::now() + Duration::from_secs(5), move || {
+                let _ = tx.send(std::thread::current().id());
+                Ok(vec![])
+            })
+            .await
+            .unwrap();
+        rx.recv_timeout(Duration::from_secs(5)).unwrap()
+    }
+
+    /// A lookup after another goes to the same thread instead of starting one, and concurrent
+    /// lookups never use more threads than there are slots.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn threads_are_reused_and_never_more_than_the_slots() {
+        let resolver = Resolver::with_idle_keep(2, Duration::from_secs(60));
+        let first = which_thread(&resolver).await;
+        assert!(
+            idle_becomes(&resolver, 1),
+            "the thread did not wait for more"
+        );
+        assert_eq!(
+            which_thread(&resolver).await,
+            first,
+            "a new thread was started"
+        );
+
+        // Waves of four lookups at once on two slots: at most two threads, ever.
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..10 {
+            let wave = (0..4).map(|_| which_thread(&resolver));
+            seen.extend(futures::future::join_all(wave).await);
+        }
+        assert!(seen.len() <= 2, "{} threads for 2 slots", seen.len());
+        assert!(seen.contains(&first));
+    }
+
+    /// A thread with nothing to do for its idle time ends; the next lookup starts another.
+    #[tokio::test]
+    async fn idle_threads_end() {
+        let resolver = Resolver::with_idle_keep(2, Duration::from_secs(1));
+        let first = which_thread(&resolver).await;
+        assert!(
+            idle_becomes(&resolver, 1),
+            "the thread did not wait for more"
+        );
+        assert!(idle_becomes(&resolver, 0), "the idle thread did not end");
+        assert_ne!(
+            which_thread(&resolver).await,
+            first,
+            "an ended thread ran a lookup"
+        );
     }
 
     /// A lookup that never returns ends at the deadline, and once every slot is held by one,
