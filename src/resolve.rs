@@ -16,9 +16,9 @@
 
 use std::io;
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::ThreadId;
 use std::time::Duration;
 
 use socket2::{SockRef, TcpKeepalive};
@@ -61,19 +61,10 @@ pub enum Error {
 }
 
 /// A bounded set of resolver threads.
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct Resolver {
     slots: Arc<Semaphore>,
     threads: Arc<Threads>,
-}
-
-impl std::fmt::Debug for Resolver {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Resolver")
-            .field("free_slots", &self.slots.available_permits())
-            .field("idle_threads", &self.threads.idle_count())
-            .finish()
-    }
 }
 
 impl Resolver {
@@ -82,7 +73,6 @@ impl Resolver {
             slots: Arc::new(Semaphore::new(max)),
             threads: Arc::new(Threads {
                 idle: Mutex::default(),
-                next_id: AtomicU64::new(0),
                 idle_keep: IDLE_KEEP,
             }),
         }
@@ -96,9 +86,10 @@ impl Resolver {
         r
     }
 
-    /// Resolver threads waiting for a lookup.
-    pub fn idle_threads(&self) -> usize {
-        self.threads.idle_count()
+    /// Resolver threads waiting for a lookup (tests).
+    #[cfg(test)]
+    fn idle_threads(&self) -> usize {
+        self.threads.idle().len()
     }
 
     /// The process-wide resolver.
@@ -131,7 +122,7 @@ impl Resolver {
     }
 
     /// Run the blocking `lookup` on a resolver thread holding one slot; wait for it until
-    /// `deadline`. The thread gives its slot back when the lookup returns, however late.
+    /// `deadline`. The thread gives its slot back once the lookup returned, however late.
     pub async fn run<F>(&self, deadline: Instant, lookup: F) -> Result<Vec<SocketAddr>, Error>
     where
         F: FnOnce() -> io::Result<Vec<SocketAddr>> + Send + 'static,
@@ -170,25 +161,22 @@ struct Job {
 /// job. A thread is started only when none is idle, and every thread that is not idle holds a
 /// slot (it gives the slot back only once it is on this list), so there are never more threads
 /// than slots.
+#[derive(Debug)]
 struct Threads {
     idle: Mutex<Vec<Idle>>,
-    next_id: AtomicU64,
     /// [`IDLE_KEEP`] (shorter in tests).
     idle_keep: Duration,
 }
 
+#[derive(Debug)]
 struct Idle {
-    id: u64,
+    thread: ThreadId,
     jobs: mpsc::Sender<Job>,
 }
 
 impl Threads {
     fn idle(&self) -> std::sync::MutexGuard<'_, Vec<Idle>> {
         self.idle.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    fn idle_count(&self) -> usize {
-        self.idle().len()
     }
 
     /// Hand `job` to an idle thread, or start one.
@@ -208,29 +196,29 @@ impl Threads {
 
     fn start(self: &Arc<Self>, job: Job) -> io::Result<()> {
         let threads = Arc::clone(self);
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         std::thread::Builder::new()
             .name("resolver".into())
-            .spawn(move || threads.work(id, job))
+            .spawn(move || threads.work(job))
             .map(drop)
     }
 
     /// A resolver thread: run the job, list itself as idle, then give the slot back; wait for
     /// the next job until its idle time has passed.
-    fn work(&self, id: u64, first: Job) {
+    fn work(&self, first: Job) {
+        let thread = std::thread::current().id();
         let mut job = first;
         loop {
             let Job { run, slot } = job;
             run();
             let (jobs, next) = mpsc::channel();
-            self.idle().push(Idle { id, jobs });
+            self.idle().push(Idle { thread, jobs });
             drop(slot);
             job = match next.recv_timeout(self.idle_keep) {
                 Ok(j) => j,
                 Err(RecvTimeoutError::Disconnected) => return,
                 Err(RecvTimeoutError::Timeout) => {
                     let mut idle = self.idle();
-                    if let Some(i) = idle.iter().position(|t| t.id == id) {
+                    if let Some(i) = idle.iter().position(|t| t.thread == thread) {
                         idle.swap_remove(i);
                         return;
                     }
