@@ -82,6 +82,18 @@ fn ordered(mut suites: Vec<rustls::SupportedCipherSuite>) -> Vec<rustls::Support
 mod tests {
     use super::*;
 
+    /// The hybrid post-quantum group stays first (issue 18 changed the suites, not the groups).
+    #[test]
+    fn the_pq_hybrid_key_share_is_offered_first() {
+        let groups: Vec<_> = provider().kx_groups.iter().map(|g| g.name()).collect();
+        assert_eq!(
+            groups.first(),
+            Some(&rustls::NamedGroup::X25519MLKEM768),
+            "{groups:?}"
+        );
+        assert!(groups.contains(&rustls::NamedGroup::X25519), "{groups:?}");
+    }
+
     #[test]
     fn aes_128_gcm_is_offered_first_in_each_version() {
         let names: Vec<String> = provider()
